@@ -1,0 +1,1 @@
+"""Pure-Python device models of the PC platform for a split-irqchip VMM."""
