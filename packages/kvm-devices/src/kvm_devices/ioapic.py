@@ -1,0 +1,424 @@
+"""Intel 82093AA I/O APIC, as a split-irqchip IOAPIC in front of KVM's local APICs.
+
+References: Intel 82093AA I/O Advanced Programmable Interrupt Controller datasheet
+(order 290566-001), section 3 "Register description"; the EOI register at offset 0x40
+(IOAPIC version 0x20) from the Intel ICH/PCH datasheets ("EOI Register", write-only).
+
+Pin ``n`` owns the reserved MSI route (GSI) ``n`` of the VMM. The IOAPIC never sends a
+message itself: it reports each pin's MSI address/data to :class:`IoapicSink` whenever
+the redirection entry changes the message or the mask, and asks the sink to fire the
+route when the pin must deliver.
+
+Choices where the datasheet is silent or the brief asked to choose:
+
+* ``set_irq(pin, level)`` takes the *logical* level (line asserted). The VMM applies the
+  board's polarity wiring; the polarity bit (13) is stored and read back but has no
+  effect here.
+* A rising edge on a masked edge-triggered pin is lost, not latched (82093AA §3.2.4,
+  Interrupt Mask: "Edge-sensitive interrupts signaled on a masked interrupt pin are
+  ignored (i.e., not delivered or held pending)"; QEMU's ioapic.c does the same).
+* Reads of an indirect register that does not exist return 0xFFFFFFFF, as KVM's
+  in-kernel IOAPIC does (``ioapic_read_indirect``); the datasheet does not say.
+* IOWIN and the EOI register act only on 4-byte accesses; narrower IOWIN reads return 0
+  and narrower writes are ignored (QEMU's ``ioapic_mem_read``/``ioapic_mem_write``).
+  IOREGSEL accepts any width (its low 8 bits are significant). An 8-byte access is two
+  4-byte accesses at ``offset`` and ``offset + 4``. Other offsets are undecoded: reads
+  return all-ones, writes are ignored.
+* Switching an entry to edge trigger clears its Remote IRR (QEMU and KVM do so; Linux's
+  ``__eoi_ioapic_pin`` relies on it on IOAPICs without an EOI register).
+* Interrupt-storm guard (QEMU's ``SUCCESSIVE_IRQ_MAX_COUNT``): after
+  :attr:`Ioapic.STORM_LIMIT` back-to-back re-deliveries of a still-asserted level pin on
+  EOI, the next re-delivery waits :attr:`Ioapic.STORM_RETRY_DELAY_NS` on the timer
+  (10 ms, the delay QEMU and KVM use). Without a timer and clock the pin instead keeps
+  Remote IRR set until its line changes level or its entry is rewritten.
+
+Thread-safety: one re-entrant lock guards the state, and sink callbacks run with it held,
+so the sink sees routes and deliveries in the order they happened. The sink may call back
+into this IOAPIC from the same thread; it must not wait for another thread that is itself
+calling into this IOAPIC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kvm_devices.interfaces import Clock, IoapicSink, Timer, TimerHandle
+
+REG_ID = 0x00
+REG_VERSION = 0x01
+REG_ARBITRATION = 0x02
+REG_REDIRECTION_BASE = 0x10
+
+RTE_VECTOR = 0xFF
+RTE_DELIVERY_MODE_SHIFT = 8
+RTE_DELIVERY_MODE = 0x7 << RTE_DELIVERY_MODE_SHIFT
+RTE_DEST_MODE_SHIFT = 11
+RTE_DEST_MODE = 1 << RTE_DEST_MODE_SHIFT
+RTE_DELIVERY_STATUS = 1 << 12
+RTE_POLARITY = 1 << 13
+RTE_REMOTE_IRR = 1 << 14
+RTE_TRIGGER_LEVEL = 1 << 15
+RTE_MASKED = 1 << 16
+RTE_DEST_SHIFT = 56
+# Bits the guest may write (82093AA §3.2.4); bits 17-55 are reserved and read as 0.
+RTE_WRITABLE = (
+    RTE_VECTOR
+    | RTE_DELIVERY_MODE
+    | RTE_DEST_MODE
+    | RTE_POLARITY
+    | RTE_TRIGGER_LEVEL
+    | RTE_MASKED
+    | (0xFF << RTE_DEST_SHIFT)
+)
+RTE_RESET = RTE_MASKED
+
+MSI_ADDRESS_BASE = 0xFEE0_0000
+MSI_DEST_SHIFT = 12
+MSI_DEST_MODE_SHIFT = 2
+MSI_DELIVERY_MODE_SHIFT = 8
+MSI_TRIGGER_LEVEL = 1 << 15
+
+ID_SHIFT = 24
+ID_MASK = 0xF
+
+_DWORD = 0xFFFF_FFFF
+
+
+def _all_ones(size: int) -> int:
+    return (1 << (8 * size)) - 1 if size > 0 else 0
+
+
+def msi_message(entry: int) -> tuple[int, int]:
+    """The MSI (address, data) a redirection entry sends, as KVM's MSI routes expect."""
+    dest = (entry >> RTE_DEST_SHIFT) & 0xFF
+    dest_mode = (entry >> RTE_DEST_MODE_SHIFT) & 1
+    delivery_mode = (entry >> RTE_DELIVERY_MODE_SHIFT) & 0x7
+    address = MSI_ADDRESS_BASE | (dest << MSI_DEST_SHIFT) | (dest_mode << MSI_DEST_MODE_SHIFT)
+    data = (entry & RTE_VECTOR) | (delivery_mode << MSI_DELIVERY_MODE_SHIFT)
+    # The kernel builds its EOI-exit bitmap from level routes: without bit 15 no
+    # KVM_EXIT_IOAPIC_EOI would ever reach us and Remote IRR would stick.
+    if entry & RTE_TRIGGER_LEVEL:
+        data |= MSI_TRIGGER_LEVEL
+    return address, data
+
+
+@dataclass
+class IoapicState:
+    """Everything the guest can observe, plus the storm guard's bookkeeping."""
+
+    ioregsel: int = 0
+    apic_id: int = 0
+    redirection: list[int] = field(default_factory=list)
+    line_asserted: list[bool] = field(default_factory=list)
+    # Back-to-back re-deliveries on EOI of a still-asserted level pin.
+    storm_counts: list[int] = field(default_factory=list)
+    # Pins whose Remote IRR is held set by the storm guard (no timer available).
+    storm_held: list[bool] = field(default_factory=list)
+    # Absolute deadline of the delayed re-delivery, if one is pending.
+    retry_deadline_ns: int | None = None
+
+
+class Ioapic:
+    """An 82093AA-compatible IOAPIC with ``pins`` inputs, version 0x20 (with EOI register)."""
+
+    BASE = 0xFEC0_0000
+    SIZE = 0x1000
+
+    IOREGSEL = 0x00
+    IOWIN = 0x10
+    EOI = 0x40
+
+    VERSION = 0x20
+    MAX_PINS = 120  # redirection registers 0x10..0xFF
+
+    STORM_LIMIT = 10_000
+    STORM_RETRY_DELAY_NS = 10_000_000
+
+    def __init__(
+        self,
+        sink: IoapicSink,
+        timer: Timer | None = None,
+        clock: Clock | None = None,
+        pins: int = 24,
+    ) -> None:
+        if not 1 <= pins <= self.MAX_PINS:
+            raise ValueError(f"an IOAPIC has 1..{self.MAX_PINS} pins, not {pins}")
+        self._sink = sink
+        self._timer = timer
+        self._clock = clock
+        self._pins = pins
+        self._lock = threading.RLock()
+        self._state = self._reset_state(pins)
+        self._retry_handle: TimerHandle | None = None
+        # Identifies the live retry timer, so that a callback already past
+        # cancel() when a newer timer replaced it does nothing.
+        self._retry_generation = 0
+        self._reported: list[tuple[int, int, bool] | None] = [None] * pins
+        self.report_all_routes()
+
+    @property
+    def pins(self) -> int:
+        return self._pins
+
+    @staticmethod
+    def _reset_state(pins: int) -> IoapicState:
+        return IoapicState(
+            redirection=[RTE_RESET] * pins,
+            line_asserted=[False] * pins,
+            storm_counts=[0] * pins,
+            storm_held=[False] * pins,
+        )
+
+    # ----------------------------------------------------------------- MMIO
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            if size == 8:
+                return self._read32(offset, 4) | (self._read32(offset + 4, 4) << 32)
+            if size not in (1, 2, 4):
+                return _all_ones(size)
+            return self._read32(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if size == 8:
+                self._write32(offset, 4, value & _DWORD)
+                self._write32(offset + 4, 4, (value >> 32) & _DWORD)
+            elif size in (1, 2, 4):
+                self._write32(offset, size, value & _all_ones(size))
+
+    def _read32(self, offset: int, size: int) -> int:
+        if offset == self.IOREGSEL:
+            return self._state.ioregsel & _all_ones(size)
+        if offset == self.IOWIN:
+            return self._read_indirect() if size == 4 else 0
+        if offset == self.EOI:
+            return 0  # write-only register
+        return _all_ones(size)
+
+    def _write32(self, offset: int, size: int, value: int) -> None:
+        if offset == self.IOREGSEL:
+            self._state.ioregsel = value & 0xFF
+        elif offset == self.IOWIN and size == 4:
+            self._write_indirect(value)
+        elif offset == self.EOI and size == 4:
+            self._eoi_locked(value & 0xFF)
+
+    def _read_indirect(self) -> int:
+        select = self._state.ioregsel
+        if select in (REG_ID, REG_ARBITRATION):
+            # The arbitration ID is loaded from the APIC ID (82093AA §3.2.3).
+            return self._state.apic_id << ID_SHIFT
+        if select == REG_VERSION:
+            return self.VERSION | ((self._pins - 1) << 16)
+        pin = (select - REG_REDIRECTION_BASE) >> 1
+        if select >= REG_REDIRECTION_BASE and pin < self._pins:
+            entry = self._state.redirection[pin]
+            return (entry >> 32) & _DWORD if select & 1 else entry & _DWORD
+        return _DWORD
+
+    def _write_indirect(self, value: int) -> None:
+        select = self._state.ioregsel
+        if select == REG_ID:
+            self._state.apic_id = (value >> ID_SHIFT) & ID_MASK
+            return
+        pin = (select - REG_REDIRECTION_BASE) >> 1
+        if select < REG_REDIRECTION_BASE or pin >= self._pins:
+            return  # version, arbitration and absent registers are read-only
+        old = self._state.redirection[pin]
+        high_half = bool(select & 1)
+        written = ((old & _DWORD) | (value << 32)) if high_half else ((old & ~_DWORD) | value)
+        entry = (written & RTE_WRITABLE) | (old & RTE_REMOTE_IRR)
+        if not entry & RTE_TRIGGER_LEVEL:
+            entry &= ~RTE_REMOTE_IRR
+        self._state.redirection[pin] = entry
+        self._state.storm_counts[pin] = 0
+        if self._state.storm_held[pin]:
+            # Rewriting the entry is how a guest recovers a stuck pin; let it.
+            self._state.storm_held[pin] = False
+            self._state.redirection[pin] &= ~RTE_REMOTE_IRR
+        self._report_route(pin, force=False)
+        self._service_level(pin)
+
+    # ------------------------------------------------------- interrupt inputs
+
+    def set_irq(self, pin: int, level: bool) -> None:
+        """Drive input ``pin`` to ``level`` (True = asserted, after polarity wiring)."""
+        if not 0 <= pin < self._pins:
+            raise ValueError(f"IOAPIC pin {pin} out of range 0..{self._pins - 1}")
+        with self._lock:
+            state = self._state
+            was = state.line_asserted[pin]
+            if was == level:
+                return
+            state.line_asserted[pin] = level
+            state.storm_counts[pin] = 0
+            if state.storm_held[pin]:
+                state.storm_held[pin] = False
+                state.redirection[pin] &= ~RTE_REMOTE_IRR
+            entry = state.redirection[pin]
+            if entry & RTE_TRIGGER_LEVEL:
+                self._service_level(pin)
+            elif level and not entry & RTE_MASKED:
+                self._sink.deliver(pin)
+
+    def eoi(self, vector: int) -> None:
+        """An EOI broadcast for ``vector`` (KVM_EXIT_IOAPIC_EOI or the EOI register)."""
+        with self._lock:
+            self._eoi_locked(vector & 0xFF)
+
+    def _eoi_locked(self, vector: int) -> None:
+        state = self._state
+        for pin in range(self._pins):
+            entry = state.redirection[pin]
+            if (entry & RTE_VECTOR) != vector or not entry & RTE_TRIGGER_LEVEL:
+                continue
+            if not entry & RTE_REMOTE_IRR or state.storm_held[pin]:
+                continue
+            state.redirection[pin] = entry & ~RTE_REMOTE_IRR
+            if entry & RTE_MASKED or not state.line_asserted[pin]:
+                state.storm_counts[pin] = 0
+                continue
+            state.storm_counts[pin] += 1
+            if state.storm_counts[pin] < self.STORM_LIMIT:
+                self._deliver_level(pin)
+                continue
+            state.storm_counts[pin] = 0
+            if self._timer is not None and self._clock is not None:
+                self._schedule_retry(self._clock.now_ns() + self.STORM_RETRY_DELAY_NS)
+            else:
+                state.redirection[pin] |= RTE_REMOTE_IRR
+                state.storm_held[pin] = True
+
+    def _service_level(self, pin: int) -> None:
+        entry = self._state.redirection[pin]
+        if (
+            entry & RTE_TRIGGER_LEVEL
+            and not entry & (RTE_MASKED | RTE_REMOTE_IRR)
+            and self._state.line_asserted[pin]
+        ):
+            self._state.storm_counts[pin] = 0
+            self._deliver_level(pin)
+
+    def _deliver_level(self, pin: int) -> None:
+        self._state.redirection[pin] |= RTE_REMOTE_IRR
+        self._sink.deliver(pin)
+
+    # ------------------------------------------------------------ storm timer
+
+    def _schedule_retry(self, deadline_ns: int) -> None:
+        assert self._timer is not None
+        pending = self._state.retry_deadline_ns
+        if pending is not None and pending <= deadline_ns and self._retry_handle is not None:
+            return
+        if self._retry_handle is not None:
+            self._timer.cancel(self._retry_handle)
+        self._state.retry_deadline_ns = deadline_ns
+        self._retry_generation += 1
+        generation = self._retry_generation
+        self._retry_handle = self._timer.schedule(deadline_ns, lambda: self._retry_due(generation))
+
+    def _retry_due(self, generation: int) -> None:
+        with self._lock:
+            if generation != self._retry_generation:
+                return
+            self._retry_handle = None
+            self._state.retry_deadline_ns = None
+            for pin in range(self._pins):
+                self._service_level(pin)
+
+    # ----------------------------------------------------------------- routes
+
+    def report_all_routes(self) -> None:
+        """Report every pin's MSI route to the sink, changed or not (VMM re-sync)."""
+        with self._lock:
+            for pin in range(self._pins):
+                self._report_route(pin, force=True)
+
+    def _report_route(self, pin: int, force: bool) -> None:
+        entry = self._state.redirection[pin]
+        address, data = msi_message(entry)
+        route = (address, data, bool(entry & RTE_MASKED))
+        if force or self._reported[pin] != route:
+            self._reported[pin] = route
+            self._sink.route_changed(pin, *route)
+
+    # --------------------------------------------------------------- snapshot
+
+    def save(self) -> dict[str, object]:
+        with self._lock:
+            return dataclasses.asdict(self._state)
+
+    def restore(self, state: Mapping[str, object]) -> None:
+        restored = _validated_state(state, self._pins)
+        with self._lock:
+            if self._retry_handle is not None and self._timer is not None:
+                self._timer.cancel(self._retry_handle)
+            self._retry_handle = None
+            self._retry_generation += 1
+            self._state = restored
+            deadline = restored.retry_deadline_ns
+            if deadline is not None:
+                if self._timer is not None and self._clock is not None:
+                    restored.retry_deadline_ns = None
+                    self._schedule_retry(deadline)
+                else:
+                    # No timer to wait on: retry now rather than leave the pin stuck.
+                    self._retry_due(self._retry_generation)
+            self.report_all_routes()
+
+
+def _validated_state(state: Mapping[str, object], pins: int) -> IoapicState:
+    names = {f.name for f in dataclasses.fields(IoapicState)}
+    if set(state) != names:
+        raise ValueError(f"IOAPIC snapshot fields {sorted(state)} != {sorted(names)}")
+
+    def integer(name: str, low: int, high: int) -> int:
+        value = state[name]
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f"IOAPIC snapshot: {name}={value!r} not in {low}..{high}")
+        return value
+
+    def per_pin(name: str) -> list[object]:
+        value = state[name]
+        if not isinstance(value, list) or len(value) != pins:
+            raise ValueError(f"IOAPIC snapshot: {name} must be a list of {pins} items")
+        return value
+
+    def per_pin_ints(name: str) -> list[int]:
+        values = per_pin(name)
+        ints = [x for x in values if type(x) is int]
+        if len(ints) != pins:
+            raise ValueError(f"IOAPIC snapshot: {name} must hold ints")
+        return ints
+
+    def per_pin_bools(name: str) -> list[bool]:
+        values = per_pin(name)
+        bools = [x for x in values if type(x) is bool]
+        if len(bools) != pins:
+            raise ValueError(f"IOAPIC snapshot: {name} must hold bools")
+        return bools
+
+    redirection = per_pin_ints("redirection")
+    if any(x < 0 or x & ~(RTE_WRITABLE | RTE_REMOTE_IRR) for x in redirection):
+        raise ValueError("IOAPIC snapshot: redirection entry with reserved bits set")
+    if any(x & RTE_REMOTE_IRR and not x & RTE_TRIGGER_LEVEL for x in redirection):
+        raise ValueError("IOAPIC snapshot: Remote IRR set on an edge-triggered entry")
+    storm_counts = per_pin_ints("storm_counts")
+    if any(not 0 <= x < Ioapic.STORM_LIMIT for x in storm_counts):
+        raise ValueError("IOAPIC snapshot: storm count out of range")
+    deadline = state["retry_deadline_ns"]
+    if deadline is not None and type(deadline) is not int:
+        raise ValueError(f"IOAPIC snapshot: retry_deadline_ns={deadline!r}")
+    return IoapicState(
+        ioregsel=integer("ioregsel", 0, 0xFF),
+        apic_id=integer("apic_id", 0, ID_MASK),
+        redirection=redirection,
+        line_asserted=per_pin_bools("line_asserted"),
+        storm_counts=storm_counts,
+        storm_held=per_pin_bools("storm_held"),
+        retry_deadline_ns=deadline,
+    )
