@@ -1,0 +1,341 @@
+"""The guest's ACPI tables (ACPI Specification 6.5), built as one blob.
+
+The blob holds, in order: RSDP (first, so that a blob at 0xE0000 puts it on
+the 16-byte boundary the legacy scan of section 5.2.5.1 finds), FACS (64-byte
+aligned, section 5.2.10), DSDT, FADT, MADT, XSDT and RSDT.
+
+What the tables promise the rest of the VMM (the PM device model and the
+wiring must match):
+
+- The machine is always in ACPI mode: SMI_CMD is 0, so PM1a_CNT.SCI_EN
+  (bit 0) must read 1 from reset.
+- PM1a event block at I/O 0x600 (4 bytes: PM1_STS, PM1_EN), PM1a control at
+  0x604 (2 bytes), the 24-bit PM timer at 0x608 (4 bytes; TMR_VAL_EXT clear).
+- The power button is a fixed feature (FADT PWR_BUTTON clear): the VMM asks
+  the guest to power off by setting PM1_STS.PWRBTN_STS (bit 8) and raising
+  the SCI if PM1_EN.PWRBTN_EN is set. There is no sleep button.
+- Soft-off: the DSDT's \\_S5_ gives SLP_TYPa = :data:`SLP_TYP_S5` (5). The
+  guest writes PM1a_CNT with SLP_TYP (bits 10-12) = 5 and SLP_EN (bit 13).
+- Reset: FADT RESET_REG is I/O port 0xCF9, written with 0x06.
+- The SCI is ISA IRQ 9, level-triggered active high (an interrupt source
+  override says so), on IOAPIC pin 9.
+- MADT: one enabled local APIC per vCPU, APIC ID = ACPI processor UID = the
+  vCPU index; one IOAPIC with ID ``ncpus`` at 0xFEC00000, GSI base 0; IRQ 0
+  is on GSI 2; LINT1 of every local APIC is the NMI input.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from kvm_vmm import layout
+
+OEM_ID = b"KVMVMM"
+OEM_TABLE_ID = b"KVMVMM  "
+OEM_REVISION = 1
+CREATOR_ID = b"KVMV"
+CREATOR_REVISION = 1
+
+PM_BASE = 0x600
+PM1A_EVT_BLK = PM_BASE
+PM1_EVT_LEN = 4
+PM1A_CNT_BLK = PM_BASE + 4
+PM1_CNT_LEN = 2
+PM_TMR_BLK = PM_BASE + 8
+PM_TMR_LEN = 4
+SCI_IRQ = 9
+RESET_PORT = 0xCF9
+RESET_VALUE = 0x06
+RTC_CENTURY_INDEX = 0x32
+
+SLP_TYP_S5 = 5
+PM1_CNT_SLP_TYP_SHIFT = 10
+PM1_CNT_SLP_EN = 1 << 13
+
+MAX_VCPUS = 254  # 8-bit xAPIC IDs, 0xFF is the broadcast ID, and the IOAPIC takes ncpus
+
+HEADER_SIZE = 36
+RSDP_SIZE = 36
+FACS_SIZE = 64
+FADT_SIZE = 276
+FADT_REVISION = 6
+FADT_MINOR_REVISION = 5
+
+# FADT flags (table 5.10)
+FADT_WBINVD = 1 << 0
+FADT_PROC_C1 = 1 << 2
+FADT_SLP_BUTTON = 1 << 5  # set: no fixed-feature sleep button
+FADT_RESET_REG_SUP = 1 << 10
+# IA-PC boot architecture flags (table 5.11)
+IAPC_LEGACY_DEVICES = 1 << 0
+IAPC_8042 = 1 << 1
+IAPC_VGA_NOT_PRESENT = 1 << 2
+
+GAS_SYSTEM_IO = 1
+GAS_ACCESS_BYTE = 1
+GAS_ACCESS_WORD = 2
+GAS_ACCESS_DWORD = 3
+
+MADT_PCAT_COMPAT = 1 << 0
+MADT_LOCAL_APIC = 0
+MADT_IO_APIC = 1
+MADT_INTERRUPT_SOURCE_OVERRIDE = 2
+MADT_LOCAL_APIC_NMI = 4
+LOCAL_APIC_ENABLED = 1 << 0
+# MPS INTI flags (table 5.26): polarity bits 0-1, trigger mode bits 2-3
+MPS_POLARITY_ACTIVE_HIGH = 0b01
+MPS_TRIGGER_EDGE = 0b01 << 2
+MPS_TRIGGER_LEVEL = 0b11 << 2
+ALL_PROCESSORS = 0xFF
+TIMER_IRQ = 0
+TIMER_GSI = 2
+
+# AML opcodes (section 20.3)
+AML_ZERO = 0x00
+AML_ONE = 0x01
+AML_NAME = 0x08
+AML_BYTE_PREFIX = 0x0A
+AML_WORD_PREFIX = 0x0B
+AML_DWORD_PREFIX = 0x0C
+AML_STRING_PREFIX = 0x0D
+AML_QWORD_PREFIX = 0x0E
+AML_PACKAGE = 0x12
+
+
+class AcpiError(ValueError):
+    """The tables cannot be built as asked."""
+
+
+def checksum(data: bytes | bytearray) -> int:
+    """The byte that makes ``data`` plus itself sum to zero mod 256."""
+    return -sum(data) & 0xFF
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+# --- AML (section 20.2) -------------------------------------------------------
+
+
+def aml_pkg_length(content_length: int) -> bytes:
+    """PkgLength for ``content_length`` bytes following it (the length counts itself)."""
+    for size in range(1, 5):
+        total = content_length + size
+        if size == 1 and total <= 0x3F:
+            return bytes([total])
+        if size > 1 and total < 1 << (4 + 8 * (size - 1)):
+            lead = (size - 1) << 6 | (total & 0x0F)
+            return bytes([lead]) + (total >> 4).to_bytes(size - 1, "little")
+    raise AcpiError(f"AML package of {content_length} bytes exceeds PkgLength's 2^28 limit")
+
+
+def aml_integer(value: int) -> bytes:
+    if not 0 <= value < 1 << 64:
+        raise AcpiError(f"AML integer {value} is outside 0..2^64-1")
+    if value == 0:
+        return bytes([AML_ZERO])
+    if value == 1:
+        return bytes([AML_ONE])
+    for prefix, size in (
+        (AML_BYTE_PREFIX, 1),
+        (AML_WORD_PREFIX, 2),
+        (AML_DWORD_PREFIX, 4),
+        (AML_QWORD_PREFIX, 8),
+    ):
+        if value < 1 << (8 * size):
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise AssertionError("unreachable: the range was checked above")
+
+
+def aml_string(text: str) -> bytes:
+    encoded = text.encode("ascii")
+    if b"\0" in encoded or any(byte > 0x7F for byte in encoded):
+        raise AcpiError(f"AML string {text!r} must be ASCII without NUL")
+    return bytes([AML_STRING_PREFIX]) + encoded + b"\0"
+
+
+def aml_name_seg(name: str) -> bytes:
+    """A NameSeg: a lead character A-Z or _, then A-Z, 0-9 or _, padded with _ to 4."""
+    if not 1 <= len(name) <= 4:
+        raise AcpiError(f"AML name {name!r} must be 1-4 characters")
+    lead, rest = name[0], name[1:]
+    valid_lead = lead == "_" or "A" <= lead <= "Z"
+    valid_rest = all(c == "_" or "A" <= c <= "Z" or "0" <= c <= "9" for c in rest)
+    if not (valid_lead and valid_rest):
+        raise AcpiError(f"AML name {name!r} is not a valid NameSeg")
+    return name.ljust(4, "_").encode("ascii")
+
+
+def aml_name(name: str, value: bytes) -> bytes:
+    """DefName: Name(name, value) with ``value`` already encoded."""
+    return bytes([AML_NAME]) + aml_name_seg(name) + value
+
+
+def aml_package(elements: list[bytes]) -> bytes:
+    """DefPackage of up to 255 encoded elements."""
+    if len(elements) > 0xFF:
+        raise AcpiError(f"AML Package of {len(elements)} elements exceeds 255")
+    content = bytes([len(elements)]) + b"".join(elements)
+    return bytes([AML_PACKAGE]) + aml_pkg_length(len(content)) + content
+
+
+# --- Tables -------------------------------------------------------------------
+
+
+def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
+    """A system description table: the 36-byte header (section 5.2.6), then ``body``."""
+    length = HEADER_SIZE + len(body)
+    header = struct.pack(
+        "<4sIBB6s8sI4sI",
+        signature,
+        length,
+        revision,
+        0,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        CREATOR_ID,
+        CREATOR_REVISION,
+    )
+    table = bytearray(header + body)
+    table[9] = checksum(table)
+    return bytes(table)
+
+
+def gas(address_space: int, bit_width: int, access_size: int, address: int) -> bytes:
+    """A Generic Address Structure (section 5.2.3.2)."""
+    return struct.pack("<BBBBQ", address_space, bit_width, 0, access_size, address)
+
+
+def build_rsdp(xsdt_address: int, rsdt_address: int) -> bytes:
+    """RSDP revision 2 (section 5.2.5.3): checksum over 20 bytes, extended over 36."""
+    rsdp = bytearray(
+        struct.pack(
+            "<8sB6sBIIQB3s",
+            b"RSD PTR ",
+            0,
+            OEM_ID,
+            2,
+            rsdt_address,
+            RSDP_SIZE,
+            xsdt_address,
+            0,
+            b"",
+        )
+    )
+    rsdp[8] = checksum(rsdp[:20])
+    rsdp[32] = checksum(rsdp)
+    return bytes(rsdp)
+
+
+def build_facs() -> bytes:
+    """FACS version 2 (section 5.2.10): no waking vector, no global lock owner."""
+    return struct.pack("<4sIIIIIQB3sI24s", b"FACS", FACS_SIZE, 0, 0, 0, 0, 0, 2, b"", 0, b"")
+
+
+def build_dsdt() -> bytes:
+    """DSDT revision 2 (64-bit integers) holding only the \\_S5_ sleep package."""
+    sleep_types = aml_package(
+        [aml_integer(SLP_TYP_S5), aml_integer(SLP_TYP_S5), aml_integer(0), aml_integer(0)]
+    )
+    return sdt(b"DSDT", 2, aml_name("_S5_", sleep_types))
+
+
+def build_fadt(facs_address: int, dsdt_address: int) -> bytes:
+    """FADT revision 6.5 (section 5.2.9, table 5.9)."""
+    body = bytearray(FADT_SIZE - HEADER_SIZE)
+
+    def put(fmt: str, offset: int, *values: int | bytes) -> None:
+        struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
+
+    put("<II", 36, facs_address, dsdt_address)
+    put("<H", 46, SCI_IRQ)  # SMI_CMD (48) stays 0: always in ACPI mode
+    put("<IIII", 56, PM1A_EVT_BLK, 0, PM1A_CNT_BLK, 0)
+    put("<I", 76, PM_TMR_BLK)
+    put("<BBBB", 88, PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
+    # C2/C3 latencies above 100/1000 µs say those states are not supported.
+    put("<HH", 96, 101, 1001)
+    put("<B", 108, RTC_CENTURY_INDEX)
+    put("<H", 109, IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT)
+    put("<I", 112, FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
+    put("<12s", 116, gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, RESET_PORT))
+    put("<B", 128, RESET_VALUE)
+    put("<B", 131, FADT_MINOR_REVISION)
+    put("<QQ", 132, facs_address, dsdt_address)
+    put("<12s", 148, gas(GAS_SYSTEM_IO, 8 * PM1_EVT_LEN, GAS_ACCESS_WORD, PM1A_EVT_BLK))
+    put("<12s", 172, gas(GAS_SYSTEM_IO, 8 * PM1_CNT_LEN, GAS_ACCESS_WORD, PM1A_CNT_BLK))
+    put("<12s", 208, gas(GAS_SYSTEM_IO, 8 * PM_TMR_LEN, GAS_ACCESS_DWORD, PM_TMR_BLK))
+    put("<8s", 268, b"KVMVMM\0\0")
+    return sdt(b"FACP", FADT_REVISION, bytes(body))
+
+
+def build_madt(ncpus: int) -> bytes:
+    """MADT revision 5 (section 5.2.12)."""
+    entries = [
+        struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, LOCAL_APIC_ENABLED)
+        for cpu in range(ncpus)
+    ]
+    entries.append(struct.pack("<BBBBII", MADT_IO_APIC, 12, ncpus, 0, layout.IOAPIC_ADDRESS, 0))
+    entries.append(
+        struct.pack(
+            "<BBBBIH", MADT_INTERRUPT_SOURCE_OVERRIDE, 10, 0, TIMER_IRQ, TIMER_GSI, MPS_TRIGGER_EDGE
+        )
+    )
+    entries.append(
+        struct.pack(
+            "<BBBBIH",
+            MADT_INTERRUPT_SOURCE_OVERRIDE,
+            10,
+            0,
+            SCI_IRQ,
+            SCI_IRQ,
+            MPS_POLARITY_ACTIVE_HIGH | MPS_TRIGGER_LEVEL,
+        )
+    )
+    entries.append(struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 1))
+    body = struct.pack("<II", layout.LAPIC_ADDRESS, MADT_PCAT_COMPAT) + b"".join(entries)
+    return sdt(b"APIC", 5, body)
+
+
+def build_xsdt(addresses: list[int]) -> bytes:
+    return sdt(b"XSDT", 1, b"".join(struct.pack("<Q", address) for address in addresses))
+
+
+def build_rsdt(addresses: list[int]) -> bytes:
+    return sdt(b"RSDT", 1, b"".join(struct.pack("<I", address) for address in addresses))
+
+
+@dataclass
+class _Blob:
+    base: int
+    data: bytearray
+
+    def place(self, table: bytes, alignment: int = 16) -> int:
+        offset = _align(len(self.data), alignment)
+        self.data += bytes(offset - len(self.data)) + table
+        return self.base + offset
+
+
+def build_acpi_tables(ncpus: int, base: int = layout.ACPI_TABLES.start) -> tuple[bytes, int]:
+    """All tables for ``ncpus`` vCPUs as one blob to be written at ``base``.
+
+    Returns the blob and the RSDP's address (``base`` itself).
+    """
+    if not 1 <= ncpus <= MAX_VCPUS:
+        raise AcpiError(f"{ncpus} vCPUs: the MADT's xAPIC entries describe 1 to {MAX_VCPUS}")
+    if base % 16:
+        raise AcpiError(f"ACPI tables base 0x{base:x} is not 16-byte aligned (RSDP)")
+    rsdp_offset = 0
+    blob = _Blob(base, bytearray(RSDP_SIZE))
+    facs = blob.place(build_facs(), alignment=64)
+    dsdt = blob.place(build_dsdt())
+    fadt = blob.place(build_fadt(facs, dsdt))
+    madt = blob.place(build_madt(ncpus))
+    xsdt = blob.place(build_xsdt([fadt, madt]))
+    rsdt = blob.place(build_rsdt([fadt, madt]))
+    if base + len(blob.data) > 1 << 32:
+        raise AcpiError(f"ACPI tables at 0x{base:x} would reach above 4 GiB (32-bit RSDT)")
+    blob.data[rsdp_offset : rsdp_offset + RSDP_SIZE] = build_rsdp(xsdt, rsdt)
+    return bytes(blob.data), base + rsdp_offset
