@@ -36,11 +36,13 @@ class Member:
 def _element_type(array_type: Any) -> tuple[Any, int, bool]:
     """The innermost element type of a (nested) array, its depth, and whether it is empty."""
     depth, empty = 0, False
-    while isinstance(array_type, type) and issubclass(array_type, ctypes.Array):
-        empty = empty or array_type._length_ == 0
-        array_type = array_type._type_
+    current: Any = array_type
+    while isinstance(current, type) and issubclass(current, ctypes.Array):
+        array: Any = current  # typeshed types _length_ on instances only
+        empty = empty or array._length_ == 0
+        current = array._type_
         depth += 1
-    return array_type, depth, empty
+    return current, depth, empty
 
 
 def _is_aggregate(ctype: Any) -> bool:
