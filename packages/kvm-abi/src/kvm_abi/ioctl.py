@@ -12,7 +12,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from kvm_abi.constants import KVM_API_VERSION
 from kvm_abi.ioctls import (
@@ -30,7 +30,7 @@ from kvm_abi.structs import kvm_enable_cap
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.ioctl.restype = ctypes.c_int
 
-IoctlArgument = int | ctypes.Structure | ctypes.Union | ctypes.Array[ctypes.c_uint8]
+IoctlArgument = int | ctypes.Structure | ctypes.Union | ctypes.Array[Any]
 
 
 def ioctl(fd: int, request: int, arg: IoctlArgument = 0) -> int:
