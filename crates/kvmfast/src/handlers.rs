@@ -1,0 +1,152 @@
+//! What can own an address range: a Python device, or a Rust-native sink that answers
+//! without taking the GIL.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyInt;
+
+/// Reads all-ones, drops writes: a bus with nothing on it, without Python.
+#[pyclass(frozen, module = "kvmfast")]
+#[derive(Debug, Default)]
+pub struct NullSink;
+
+#[pymethods]
+impl NullSink {
+    #[new]
+    fn new() -> Self {
+        Self
+    }
+
+    fn __repr__(&self) -> &'static str {
+        "NullSink()"
+    }
+}
+
+/// A write ends the vCPU's run() with Exit("device_exit", value); reads are all-ones.
+#[pyclass(frozen, module = "kvmfast")]
+#[derive(Debug, Default)]
+pub struct ExitSink;
+
+#[pymethods]
+impl ExitSink {
+    #[new]
+    fn new() -> Self {
+        Self
+    }
+
+    fn __repr__(&self) -> &'static str {
+        "ExitSink()"
+    }
+}
+
+/// A Python object with read(offset, size) -> int and write(offset, size, value).
+#[derive(Debug)]
+pub struct PyDevice {
+    read: Py<PyAny>,
+    write: Py<PyAny>,
+}
+
+impl PyDevice {
+    /// Calls device.read(offset, size); the answer is reduced to `size` bytes.
+    pub fn read(&self, py: Python<'_>, offset: u64, size: usize) -> PyResult<u64> {
+        let answer = self.read.call1(py, (offset, size))?;
+        Ok(truncate(as_u64(answer.bind(py))?, size))
+    }
+
+    pub fn write(&self, py: Python<'_>, offset: u64, size: usize, value: u64) -> PyResult<()> {
+        self.write.call1(py, (offset, size, value)).map(drop)
+    }
+}
+
+/// An int of any sign or width as its low 64 bits (two's complement), as a bus would
+/// latch it.
+fn as_u64(value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(unsigned) = value.extract::<u64>() {
+        return Ok(unsigned);
+    }
+    if let Ok(signed) = value.extract::<i64>() {
+        return Ok(signed as u64);
+    }
+    let int = value.cast::<PyInt>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "a device read must return an int, not {}",
+            value
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    int.call_method1("__and__", (u64::MAX,))?.extract::<u64>()
+}
+
+/// The low `size` bytes of `value`.
+pub fn truncate(value: u64, size: usize) -> u64 {
+    if size >= 8 {
+        value
+    } else {
+        value & ((1u64 << (size * 8)) - 1)
+    }
+}
+
+/// All-ones of `size` bytes: what an undecoded bus returns.
+pub fn all_ones(size: usize) -> u64 {
+    truncate(u64::MAX, size)
+}
+
+/// The owner of a range, as the run loop sees it.
+#[derive(Debug, Clone)]
+pub enum Handler {
+    Null,
+    Exit,
+    Python(Arc<PyDevice>),
+}
+
+impl Handler {
+    /// Accepts NullSink, ExitSink or any object with callable read and write.
+    pub fn from_object(object: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if object.is_instance_of::<NullSink>() {
+            return Ok(Self::Null);
+        }
+        if object.is_instance_of::<ExitSink>() {
+            return Ok(Self::Exit);
+        }
+        let method = |name: &str| -> PyResult<Py<PyAny>> {
+            let attribute = object.getattr(name).map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "a handler must be NullSink, ExitSink or have read() and write(); {} has \
+                     no {name}()",
+                    object.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?;
+            if !attribute.is_callable() {
+                return Err(PyTypeError::new_err(format!(
+                    "the handler's {name} is not callable"
+                )));
+            }
+            Ok(attribute.unbind())
+        };
+        Ok(Self::Python(Arc::new(PyDevice {
+            read: method("read")?,
+            write: method("write")?,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widths_mask_to_their_bytes() {
+        assert_eq!(truncate(0x1122_3344_5566_7788, 1), 0x88);
+        assert_eq!(truncate(0x1122_3344_5566_7788, 2), 0x7788);
+        assert_eq!(truncate(0x1122_3344_5566_7788, 4), 0x5566_7788);
+        assert_eq!(truncate(0x1122_3344_5566_7788, 8), 0x1122_3344_5566_7788);
+        assert_eq!(all_ones(1), 0xff);
+        assert_eq!(all_ones(4), 0xffff_ffff);
+        assert_eq!(all_ones(8), u64::MAX);
+    }
+}

@@ -1,0 +1,325 @@
+//! The ioeventfd fast path: one Rust thread waits on registered eventfds with epoll
+//! and runs their handlers, Python ones with the GIL taken only for the call, native
+//! ones (IrqfdTrigger) without Python at all.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::eventfd::{EventFd, add_to_counter, new_eventfd, read_counter};
+
+/// Doorbell → interrupt without Python: writes 1 to an irqfd's eventfd.
+#[pyclass(frozen, module = "kvmfast")]
+pub struct IrqfdTrigger {
+    irq_eventfd: Arc<OwnedFd>,
+}
+
+#[pymethods]
+impl IrqfdTrigger {
+    #[new]
+    fn new(irq_eventfd: &EventFd) -> PyResult<Self> {
+        Ok(Self {
+            irq_eventfd: Arc::new(irq_eventfd.duplicate()?),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("IrqfdTrigger(fd={})", self.irq_eventfd.as_raw_fd())
+    }
+}
+
+enum LoopHandler {
+    Python(Py<PyAny>),
+    Irqfd(Arc<OwnedFd>),
+}
+
+struct Registration {
+    /// The fd number the caller registered (the key of remove() and counters()).
+    caller_fd: RawFd,
+    /// Our duplicate, so that closing the caller's EventFd cannot hand its number to
+    /// another file under our feet.
+    fd: OwnedFd,
+    handler: LoopHandler,
+    notifications: AtomicU64,
+}
+
+/// epoll's token for the loop's own wake-up eventfd; registrations count from 1.
+const WAKE_TOKEN: u64 = 0;
+
+struct LoopShared {
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    stopping: AtomicBool,
+    next_token: AtomicU64,
+    registrations: Mutex<HashMap<u64, Arc<Registration>>>,
+}
+
+impl LoopShared {
+    fn registrations(&self) -> MutexGuard<'_, HashMap<u64, Arc<Registration>>> {
+        self.registrations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn epoll_ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> std::io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: epoll_ctl reads one epoll_event we own; both fds are open.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The loop thread: wait, read each ready counter once, call its handler once.
+    fn run(&self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        loop {
+            // SAFETY: epoll_wait writes at most events.len() entries into our array.
+            let ready = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    -1,
+                )
+            };
+            if ready < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return;
+            }
+            for event in &events[..ready as usize] {
+                let token = event.u64;
+                if token == WAKE_TOKEN {
+                    let _ = read_counter(self.wake.as_raw_fd());
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                }
+                let Some(registration) = self.registrations().get(&token).cloned() else {
+                    continue;
+                };
+                if !self.notify(&registration) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles one readiness; false when Python is shutting down and the loop must end.
+    fn notify(&self, registration: &Registration) -> bool {
+        let count = match read_counter(registration.fd.as_raw_fd()) {
+            Ok(Some(count)) => count,
+            // Drained by someone else since epoll saw it.
+            Ok(None) | Err(_) => return true,
+        };
+        registration.notifications.fetch_add(1, Ordering::Relaxed);
+        match &registration.handler {
+            LoopHandler::Irqfd(irq) => {
+                let _ = add_to_counter(irq.as_raw_fd(), 1);
+                true
+            }
+            LoopHandler::Python(callback) => Python::try_attach(|py| {
+                if let Err(err) = callback.call1(py, (count,)) {
+                    // Nobody to raise to on this thread: report like an unraisable error.
+                    err.write_unraisable(py, Some(callback.bind(py)));
+                }
+            })
+            .is_some(),
+        }
+    }
+}
+
+fn os_error(err: std::io::Error) -> PyErr {
+    PyOSError::new_err((err.raw_os_error().unwrap_or(libc::EIO), err.to_string()))
+}
+
+fn is_nonblocking(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL reads the file status flags of an open fd.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// The event loop: add eventfds with handlers, start(), stop().
+#[pyclass(frozen, module = "kvmfast")]
+pub struct EventLoop {
+    shared: Arc<LoopShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EventLoop {
+    fn thread(&self) -> MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Signals the thread to end and hands back its handle (None if not running).
+    fn signal_stop(&self) -> Option<JoinHandle<()>> {
+        let handle = self.thread().take()?;
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = add_to_counter(self.shared.wake.as_raw_fd(), 1);
+        Some(handle)
+    }
+}
+
+#[pymethods]
+impl EventLoop {
+    #[new]
+    fn new() -> PyResult<Self> {
+        // SAFETY: epoll_create1 has no memory arguments.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(os_error(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the fd was just created and nothing else owns it.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let shared = LoopShared {
+            epoll,
+            wake: new_eventfd(true).map_err(os_error)?,
+            stopping: AtomicBool::new(false),
+            next_token: AtomicU64::new(WAKE_TOKEN + 1),
+            registrations: Mutex::new(HashMap::new()),
+        };
+        shared
+            .epoll_ctl(libc::EPOLL_CTL_ADD, shared.wake.as_raw_fd(), WAKE_TOKEN)
+            .map_err(os_error)?;
+        Ok(Self {
+            shared: Arc::new(shared),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// Watches `eventfd` (which must be non-blocking); `handler` is a callable taking the
+    /// counter value, or an IrqfdTrigger. One call per readiness: notifications that
+    /// arrive together are coalesced into one call with their sum.
+    fn add(&self, eventfd: &EventFd, handler: &Bound<'_, PyAny>) -> PyResult<()> {
+        let caller_fd = eventfd.raw_fd()?;
+        if !eventfd.is_nonblocking() || !is_nonblocking(caller_fd) {
+            return Err(PyValueError::new_err(
+                "the event loop needs a non-blocking EventFd (EventFd(nonblocking=True))",
+            ));
+        }
+        let handler = if let Ok(trigger) = handler.cast::<IrqfdTrigger>() {
+            LoopHandler::Irqfd(trigger.get().irq_eventfd.clone())
+        } else if handler.is_callable() {
+            LoopHandler::Python(handler.clone().unbind())
+        } else {
+            return Err(PyValueError::new_err(
+                "handler must be a callable(count) or an IrqfdTrigger",
+            ));
+        };
+        let mut registrations = self.shared.registrations();
+        if registrations.values().any(|r| r.caller_fd == caller_fd) {
+            return Err(PyValueError::new_err(format!(
+                "fd {caller_fd} is already in the loop"
+            )));
+        }
+        let registration = Registration {
+            caller_fd,
+            fd: eventfd.duplicate()?,
+            handler,
+            notifications: AtomicU64::new(0),
+        };
+        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .epoll_ctl(libc::EPOLL_CTL_ADD, registration.fd.as_raw_fd(), token)
+            .map_err(os_error)?;
+        registrations.insert(token, Arc::new(registration));
+        Ok(())
+    }
+
+    /// Stops watching `eventfd`; ValueError if it was not added.
+    fn remove(&self, eventfd: &EventFd) -> PyResult<()> {
+        let caller_fd = eventfd.raw_fd()?;
+        let removed = {
+            let mut registrations = self.shared.registrations();
+            let token = registrations
+                .iter()
+                .find(|(_, r)| r.caller_fd == caller_fd)
+                .map(|(token, _)| *token)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("fd {caller_fd} is not in the loop"))
+                })?;
+            registrations.remove(&token)
+        };
+        if let Some(registration) = removed {
+            self.shared
+                .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0)
+                .map_err(os_error)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the loop thread (no-op when it runs).
+    fn start(&self) -> PyResult<()> {
+        let mut thread = self.thread();
+        if thread.is_some() {
+            return Ok(());
+        }
+        self.shared.stopping.store(false, Ordering::SeqCst);
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("kvmfast-ioevent".to_string())
+            .spawn(move || shared.run())
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the event loop: {e}")))?;
+        *thread = Some(handle);
+        Ok(())
+    }
+
+    /// Stops the loop thread and waits for it (without the GIL, which it may need to
+    /// finish a handler call). Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        if let Some(handle) = self.signal_stop() {
+            let _ = py.detach(|| handle.join());
+        }
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.thread().is_some()
+    }
+
+    /// {caller fd: notifications handled}.
+    fn counters(&self) -> HashMap<RawFd, u64> {
+        self.shared
+            .registrations()
+            .values()
+            .map(|r| (r.caller_fd, r.notifications.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _exc_type: Option<Bound<'_, PyAny>>,
+        _exc_value: Option<Bound<'_, PyAny>>,
+        _traceback: Option<Bound<'_, PyAny>>,
+    ) {
+        self.stop(py);
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.signal_stop() {
+            // Dropped with the GIL held (tp_dealloc): let the thread finish a handler call
+            // that may be waiting for it.
+            let _ = Python::try_attach(|py| py.detach(|| handle.join()));
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! kvmfast: the Rust core of a split-irqchip VMM, exposed to Python as `kvmfast._native`.
+//!
+//! One module per concern: `kvm` (/dev/kvm), `vm` (memory, routing, irqfd/ioeventfd),
+//! `vcpu` (state ioctls, hooks), `run_loop` + `dispatch` + `exits` (KVM_RUN and what
+//! follows), `address_map` (who owns a port or MMIO range), `kick` (leaving KVM_RUN from
+//! other threads), `extint` (PIC interrupts through KVM_INTERRUPT), `ioevent_loop` (the
+//! eventfd thread), `memory`, `counters`, `errors`.
+
+use pyo3::prelude::*;
+
+pub mod address_map;
+pub mod counters;
+pub mod dispatch;
+pub mod errors;
+pub mod eventfd;
+pub mod exits;
+pub mod extint;
+pub mod handlers;
+pub mod ioctls;
+pub mod ioevent_loop;
+pub mod kick;
+pub mod kvm;
+pub mod memory;
+pub mod regs;
+pub mod routing;
+pub mod run_loop;
+pub mod run_page;
+pub mod vcpu;
+pub mod vm;
+
+#[pymodule]
+fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(module)?;
+    module.add_class::<kvm::Kvm>()?;
+    module.add_class::<vm::Vm>()?;
+    module.add_class::<vcpu::Vcpu>()?;
+    module.add_class::<kick::VcpuKicker>()?;
+    module.add_class::<exits::Exit>()?;
+    module.add_class::<memory::GuestMemory>()?;
+    module.add_class::<handlers::NullSink>()?;
+    module.add_class::<handlers::ExitSink>()?;
+    module.add_class::<eventfd::EventFd>()?;
+    module.add_class::<ioevent_loop::EventLoop>()?;
+    module.add_class::<ioevent_loop::IrqfdTrigger>()?;
+    module.add("EXIT_REASON_NAMES", counters::EXIT_NAMES.to_vec())?;
+    Ok(())
+}

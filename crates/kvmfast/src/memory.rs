@@ -1,0 +1,328 @@
+//! Guest RAM: anonymous host mappings, the Python view of one slot, and reads and
+//! writes by guest-physical address across slots.
+
+use std::ffi::c_int;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+/// An anonymous private read-write mapping, unmapped when the last owner drops it.
+#[derive(Debug)]
+pub struct Mapping {
+    address: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; concurrent guest and host
+// accesses to guest RAM are the guest's business, as on real hardware.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; nothing in Mapping itself is mutated after creation.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `size` bytes of zeroed memory; `hugepages` asks for transparent huge pages.
+    pub fn anonymous(size: usize, hugepages: bool) -> std::io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses touches no
+        // existing memory.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mapping = Self {
+            address: NonNull::new(address.cast()).ok_or_else(std::io::Error::last_os_error)?,
+            size,
+        };
+        if hugepages {
+            // SAFETY: the range is exactly the mapping created above.
+            if unsafe { libc::madvise(address, size, libc::MADV_HUGEPAGE) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(mapping)
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.address.as_ptr()
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Copies out of the mapping; the range must lie inside it.
+    fn read_into(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.size);
+        // SAFETY: the range was checked against the mapping, which lives as long as self;
+        // the source and destination cannot overlap (out is a Rust buffer).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+    }
+
+    /// Copies into the mapping; the range must lie inside it.
+    fn write_from(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.size);
+        // SAFETY: as in read_into, in the other direction.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by Mapping::anonymous with this size and nothing
+        // refers to it any more (the last Arc is gone).
+        unsafe { libc::munmap(self.address.as_ptr().cast(), self.size) };
+    }
+}
+
+/// One memory slot of a VM as Python sees it: a writable, zero-copy buffer.
+#[pyclass(frozen, module = "kvmfast")]
+pub struct GuestMemory {
+    mapping: Arc<Mapping>,
+    guest_phys_addr: u64,
+    slot: u32,
+}
+
+impl GuestMemory {
+    pub fn new(mapping: Arc<Mapping>, guest_phys_addr: u64, slot: u32) -> Self {
+        Self {
+            mapping,
+            guest_phys_addr,
+            slot,
+        }
+    }
+}
+
+#[pymethods]
+impl GuestMemory {
+    #[getter]
+    fn guest_phys_addr(&self) -> u64 {
+        self.guest_phys_addr
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.mapping.size()
+    }
+
+    #[getter]
+    fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    fn __len__(&self) -> usize {
+        self.mapping.size()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "GuestMemory(guest_phys_addr={:#x}, size={:#x}, slot={})",
+            self.guest_phys_addr,
+            self.mapping.size(),
+            self.slot
+        )
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `Py_buffer` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("no Py_buffer to fill"));
+        }
+        let mapping = &slf.get().mapping;
+        let length = ffi::Py_ssize_t::try_from(mapping.size())
+            .map_err(|_| PyBufferError::new_err("mapping too large for a buffer"))?;
+        // SAFETY: view is CPython's; the buffer keeps a reference to this object (the
+        // `obj` argument), and the object keeps the mapping alive, so the memory outlives
+        // every exported view.
+        let status = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                mapping.as_ptr().cast(),
+                length,
+                0,
+                flags,
+            )
+        };
+        if status < 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// Called by CPython when a view is released; nothing was allocated for it.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// One registered slot.
+#[derive(Debug, Clone)]
+pub struct RamRegion {
+    pub guest_phys_addr: u64,
+    pub slot: u32,
+    pub mapping: Arc<Mapping>,
+}
+
+impl RamRegion {
+    fn end(&self) -> u64 {
+        self.guest_phys_addr + self.mapping.size() as u64
+    }
+}
+
+/// The VM's RAM slots, sorted by guest-physical address.
+#[derive(Debug, Default)]
+pub struct GuestRam {
+    regions: Vec<RamRegion>,
+}
+
+impl GuestRam {
+    /// Whether [gpa, gpa+size) overlaps any slot.
+    pub fn overlaps(&self, guest_phys_addr: u64, size: u64) -> bool {
+        let end = guest_phys_addr.saturating_add(size);
+        self.regions
+            .iter()
+            .any(|region| guest_phys_addr < region.end() && region.guest_phys_addr < end)
+    }
+
+    pub fn insert(&mut self, region: RamRegion) {
+        let index = self
+            .regions
+            .partition_point(|existing| existing.guest_phys_addr < region.guest_phys_addr);
+        self.regions.insert(index, region);
+    }
+
+    pub fn slots_in_use(&self) -> impl Iterator<Item = u32> + '_ {
+        self.regions.iter().map(|region| region.slot)
+    }
+
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// Splits [gpa, gpa+len) into (region, offset, length) pieces, or None when any byte
+    /// is outside RAM.
+    fn pieces(
+        &self,
+        guest_phys_addr: u64,
+        length: usize,
+    ) -> Option<Vec<(&RamRegion, usize, usize)>> {
+        let mut pieces = Vec::new();
+        let mut address = guest_phys_addr;
+        let end = guest_phys_addr.checked_add(length as u64)?;
+        while address < end {
+            let index = self
+                .regions
+                .partition_point(|region| region.guest_phys_addr <= address);
+            let region = self.regions.get(index.checked_sub(1)?)?;
+            if address >= region.end() {
+                return None;
+            }
+            let piece_end = end.min(region.end());
+            pieces.push((
+                region,
+                (address - region.guest_phys_addr) as usize,
+                (piece_end - address) as usize,
+            ));
+            address = piece_end;
+        }
+        Some(pieces)
+    }
+
+    pub fn read(&self, guest_phys_addr: u64, length: usize) -> PyResult<Vec<u8>> {
+        let pieces = self
+            .pieces(guest_phys_addr, length)
+            .ok_or_else(|| outside_ram(guest_phys_addr, length))?;
+        let mut out = vec![0u8; length];
+        let mut done = 0;
+        for (region, offset, piece_length) in pieces {
+            region
+                .mapping
+                .read_into(offset, &mut out[done..done + piece_length]);
+            done += piece_length;
+        }
+        Ok(out)
+    }
+
+    pub fn write(&self, guest_phys_addr: u64, data: &[u8]) -> PyResult<()> {
+        let pieces = self
+            .pieces(guest_phys_addr, data.len())
+            .ok_or_else(|| outside_ram(guest_phys_addr, data.len()))?;
+        let mut done = 0;
+        for (region, offset, piece_length) in pieces {
+            region
+                .mapping
+                .write_from(offset, &data[done..done + piece_length]);
+            done += piece_length;
+        }
+        Ok(())
+    }
+}
+
+fn outside_ram(guest_phys_addr: u64, length: usize) -> PyErr {
+    PyValueError::new_err(format!(
+        "guest-physical range {guest_phys_addr:#x}+{length:#x} is not all guest RAM"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram_with(regions: &[(u64, usize, u32)]) -> GuestRam {
+        let mut ram = GuestRam::default();
+        for &(gpa, size, slot) in regions {
+            ram.insert(RamRegion {
+                guest_phys_addr: gpa,
+                slot,
+                mapping: Arc::new(Mapping::anonymous(size, false).unwrap()),
+            });
+        }
+        ram
+    }
+
+    #[test]
+    fn pieces_span_adjacent_slots() {
+        let ram = ram_with(&[(0x2000, 0x1000, 1), (0, 0x2000, 0)]);
+        let pieces = ram.pieces(0x1ff0, 0x20).unwrap();
+        let shape: Vec<_> = pieces.iter().map(|(r, o, l)| (r.slot, *o, *l)).collect();
+        assert_eq!(shape, vec![(0, 0x1ff0, 0x10), (1, 0, 0x10)]);
+    }
+
+    #[test]
+    fn pieces_reject_holes_and_edges() {
+        let ram = ram_with(&[(0, 0x1000, 0), (0x3000, 0x1000, 1)]);
+        assert!(ram.pieces(0xff0, 0x20).is_none());
+        assert!(ram.pieces(0x3ff0, 0x11).is_none());
+        assert!(ram.pieces(u64::MAX, 2).is_none());
+        assert!(ram.pieces(0x3ff0, 0x10).is_some());
+        assert!(ram.pieces(0x5000, 0).is_some());
+    }
+
+    #[test]
+    fn overlap_check_is_half_open() {
+        let ram = ram_with(&[(0x1000, 0x1000, 0)]);
+        assert!(!ram.overlaps(0, 0x1000));
+        assert!(!ram.overlaps(0x2000, 0x1000));
+        assert!(ram.overlaps(0x1fff, 1));
+        assert!(ram.overlaps(0, 0x1001));
+    }
+}

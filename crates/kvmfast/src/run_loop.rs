@@ -1,0 +1,242 @@
+//! The vCPU run loop: requests, ExtINT injection, KVM_RUN, exit dispatch.
+//!
+//! It runs on the thread that called Vcpu.run(), without the GIL; the GIL is taken
+//! only to call a Python handler, the EOI handler, the PIC's acknowledge() or the
+//! trace hook.
+
+use std::sync::atomic::Ordering;
+
+use kvm_bindings::{
+    KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO,
+    KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_SYSTEM_EVENT,
+};
+use kvm_ioctls::VcpuFd;
+use pyo3::intern;
+use pyo3::prelude::*;
+use vmm_sys_util::errno;
+
+use crate::counters::exit_name;
+use crate::dispatch::{self, Access, Dispatched};
+use crate::errors::kvm_error;
+use crate::exits::{ExitInfo, GuestFailure};
+use crate::extint::{ExtintInjector, InjectionPort};
+use crate::ioctls;
+use crate::kick::{REQUEST_NMI, REQUEST_STOP};
+use crate::run_page::RunPage;
+use crate::vcpu::VcpuCore;
+
+/// How a run ended other than with an Exit.
+#[derive(Debug)]
+pub enum RunError {
+    /// A handler raised, or an ioctl failed.
+    Python(PyErr),
+    /// The guest stopped in a way that needs its registers in the exception.
+    Guest(GuestFailure),
+}
+
+impl From<PyErr> for RunError {
+    fn from(err: PyErr) -> Self {
+        Self::Python(err)
+    }
+}
+
+/// The injector's view of the vCPU.
+struct KvmInjectionPort<'a> {
+    page: &'a RunPage,
+    fd: &'a VcpuFd,
+}
+
+impl InjectionPort for KvmInjectionPort<'_> {
+    fn window_open(&self) -> bool {
+        self.page.ready_for_interrupt_injection() && self.page.if_flag()
+    }
+
+    fn set_window_request(&mut self, requested: bool) {
+        self.page.set_request_interrupt_window(requested);
+    }
+
+    fn interrupt(&mut self, vector: u8) -> Result<(), errno::Error> {
+        ioctls::interrupt(self.fd, u32::from(vector))
+    }
+}
+
+impl VcpuCore {
+    /// Runs until an exit that the caller must see (`single`: after one KVM_RUN).
+    pub fn run_loop(
+        &self,
+        injector: &mut ExtintInjector,
+        single: bool,
+    ) -> Result<ExitInfo, RunError> {
+        loop {
+            let requests = self.kick.take_requests();
+            if requests & REQUEST_NMI != 0 {
+                self.fd.nmi().map_err(|e| kvm_error("KVM_NMI", e))?;
+            }
+            if requests & REQUEST_STOP != 0 {
+                return Ok(ExitInfo::new("stopped", 0));
+            }
+            self.service_extint(injector)?;
+
+            let entered = ioctls::run(&self.fd);
+            injector.exited();
+            let reason = match entered {
+                Ok(()) => self.page.exit_reason(),
+                Err(err) if err.errno() == libc::EINTR => KVM_EXIT_INTR,
+                Err(err) => return Err(kvm_error("KVM_RUN", err).into()),
+            };
+            if let Some(exit) = self.handle_exit(reason, injector, single)? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Dispatches one exit; Some(exit) when run() must return it.
+    fn handle_exit(
+        &self,
+        reason: u32,
+        injector: &mut ExtintInjector,
+        single: bool,
+    ) -> Result<Option<ExitInfo>, RunError> {
+        let name = exit_name(reason);
+        let mut access = Access::default();
+        if reason != KVM_EXIT_IO && reason != KVM_EXIT_MMIO {
+            // I/O exits are counted with their range by dispatch_access.
+            self.count(reason, |_| {});
+        }
+        let stop = match reason {
+            KVM_EXIT_IO | KVM_EXIT_MMIO => {
+                let dispatched = self.dispatch_access(reason)?;
+                access = dispatched.access;
+                dispatched
+                    .device_exit
+                    .map(|value| ExitInfo::new("device_exit", value))
+                    .or_else(|| single.then(|| access_exit(name, &access)))
+            }
+            KVM_EXIT_INTR => single.then(|| ExitInfo::new(name, 0)),
+            KVM_EXIT_IRQ_WINDOW_OPEN => {
+                self.service_extint(injector)?;
+                single.then(|| ExitInfo::new(name, 0))
+            }
+            KVM_EXIT_IOAPIC_EOI => {
+                let vector = self.page.eoi_vector();
+                access.value = u64::from(vector);
+                self.call_eoi_handler(vector)?;
+                single.then(|| ExitInfo::new(name, u64::from(vector)))
+            }
+            KVM_EXIT_SHUTDOWN => return Err(RunError::Guest(GuestFailure::TripleFault)),
+            KVM_EXIT_INTERNAL_ERROR => {
+                let (suberror, data) = self.page.internal_error();
+                return Err(RunError::Guest(GuestFailure::Emulation { suberror, data }));
+            }
+            KVM_EXIT_FAIL_ENTRY => {
+                let (hardware_entry_failure_reason, cpu) = self.page.fail_entry();
+                return Err(RunError::Guest(GuestFailure::Entry {
+                    hardware_entry_failure_reason,
+                    cpu,
+                }));
+            }
+            KVM_EXIT_SYSTEM_EVENT => {
+                let (event_type, data) = self.page.system_event();
+                access.value = u64::from(event_type);
+                Some(ExitInfo {
+                    reason: name,
+                    value: u64::from(event_type),
+                    data,
+                })
+            }
+            KVM_EXIT_HLT => Some(ExitInfo::new(name, 0)),
+            _ => Some(ExitInfo::new(name, u64::from(reason))),
+        };
+        if self.trace_enabled.load(Ordering::Relaxed) {
+            self.call_trace(name, &access)?;
+        }
+        Ok(stop)
+    }
+
+    fn count(&self, reason: u32, also: impl FnOnce(&mut crate::counters::Counters)) {
+        let mut counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        counters.count_exit(reason);
+        also(&mut counters);
+    }
+
+    fn dispatch_access(&self, reason: u32) -> Result<Dispatched, RunError> {
+        let is_pio = reason == KVM_EXIT_IO;
+        let (base, result) = if is_pio {
+            dispatch::io(&self.page, &self.map.pio)
+        } else {
+            dispatch::mmio(&self.page, &self.map.mmio)
+        };
+        self.count(reason, |counters| {
+            if is_pio {
+                counters.count_pio(base);
+            } else {
+                counters.count_mmio(base);
+            }
+        });
+        Ok(result?)
+    }
+
+    fn service_extint(&self, injector: &mut ExtintInjector) -> PyResult<()> {
+        let mut port = KvmInjectionPort {
+            page: &self.page,
+            fd: &self.fd,
+        };
+        injector.service(
+            &mut port,
+            || self.kick.extint_level(),
+            || self.acknowledge(),
+        )
+    }
+
+    /// The PIC's INTA cycle: controller.acknowledge() -> vector.
+    fn acknowledge(&self) -> PyResult<Option<u8>> {
+        let Some(controller) = self.hooks().extint.clone() else {
+            return Ok(None);
+        };
+        Python::attach(|py| {
+            let vector = controller.call_method0(py, intern!(py, "acknowledge"))?;
+            vector.extract::<u8>(py).map(Some)
+        })
+    }
+
+    fn call_eoi_handler(&self, vector: u8) -> PyResult<()> {
+        let Some(handler) = self.hooks().eoi.clone() else {
+            return Ok(());
+        };
+        Python::attach(|py| handler.call1(py, (vector,)).map(drop))
+    }
+
+    fn call_trace(&self, name: &'static str, access: &Access) -> PyResult<()> {
+        let Some(trace) = self.hooks().trace.clone() else {
+            return Ok(());
+        };
+        Python::attach(|py| {
+            trace
+                .call1(
+                    py,
+                    (
+                        name,
+                        access.address,
+                        access.size,
+                        access.is_write,
+                        access.value,
+                    ),
+                )
+                .map(drop)
+        })
+    }
+}
+
+/// run_once's report of an I/O or MMIO exit: value is the address, data is
+/// [size, is_write, value of the first element].
+fn access_exit(name: &'static str, access: &Access) -> ExitInfo {
+    ExitInfo {
+        reason: name,
+        value: access.address,
+        data: vec![access.size as u64, u64::from(access.is_write), access.value],
+    }
+}

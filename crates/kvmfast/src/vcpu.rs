@@ -1,0 +1,363 @@
+//! The vCPU handle: state ioctls, interrupt injection, hooks, and run()/run_once().
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry};
+use kvm_ioctls::VcpuFd;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::address_map::AddressMap;
+use crate::counters::Counters;
+use crate::errors::{KvmError, interrupt_error, kvm_error};
+use crate::exits::Exit;
+use crate::extint::ExtintInjector;
+use crate::handlers::Handler;
+use crate::ioctls;
+use crate::kick::{KickState, VcpuKicker};
+use crate::kvm::CpuidTuple;
+use crate::regs;
+use crate::run_loop::RunError;
+use crate::run_page::RunPage;
+
+/// Python callables the run loop may call; Arc so the loop can take one without the GIL.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    pub eoi: Option<Arc<Py<PyAny>>>,
+    pub extint: Option<Arc<Py<PyAny>>>,
+    pub trace: Option<Arc<Py<PyAny>>>,
+}
+
+/// Everything a vCPU owns; shared by reference with the run loop.
+pub struct VcpuCore {
+    pub id: u64,
+    pub fd: VcpuFd,
+    pub page: Arc<RunPage>,
+    pub kick: Arc<KickState>,
+    pub map: Arc<AddressMap<Handler>>,
+    pub counters: Arc<Mutex<Counters>>,
+    pub hooks: Mutex<Hooks>,
+    /// Mirrors `hooks.trace.is_some()` so that an untraced exit costs one load.
+    pub trace_enabled: AtomicBool,
+    /// Locked for the whole of run(): the injector's state, and the guard against two
+    /// threads running one vCPU.
+    pub injector: Mutex<ExtintInjector>,
+}
+
+impl VcpuCore {
+    pub fn hooks(&self) -> MutexGuard<'_, Hooks> {
+        self.hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One virtual CPU. Created on any thread, run on the thread that calls run().
+#[pyclass(frozen, module = "kvmfast")]
+pub struct Vcpu {
+    core: VcpuCore,
+}
+
+impl Vcpu {
+    pub fn new(
+        id: u64,
+        fd: VcpuFd,
+        page: RunPage,
+        map: Arc<AddressMap<Handler>>,
+        counters: Arc<Mutex<Counters>>,
+    ) -> Self {
+        let page = Arc::new(page);
+        Self {
+            core: VcpuCore {
+                id,
+                fd,
+                kick: Arc::new(KickState::new(page.clone())),
+                page,
+                map,
+                counters,
+                hooks: Mutex::new(Hooks::default()),
+                trace_enabled: AtomicBool::new(false),
+                injector: Mutex::new(ExtintInjector::default()),
+            },
+        }
+    }
+
+    fn run_with(&self, py: Python<'_>, single: bool) -> PyResult<Exit> {
+        let core = &self.core;
+        let mut guard = core.injector.try_lock().map_err(|_| {
+            PyRuntimeError::new_err(format!(
+                "vCPU {} is already running on another thread",
+                core.id
+            ))
+        })?;
+        let injector: &mut ExtintInjector = &mut guard;
+        let result = py.detach(|| {
+            let _running = core.kick.enter();
+            core.run_loop(injector, single)
+        });
+        match result {
+            Ok(exit) => Ok(exit.into_exit()),
+            Err(RunError::Python(err)) => Err(err),
+            Err(RunError::Guest(failure)) => Err(failure.into_pyerr(py, &core.fd)),
+        }
+    }
+
+    /// An ioctl on this vCPU without the GIL: it blocks while another thread is in KVM_RUN.
+    fn ioctl<T: Send>(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        call: impl FnOnce(&VcpuFd) -> Result<T, vmm_sys_util::errno::Error> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| call(&self.core.fd))
+            .map_err(|e| kvm_error(name, e))
+    }
+}
+
+fn set_optional(slot: &mut Option<Arc<Py<PyAny>>>, value: Option<Bound<'_, PyAny>>) {
+    *slot = value.map(|v| Arc::new(v.unbind()));
+}
+
+#[pymethods]
+impl Vcpu {
+    #[getter]
+    fn id(&self) -> u64 {
+        self.core.id
+    }
+
+    fn get_regs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let state = self.ioctl(py, "KVM_GET_REGS", VcpuFd::get_regs)?;
+        regs::regs_to_dict(py, &state)
+    }
+
+    /// Changes the registers named in `changes`; the others keep their values.
+    fn set_regs(&self, py: Python<'_>, changes: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut state = self.ioctl(py, "KVM_GET_REGS", VcpuFd::get_regs)?;
+        regs::update_regs(&mut state, changes)?;
+        self.ioctl(py, "KVM_SET_REGS", |fd| fd.set_regs(&state))
+    }
+
+    fn get_sregs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let state = self.ioctl(py, "KVM_GET_SREGS", VcpuFd::get_sregs)?;
+        regs::sregs_to_dict(py, &state)
+    }
+
+    /// Changes the named special registers; segment and table dicts may be partial too.
+    fn set_sregs(&self, py: Python<'_>, changes: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut state = self.ioctl(py, "KVM_GET_SREGS", VcpuFd::get_sregs)?;
+        regs::update_sregs(&mut state, changes)?;
+        self.ioctl(py, "KVM_SET_SREGS", |fd| fd.set_sregs(&state))
+    }
+
+    fn get_fpu<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let state = self.ioctl(py, "KVM_GET_FPU", VcpuFd::get_fpu)?;
+        regs::fpu_to_dict(py, &state)
+    }
+
+    fn set_fpu(&self, py: Python<'_>, changes: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut state = self.ioctl(py, "KVM_GET_FPU", VcpuFd::get_fpu)?;
+        regs::update_fpu(&mut state, changes)?;
+        self.ioctl(py, "KVM_SET_FPU", |fd| fd.set_fpu(&state))
+    }
+
+    /// The local APIC's 1024-byte register page (KVM_GET_LAPIC).
+    fn get_lapic<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let state = self.ioctl(py, "KVM_GET_LAPIC", VcpuFd::get_lapic)?;
+        let bytes: Vec<u8> = state.regs.iter().map(|&b| b as u8).collect();
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    fn set_lapic(&self, py: Python<'_>, page: &[u8]) -> PyResult<()> {
+        let mut state = kvm_lapic_state::default();
+        if page.len() != state.regs.len() {
+            return Err(PyValueError::new_err(format!(
+                "a LAPIC page is {} bytes, not {}",
+                state.regs.len(),
+                page.len()
+            )));
+        }
+        for (slot, &byte) in state.regs.iter_mut().zip(page) {
+            *slot = byte as libc::c_char;
+        }
+        self.ioctl(py, "KVM_SET_LAPIC", |fd| fd.set_lapic(&state))
+    }
+
+    /// Reads the given MSRs; an MSR KVM cannot read is a KvmError naming it.
+    fn get_msrs(&self, py: Python<'_>, indices: Vec<u32>) -> PyResult<Vec<(u32, u64)>> {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| PyValueError::new_err(format!("too many MSRs: {e:?}")))?;
+        let read = py.detach(|| self.core.fd.get_msrs(&mut msrs));
+        let read = read.map_err(|e| kvm_error("KVM_GET_MSRS", e))?;
+        if read < indices.len() {
+            return Err(KvmError::new_err((
+                libc::EINVAL,
+                format!("KVM_GET_MSRS: MSR {:#x} cannot be read", indices[read]),
+            )));
+        }
+        Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect())
+    }
+
+    fn set_msrs(&self, py: Python<'_>, values: Vec<(u32, u64)>) -> PyResult<()> {
+        let entries: Vec<kvm_msr_entry> = values
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|e| PyValueError::new_err(format!("too many MSRs: {e:?}")))?;
+        let written = self.ioctl(py, "KVM_SET_MSRS", |fd| fd.set_msrs(&msrs))?;
+        if written < values.len() {
+            return Err(KvmError::new_err((
+                libc::EINVAL,
+                format!(
+                    "KVM_SET_MSRS: MSR {:#x} cannot be set to {:#x}",
+                    values[written].0, values[written].1
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// KVM_SET_CPUID2 from (function, index, flags, eax, ebx, ecx, edx) tuples.
+    fn set_cpuid(&self, py: Python<'_>, entries: Vec<CpuidTuple>) -> PyResult<()> {
+        let entries: Vec<kvm_cpuid_entry2> = entries
+            .into_iter()
+            .map(
+                |(function, index, flags, eax, ebx, ecx, edx)| kvm_cpuid_entry2 {
+                    function,
+                    index,
+                    flags,
+                    eax,
+                    ebx,
+                    ecx,
+                    edx,
+                    ..Default::default()
+                },
+            )
+            .collect();
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| PyValueError::new_err(format!("too many CPUID entries: {e:?}")))?;
+        self.ioctl(py, "KVM_SET_CPUID2", |fd| fd.set_cpuid2(&cpuid))
+    }
+
+    fn get_vcpu_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let state = self.ioctl(py, "KVM_GET_VCPU_EVENTS", VcpuFd::get_vcpu_events)?;
+        regs::events_to_dict(py, &state)
+    }
+
+    fn set_vcpu_events(&self, py: Python<'_>, changes: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut state = self.ioctl(py, "KVM_GET_VCPU_EVENTS", VcpuFd::get_vcpu_events)?;
+        regs::update_events(&mut state, changes)?;
+        self.ioctl(py, "KVM_SET_VCPU_EVENTS", |fd| fd.set_vcpu_events(&state))
+    }
+
+    fn get_mp_state(&self, py: Python<'_>) -> PyResult<u32> {
+        Ok(self
+            .ioctl(py, "KVM_GET_MP_STATE", VcpuFd::get_mp_state)?
+            .mp_state)
+    }
+
+    fn set_mp_state(&self, py: Python<'_>, mp_state: u32) -> PyResult<()> {
+        self.ioctl(py, "KVM_SET_MP_STATE", |fd| {
+            fd.set_mp_state(kvm_mp_state { mp_state })
+        })
+    }
+
+    /// Raw KVM_INTERRUPT; KVM's errors become InterruptAlreadyQueued, InvalidInterrupt,
+    /// PicInKernel or BadInterruptPointer.
+    fn interrupt(&self, vector: u32) -> PyResult<()> {
+        ioctls::interrupt(&self.core.fd, vector).map_err(interrupt_error)
+    }
+
+    /// KVM_INTERRUPT with a pointer the kernel cannot read (a conformance probe: EFAULT).
+    fn interrupt_with_invalid_pointer(&self) -> PyResult<()> {
+        ioctls::interrupt_with_bad_pointer(&self.core.fd).map_err(interrupt_error)
+    }
+
+    /// KVM_NMI now (from the calling thread); see VcpuKicker.request_nmi for the run loop.
+    fn nmi(&self, py: Python<'_>) -> PyResult<()> {
+        self.ioctl(py, "KVM_NMI", VcpuFd::nmi)
+    }
+
+    /// handler(vector) is called on the vCPU thread at KVM_EXIT_IOAPIC_EOI.
+    #[pyo3(signature = (handler))]
+    fn set_eoi_handler(&self, handler: Option<Bound<'_, PyAny>>) {
+        set_optional(&mut self.core.hooks().eoi, handler);
+    }
+
+    /// controller.acknowledge() -> vector is the PIC's INTA cycle for ExtINT injection.
+    #[pyo3(signature = (controller))]
+    fn set_extint_controller(&self, controller: Option<Bound<'_, PyAny>>) {
+        set_optional(&mut self.core.hooks().extint, controller);
+    }
+
+    /// trace(reason, address, size, is_write, value) after every exit; None turns it off.
+    #[pyo3(signature = (trace))]
+    fn set_trace(&self, trace: Option<Bound<'_, PyAny>>) {
+        let mut hooks = self.core.hooks();
+        set_optional(&mut hooks.trace, trace);
+        self.core
+            .trace_enabled
+            .store(hooks.trace.is_some(), Ordering::Relaxed);
+    }
+
+    fn kicker(&self) -> VcpuKicker {
+        VcpuKicker::new(self.core.kick.clone())
+    }
+
+    /// Runs the vCPU on this thread until an exit the caller must see.
+    fn run(&self, py: Python<'_>) -> PyResult<Exit> {
+        self.run_with(py, false)
+    }
+
+    /// One KVM_RUN with the same dispatch; returns the exit's name.
+    fn run_once(&self, py: Python<'_>) -> PyResult<Exit> {
+        self.run_with(py, true)
+    }
+
+    #[getter]
+    fn ready_for_interrupt_injection(&self) -> bool {
+        self.core.page.ready_for_interrupt_injection()
+    }
+
+    #[getter]
+    fn if_flag(&self) -> bool {
+        self.core.page.if_flag()
+    }
+
+    #[getter]
+    fn get_request_interrupt_window(&self) -> bool {
+        self.core.page.request_interrupt_window()
+    }
+
+    #[setter]
+    fn set_request_interrupt_window(&self, requested: bool) {
+        self.core.page.set_request_interrupt_window(requested);
+    }
+
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let snapshot = self
+            .core
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        snapshot.to_dict(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Vcpu(id={})", self.core.id)
+    }
+}

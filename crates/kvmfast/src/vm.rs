@@ -1,0 +1,474 @@
+//! The VM handle: memory slots, the address map, GSI routing, irqfd and ioeventfd,
+//! vCPU creation and the VM-wide counters.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::{
+    KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE, kvm_enable_cap, kvm_ioeventfd, kvm_irqfd,
+    kvm_msi, kvm_userspace_memory_region,
+};
+use kvm_ioctls::VmFd;
+use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::address_map::{AddressMap, RangeMap};
+use crate::counters::Counters;
+use crate::errors::{errno_error, kvm_error};
+use crate::handlers::Handler;
+use crate::ioctls;
+use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion};
+use crate::routing::{MsiRoute, RoutingTable};
+use crate::run_page::RunPage;
+use crate::vcpu::Vcpu;
+
+const PAGE_SIZE: u64 = 4096;
+const IOEVENTFD_FLAG_DATAMATCH: u32 = 1 << kvm_bindings::kvm_ioeventfd_flag_nr_datamatch;
+const IOEVENTFD_FLAG_PIO: u32 = 1 << kvm_bindings::kvm_ioeventfd_flag_nr_pio;
+const IOEVENTFD_FLAG_DEASSIGN: u32 = 1 << kvm_bindings::kvm_ioeventfd_flag_nr_deassign;
+
+/// What close() releases.
+struct VmState {
+    fd: Option<VmFd>,
+    resources: VmResources,
+}
+
+/// What the VM's methods change beside the fd.
+#[derive(Default)]
+struct VmResources {
+    ram: GuestRam,
+    routes: RoutingTable,
+    vcpu_counters: Vec<Arc<Mutex<Counters>>>,
+}
+
+/// A virtual machine. close() (or dropping it) closes the VM fd and releases its RAM
+/// unless a GuestMemory or an exported buffer still holds a slot's mapping.
+#[pyclass(frozen, module = "kvmfast")]
+pub struct Vm {
+    irqchip: String,
+    ioapic_routes: u32,
+    run_size: usize,
+    max_slots: usize,
+    map: Arc<AddressMap<Handler>>,
+    state: Mutex<VmState>,
+}
+
+impl Vm {
+    pub fn new(fd: VmFd, irqchip: &str, ioapic_routes: u32, max_slots: usize) -> Self {
+        Self {
+            irqchip: irqchip.to_string(),
+            ioapic_routes,
+            run_size: fd.run_size(),
+            max_slots,
+            map: Arc::new(AddressMap::default()),
+            state: Mutex::new(VmState {
+                fd: Some(fd),
+                resources: VmResources::default(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, VmState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `call` with the open VM fd, or raises ValueError once the VM is closed.
+    fn with_fd<T>(&self, call: impl FnOnce(&VmFd, &mut VmResources) -> PyResult<T>) -> PyResult<T> {
+        let mut state = self.state();
+        let VmState { fd, resources } = &mut *state;
+        let fd = fd
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("the VM is closed"))?;
+        call(fd, resources)
+    }
+
+    fn add_range(
+        space: &std::sync::RwLock<RangeMap<Handler>>,
+        base: u64,
+        length: u64,
+        handler: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let handler = Handler::from_object(handler)?;
+        let mut space = space
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        space
+            .insert(base, length, handler)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    fn remove_range(space: &std::sync::RwLock<RangeMap<Handler>>, base: u64) -> PyResult<()> {
+        let removed = space
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(base);
+        // The handler (perhaps a Python object) is dropped after the lock is released.
+        removed
+            .map(drop)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Empties one address space; the handlers are returned so that they are dropped
+    /// outside the lock.
+    fn take_ranges(&self, pio: bool) -> Vec<crate::address_map::Range<Handler>> {
+        let space = if pio { &self.map.pio } else { &self.map.mmio };
+        space
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take_all()
+    }
+
+    fn commit_routes(fd: &VmFd, routes: &RoutingTable) -> PyResult<()> {
+        let table = routes
+            .to_kvm()
+            .map_err(|e| PyValueError::new_err(format!("GSI routing table: {e}")))?;
+        fd.set_gsi_routing(&table)
+            .map_err(|e| kvm_error("KVM_SET_GSI_ROUTING", e))
+    }
+
+    fn ioeventfd_request(
+        fd: i32,
+        address: u64,
+        length: u32,
+        pio: bool,
+        datamatch: Option<u64>,
+    ) -> kvm_ioeventfd {
+        let mut flags = 0;
+        if pio {
+            flags |= IOEVENTFD_FLAG_PIO;
+        }
+        if datamatch.is_some() {
+            flags |= IOEVENTFD_FLAG_DATAMATCH;
+        }
+        kvm_ioeventfd {
+            datamatch: datamatch.unwrap_or(0),
+            addr: address,
+            len: length,
+            fd,
+            flags,
+            ..Default::default()
+        }
+    }
+}
+
+fn split_msi_address(address: u64) -> (u32, u32) {
+    (address as u32, (address >> 32) as u32)
+}
+
+#[pymethods]
+impl Vm {
+    /// The VM fd (ValueError once closed).
+    #[getter]
+    fn fd(&self) -> PyResult<i32> {
+        use std::os::fd::AsRawFd;
+        self.with_fd(|fd, _| Ok(fd.as_raw_fd()))
+    }
+
+    #[getter]
+    fn irqchip(&self) -> &str {
+        &self.irqchip
+    }
+
+    #[getter]
+    fn ioapic_routes(&self) -> u32 {
+        self.ioapic_routes
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.state().fd.is_none()
+    }
+
+    /// KVM_CHECK_EXTENSION on the VM fd.
+    fn check_extension(&self, cap: u32) -> PyResult<i32> {
+        self.with_fd(|fd, _| Ok(fd.check_extension_raw(libc::c_ulong::from(cap))))
+    }
+
+    /// Raw KVM_ENABLE_CAP with up to four arguments.
+    #[pyo3(signature = (cap, args = Vec::new()))]
+    fn enable_cap(&self, cap: u32, args: Vec<u64>) -> PyResult<()> {
+        let mut request = kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
+        if args.len() > request.args.len() {
+            return Err(PyValueError::new_err(
+                "KVM_ENABLE_CAP takes at most 4 arguments",
+            ));
+        }
+        request.args[..args.len()].copy_from_slice(&args);
+        self.with_fd(|fd, _| {
+            fd.enable_cap(&request)
+                .map_err(|e| kvm_error(&format!("KVM_ENABLE_CAP({cap})"), e))
+        })
+    }
+
+    /// KVM_SET_TSS_ADDR: three pages Intel VMX needs for real-mode guests.
+    fn set_tss_address(&self, address: usize) -> PyResult<()> {
+        self.with_fd(|fd, _| {
+            fd.set_tss_address(address)
+                .map_err(|e| kvm_error("KVM_SET_TSS_ADDR", e))
+        })
+    }
+
+    /// KVM_SET_IDENTITY_MAP_ADDR: one page Intel VMX needs for real-mode guests.
+    fn set_identity_map_address(&self, address: u64) -> PyResult<()> {
+        self.with_fd(|fd, _| {
+            fd.set_identity_map_address(address)
+                .map_err(|e| kvm_error("KVM_SET_IDENTITY_MAP_ADDR", e))
+        })
+    }
+
+    /// Maps `size` bytes of fresh anonymous memory at `guest_phys_addr` in a new slot.
+    #[pyo3(signature = (guest_phys_addr, size, *, hugepages = false))]
+    fn add_memory(
+        &self,
+        guest_phys_addr: u64,
+        size: u64,
+        hugepages: bool,
+    ) -> PyResult<GuestMemory> {
+        if size == 0 || size % PAGE_SIZE != 0 || guest_phys_addr % PAGE_SIZE != 0 {
+            return Err(PyValueError::new_err(format!(
+                "guest memory must be whole 4 KiB pages: {guest_phys_addr:#x}+{size:#x}"
+            )));
+        }
+        if guest_phys_addr.checked_add(size).is_none() {
+            return Err(PyOverflowError::new_err("guest memory ends beyond 2^64"));
+        }
+        let length =
+            usize::try_from(size).map_err(|_| PyOverflowError::new_err("size too large"))?;
+        self.with_fd(|fd, resources| {
+            if resources.ram.overlaps(guest_phys_addr, size) {
+                return Err(PyValueError::new_err(format!(
+                    "guest memory {guest_phys_addr:#x}+{size:#x} overlaps an existing slot"
+                )));
+            }
+            let used: Vec<u32> = resources.ram.slots_in_use().collect();
+            let slot = (0u32..)
+                .take(self.max_slots)
+                .find(|slot| !used.contains(slot))
+                .ok_or_else(|| PyValueError::new_err("no free memory slot"))?;
+            let mapping = Mapping::anonymous(length, hugepages)
+                .map_err(|e| errno_error("mmap", e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+            let mapping = Arc::new(mapping);
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr,
+                memory_size: size,
+                userspace_addr: mapping.as_ptr() as u64,
+            };
+            // SAFETY: the mapping is ours, `size` bytes long, and stays mapped while KVM
+            // can use it: the VM's RamRegion holds it until close(), which closes the VM
+            // fd (and with it the slot) before letting go.
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(|e| kvm_error("KVM_SET_USER_MEMORY_REGION", e))?;
+            resources.ram.insert(RamRegion {
+                guest_phys_addr,
+                slot,
+                mapping: mapping.clone(),
+            });
+            Ok(GuestMemory::new(mapping, guest_phys_addr, slot))
+        })
+    }
+
+    /// Copies `length` bytes of guest RAM (across slots); ValueError outside RAM.
+    fn read(
+        &self,
+        guest_phys_addr: u64,
+        length: usize,
+    ) -> PyResult<std::borrow::Cow<'static, [u8]>> {
+        Ok(self
+            .state()
+            .resources
+            .ram
+            .read(guest_phys_addr, length)?
+            .into())
+    }
+
+    fn write(&self, guest_phys_addr: u64, data: &[u8]) -> PyResult<()> {
+        self.state().resources.ram.write(guest_phys_addr, data)
+    }
+
+    /// Gives ports [base, base+length) to `handler` (a device, NullSink or ExitSink).
+    fn add_pio(&self, base: u64, length: u64, handler: &Bound<'_, PyAny>) -> PyResult<()> {
+        Self::add_range(&self.map.pio, base, length, handler)
+    }
+
+    fn add_mmio(&self, base: u64, length: u64, handler: &Bound<'_, PyAny>) -> PyResult<()> {
+        Self::add_range(&self.map.mmio, base, length, handler)
+    }
+
+    fn remove_pio(&self, base: u64) -> PyResult<()> {
+        Self::remove_range(&self.map.pio, base)
+    }
+
+    fn remove_mmio(&self, base: u64) -> PyResult<()> {
+        Self::remove_range(&self.map.mmio, base)
+    }
+
+    /// Routes `gsi` to an MSI message and commits the whole table.
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> PyResult<()> {
+        self.with_fd(|fd, resources| {
+            let previous = resources.routes.set(gsi, MsiRoute { address, data });
+            Self::commit_routes(fd, &resources.routes)
+                .inspect_err(|_| resources.routes.restore(gsi, previous))
+        })
+    }
+
+    fn remove_route(&self, gsi: u32) -> PyResult<()> {
+        self.with_fd(|fd, resources| {
+            let previous = resources
+                .routes
+                .remove(gsi)
+                .ok_or_else(|| PyValueError::new_err(format!("GSI {gsi} has no route")))?;
+            Self::commit_routes(fd, &resources.routes)
+                .inspect_err(|_| resources.routes.restore(gsi, Some(previous)))
+        })
+    }
+
+    /// KVM_IRQ_LINE_STATUS: drives a GSI and returns KVM's delivery status.
+    fn irq_line(&self, gsi: u32, level: bool) -> PyResult<i32> {
+        self.with_fd(|fd, _| {
+            ioctls::irq_line_status(fd, gsi, level).map_err(|e| kvm_error("KVM_IRQ_LINE_STATUS", e))
+        })
+    }
+
+    /// KVM_SIGNAL_MSI: >0 delivered, 0 blocked by the guest.
+    fn signal_msi(&self, address: u64, data: u32) -> PyResult<i32> {
+        let (address_lo, address_hi) = split_msi_address(address);
+        let msi = kvm_msi {
+            address_lo,
+            address_hi,
+            data,
+            ..Default::default()
+        };
+        self.with_fd(|fd, _| {
+            fd.signal_msi(msi)
+                .map_err(|e| kvm_error("KVM_SIGNAL_MSI", e))
+        })
+    }
+
+    /// KVM_IRQFD: writes to eventfd `fd` raise `gsi` (with a resample fd: level-triggered).
+    #[pyo3(signature = (fd, gsi, resample_fd = None))]
+    fn register_irqfd(&self, fd: u32, gsi: u32, resample_fd: Option<u32>) -> PyResult<()> {
+        let request = kvm_irqfd {
+            fd,
+            gsi,
+            flags: if resample_fd.is_some() {
+                KVM_IRQFD_FLAG_RESAMPLE
+            } else {
+                0
+            },
+            resamplefd: resample_fd.unwrap_or(0),
+            ..Default::default()
+        };
+        self.with_fd(|vm, _| ioctls::irqfd(vm, &request).map_err(|e| kvm_error("KVM_IRQFD", e)))
+    }
+
+    fn unregister_irqfd(&self, fd: u32, gsi: u32) -> PyResult<()> {
+        let request = kvm_irqfd {
+            fd,
+            gsi,
+            flags: KVM_IRQFD_FLAG_DEASSIGN,
+            ..Default::default()
+        };
+        self.with_fd(|vm, _| ioctls::irqfd(vm, &request).map_err(|e| kvm_error("KVM_IRQFD", e)))
+    }
+
+    /// KVM_IOEVENTFD: guest writes to `address` signal eventfd `fd` without an exit.
+    /// The kernel judges length and flags (length 0 matches any width).
+    #[pyo3(signature = (fd, address, length, *, pio = false, datamatch = None))]
+    fn register_ioeventfd(
+        &self,
+        fd: i32,
+        address: u64,
+        length: u32,
+        pio: bool,
+        datamatch: Option<u64>,
+    ) -> PyResult<()> {
+        let request = Self::ioeventfd_request(fd, address, length, pio, datamatch);
+        self.with_fd(|vm, _| {
+            ioctls::ioeventfd(vm, &request).map_err(|e| kvm_error("KVM_IOEVENTFD", e))
+        })
+    }
+
+    #[pyo3(signature = (fd, address, length, *, pio = false, datamatch = None))]
+    fn unregister_ioeventfd(
+        &self,
+        fd: i32,
+        address: u64,
+        length: u32,
+        pio: bool,
+        datamatch: Option<u64>,
+    ) -> PyResult<()> {
+        let mut request = Self::ioeventfd_request(fd, address, length, pio, datamatch);
+        request.flags |= IOEVENTFD_FLAG_DEASSIGN;
+        self.with_fd(|vm, _| {
+            ioctls::ioeventfd(vm, &request).map_err(|e| kvm_error("KVM_IOEVENTFD", e))
+        })
+    }
+
+    fn create_vcpu(&self, vcpu_id: u64) -> PyResult<Vcpu> {
+        self.with_fd(|fd, resources| {
+            let vcpu = fd
+                .create_vcpu(vcpu_id)
+                .map_err(|e| kvm_error("KVM_CREATE_VCPU", e))?;
+            let page = RunPage::map(&vcpu, self.run_size).map_err(|e| {
+                errno_error("mmap kvm_run", e.raw_os_error().unwrap_or(libc::EINVAL))
+            })?;
+            let counters = Arc::new(Mutex::new(Counters::default()));
+            resources.vcpu_counters.push(counters.clone());
+            Ok(Vcpu::new(vcpu_id, vcpu, page, self.map.clone(), counters))
+        })
+    }
+
+    /// The counters of all vCPUs this VM created, summed.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut total = Counters::default();
+        for counters in &self.state().resources.vcpu_counters {
+            total.add(
+                &counters
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        }
+        total.to_dict(py)
+    }
+
+    /// Closes the VM fd and lets go of RAM and handlers. Idempotent. vCPUs keep their
+    /// own fds until they are dropped.
+    fn close(&self) {
+        let (fd, resources) = {
+            let mut state = self.state();
+            let mut resources = std::mem::take(&mut state.resources);
+            // Counters outlive close(): the vCPUs may still run and report.
+            state.resources.vcpu_counters = std::mem::take(&mut resources.vcpu_counters);
+            (state.fd.take(), resources)
+        };
+        let handlers = (self.take_ranges(true), self.take_ranges(false));
+        // The fd first, so that KVM lets go of the slots before they are unmapped.
+        drop(fd);
+        drop(resources);
+        drop(handlers);
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _exc_type: Option<Bound<'_, PyAny>>,
+        _exc_value: Option<Bound<'_, PyAny>>,
+        _traceback: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Vm(irqchip={:?}, closed={})", self.irqchip, self.closed())
+    }
+}
