@@ -1,0 +1,122 @@
+"""Where the guest's serial port goes, and where its input comes from.
+
+``--serial stdio|file:PATH|null``. Output never blocks a vCPU thread for
+long: it is a plain write to a file descriptor. Input from stdin is read by
+one daemon thread and pushed into the UART's host backlog, so nothing typed
+is lost. A terminal in raw mode is restored on every exit path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+
+class SerialSpecError(ValueError):
+    """A --serial value that is not stdio, null or file:PATH."""
+
+
+@dataclass
+class FdSink:
+    """A ByteSink writing to a file descriptor."""
+
+    fd: int
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write_bytes(self, data: bytes) -> None:
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+
+
+@dataclass
+class FileSink:
+    """A ByteSink appending to a file (closed by close())."""
+
+    handle: BinaryIO
+
+    def write_bytes(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+@dataclass
+class DiscardSink:
+    """A ByteSink that drops everything (``--serial null``)."""
+
+    discarded: int = 0
+
+    def write_bytes(self, data: bytes) -> None:
+        self.discarded += len(data)
+
+
+@dataclass
+class CaptureSink:
+    """A ByteSink keeping the output in memory (tests, the demo's checks)."""
+
+    data: bytearray = field(default_factory=bytearray)
+
+    def write_bytes(self, data: bytes) -> None:
+        self.data += data
+
+
+def open_serial_sink(spec: str) -> FdSink | FileSink | DiscardSink:
+    if spec == "stdio":
+        return FdSink(sys.stdout.fileno())
+    if spec == "null":
+        return DiscardSink()
+    if spec.startswith("file:") and len(spec) > len("file:"):
+        path = spec[len("file:") :]
+        try:
+            return FileSink(open(path, "ab"))
+        except OSError as error:
+            raise SerialSpecError(
+                f"--serial {spec}: cannot open {path}: {error.strerror}"
+            ) from error
+    raise SerialSpecError(f"--serial {spec!r}: expected stdio, null or file:PATH")
+
+
+def start_stdin_reader(receive: Callable[[bytes], None]) -> threading.Thread:
+    """Feed stdin to ``receive`` from a daemon thread until EOF."""
+
+    def pump() -> None:
+        fd = sys.stdin.fileno()
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            receive(data)
+
+    thread = threading.Thread(target=pump, name="kvm-vmm-stdin", daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    """Raw mode on stdin while the guest owns the console, restored however we leave."""
+    fd = sys.stdin.fileno() if enabled else -1
+    if not enabled or not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

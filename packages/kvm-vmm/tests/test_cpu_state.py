@@ -1,0 +1,88 @@
+"""Boot entry state (boot.rst's GDT selectors, identity paging), LAPIC LVTs and CPUID."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+
+from kvm_vmm import cpu_setup
+from kvm_vmm.cpuid import HYPERVISOR_BIT, cpuid_for_vcpu
+from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, lint1_queues_nmi, read_register, with_lvt
+from kvm_vmm.loaders.image import EntryState
+
+
+@dataclass
+class FakeVcpu:
+    sregs: dict[str, object] = field(default_factory=dict)
+    regs: dict[str, int] = field(default_factory=dict)
+
+    def get_sregs(self) -> dict[str, object]:
+        return self.sregs
+
+    def set_sregs(self, sregs: dict[str, object]) -> None:
+        self.sregs = sregs
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        self.regs = regs
+
+
+@dataclass
+class FakeMemory:
+    writes: dict[int, bytes] = field(default_factory=dict)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.writes[gpa] = data
+
+
+def test_protected_mode_entry_uses_boot_cs_and_ds_with_paging_off() -> None:
+    vcpu, memory = FakeVcpu(), FakeMemory()
+    entry = EntryState("protected32", 0x100000, {"rax": 0x2BADB002, "rbx": 0x8000})
+    cpu_setup.enter(vcpu, memory, entry, gdt_address=0x500, page_tables_address=0x9000)
+    cs = vcpu.sregs["cs"]
+    assert isinstance(cs, dict)
+    assert cs["selector"] == cpu_setup.BOOT_CS and cs["db"] == 1 and cs["l"] == 0
+    assert vcpu.sregs["cr0"] == cpu_setup.CR0_PE | cpu_setup.CR0_ET | cpu_setup.CR0_NE
+    assert vcpu.regs == {"rflags": 2, "rip": 0x100000, "rax": 0x2BADB002, "rbx": 0x8000}
+    assert 0x9000 not in memory.writes
+    gdt = memory.writes[0x500]
+    assert struct.unpack_from("<Q", gdt, cpu_setup.BOOT_CS)[0] == 0x00CF9A000000FFFF
+
+
+def test_long_mode_entry_identity_maps_four_gib_with_2mib_pages() -> None:
+    vcpu, memory = FakeVcpu(), FakeMemory()
+    cpu_setup.enter(
+        vcpu,
+        memory,
+        EntryState("long64", 0x1000000, {"rsi": 0x7000}),
+        gdt_address=0x500,
+        page_tables_address=0x9000,
+    )
+    assert vcpu.sregs["efer"] == cpu_setup.EFER_LME | cpu_setup.EFER_LMA
+    tables = memory.writes[0x9000]
+    assert len(tables) == cpu_setup.PAGE_TABLES_SIZE
+    assert struct.unpack_from("<Q", tables, 0)[0] == 0xA000 | 3
+    # The LAPIC page (0xFEE00000) is mapped to itself.
+    index = 0xFEE00000 >> 21
+    entry = struct.unpack_from("<Q", tables, 0x2000 + 8 * index)[0]
+    assert entry & ~0xFFF == 0xFEE00000 and entry & 0x83 == 0x83
+
+
+def test_lvt_edit_and_lint1_nmi_check() -> None:
+    reset = with_lvt(bytes(1024), lint0=0x10000, lint1=0x10000)  # masked, as after reset
+    assert not lint1_queues_nmi(reset)
+    firmware = with_lvt(reset, lint0=LINT0_EXTINT, lint1=LINT1_NMI)
+    assert read_register(firmware, 0x350) == 0x700
+    assert lint1_queues_nmi(firmware)
+    assert not lint1_queues_nmi(with_lvt(firmware, lint1=LINT1_NMI | 0x10000))
+    with pytest.raises(ValueError, match="1024"):
+        with_lvt(b"short", lint0=0)
+
+
+def test_cpuid_carries_each_vcpus_apic_id() -> None:
+    supported = [(1, 0, 0, 0x806F8, 0x00010800, 0, 0), (0xB, 0, 1, 0, 1, 0x100, 0)]
+    second = cpuid_for_vcpu(supported, 1, 2)
+    assert second[0][4] >> 24 == 1 and (second[0][4] >> 16) & 0xFF == 2
+    assert second[0][5] & HYPERVISOR_BIT
+    assert second[1][6] == 1
