@@ -529,7 +529,8 @@ def distribution_kernels() -> list[Path]:
 
 
 @pytest.mark.skipif(
-    not distribution_kernels(), reason="no /boot/vmlinuz-* and $KVM_VMM_TEST_KERNEL unset"
+    not distribution_kernels(),
+    reason="no /boot/vmlinuz-* and no test kernel named in the environment",
 )
 @pytest.mark.parametrize("path", distribution_kernels(), ids=str)
 def test_distribution_kernel_loads_both_ways(path: Path, tmp_path: Path) -> None:
