@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from kvm_vmm import acpi, layout
 
 BASE = layout.ACPI_TABLES.start

@@ -7,6 +7,7 @@ import itertools
 import struct
 
 import pytest
+
 from kvm_vmm import layout
 from kvm_vmm.e820 import E820Entry, E820Type, e820_map
 

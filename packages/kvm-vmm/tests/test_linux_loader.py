@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
 from kvm_vmm import layout
 from kvm_vmm.e820 import e820_map
 from kvm_vmm.loaders import (

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kvm_vmm import layout
 from kvm_vmm.e820 import e820_map
 from kvm_vmm.loaders import (
