@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import Device
 

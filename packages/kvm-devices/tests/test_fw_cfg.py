@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvm_devices.fw_cfg import (
     ARCH_LOCAL,
     FILE_FIRST,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvm_devices.i8042 import (
     CTR_AUX_DISABLE,
     CTR_AUX_INT,

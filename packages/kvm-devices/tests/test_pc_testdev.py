@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvm_devices.interfaces import Device
 from kvm_devices.pc_testdev import PcTestdev
 
