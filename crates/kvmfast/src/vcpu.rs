@@ -1,5 +1,6 @@
 //! The vCPU handle: state ioctls, interrupt injection, hooks, and run()/run_once().
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -185,7 +186,7 @@ impl Vcpu {
     }
 
     /// Reads the given MSRs; an MSR KVM cannot read is a KvmError naming it.
-    fn get_msrs(&self, py: Python<'_>, indices: Vec<u32>) -> PyResult<Vec<(u32, u64)>> {
+    fn get_msrs(&self, py: Python<'_>, indices: Vec<u32>) -> PyResult<BTreeMap<u32, u64>> {
         let entries: Vec<kvm_msr_entry> = indices
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -206,7 +207,12 @@ impl Vcpu {
         Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect())
     }
 
-    fn set_msrs(&self, py: Python<'_>, values: Vec<(u32, u64)>) -> PyResult<()> {
+    /// Writes MSRs in the dict's order; the first one KVM refuses is a KvmError naming it.
+    fn set_msrs(&self, py: Python<'_>, values: &Bound<'_, PyDict>) -> PyResult<()> {
+        let values: Vec<(u32, u64)> = values
+            .iter()
+            .map(|(index, data)| Ok((index.extract()?, data.extract()?)))
+            .collect::<PyResult<_>>()?;
         let entries: Vec<kvm_msr_entry> = values
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
