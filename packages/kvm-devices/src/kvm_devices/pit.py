@@ -1,0 +1,697 @@
+"""Intel 8254 programmable interval timer: three 16-bit counters at ports 40h-43h.
+
+Time: the 1.193182 MHz CLK input has its rising edges at fixed instants of the
+injected clock (edge k at ``ceil(k * 1e9 / 1193182)`` ns), shared by the three
+counters. A count written between edges k and k+1 is loaded into the counting
+element at edge k+1, and each later edge counts, so in mode 0 OUT rises N+1
+edges after the write, as the datasheet says. Counts and OUT levels are
+computed from the clock when asked; nothing runs while time passes.
+
+IRQ0 (counter 0's OUT, wired to PIC IR0 and IOAPIC pin 2, both edge
+triggered): one interrupt per rising edge of OUT.
+
+* Modes 0 and 1, where OUT stays high after its rising edge, drive the line as
+  a level that follows OUT (``set_level``).
+* Modes 2-5 ``pulse()`` the line at each rising edge of OUT and keep it low in
+  between, so the periodic modes cost one timer callback per period: mode 2
+  at the reload, mode 3 at the start of each high half.
+* Exactly one Timer callback is pending while counter 0 has a rising edge
+  ahead, none otherwise (idle, halted by its gate, one-shot done).
+* Lateness is coalesced: a callback delivers at most one interrupt however
+  many edges it missed, then re-phases to the next edge of the waveform.
+* Interrupts from the timer are at least ``min_irq0_interval_ns`` apart
+  (100 µs by default): periodic edges closer than that (counts below ~120)
+  merge; a one-shot edge inside the interval is delivered at its end.
+* An edge that a guest write overtakes is delivered before the write acts.
+
+The 8254 datasheet calls counts of 1 illegal in modes 2 and 3; here they
+leave OUT high.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
+
+from kvm_devices.interfaces import Clock, InterruptLine, Timer, TimerHandle
+from kvm_devices.port61 import Port61, Port61State, parse_port61_state
+
+INPUT_HZ = 1_193_182
+NS_PER_S = 1_000_000_000
+MIN_IRQ0_INTERVAL_NS = 100_000
+CHANNELS = 3
+CONTROL_PORT = 3
+READ_BACK = 3
+NO_STATUS = -1
+LEVEL_OUTPUT_MODES = (0, 1)
+GATE_HOLDS_MODES = (0, 2, 3, 4)
+
+
+def tick_at(ns: int) -> int:
+    """The index of the last CLK edge at or before ``ns``."""
+    return ns * INPUT_HZ // NS_PER_S
+
+
+def ns_of_tick(tick: int) -> int:
+    """The instant of CLK edge ``tick``."""
+    return -((-tick * NS_PER_S) // INPUT_HZ)
+
+
+def _to_bcd(value: int) -> int:
+    return int(str(value), 16)
+
+
+def _from_bcd(raw: int) -> int:
+    # Nibbles above 9 are not BCD; they keep their weight so the count stays finite.
+    return sum(((raw >> (4 * i)) & 0xF) * 10**i for i in range(4))
+
+
+@dataclass
+class PitCounterState:
+    """One counter. Ticks are CLK edge indices (see :func:`tick_at`)."""
+
+    mode_bits: int = 0
+    access: int = 3
+    bcd: bool = False
+    count_register: int = 0
+    count_written: bool = False
+    write_high_next: bool = False
+    read_high_next: bool = False
+    output_latch: list[int] = field(default_factory=list)
+    status_latch: int = NO_STATUS
+    gate: bool = True
+    # The counting element: loaded with `count` at `load_tick`, minus ticks its gate held it.
+    armed: bool = False
+    load_tick: int = 0
+    count: int = 0
+    held: bool = False
+    hold_start_tick: int = 0
+    held_ticks: int = 0
+    # What it shows while not armed and before load_tick.
+    value_idle: int = 0
+    out_idle: bool = False
+    # Modes 2/3: a count written while counting, taken at the end of the (half) cycle.
+    next_count: int = 0
+    next_switch_tick: int = 0
+    next_load_tick: int = 0
+    null_count: bool = True
+    cr_transfer_scheduled: bool = False
+    cr_transfer_tick: int = 0
+
+
+@dataclass
+class PitState:
+    """The three counters, the IRQ0 line, and port 61h's latch."""
+
+    counters: list[PitCounterState]
+    port61: Port61State
+    irq0_level: bool
+    irq0_done_tick: int
+    irq0_quiet_until_tick: int
+    clock_tick: int
+
+
+class _Regime(NamedTuple):
+    load_tick: int
+    initial: int
+    held_ticks: int
+    held: bool
+
+
+class _Counter:
+    """The logic of one 8254 counter over its state, on CLK ticks; no locking."""
+
+    def __init__(self, state: PitCounterState) -> None:
+        self.s = state
+
+    @property
+    def mode(self) -> int:
+        bits = self.s.mode_bits
+        return bits & 3 if bits & 2 else bits
+
+    def decoded_count(self) -> int:
+        if self.s.bcd:
+            return _from_bcd(self.s.count_register) or 10_000
+        return self.s.count_register or 0x10000
+
+    def encode(self, value: int) -> int:
+        if self.s.bcd:
+            return _to_bcd(value % 10_000)
+        return value % 0x10000
+
+    def regime(self, g: int) -> _Regime:
+        s = self.s
+        if s.next_count and g >= s.next_switch_tick:
+            return _Regime(s.next_load_tick, s.next_count, 0, False)
+        return _Regime(s.load_tick, s.count, s.held_ticks, s.held)
+
+    def settle(self, g: int) -> None:
+        s = self.s
+        if s.next_count and g >= s.next_switch_tick:
+            s.load_tick, s.count, s.held_ticks, s.held = self.regime(g)
+            s.next_count = 0
+
+    def elapsed(self, g: int) -> tuple[_Regime, int] | None:
+        """Counted edges since the load at tick ``g``; None while nothing is loaded."""
+        if not self.s.armed:
+            return None
+        r = self.regime(g)
+        if g < r.load_tick:
+            return None
+        end = max(self.s.hold_start_tick, r.load_tick) if r.held else g
+        return r, end - r.load_tick - r.held_ticks
+
+    def value(self, g: int) -> int:
+        """The counting element as the read logic sees it (binary or BCD digits)."""
+        progress = self.elapsed(g)
+        if progress is None:
+            return self.s.value_idle
+        r, done = progress
+        n = r.initial
+        mode = self.mode
+        if mode == 2:
+            return self.encode(n - done % n)
+        if mode == 3:
+            # Mode 3 loads the even part of the count and decrements by two per edge.
+            high = (n + 1) // 2
+            phase = done % n
+            return self.encode((n & ~1) - 2 * (phase if phase < high else phase - high))
+        return self.encode(n - done)
+
+    def out(self, g: int) -> bool:
+        progress = self.elapsed(g)
+        if progress is None:
+            return self.s.out_idle
+        r, done = progress
+        n = r.initial
+        mode = self.mode
+        if mode in (0, 1):
+            return done >= n
+        if mode == 2:
+            return r.held or n < 2 or done % n != n - 1
+        if mode == 3:
+            return r.held or done % n < (n + 1) // 2
+        return done != n
+
+    def null_count(self, g: int) -> bool:
+        s = self.s
+        return s.null_count and not (s.cr_transfer_scheduled and g >= s.cr_transfer_tick)
+
+    def status(self, g: int) -> int:
+        s = self.s
+        return (
+            (self.out(g) << 7)
+            | (self.null_count(g) << 6)
+            | (s.access << 4)
+            | (s.mode_bits << 1)
+            | int(s.bcd)
+        )
+
+    def next_rising_tick(self, after: int) -> int | None:
+        """The first tick after ``after`` at which OUT rises, from the current program."""
+        s = self.s
+        if not s.armed:
+            return None
+        current = _Regime(s.load_tick, s.count, s.held_ticks, s.held)
+        if not s.next_count:
+            return self._rising_after(current, after)
+        switched = _Regime(s.next_load_tick, s.next_count, 0, False)
+        if after >= s.next_switch_tick:
+            return self._rising_after(switched, after)
+        edge = self._rising_after(current, after)
+        if edge is not None and edge <= s.next_switch_tick:
+            return edge
+        return self._rising_after(switched, s.next_switch_tick)
+
+    def _rising_after(self, r: _Regime, after: int) -> int | None:
+        if r.held:
+            return None
+        start = r.load_tick + r.held_ticks
+        n = r.initial
+        mode = self.mode
+        if mode in (0, 1):
+            edge = start + n
+        elif mode in (4, 5):
+            edge = start + n + 1
+        elif n < 2:
+            return None
+        else:
+            edge = start + max(1, (after - start) // n + 1) * n
+        return edge if edge > after else None
+
+    # -- guest writes --------------------------------------------------------------
+
+    def write_control(self, value: int, g: int) -> None:
+        s = self.s
+        s.value_idle = self.value(g)
+        s.mode_bits = (value >> 1) & 7
+        s.access = (value >> 4) & 3
+        s.bcd = bool(value & 1)
+        s.out_idle = self.mode != 0
+        s.armed = False
+        s.held = False
+        s.next_count = 0
+        s.count_written = False
+        s.null_count = True
+        s.cr_transfer_scheduled = False
+        s.write_high_next = False
+        s.read_high_next = False
+        s.output_latch = []
+        s.status_latch = NO_STATUS
+
+    def write_data(self, byte: int, g: int) -> None:
+        s = self.s
+        if s.access == 1:
+            s.count_register = byte
+        elif s.access == 2:
+            s.count_register = byte << 8
+        elif not s.write_high_next:
+            s.count_register = (s.count_register & 0xFF00) | byte
+            s.write_high_next = True
+            s.null_count = True
+            s.cr_transfer_scheduled = False
+            if self.mode == 0:
+                # Mode 0: the first byte of a new count stops counting and drops OUT.
+                s.value_idle = self.value(g)
+                s.out_idle = False
+                s.armed = False
+            return
+        else:
+            s.count_register = (s.count_register & 0xFF) | (byte << 8)
+            s.write_high_next = False
+        self._count_complete(g)
+
+    def _count_complete(self, g: int) -> None:
+        s = self.s
+        s.count_written = True
+        s.null_count = True
+        s.cr_transfer_scheduled = False
+        mode = self.mode
+        if mode == 0:
+            self._load(g, out_before=False)
+        elif mode == 4:
+            self._load(g, out_before=self.out(g))
+        elif mode in (2, 3):
+            r = self.regime(g)
+            if not s.armed or g < r.load_tick:
+                self._load(g, out_before=True)
+            elif not r.held:
+                self._reload_at_cycle_end(g)
+            # Held by a low gate: the new count waits for the gate's rising edge.
+        # Modes 1 and 5: the new count waits for the next trigger.
+
+    def _load(self, g: int, out_before: bool) -> None:
+        """Load the count register into the counting element at the next CLK edge."""
+        s = self.s
+        s.value_idle = self.value(g)
+        s.out_idle = out_before
+        s.armed = True
+        s.load_tick = g + 1
+        s.count = self.decoded_count()
+        s.held_ticks = 0
+        s.held = not s.gate and self.mode in GATE_HOLDS_MODES
+        s.hold_start_tick = g
+        s.next_count = 0
+        s.cr_transfer_scheduled = True
+        s.cr_transfer_tick = g + 1
+
+    def _reload_at_cycle_end(self, g: int) -> None:
+        """Modes 2/3: a new count waits for the end of the period (mode 3: half-period)."""
+        self.settle(g)
+        s = self.s
+        n = s.count
+        start = s.load_tick + s.held_ticks
+        done = g - start
+        new = self.decoded_count()
+        if self.mode == 3 and done % n < (n + 1) // 2:
+            switch = start + (done // n) * n + (n + 1) // 2
+            # The new count starts with its low half.
+            load = switch - (new + 1) // 2
+        else:
+            switch = start + (done // n + 1) * n
+            load = switch
+        s.next_count = new
+        s.next_switch_tick = switch
+        s.next_load_tick = load
+        s.cr_transfer_scheduled = True
+        s.cr_transfer_tick = switch
+
+    def set_gate(self, level: bool, g: int) -> None:
+        s = self.s
+        if level == s.gate:
+            return
+        self.settle(g)
+        s.gate = level
+        mode = self.mode
+        if mode in (1, 5):
+            if level and s.count_written:
+                self._load(g, out_before=self.out(g))
+            return
+        if not s.armed:
+            return
+        if level and mode in (2, 3):
+            self._load(g, out_before=True)
+        elif level:
+            s.held_ticks += max(0, g - max(s.hold_start_tick, s.load_tick))
+            s.held = False
+        else:
+            s.held = True
+            s.hold_start_tick = g
+            if s.next_count:
+                s.next_count = 0
+                s.cr_transfer_scheduled = False
+
+    def latch_count(self, g: int) -> None:
+        s = self.s
+        if s.output_latch:
+            return
+        raw = self.value(g)
+        low, high = raw & 0xFF, raw >> 8
+        s.output_latch = [low] if s.access == 1 else [high] if s.access == 2 else [low, high]
+
+    def latch_status(self, g: int) -> None:
+        if self.s.status_latch == NO_STATUS:
+            self.s.status_latch = self.status(g)
+
+    def read_data(self, g: int) -> int:
+        s = self.s
+        if s.status_latch != NO_STATUS:
+            status, s.status_latch = s.status_latch, NO_STATUS
+            return status
+        if s.output_latch:
+            return s.output_latch.pop(0)
+        raw = self.value(g)
+        if s.access == 1:
+            return raw & 0xFF
+        if s.access == 2:
+            return raw >> 8
+        high, s.read_high_next = s.read_high_next, not s.read_high_next
+        return raw >> 8 if high else raw & 0xFF
+
+
+class Pit:
+    """The 8254 at ports 40h-43h (this object) with counter 2's gate on port 61h.
+
+    ``irq0`` is counter 0's OUT (see the module docstring for how it is
+    driven). Counters 0 and 1 have their gates tied high on a PC;
+    :meth:`set_gate` still works on them. Calls to ``irq0`` are made outside
+    the lock, in order, by whichever thread is not already making them.
+    """
+
+    BASE = 0x40
+    LENGTH = 4
+    PORT61 = Port61.BASE
+    INPUT_HZ = INPUT_HZ
+
+    def __init__(
+        self,
+        clock: Clock,
+        timer: Timer,
+        irq0: InterruptLine,
+        *,
+        min_irq0_interval_ns: int = MIN_IRQ0_INTERVAL_NS,
+    ) -> None:
+        self._clock = clock
+        self._timer = timer
+        self._irq0 = irq0
+        self._min_irq0_interval_ns = min_irq0_interval_ns
+        self._lock = threading.RLock()
+        self._counters = [_Counter(PitCounterState(gate=channel != 2)) for channel in range(3)]
+        self._irq0_level = False
+        # Rising edges up to this tick are delivered (or merged into a delivery).
+        self._irq0_done_tick = tick_at(clock.now_ns())
+        # The timer delivers nothing before this tick (the minimum interval).
+        self._irq0_quiet_until_tick = self._irq0_done_tick
+        self._irq0_handle: TimerHandle | None = None
+        self._irq0_generation = 0
+        self._outbox: deque[Callable[[], None]] = deque()
+        self._draining = False
+        self.port61 = Port61(clock, self)
+
+    # -- the Device at 40h-43h -----------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        all_ones = (1 << (8 * size)) - 1 if size > 0 else 0
+        if not 0 <= offset < CONTROL_PORT or size <= 0:
+            return all_ones
+        with self._lock:
+            value = self._counters[offset].read_data(tick_at(self._clock.now_ns()))
+        return (all_ones & ~0xFF) | value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not 0 <= offset < self.LENGTH or size <= 0:
+            return
+        byte = value & 0xFF
+        with self._lock:
+            now = self._clock.now_ns()
+            g = tick_at(now)
+            if offset == CONTROL_PORT:
+                self._write_control(byte, now, g)
+            else:
+                counter = self._counters[offset]
+                self._change(offset, now, lambda: counter.write_data(byte, g))
+        self._drain()
+
+    def _write_control(self, byte: int, now: int, g: int) -> None:
+        select = byte >> 6
+        if select == READ_BACK:
+            for channel, counter in enumerate(self._counters):
+                if byte & (2 << channel):
+                    # Both latch bits are active low.
+                    if not byte & 0x20:
+                        counter.latch_count(g)
+                    if not byte & 0x10:
+                        counter.latch_status(g)
+            return
+        counter = self._counters[select]
+        if (byte >> 4) & 3 == 0:
+            counter.latch_count(g)
+        else:
+            self._change(select, now, lambda: counter.write_control(byte, g))
+
+    # -- gates and outputs ---------------------------------------------------------
+
+    def set_gate(self, channel: int, level: bool) -> None:
+        """Drive counter ``channel``'s GATE input (port 61h bit 0 drives counter 2's)."""
+        counter = self._counters[self._channel_index(channel)]
+        with self._lock:
+            now = self._clock.now_ns()
+            g = tick_at(now)
+            self._change(channel, now, lambda: counter.set_gate(level, g))
+        self._drain()
+
+    def out(self, channel: int) -> bool:
+        """Counter ``channel``'s OUT level now."""
+        counter = self._counters[self._channel_index(channel)]
+        with self._lock:
+            return counter.out(tick_at(self._clock.now_ns()))
+
+    @staticmethod
+    def _channel_index(channel: int) -> int:
+        if not 0 <= channel < CHANNELS:
+            raise ValueError(f"the 8254 has counters 0-2, not {channel}")
+        return channel
+
+    # -- IRQ0 ----------------------------------------------------------------------
+
+    def _change(self, channel: int, now: int, action: Callable[[], None]) -> None:
+        if channel != 0:
+            action()
+            return
+        g = tick_at(now)
+        edge = self._counters[0].next_rising_tick(self._irq0_done_tick)
+        if edge is not None and edge <= g:
+            self._irq0_deliver()
+        self._irq0_done_tick = max(self._irq0_done_tick, g)
+        action()
+        counter = self._counters[0]
+        if counter.mode in LEVEL_OUTPUT_MODES:
+            self._irq0_drive(counter.out(g))
+        else:
+            self._irq0_drive(False)
+        self._irq0_schedule()
+
+    def _irq0_drive(self, level: bool) -> None:
+        if level != self._irq0_level:
+            self._irq0_level = level
+            self._outbox.append(functools.partial(self._irq0.set_level, level))
+
+    def _irq0_deliver(self) -> None:
+        if self._counters[0].mode in LEVEL_OUTPUT_MODES:
+            self._irq0_drive(True)
+        else:
+            self._irq0_drive(False)
+            self._outbox.append(self._irq0.pulse)
+
+    def _irq0_schedule(self) -> None:
+        if self._irq0_handle is not None:
+            self._timer.cancel(self._irq0_handle)
+            self._irq0_handle = None
+        self._irq0_generation += 1
+        edge = self._counters[0].next_rising_tick(self._irq0_done_tick)
+        if edge is not None:
+            deadline = ns_of_tick(max(edge, self._irq0_quiet_until_tick))
+            callback = functools.partial(self._irq0_due, self._irq0_generation)
+            self._irq0_handle = self._timer.schedule(deadline, callback)
+
+    def _irq0_due(self, generation: int) -> None:
+        with self._lock:
+            if generation != self._irq0_generation:
+                return
+            self._irq0_handle = None
+            now = self._clock.now_ns()
+            g = tick_at(now)
+            edge = self._counters[0].next_rising_tick(self._irq0_done_tick)
+            if edge is not None and edge <= g:
+                self._irq0_deliver()
+                self._irq0_done_tick = max(self._irq0_done_tick, g)
+                self._irq0_quiet_until_tick = tick_at(now + self._min_irq0_interval_ns)
+            self._irq0_schedule()
+        self._drain()
+
+    def _drain(self) -> None:
+        with self._lock:
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._outbox:
+                        self._draining = False
+                        return
+                    action = self._outbox.popleft()
+                action()
+        except BaseException:
+            with self._lock:
+                self._draining = False
+            raise
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def save(self) -> dict[str, object]:
+        """The state; ticks are absolute, with the tick of the save in ``clock_tick``."""
+        port61 = parse_port61_state(self.port61.save())
+        with self._lock:
+            state = PitState(
+                counters=[counter.s for counter in self._counters],
+                port61=port61,
+                irq0_level=self._irq0_level,
+                irq0_done_tick=self._irq0_done_tick,
+                irq0_quiet_until_tick=self._irq0_quiet_until_tick,
+                clock_tick=tick_at(self._clock.now_ns()),
+            )
+            return asdict(state)
+
+    def restore(self, state: Mapping[str, object]) -> None:
+        """Restore a snapshot as a paused machine: time between save and restore does not count.
+
+        Raises ValueError on a malformed snapshot. Does not drive ``irq0``: the
+        interrupt controllers restore their own view of the line.
+        """
+        data = _fields_of(state, PitState)
+        counters_data = data["counters"]
+        if not isinstance(counters_data, list) or len(counters_data) != CHANNELS:
+            raise ValueError("counters must be a list of three counter snapshots")
+        counters = [_counter_state(item) for item in counters_data]
+        port61 = parse_port61_state(data["port61"])
+        irq0_level = _bool(data, "irq0_level")
+        done_tick = _int(data, "irq0_done_tick")
+        quiet_until_tick = _int(data, "irq0_quiet_until_tick")
+        saved_tick = _int(data, "clock_tick")
+        self.port61.restore(asdict(port61))
+        with self._lock:
+            shift = tick_at(self._clock.now_ns()) - saved_tick
+            for counter in counters:
+                _shift_ticks(counter, shift)
+            self._counters = [_Counter(counter) for counter in counters]
+            self._irq0_level = irq0_level
+            self._irq0_done_tick = done_tick + shift
+            self._irq0_quiet_until_tick = quiet_until_tick + shift
+            self._irq0_schedule()
+        self._drain()
+
+
+_TICK_FIELDS = (
+    "load_tick",
+    "hold_start_tick",
+    "next_switch_tick",
+    "next_load_tick",
+    "cr_transfer_tick",
+)
+
+
+def _shift_ticks(state: PitCounterState, shift: int) -> None:
+    for name in _TICK_FIELDS:
+        setattr(state, name, getattr(state, name) + shift)
+
+
+def _fields_of(data: object, cls: type) -> Mapping[str, object]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} snapshot must be a mapping")
+    expected = {f.name for f in fields(cls)}
+    if set(data) != expected:
+        raise ValueError(f"{cls.__name__} snapshot fields {sorted(data)} != {sorted(expected)}")
+    return data
+
+
+def _int(
+    data: Mapping[str, object], name: str, low: int | None = None, high: int | None = None
+) -> int:
+    value = data[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, not {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], not {value}")
+    return value
+
+
+def _bool(data: Mapping[str, object], name: str) -> bool:
+    value = data[name]
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, not {value!r}")
+    return value
+
+
+def _counter_state(data: object) -> PitCounterState:
+    v = _fields_of(data, PitCounterState)
+    latch = v["output_latch"]
+    if (
+        not isinstance(latch, list)
+        or len(latch) > 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 0xFF for b in latch)
+    ):
+        raise ValueError(f"output_latch must be a list of up to two bytes, not {latch!r}")
+    state = PitCounterState(
+        mode_bits=_int(v, "mode_bits", 0, 7),
+        access=_int(v, "access", 1, 3),
+        bcd=_bool(v, "bcd"),
+        count_register=_int(v, "count_register", 0, 0xFFFF),
+        count_written=_bool(v, "count_written"),
+        write_high_next=_bool(v, "write_high_next"),
+        read_high_next=_bool(v, "read_high_next"),
+        output_latch=list(latch),
+        status_latch=_int(v, "status_latch", NO_STATUS, 0xFF),
+        gate=_bool(v, "gate"),
+        armed=_bool(v, "armed"),
+        load_tick=_int(v, "load_tick"),
+        count=_int(v, "count", 0, 0x10000),
+        held=_bool(v, "held"),
+        hold_start_tick=_int(v, "hold_start_tick"),
+        held_ticks=_int(v, "held_ticks", 0),
+        value_idle=_int(v, "value_idle", 0, 0xFFFF),
+        out_idle=_bool(v, "out_idle"),
+        next_count=_int(v, "next_count", 0, 0x10000),
+        next_switch_tick=_int(v, "next_switch_tick"),
+        next_load_tick=_int(v, "next_load_tick"),
+        null_count=_bool(v, "null_count"),
+        cr_transfer_scheduled=_bool(v, "cr_transfer_scheduled"),
+        cr_transfer_tick=_int(v, "cr_transfer_tick"),
+    )
+    if state.armed and state.count == 0:
+        raise ValueError("an armed counter needs a count of at least 1")
+    return state
