@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvm_devices.interfaces import Device
 from kvm_devices.pic import PicPair
 
 CMD, DATA = 0, 1
@@ -510,6 +511,8 @@ def test_concurrent_raisers_and_acknowledger_do_not_deadlock() -> None:
 def test_wide_and_undecoded_accesses() -> None:
     """Package convention: a wider access acts on the byte at its offset; the rest is FFh."""
     pic = ready()
+    assert all(isinstance(p, Device) for p in (pic.master_ports, pic.slave_ports, pic.elcr_ports))
+    assert (PicPair.MASTER_BASE, PicPair.SLAVE_BASE, PicPair.ELCR_BASE) == (0x20, 0xA0, 0x4D0)
     assert pic.master_ports.read(DATA, 2) == 0xFFFF
     pic.master_ports.write(DATA, 4, 0x12345600)
     assert pic.master_ports.read(DATA, 1) == 0x00
@@ -593,7 +596,11 @@ def apply(pic: PicPair, op: Op) -> int | None:
         pic.master_ports.write(DATA, 1, 0)
         pic.slave_ports.write(DATA, 1, 0)
     else:
-        ports = {"master": pic.master_ports, "slave": pic.slave_ports, "elcr": pic.elcr_ports}
+        ports: dict[str, Device] = {
+            "master": pic.master_ports,
+            "slave": pic.slave_ports,
+            "elcr": pic.elcr_ports,
+        }
         if c < 0:
             return ports[kind].read(a, b)
         ports[kind].write(a, b, c)

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvm_devices.interfaces import Device
 from kvm_devices.pit import INPUT_HZ, Pit, ns_of_tick, tick_at
 from kvm_devices.testing import RecordingLine, VirtualClock
 
@@ -456,6 +457,8 @@ def test_interleaved_read_and_write_of_two_byte_count() -> None:
 def test_wider_and_undecoded_accesses() -> None:
     """Package convention: wider accesses act on the byte at the offset; the rest is 0xFF."""
     pit, clock, _ = make()
+    assert isinstance(pit, Device) and isinstance(pit.port61, Device)
+    assert (Pit.BASE, Pit.LENGTH, Pit.PORT61) == (0x40, 4, 0x61)
     program(pit, CH0, 2, 0x1234)
     to_tick(clock, now_tick(clock) + 1)
     assert pit.read(0, 2) == 0xFF34
@@ -574,6 +577,27 @@ def test_irq0_linux_shutdown_and_oneshot() -> None:
     assert line.history == [True, False]
     clock.advance(5_000_000)
     assert line.pulses == 1
+    assert clock.pending == 0
+
+
+def test_irq0_mode1_follows_out_through_a_trigger() -> None:
+    """Mode 1 on counter 0 (gate driven by the test): IRQ0 follows OUT, low from the
+    trigger, high at terminal count, for every trigger."""
+    pit, clock, line = make()
+    outb(pit, CONTROL, 0x12)
+    assert line.history == [True], "mode 1 control word: OUT high"
+    outb(pit, CH0, 100)
+    pit.set_gate(CH0, False)
+    pit.set_gate(CH0, True)
+    assert line.history == [True, False]
+    clock.advance(ns_of_tick(102))
+    assert line.history == [True, False, True]
+    pit.set_gate(CH0, False)
+    pit.set_gate(CH0, True)
+    clock.advance(ns_of_tick(102))
+    assert line.history == [True, False, True, False], "within 100 µs of the last IRQ0"
+    clock.advance(20_000)
+    assert line.history == [True, False, True, False, True], "postponed, not lost"
     assert clock.pending == 0
 
 

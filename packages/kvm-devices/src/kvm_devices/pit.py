@@ -11,7 +11,8 @@ IRQ0 (counter 0's OUT, wired to PIC IR0 and IOAPIC pin 2, both edge
 triggered): one interrupt per rising edge of OUT.
 
 * Modes 0 and 1, where OUT stays high after its rising edge, drive the line as
-  a level that follows OUT (``set_level``).
+  a level that follows OUT (``set_level``); a mode 1 trigger lowers it at the
+  trigger rather than one CLK later.
 * Modes 2-5 ``pulse()`` the line at each rising edge of OUT and keep it low in
   between, so the periodic modes cost one timer callback per period: mode 2
   at the reload, mode 3 at the start of each high half.
@@ -510,7 +511,10 @@ class Pit:
         action()
         counter = self._counters[0]
         if counter.mode in LEVEL_OUTPUT_MODES:
-            self._irq0_drive(counter.out(g))
+            # OUT as it will be after a pending load: mode 1 falls on the CLK edge after
+            # its trigger, and no timer watches that edge.
+            settled = max(g, counter.s.load_tick) if counter.s.armed else g
+            self._irq0_drive(counter.out(settled))
         else:
             self._irq0_drive(False)
         self._irq0_schedule()
