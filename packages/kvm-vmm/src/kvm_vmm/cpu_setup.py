@@ -10,9 +10,12 @@ __BOOT_DS = 0x18, 4 GiB flat.
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvm_vmm.loaders.image import EntryMode, EntryState
+
+if TYPE_CHECKING:
+    from kvmfast._native import Regs, Segment, Sregs
 
 BOOT_CS = 0x10
 BOOT_DS = 0x18
@@ -41,11 +44,9 @@ class GuestMemoryWriter(Protocol):
 
 
 class RegisterAccess(Protocol):
-    def get_sregs(self) -> dict[str, object]: ...
+    def set_sregs(self, changes: Sregs) -> None: ...
 
-    def set_sregs(self, sregs: dict[str, object]) -> None: ...
-
-    def set_regs(self, regs: dict[str, int]) -> None: ...
+    def set_regs(self, changes: Regs) -> None: ...
 
 
 def gdt_bytes(mode: EntryMode) -> bytes:
@@ -67,7 +68,7 @@ def identity_page_tables(base: int) -> bytes:
     return pml4 + pdpt + directories
 
 
-def _segment(selector: int, code: bool, long_mode: bool) -> dict[str, int]:
+def _segment(selector: int, code: bool, long_mode: bool) -> Segment:
     return {
         "base": 0,
         "limit": 0xFFFFFFFF,
@@ -96,7 +97,7 @@ def enter(
     gdt = gdt_bytes(entry.mode)
     memory.write(gdt_address, gdt)
     data = _segment(BOOT_DS, code=False, long_mode=long_mode)
-    sregs: dict[str, object] = {
+    sregs: Sregs = {
         "cs": _segment(BOOT_CS, code=True, long_mode=long_mode),
         "ds": data,
         "es": data,
@@ -111,11 +112,11 @@ def enter(
     }
     if long_mode:
         memory.write(page_tables_address, identity_page_tables(page_tables_address))
-        sregs.update(
-            cr0=CR0_PE | CR0_ET | CR0_NE | CR0_PG,
-            cr3=page_tables_address,
-            cr4=CR4_PAE,
-            efer=EFER_LME | EFER_LMA,
-        )
+        sregs["cr0"] = CR0_PE | CR0_ET | CR0_NE | CR0_PG
+        sregs["cr3"] = page_tables_address
+        sregs["cr4"] = CR4_PAE
+        sregs["efer"] = EFER_LME | EFER_LMA
     vcpu.set_sregs(sregs)
-    vcpu.set_regs({"rflags": entry.rflags, "rip": entry.rip, **entry.registers})
+    regs: Regs = {"rflags": entry.rflags, "rip": entry.rip}
+    regs.update(entry.registers)
+    vcpu.set_regs(regs)

@@ -1,0 +1,102 @@
+"""Optional devices named on the command line, in QEMU's spelling.
+
+``--device pc-testdev`` and ``--device isa-debug-exit,iobase=0xf4,iosize=0x4``
+take the same words as ``qemu-system-x86_64 -device``, so a test kernel's
+QEMU command line carries over unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvm_devices.debug_exit import DebugExit
+from kvm_devices.interfaces import Device
+from kvm_devices.pc_testdev import PcTestdev
+
+
+class DeviceSpecError(ValueError):
+    """A --device value we do not understand, with what we do."""
+
+
+class DeviceHost(Protocol):
+    """What an optional device needs of the machine."""
+
+    def add_pio_device(self, base: int, length: int, device: Device, name: str) -> None: ...
+
+    def add_mmio_device(self, base: int, length: int, device: Device, name: str) -> None: ...
+
+    def set_isa_irq(self, irq: int, level: bool) -> None: ...
+
+    def debug_exit(self, status: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    options: dict[str, str]
+
+
+KNOWN_DEVICES = {
+    "pc-testdev": set[str](),
+    "isa-debug-exit": {"iobase", "iosize"},
+}
+
+
+def parse_device_spec(text: str) -> DeviceSpec:
+    name, *pairs = text.split(",")
+    if name not in KNOWN_DEVICES:
+        raise DeviceSpecError(
+            f"--device {text!r}: unknown device {name!r}"
+            f" (known: {', '.join(sorted(KNOWN_DEVICES))})"
+        )
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in KNOWN_DEVICES[name]:
+            allowed = ", ".join(sorted(KNOWN_DEVICES[name])) or "none"
+            raise DeviceSpecError(f"--device {text!r}: bad option {pair!r} (options: {allowed})")
+        options[key] = value
+    return DeviceSpec(name, options)
+
+
+def _number(spec: DeviceSpec, key: str, default: int, limit: int) -> int:
+    text = spec.options.get(key)
+    if text is None:
+        return default
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise DeviceSpecError(f"--device {spec.name}: {key}={text!r} is not a number") from None
+    if not 0 <= value <= limit:
+        raise DeviceSpecError(f"--device {spec.name}: {key}={text} out of range 0..{limit:#x}")
+    return value
+
+
+def add_device(host: DeviceHost, text: str) -> DebugExit | PcTestdev:
+    """Create the device a --device value names and map it into ``host``."""
+    spec = parse_device_spec(text)
+    if spec.name == "isa-debug-exit":
+        iobase = _number(spec, "iobase", DebugExit.BASE, 0xFFFF)
+        iosize = _number(spec, "iosize", DebugExit.SIZE, 0x10000 - iobase)
+        if iosize == 0:
+            raise DeviceSpecError("--device isa-debug-exit: iosize must be at least 1")
+        debug_exit = DebugExit(host.debug_exit, size=iosize)
+        host.add_pio_device(iobase, iosize, debug_exit, "isa-debug-exit")
+        return debug_exit
+    testdev = PcTestdev(host.set_isa_irq)
+    host.add_pio_device(
+        PcTestdev.BASE_SCRATCH, PcTestdev.SCRATCH_SIZE, testdev.scratch_port, "testdev-scratch"
+    )
+    host.add_pio_device(
+        PcTestdev.BASE_FLUSH, PcTestdev.FLUSH_SIZE, testdev.flush_port, "testdev-flush"
+    )
+    host.add_pio_device(
+        PcTestdev.BASE_SCRATCH_BYTE,
+        PcTestdev.SCRATCH_BYTE_SIZE,
+        testdev.scratch_byte_port,
+        "testdev-scratch8",
+    )
+    host.add_pio_device(PcTestdev.BASE_IRQ, PcTestdev.IRQ_SIZE, testdev.irq_ports, "testdev-irq")
+    host.add_mmio_device(PcTestdev.BASE_IOMEM, PcTestdev.IOMEM_SIZE, testdev.iomem, "testdev-iomem")
+    return testdev

@@ -1,0 +1,252 @@
+"""The machine: guest RAM, vCPUs and the platform, put together over kvmfast.
+
+It is the only module that knows both KVM (through kvmfast) and the device
+models. Guests are loaded by :mod:`kvm_vmm.loaders` (or written raw by tests),
+entered with :mod:`kvm_vmm.cpu_setup`, and run with one thread per vCPU until
+the first event that ends the run: power-off, reset, a debug-exit write, a
+triple fault, an instruction nobody can complete, or a stop from the host.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import kvmfast
+from kvm_devices.debug_exit import DebugExit
+from kvm_devices.interfaces import ByteSink, Device
+from kvm_devices.pc_testdev import PcTestdev
+from kvm_vmm import cpu_setup, layout
+from kvm_vmm.clock import TimerThread
+from kvm_vmm.console import DiscardSink
+from kvm_vmm.cpuid import cpuid_for_vcpu
+from kvm_vmm.devices import add_device
+from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
+from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
+from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
+
+if TYPE_CHECKING:
+    from kvmfast._native import Counters
+
+IOAPIC_PINS = 24
+MAX_CPUS = 254  # APIC IDs 0..253; the IOAPIC takes the next ID in the MADT
+MIN_MEMORY = 2 * layout.MIB
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+
+
+class MachineConfigError(ValueError):
+    """A machine that cannot be built as asked (memory too small, no vCPU...)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended. ``status`` is the process exit status the CLI returns."""
+
+    status: int
+    reason: str
+    error: BaseException | None = None
+
+
+@dataclass
+class MachineConfig:
+    memory_size: int = 256 * layout.MIB
+    cpus: int = 1
+    console: ByteSink = field(default_factory=DiscardSink)
+
+
+class Machine:
+    """A split-irqchip PC: in-kernel LAPICs, our IOAPIC, PIC pair, PIT and the rest."""
+
+    def __init__(self, config: MachineConfig, kvm: kvmfast.Kvm | None = None) -> None:
+        if config.memory_size < MIN_MEMORY:
+            raise MachineConfigError(
+                f"memory {config.memory_size} bytes is too small: at least {MIN_MEMORY >> 20} MiB"
+            )
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise MachineConfigError(f"--cpus {config.cpus}: between 1 and {MAX_CPUS}")
+        self.config = config
+        self.kvm = kvm if kvm is not None else kvmfast.Kvm()
+        self.vm = self.kvm.create_vm("split", IOAPIC_PINS)
+        self.ram = [
+            self.vm.add_memory(region.start, region.size)
+            for region in layout.ram_regions(config.memory_size)
+        ]
+        self.timers = TimerThread()
+        self.vcpus = [self.vm.create_vcpu(index) for index in range(config.cpus)]
+        self.kickers = [vcpu.kicker() for vcpu in self.vcpus]
+        self._outcome: Outcome | None = None
+        self._outcome_lock = threading.Lock()
+        self._finished = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._event_loop: kvmfast.EventLoop | None = None
+        self.platform: Platform = build_platform(
+            self.vm,
+            self.timers,
+            config.console,
+            PlatformEvents(
+                power_off=lambda: self.finish(Outcome(0, "guest powered off")),
+                reset=lambda: self.finish(Outcome(0, "guest requested a reset")),
+                extint=self.kickers[0].set_extint,
+            ),
+            ram_size=config.memory_size,
+        )
+        for mapping in self.platform.mappings:
+            self.map_device(mapping)
+        supported = self.kvm.supported_cpuid()
+        for index, vcpu in enumerate(self.vcpus):
+            vcpu.set_cpuid(cpuid_for_vcpu(supported, index, config.cpus))
+            vcpu.set_eoi_handler(self.platform.ioapic.eoi)
+            # Firmware leaves LINT0 as ExtINT on the BSP (the PIC's path) and
+            # LINT1 as NMI everywhere; a reset LAPIC has both masked.
+            lint0 = LINT0_EXTINT if index == 0 else None
+            vcpu.set_lapic(with_lvt(vcpu.get_lapic(), lint0=lint0, lint1=LINT1_NMI))
+        self.vcpus[0].set_extint_controller(self.platform.pic)
+
+    # -- building -----------------------------------------------------------------
+
+    def map_device(self, mapping: Mapping) -> None:
+        if mapping.space == "pio":
+            self.vm.add_pio(mapping.base, mapping.length, mapping.device)
+        else:
+            self.vm.add_mmio(mapping.base, mapping.length, mapping.device)
+
+    def add_pio_device(self, base: int, length: int, device: Device, name: str) -> None:
+        self.map_device(Mapping("pio", base, length, device, name))
+
+    def add_mmio_device(self, base: int, length: int, device: Device, name: str) -> None:
+        self.map_device(Mapping("mmio", base, length, device, name))
+
+    def add_device(self, spec: str) -> DebugExit | PcTestdev:
+        """An optional device in QEMU's --device spelling (see kvm_vmm.devices)."""
+        return add_device(self, spec)
+
+    def set_isa_irq(self, irq: int, level: bool) -> None:
+        self.platform.isa_line(irq).set_level(level)
+
+    def debug_exit(self, status: int) -> None:
+        self.finish(Outcome(status, f"isa-debug-exit: status {status}"))
+
+    @property
+    def event_loop(self) -> kvmfast.EventLoop:
+        """kvmfast's ioeventfd loop, started the first time a doorbell needs it."""
+        if self._event_loop is None:
+            self._event_loop = kvmfast.EventLoop()
+            self._event_loop.start()
+        return self._event_loop
+
+    def write_memory(self, gpa: int, data: bytes) -> None:
+        self.vm.write(gpa, data)
+
+    def read_memory(self, gpa: int, size: int) -> bytes:
+        return bytes(self.vm.read(gpa, size))
+
+    def load(self, image: LoadedImage) -> None:
+        """Write a loader's image into RAM and put the boot vCPU at its entry."""
+        check_fits(image, self.config.memory_size, layout.VMM_AREAS)
+        for gpa, data in image.segments:
+            self.write_memory(gpa, data)
+        self.enter(image.entry_state)
+
+    def enter(self, entry: EntryState) -> None:
+        cpu_setup.enter(
+            self.vcpus[0],
+            self,
+            entry,
+            gdt_address=layout.BOOT_GDT.start,
+            page_tables_address=layout.BOOT_PAGE_TABLES.start,
+        )
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """cpu_setup's memory interface."""
+        self.write_memory(gpa, data)
+
+    # -- running ------------------------------------------------------------------
+
+    def finish(self, outcome: Outcome) -> None:
+        """End the run (thread-safe; the first outcome wins)."""
+        with self._outcome_lock:
+            if self._outcome is None:
+                self._outcome = outcome
+        self._finished.set()
+        for kicker in self.kickers:
+            kicker.stop()
+
+    def raise_lint1(self) -> None:
+        """Drive every LAPIC's LINT1 input: an NMI where LVT LINT1 says NMI, unmasked.
+
+        As api.rst asks of KVM_NMI users: the LVT is read on the vCPU's own
+        thread (the vCPU is paused there) and KVM_NMI issued only if it queues one.
+        """
+        for kicker in self.kickers:
+            kicker.request_lint1()
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Run every vCPU until the machine finishes (or ``timeout`` seconds pass)."""
+        self.timers.start()
+        self._threads = [
+            threading.Thread(target=self._vcpu_main, args=(index,), name=f"vcpu{index}")
+            for index in range(len(self.vcpus))
+        ]
+        for thread in self._threads:
+            thread.start()
+        try:
+            if not self._finished.wait(timeout):
+                self.finish(Outcome(124, f"timed out after {timeout} s"))
+        except KeyboardInterrupt:
+            self.finish(Outcome(130, "interrupted"))
+        finally:
+            for kicker in self.kickers:
+                kicker.stop()
+            for thread in self._threads:
+                thread.join()
+            self.timers.stop()
+        assert self._outcome is not None
+        if self.timers.errors and self._outcome.error is None:
+            error = self.timers.errors[0]
+            return Outcome(1, f"device timer failed: {error!r}", error)
+        return self._outcome
+
+    def _vcpu_main(self, index: int) -> None:
+        vcpu = self.vcpus[index]
+        try:
+            result = vcpu.run()
+        except kvmfast.TripleFault as error:
+            self.finish(Outcome(1, f"vCPU {index}: triple fault", error))
+            return
+        except kvmfast.GuestStop as error:
+            self.finish(Outcome(1, f"vCPU {index}: {error}", error))
+            return
+        except Exception as error:
+            self.finish(Outcome(1, f"vCPU {index}: {type(error).__name__}: {error}", error))
+            return
+        self._vcpu_exit(index, result)
+
+    def _vcpu_exit(self, index: int, result: kvmfast.Exit) -> None:
+        if result.reason == "stopped":
+            return
+        if result.reason == "device_exit":
+            self.finish(Outcome(result.value, f"debug exit 0x{result.value:x}"))
+        elif result.reason == "system_event" and result.value == KVM_SYSTEM_EVENT_SHUTDOWN:
+            self.finish(Outcome(0, "guest powered off"))
+        elif result.reason == "system_event" and result.value == KVM_SYSTEM_EVENT_RESET:
+            self.finish(Outcome(0, "guest requested a reset"))
+        else:
+            self.finish(Outcome(1, f"vCPU {index}: unexpected exit {result.reason} {result.value}"))
+
+    def counters(self) -> Counters:
+        return self.vm.counters()
+
+    def close(self) -> None:
+        self.timers.stop()
+        if self._event_loop is not None:
+            self._event_loop.stop()
+            self._event_loop = None
+        self.vm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
