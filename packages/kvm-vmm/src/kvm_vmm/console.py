@@ -88,8 +88,39 @@ def open_serial_sink(spec: str) -> FdSink | FileSink | DiscardSink:
     raise SerialSpecError(f"--serial {spec!r}: expected stdio, null or file:PATH")
 
 
-def start_stdin_reader(receive: Callable[[bytes], None]) -> threading.Thread:
-    """Feed stdin to ``receive`` from a daemon thread until EOF."""
+ESCAPE = 0x01  # Ctrl-A, as in QEMU: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A
+
+
+@dataclass
+class EscapeFilter:
+    """Takes QEMU's Ctrl-A x out of the guest's input stream."""
+
+    on_quit: Callable[[], None]
+    pending_escape: bool = False
+
+    def feed(self, data: bytes) -> bytes:
+        passed = bytearray()
+        for byte in data:
+            if self.pending_escape:
+                self.pending_escape = False
+                if byte in (ord("x"), ord("X")):
+                    self.on_quit()
+                    continue
+                passed.append(ESCAPE)
+                if byte == ESCAPE:
+                    continue
+            elif byte == ESCAPE:
+                self.pending_escape = True
+                continue
+            passed.append(byte)
+        return bytes(passed)
+
+
+def start_stdin_reader(
+    receive: Callable[[bytes], None], on_quit: Callable[[], None]
+) -> threading.Thread:
+    """Feed stdin to ``receive`` from a daemon thread until EOF; Ctrl-A x calls on_quit."""
+    escapes = EscapeFilter(on_quit)
 
     def pump() -> None:
         fd = sys.stdin.fileno()
@@ -100,7 +131,9 @@ def start_stdin_reader(receive: Callable[[bytes], None]) -> threading.Thread:
                 return
             if not data:
                 return
-            receive(data)
+            data = escapes.feed(data)
+            if data:
+                receive(data)
 
     thread = threading.Thread(target=pump, name="kvm-vmm-stdin", daemon=True)
     thread.start()

@@ -18,6 +18,7 @@ from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_vmm import cpu_setup, layout
+from kvm_vmm.acpi import build_acpi_tables
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
 from kvm_vmm.cpuid import cpuid_for_vcpu
@@ -91,6 +92,7 @@ class Machine:
                 extint=self.kickers[0].set_extint,
             ),
             ram_size=config.memory_size,
+            cpus=config.cpus,
         )
         for mapping in self.platform.mappings:
             self.map_device(mapping)
@@ -141,6 +143,12 @@ class Machine:
 
     def read_memory(self, gpa: int, size: int) -> bytes:
         return bytes(self.vm.read(gpa, size))
+
+    def install_acpi_tables(self) -> int:
+        """Write the ACPI tables (RSDP first, where a legacy scan finds it); return the RSDP."""
+        blob, rsdp = build_acpi_tables(self.config.cpus, layout.ACPI_TABLES.start)
+        self.write_memory(layout.ACPI_TABLES.start, blob)
+        return rsdp
 
     def load(self, image: LoadedImage) -> None:
         """Write a loader's image into RAM and put the boot vCPU at its entry."""

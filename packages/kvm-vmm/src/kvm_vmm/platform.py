@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvm_devices.acpi_pm import AcpiPm
+from kvm_devices.fw_cfg import FwCfg
 from kvm_devices.i8042 import I8042
 from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.ioapic import Ioapic
@@ -64,6 +65,7 @@ class Platform:
     i8042: I8042
     acpi_pm: AcpiPm
     reset_port: ResetPort
+    fw_cfg: FwCfg
     mappings: list[Mapping] = field(default_factory=list)
 
     def isa_line(self, irq: int) -> IsaIrqLine:
@@ -77,6 +79,7 @@ def build_platform(
     events: PlatformEvents,
     *,
     ram_size: int,
+    cpus: int,
 ) -> Platform:
     pic = PicPair(intr=events.extint)
     ioapic = Ioapic(KvmIoapicSink(vm), timer=timers, clock=timers)
@@ -98,7 +101,8 @@ def build_platform(
 
     acpi_pm = AcpiPm(timers, timers, isa_line(SCI_IRQ), on_sleep)
     reset_port = ResetPort(events.reset)
-    platform = Platform(pic, ioapic, pit, port61, uart, rtc, i8042, acpi_pm, reset_port)
+    fw_cfg = FwCfg(ram_size, cpus)
+    platform = Platform(pic, ioapic, pit, port61, uart, rtc, i8042, acpi_pm, reset_port, fw_cfg)
     platform.mappings = [
         Mapping("pio", PicPair.MASTER_BASE, PicPair.MASTER_LENGTH, pic.master_ports, "pic-master"),
         Mapping("pio", PicPair.SLAVE_BASE, PicPair.SLAVE_LENGTH, pic.slave_ports, "pic-slave"),
@@ -113,6 +117,7 @@ def build_platform(
         Mapping("pio", AcpiPm.PM1A_CNT_BLK, 2, acpi_pm.pm1_control_ports, "pm1a-cnt"),
         Mapping("pio", AcpiPm.PM_TMR_BLK, 4, acpi_pm.pm_timer_ports, "pm-tmr"),
         Mapping("pio", ResetPort.BASE, 1, reset_port, "reset"),
+        Mapping("pio", FwCfg.BASE, FwCfg.LENGTH, fw_cfg, "fw_cfg"),
         Mapping("mmio", Ioapic.BASE, Ioapic.SIZE, ioapic, "ioapic"),
     ]
     return platform

@@ -1,0 +1,108 @@
+"""The kvm-vmm command: the demo guest end to end, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kvmfast.testing import require_kvm
+
+from kvm_vmm.cli import UsageError, parse_size
+
+
+def kvm_vmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvm_vmm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.kvm
+def test_demo_prints_on_the_serial_port_counts_pit_ticks_and_powers_off(tmp_path: Path) -> None:
+    require_kvm()
+    serial = tmp_path / "serial.txt"
+    result = kvm_vmm("demo", "--serial", f"file:{serial}", "--stats")
+    assert result.returncode == 0, result.stderr
+    text = serial.read_text()
+    assert "Hello from a split-irqchip guest" in text
+    assert "10 PIT ticks arrived through our IOAPIC" in text
+    assert '"outcome": "guest powered off"' in result.stderr
+
+
+@pytest.mark.kvm
+def test_isa_debug_exit_status_is_qemus(tmp_path: Path) -> None:
+    """A Multiboot kernel writing 0x20 to isa-debug-exit ends kvm-vmm with (0x20 << 1) | 1."""
+    require_kvm()
+    kernel = tmp_path / "exit.elf"
+    source = tmp_path / "exit.S"
+    source.write_text(
+        """
+        .text
+        .code32
+        .align 4
+        .long 0x1BADB002, 0, -0x1BADB002
+        .globl _start
+_start: movl $0x20, %eax
+        outl %eax, $0xf4
+1:      hlt
+        jmp 1b
+"""
+    )
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "exit.o"), str(source)], check=True)
+    subprocess.run(
+        [
+            "ld",
+            "-m",
+            "elf_i386",
+            "-N",
+            "-Ttext=0x100000",
+            "-o",
+            str(kernel),
+            str(tmp_path / "exit.o"),
+        ],
+        check=True,
+    )
+    result = kvm_vmm(
+        "run",
+        "--kernel",
+        str(kernel),
+        "--memory",
+        "32M",
+        "--serial",
+        "null",
+        "--device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x4",
+    )
+    assert result.returncode == (0x20 << 1) | 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--kernel", "/nonexistent/vmlinuz"], "/nonexistent/vmlinuz"),
+        (["run", "--kernel", "/dev/null"], "kernel"),
+        (["run", "--kernel", "/dev/null", "--memory", "lots"], "size 'lots'"),
+        (["demo", "--serial", "tcp:1234"], "--serial"),
+        (["demo", "--device", "virtio-net"], "unknown device 'virtio-net'"),
+        (["demo", "--device", "isa-debug-exit,iobase=zz"], "iobase='zz'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_status_2(args: list[str], message: str) -> None:
+    result = kvm_vmm(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_sizes_take_k_m_g_suffixes() -> None:
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("2G") == 2 << 30
+    assert parse_size("65536k") == 64 << 20
+    assert parse_size("4096") == 4096
+    with pytest.raises(UsageError):
+        parse_size("-1M")
