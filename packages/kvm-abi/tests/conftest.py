@@ -4,6 +4,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
 from kvm_abi.ioctl import KvmSystem
 
 KVM_DEVICE = "/dev/kvm"

@@ -3,6 +3,7 @@
 import errno
 
 import pytest
+
 from kvm_abi import KVM_INTERRUPT_ERRORS
 
 

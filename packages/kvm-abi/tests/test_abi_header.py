@@ -22,6 +22,7 @@ from abi_header_probe import (
     header_facts,
     python_facts,
 )
+
 from kvm_abi import constants, ioctls, structs
 
 STRUCTS: dict[str, Any] = {

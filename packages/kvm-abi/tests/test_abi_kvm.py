@@ -9,6 +9,7 @@ import mmap
 from collections.abc import Iterator
 
 import pytest
+
 from kvm_abi import (
     KVM_API_VERSION,
     KVM_CAP_IOEVENTFD_ANY_LENGTH,

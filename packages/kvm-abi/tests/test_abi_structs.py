@@ -2,8 +2,9 @@
 
 import ctypes
 
-import kvm_abi
 import pytest
+
+import kvm_abi
 from kvm_abi import (
     kvm_cpuid2,
     kvm_cpuid_entry2,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvm_devices.ioapic import (
     RTE_DELIVERY_STATUS,
     RTE_MASKED,

@@ -13,6 +13,7 @@ import threading
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvm_devices.testing import MemorySink, QueueSource, RecordingLine
 from kvm_devices.uart import Uart16550, UartState
 

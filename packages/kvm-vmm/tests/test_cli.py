@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from kvmfast.testing import require_kvm
 
 from kvm_vmm.cli import UsageError, parse_size
+from kvmfast.testing import require_kvm
 
 
 def kvm_vmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
