@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
+use pyo3::PyTraverseError;
 use pyo3::exceptions::PyTypeError;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::PyInt;
 
@@ -57,6 +59,12 @@ impl PyDevice {
 
     pub fn write(&self, py: Python<'_>, offset: u64, size: usize, value: u64) -> PyResult<()> {
         self.write.call1(py, (offset, size, value)).map(drop)
+    }
+
+    /// Reports the Python objects held, for the garbage collector.
+    pub fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.read)?;
+        visit.call(&self.write)
     }
 }
 

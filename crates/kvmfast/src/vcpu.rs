@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
+use pyo3::PyTraverseError;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -22,6 +24,7 @@ use crate::kvm::CpuidTuple;
 use crate::regs;
 use crate::run_loop::RunError;
 use crate::run_page::RunPage;
+use crate::vm::Vm;
 
 /// Python callables the run loop may call; Arc so the loop can take one without the GIL.
 #[derive(Debug, Default)]
@@ -58,6 +61,8 @@ impl VcpuCore {
 /// One virtual CPU. Created on any thread, run on the thread that calls run().
 #[pyclass(frozen, module = "kvmfast")]
 pub struct Vcpu {
+    /// The VM this vCPU belongs to: its RAM must stay mapped while the vCPU can run.
+    vm: Py<Vm>,
     core: VcpuCore,
 }
 
@@ -66,11 +71,13 @@ impl Vcpu {
         id: u64,
         fd: VcpuFd,
         page: RunPage,
+        vm: Py<Vm>,
         map: Arc<AddressMap<Handler>>,
         counters: Arc<Mutex<Counters>>,
     ) -> Self {
         let page = Arc::new(page);
         Self {
+            vm,
             core: VcpuCore {
                 id,
                 fd,
@@ -126,6 +133,11 @@ impl Vcpu {
     #[getter]
     fn id(&self) -> u64 {
         self.core.id
+    }
+
+    #[getter]
+    fn vm(&self, py: Python<'_>) -> Py<Vm> {
+        self.vm.clone_ref(py)
     }
 
     fn get_regs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -365,5 +377,26 @@ impl Vcpu {
 
     fn __repr__(&self) -> String {
         format!("Vcpu(id={})", self.core.id)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.vm)?;
+        // Never block in a traversal: hooks being changed are simply not reported.
+        if let Ok(hooks) = self.core.hooks.try_lock() {
+            for hook in [&hooks.eoi, &hooks.extint, &hooks.trace]
+                .into_iter()
+                .flatten()
+            {
+                visit.call(&**hook)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Breaks cycles through the hooks (a handler holding its vCPU).
+    fn __clear__(&self) {
+        let hooks = std::mem::take(&mut *self.core.hooks());
+        self.core.trace_enabled.store(false, Ordering::Relaxed);
+        drop(hooks);
     }
 }

@@ -8,7 +8,9 @@ use kvm_bindings::{
     kvm_msi, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
+use pyo3::PyTraverseError;
 use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -411,17 +413,26 @@ impl Vm {
         })
     }
 
-    fn create_vcpu(&self, vcpu_id: u64) -> PyResult<Vcpu> {
-        self.with_fd(|fd, resources| {
+    /// A new vCPU; it keeps this VM (and so its RAM) alive while it exists.
+    fn create_vcpu(slf: &Bound<'_, Self>, vcpu_id: u64) -> PyResult<Vcpu> {
+        let this = slf.get();
+        this.with_fd(|fd, resources| {
             let vcpu = fd
                 .create_vcpu(vcpu_id)
                 .map_err(|e| kvm_error("KVM_CREATE_VCPU", e))?;
-            let page = RunPage::map(&vcpu, self.run_size).map_err(|e| {
+            let page = RunPage::map(&vcpu, this.run_size).map_err(|e| {
                 errno_error("mmap kvm_run", e.raw_os_error().unwrap_or(libc::EINVAL))
             })?;
             let counters = Arc::new(Mutex::new(Counters::default()));
             resources.vcpu_counters.push(counters.clone());
-            Ok(Vcpu::new(vcpu_id, vcpu, page, self.map.clone(), counters))
+            Ok(Vcpu::new(
+                vcpu_id,
+                vcpu,
+                page,
+                slf.clone().unbind(),
+                this.map.clone(),
+                counters,
+            ))
         })
     }
 
@@ -453,6 +464,26 @@ impl Vm {
         drop(fd);
         drop(resources);
         drop(handlers);
+    }
+
+    /// The garbage collector sees the Python devices in the address map, so that a
+    /// device referring back to its VM (or to a vCPU) does not keep both alive forever.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for space in [&self.map.pio, &self.map.mmio] {
+            // Never block in a traversal: a map being changed is simply not reported.
+            if let Ok(space) = space.try_read() {
+                for range in space.iter() {
+                    if let Handler::Python(device) = &range.handler {
+                        device.traverse(&visit)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        self.close();
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
