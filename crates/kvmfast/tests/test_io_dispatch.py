@@ -4,6 +4,8 @@ through data_offset; unmapped reads are all-ones (an undecoded ISA/PCI bus)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from kvmfast_guest_support import (
     EXIT_SEQUENCE,
@@ -173,7 +175,7 @@ def test_a_handler_exception_propagates_and_the_vcpu_can_go_on(kvm: Kvm) -> None
         {EXIT_SEQUENCE}
         """,
     )
-    answers = iter([RuntimeError("device broke"), 0x5A])
+    answers: Iterator[RuntimeError | int] = iter([RuntimeError("device broke"), 0x5A])
 
     class FlakyDevice:
         def read(self, offset: int, size: int) -> int:

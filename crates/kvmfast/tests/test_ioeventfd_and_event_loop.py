@@ -1,0 +1,205 @@
+"""ioeventfd writes complete in the kernel without an exit (KVM API doc 4.59
+KVM_IOEVENTFD; KVM_CAP_IOEVENTFD_ANY_LENGTH for length 0), the kernel's own answers
+surface as KvmError, and the event loop turns eventfd notifications into handler calls
+or, through IrqfdTrigger and KVM_IRQFD (4.75), into guest interrupts."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+from kvmfast_guest_support import (
+    EXIT_SEQUENCE,
+    LAPIC_BASE,
+    LAPIC_EOI,
+    LAPIC_SOFTWARE_ENABLE,
+    MMIO_BASE,
+    RecordingDevice,
+    boot_guest,
+    run_with_timeout,
+    wait_until,
+)
+
+from kvmfast import EventFd, EventLoop, IrqfdTrigger, Kvm, KvmError
+
+DOORBELL = MMIO_BASE + 0x2000
+
+
+@pytest.mark.kvm
+def test_zero_length_mmio_ioeventfd_fires_for_every_width_without_an_exit(kvm: Kvm) -> None:
+    guest = boot_guest(
+        kvm,
+        f"""
+        mov rbx, {DOORBELL:#x}
+        mov byte ptr [rbx], 1
+        mov word ptr [rbx], 2
+        mov dword ptr [rbx], 3
+        mov qword ptr [rbx], 4
+        mov dx, 0x510
+        out dx, al
+        out dx, ax
+        {EXIT_SEQUENCE}
+        """,
+    )
+    doorbell, port_bell = EventFd(), EventFd()
+    guest.vm.register_ioeventfd(doorbell.fd, DOORBELL, 0)
+    guest.vm.register_ioeventfd(port_bell.fd, 0x510, 0, pio=True)
+    device = RecordingDevice()
+    guest.vm.add_mmio(MMIO_BASE, 0x10000, device)
+    assert guest.vcpu.run().reason == "device_exit"
+    assert doorbell.read() == 4
+    assert port_bell.read() == 2
+    assert device.log == []
+    counters = guest.vcpu.counters()
+    assert counters["exits"] == {"io": 1}
+    assert counters["mmio"] == {}
+    assert counters["unmapped_pio"] == 0
+
+
+@pytest.mark.kvm
+def test_datamatch_and_deassign(kvm: Kvm) -> None:
+    guest = boot_guest(
+        kvm,
+        f"""
+        mov rbx, {DOORBELL:#x}
+        mov dword ptr [rbx], 7
+        mov dword ptr [rbx], 8
+        {EXIT_SEQUENCE}
+        """,
+    )
+    bell = EventFd()
+    guest.vm.register_ioeventfd(bell.fd, DOORBELL, 4, datamatch=8)
+    device = RecordingDevice()
+    guest.vm.add_mmio(DOORBELL, 4, device)
+    assert guest.vcpu.run().reason == "device_exit"
+    assert bell.read() == 1
+    assert device.log == [("write", 0, 4, 7)]
+    guest.vm.unregister_ioeventfd(bell.fd, DOORBELL, 4, datamatch=8)
+    with pytest.raises(KvmError) as e:
+        guest.vm.unregister_ioeventfd(bell.fd, DOORBELL, 4, datamatch=8)
+    assert e.value.errno == errno.ENOENT
+
+
+@pytest.mark.kvm
+def test_the_kernel_judges_lengths_and_flags(kvm: Kvm) -> None:
+    vm = kvm.create_vm()
+    bell = EventFd()
+    with pytest.raises(KvmError) as length_3:
+        vm.register_ioeventfd(bell.fd, DOORBELL, 3)
+    assert length_3.value.errno == errno.EINVAL
+    assert "KVM_IOEVENTFD" in str(length_3.value)
+    with pytest.raises(KvmError) as zero_with_match:
+        vm.register_ioeventfd(bell.fd, DOORBELL, 0, datamatch=1)
+    assert zero_with_match.value.errno == errno.EINVAL
+
+
+def test_eventfd_counts_and_does_not_block() -> None:
+    with EventFd() as bell:
+        assert bell.read() == 0
+        bell.write()
+        bell.write(5)
+        assert bell.read() == 6
+        assert bell.read() == 0
+    assert bell.closed
+    bell.close()
+    with pytest.raises(ValueError):
+        bell.write()
+
+
+def test_event_loop_calls_a_python_handler_with_the_coalesced_count() -> None:
+    bell = EventFd()
+    seen: list[int] = []
+    called = threading.Event()
+
+    def handler(count: int) -> None:
+        seen.append(count)
+        called.set()
+
+    with EventLoop() as loop:
+        loop.add(bell, handler)
+        bell.write(3)  # before start: delivered as one notification once it runs
+        loop.start()
+        assert called.wait(10)
+        assert seen == [3]
+        assert loop.counters() == {bell.fd: 1}
+        called.clear()
+        bell.write()
+        assert called.wait(10)
+        assert seen == [3, 1]
+        loop.remove(bell)
+        assert loop.counters() == {}
+        with pytest.raises(ValueError):
+            loop.remove(bell)
+    assert not loop.running
+    loop.stop()
+
+
+def test_event_loop_refuses_blocking_eventfds_and_odd_handlers() -> None:
+    loop = EventLoop()
+    with pytest.raises(ValueError, match="non-blocking"):
+        loop.add(EventFd(nonblocking=False), lambda count: None)
+    with pytest.raises(ValueError):
+        loop.add(EventFd(), 42)  # type: ignore[arg-type]
+    bell = EventFd()
+    loop.add(bell, lambda count: None)
+    with pytest.raises(ValueError, match="already"):
+        loop.add(bell, lambda count: None)
+
+
+def test_irqfd_trigger_forwards_without_python() -> None:
+    bell, irq = EventFd(), EventFd()
+    loop = EventLoop()
+    loop.add(bell, IrqfdTrigger(irq))
+    loop.start()
+    bell.write(2)
+    assert wait_until(lambda: loop.counters()[bell.fd] == 1)
+    assert wait_until(lambda: irq.read() == 1)
+    loop.stop()
+
+
+@pytest.mark.kvm
+def test_doorbell_to_interrupt_through_irqfd_trigger(kvm: Kvm) -> None:
+    rounds = 5
+    guest = boot_guest(
+        kvm,
+        f"""
+    .global entry, handler
+    entry:
+        {LAPIC_SOFTWARE_ENABLE}
+        mov rbx, {DOORBELL:#x}
+        mov ecx, {rounds}
+    again:
+        cli
+        mov dword ptr [rbx], ecx    # doorbell: the event loop raises GSI 10
+        sti
+        hlt                         # woken by the MSI
+        dec ecx
+        jnz again
+        {EXIT_SEQUENCE}
+    handler:
+        mov al, 0x42
+        out 0x81, al
+        {LAPIC_EOI}
+        iretq
+        """,
+        vectors={0x42: "handler"},
+    )
+    vm = guest.vm
+    doorbell, irq = EventFd(), EventFd()
+    vm.set_msi_route(10, LAPIC_BASE, 0x42)
+    vm.register_irqfd(irq.fd, 10)
+    vm.register_ioeventfd(doorbell.fd, DOORBELL, 0)
+    handled = RecordingDevice()
+    vm.add_pio(0x81, 1, handled)
+    with EventLoop() as loop:
+        loop.add(doorbell, IrqfdTrigger(irq))
+        loop.start()
+        assert run_with_timeout(guest.vcpu).reason == "device_exit"
+        assert loop.counters()[doorbell.fd] == rounds
+    assert [value for _, _, _, value in handled.log] == [0x42] * rounds
+    assert guest.vcpu.counters()["mmio"] == {}
+    vm.unregister_irqfd(irq.fd, 10)
+    vm.remove_route(10)
+    with pytest.raises(ValueError):
+        vm.remove_route(10)
