@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -79,16 +80,22 @@ impl LoopShared {
     }
 
     /// The loop thread: wait, read each ready counter once, call its handler once.
-    fn run(&self) {
+    ///
+    /// After handling events it keeps polling (epoll_wait with a zero timeout) for
+    /// `busy_poll` before sleeping again: while it polls, a guest ringing the doorbell
+    /// wakes no sleeping thread, which is most of an ioeventfd write's cost.
+    fn run(&self, busy_poll: Duration) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        let mut polling_until: Option<Instant> = None;
         loop {
+            let timeout = if polling_until.is_some() { 0 } else { -1 };
             // SAFETY: epoll_wait writes at most events.len() entries into our array.
             let ready = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    -1,
+                    timeout,
                 )
             };
             if ready < 0 {
@@ -96,6 +103,12 @@ impl LoopShared {
                     continue;
                 }
                 return;
+            }
+            if ready == 0 {
+                if polling_until.is_some_and(|deadline| Instant::now() >= deadline) {
+                    polling_until = None;
+                }
+                continue;
             }
             for event in &events[..ready as usize] {
                 let token = event.u64;
@@ -112,6 +125,9 @@ impl LoopShared {
                 if !self.notify(&registration) {
                     return;
                 }
+            }
+            if !busy_poll.is_zero() {
+                polling_until = Some(Instant::now() + busy_poll);
             }
         }
     }
@@ -155,6 +171,7 @@ fn is_nonblocking(fd: RawFd) -> bool {
 pub struct EventLoop {
     shared: Arc<LoopShared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    busy_poll: Duration,
 }
 
 impl EventLoop {
@@ -175,8 +192,11 @@ impl EventLoop {
 
 #[pymethods]
 impl EventLoop {
+    /// `busy_poll_us`: how long the thread keeps polling after an event before it
+    /// sleeps (0: sleep at once).
     #[new]
-    fn new() -> PyResult<Self> {
+    #[pyo3(signature = (busy_poll_us = 50))]
+    fn new(busy_poll_us: u64) -> PyResult<Self> {
         // SAFETY: epoll_create1 has no memory arguments.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epoll < 0 {
@@ -197,6 +217,7 @@ impl EventLoop {
         Ok(Self {
             shared: Arc::new(shared),
             thread: Mutex::new(None),
+            busy_poll: Duration::from_micros(busy_poll_us),
         })
     }
 
@@ -269,9 +290,10 @@ impl EventLoop {
         }
         self.shared.stopping.store(false, Ordering::SeqCst);
         let shared = self.shared.clone();
+        let busy_poll = self.busy_poll;
         let handle = std::thread::Builder::new()
             .name("kvmfast-ioevent".to_string())
-            .spawn(move || shared.run())
+            .spawn(move || shared.run(busy_poll))
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the event loop: {e}")))?;
         *thread = Some(handle);
         Ok(())
@@ -283,6 +305,11 @@ impl EventLoop {
         if let Some(handle) = self.signal_stop() {
             let _ = py.detach(|| handle.join());
         }
+    }
+
+    #[getter]
+    fn busy_poll_us(&self) -> u128 {
+        self.busy_poll.as_micros()
     }
 
     #[getter]

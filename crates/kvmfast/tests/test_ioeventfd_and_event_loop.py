@@ -107,7 +107,8 @@ def test_eventfd_counts_and_does_not_block() -> None:
         bell.write()
 
 
-def test_event_loop_calls_a_python_handler_with_the_coalesced_count() -> None:
+@pytest.mark.parametrize("busy_poll_us", [0, 50])
+def test_event_loop_calls_a_python_handler_with_the_coalesced_count(busy_poll_us: int) -> None:
     bell = EventFd()
     seen: list[int] = []
     called = threading.Event()
@@ -116,7 +117,8 @@ def test_event_loop_calls_a_python_handler_with_the_coalesced_count() -> None:
         seen.append(count)
         called.set()
 
-    with EventLoop() as loop:
+    with EventLoop(busy_poll_us=busy_poll_us) as loop:
+        assert loop.busy_poll_us == busy_poll_us
         loop.add(bell, handler)
         bell.write(3)  # before start: delivered as one notification once it runs
         loop.start()
