@@ -92,15 +92,17 @@ pub fn interrupt_error(err: errno::Error) -> PyErr {
 }
 
 /// Opening /dev/kvm failed: a missing device is a FileNotFoundError that says what to check.
-pub fn open_kvm_error(err: errno::Error) -> PyErr {
+pub fn open_kvm_error(path: &str, err: errno::Error) -> PyErr {
     if err.errno() == libc::ENOENT {
         PyFileNotFoundError::new_err((
             libc::ENOENT,
-            "/dev/kvm does not exist: this host has no KVM (load kvm_intel/kvm_amd, or enable \
-             nested virtualisation)",
+            format!(
+                "{path} does not exist: this host has no KVM (load kvm_intel or kvm_amd, or \
+                 enable nested virtualisation)"
+            ),
         ))
     } else {
-        errno_error("open /dev/kvm", err.errno())
+        errno_error(&format!("open {path}"), err.errno())
     }
 }
 

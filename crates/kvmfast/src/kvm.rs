@@ -1,5 +1,7 @@
 //! /dev/kvm: capabilities, supported CPUID, and VM creation.
 
+use std::ffi::CString;
+
 use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES, kvm_enable_cap};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -18,9 +20,13 @@ pub struct Kvm {
 
 #[pymethods]
 impl Kvm {
+    /// Opens /dev/kvm (`path` names another device node, e.g. in a container).
     #[new]
-    fn new() -> PyResult<Self> {
-        let kvm = kvm_ioctls::Kvm::new().map_err(open_kvm_error)?;
+    #[pyo3(signature = (*, path = "/dev/kvm"))]
+    fn new(path: &str) -> PyResult<Self> {
+        let c_path = CString::new(path)
+            .map_err(|_| PyValueError::new_err("the KVM device path contains a NUL byte"))?;
+        let kvm = kvm_ioctls::Kvm::new_with_path(&c_path).map_err(|e| open_kvm_error(path, e))?;
         Ok(Self { kvm })
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -94,12 +94,18 @@ impl Vcpu {
 
     fn run_with(&self, py: Python<'_>, single: bool) -> PyResult<Exit> {
         let core = &self.core;
-        let mut guard = core.injector.try_lock().map_err(|_| {
-            PyRuntimeError::new_err(format!(
-                "vCPU {} is already running on another thread",
-                core.id
-            ))
-        })?;
+        let mut guard = match core.injector.try_lock() {
+            Ok(guard) => guard,
+            // A panic in an earlier run left the lock poisoned; the injector's state is
+            // still a consistent value.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(PyRuntimeError::new_err(format!(
+                    "vCPU {} is already running on another thread",
+                    core.id
+                )));
+            }
+        };
         let injector: &mut ExtintInjector = &mut guard;
         let result = py.detach(|| {
             let _running = core.kick.enter();

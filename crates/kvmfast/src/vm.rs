@@ -382,31 +382,31 @@ impl Vm {
 
     /// KVM_IOEVENTFD: guest writes to `address` signal eventfd `fd` without an exit.
     /// The kernel judges length and flags (length 0 matches any width).
-    #[pyo3(signature = (fd, address, length, *, pio = false, datamatch = None))]
+    #[pyo3(signature = (fd, addr, length, *, pio = false, datamatch = None))]
     fn register_ioeventfd(
         &self,
         fd: i32,
-        address: u64,
+        addr: u64,
         length: u32,
         pio: bool,
         datamatch: Option<u64>,
     ) -> PyResult<()> {
-        let request = Self::ioeventfd_request(fd, address, length, pio, datamatch);
+        let request = Self::ioeventfd_request(fd, addr, length, pio, datamatch);
         self.with_fd(|vm, _| {
             ioctls::ioeventfd(vm, &request).map_err(|e| kvm_error("KVM_IOEVENTFD", e))
         })
     }
 
-    #[pyo3(signature = (fd, address, length, *, pio = false, datamatch = None))]
+    #[pyo3(signature = (fd, addr, length, *, pio = false, datamatch = None))]
     fn unregister_ioeventfd(
         &self,
         fd: i32,
-        address: u64,
+        addr: u64,
         length: u32,
         pio: bool,
         datamatch: Option<u64>,
     ) -> PyResult<()> {
-        let mut request = Self::ioeventfd_request(fd, address, length, pio, datamatch);
+        let mut request = Self::ioeventfd_request(fd, addr, length, pio, datamatch);
         request.flags |= IOEVENTFD_FLAG_DEASSIGN;
         self.with_fd(|vm, _| {
             ioctls::ioeventfd(vm, &request).map_err(|e| kvm_error("KVM_IOEVENTFD", e))
