@@ -88,7 +88,7 @@ def build_platform(
         return IsaIrqLine(irq, pic, ioapic)
 
     pit = Pit(timers, timers, isa_line(0))
-    port61 = Port61(timers, pit)
+    port61 = pit.port61
     uart = Uart16550(isa_line(Uart16550.COM1_IRQ), console)
     rtc = Rtc(timers, timers, isa_line(RTC_IRQ), cmos=cmos_memory_size_bytes(ram_size))
     i8042 = I8042(
