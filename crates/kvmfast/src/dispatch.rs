@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 use crate::address_map::RangeMap;
 use crate::handlers::{Handler, all_ones};
+use crate::locks;
 use crate::run_page::{IoExit, MmioExit, RunPage};
 
 /// One guest access as the trace hook and run_once report it (first element for
@@ -31,9 +32,7 @@ pub type Outcome = (Option<u64>, PyResult<Dispatched>);
 /// Finds the owner of `address`; the map's lock is held only for the look-up, so a
 /// handler may change the map.
 fn owner(map: &std::sync::RwLock<RangeMap<Handler>>, address: u64) -> (Option<u64>, Handler) {
-    let map = map
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let map = locks::read(map);
     match map.lookup(address) {
         Some(range) => (Some(range.base), range.handler.clone()),
         None => (None, Handler::Null),

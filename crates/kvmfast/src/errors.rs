@@ -76,6 +76,11 @@ pub fn errno_error(ioctl: &str, errno_value: i32) -> PyErr {
     KvmError::new_err((errno_value, format!("{ioctl}: {description}")))
 }
 
+/// A failed plain system call (eventfd, epoll) as OSError(errno, text).
+pub fn io_error(err: std::io::Error) -> PyErr {
+    PyOSError::new_err((err.raw_os_error().unwrap_or(libc::EIO), err.to_string()))
+}
+
 /// KVM_INTERRUPT's errors, each its own class with the KVM API document's wording.
 pub fn interrupt_error(err: errno::Error) -> PyErr {
     let errno_value = err.errno();

@@ -3,8 +3,11 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::errors::io_error;
+use crate::locks;
 
 /// Reads an eventfd counter: Ok(None) when a non-blocking eventfd has nothing.
 pub fn read_counter(fd: RawFd) -> std::io::Result<Option<u64>> {
@@ -47,10 +50,6 @@ pub fn new_eventfd(nonblocking: bool) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn os_error(err: std::io::Error) -> PyErr {
-    PyOSError::new_err((err.raw_os_error().unwrap_or(libc::EIO), err.to_string()))
-}
-
 /// An eventfd: a 64-bit counter that KVM (irqfd/ioeventfd) or threads signal through.
 #[pyclass(frozen, module = "kvmfast")]
 pub struct EventFd {
@@ -60,10 +59,7 @@ pub struct EventFd {
 
 impl EventFd {
     fn open_fd(&self) -> PyResult<RwLockReadGuard<'_, Option<OwnedFd>>> {
-        let guard = self
-            .fd
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = locks::read(&self.fd);
         if guard.is_none() {
             return Err(PyValueError::new_err("the EventFd is closed"));
         }
@@ -80,7 +76,7 @@ impl EventFd {
         let fd = guard
             .as_ref()
             .ok_or_else(|| PyValueError::new_err("the EventFd is closed"))?;
-        fd.try_clone().map_err(os_error)
+        fd.try_clone().map_err(io_error)
     }
 
     pub fn is_nonblocking(&self) -> bool {
@@ -97,7 +93,7 @@ impl EventFd {
     #[new]
     #[pyo3(signature = (nonblocking = true))]
     fn new(nonblocking: bool) -> PyResult<Self> {
-        let fd = new_eventfd(nonblocking).map_err(os_error)?;
+        let fd = new_eventfd(nonblocking).map_err(io_error)?;
         Ok(Self {
             fd: RwLock::new(Some(fd)),
             nonblocking,
@@ -120,16 +116,13 @@ impl EventFd {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.fd
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none()
+        locks::read(&self.fd).is_none()
     }
 
     /// Adds n to the counter.
     #[pyo3(signature = (n = 1))]
     fn write(&self, n: u64) -> PyResult<()> {
-        add_to_counter(self.raw()?, n).map_err(os_error)
+        add_to_counter(self.raw()?, n).map_err(io_error)
     }
 
     /// Takes the counter (0 when a non-blocking eventfd has nothing; a blocking one waits,
@@ -142,16 +135,12 @@ impl EventFd {
         } else {
             py.detach(|| read_counter(fd))
         };
-        Ok(value.map_err(os_error)?.unwrap_or(0))
+        Ok(value.map_err(io_error)?.unwrap_or(0))
     }
 
     /// Closes the fd; idempotent.
     fn close(&self) {
-        let fd = self
-            .fd
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let fd = locks::write(&self.fd).take();
         drop(fd);
     }
 

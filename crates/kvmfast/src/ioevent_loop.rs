@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::errors::io_error;
 use crate::eventfd::{EventFd, add_to_counter, new_eventfd, read_counter};
+use crate::locks;
 
 /// Doorbell → interrupt without Python: writes 1 to an irqfd's eventfd.
 #[pyclass(frozen, module = "kvmfast")]
@@ -62,9 +64,7 @@ struct LoopShared {
 
 impl LoopShared {
     fn registrations(&self) -> MutexGuard<'_, HashMap<u64, Arc<Registration>>> {
-        self.registrations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locks::lock(&self.registrations)
     }
 
     fn epoll_ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> std::io::Result<()> {
@@ -156,10 +156,6 @@ impl LoopShared {
     }
 }
 
-fn os_error(err: std::io::Error) -> PyErr {
-    PyOSError::new_err((err.raw_os_error().unwrap_or(libc::EIO), err.to_string()))
-}
-
 fn is_nonblocking(fd: RawFd) -> bool {
     // SAFETY: F_GETFL reads the file status flags of an open fd.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -176,9 +172,7 @@ pub struct EventLoop {
 
 impl EventLoop {
     fn thread(&self) -> MutexGuard<'_, Option<JoinHandle<()>>> {
-        self.thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locks::lock(&self.thread)
     }
 
     /// Signals the thread to end and hands back its handle (None if not running).
@@ -200,20 +194,20 @@ impl EventLoop {
         // SAFETY: epoll_create1 has no memory arguments.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epoll < 0 {
-            return Err(os_error(std::io::Error::last_os_error()));
+            return Err(io_error(std::io::Error::last_os_error()));
         }
         // SAFETY: the fd was just created and nothing else owns it.
         let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
         let shared = LoopShared {
             epoll,
-            wake: new_eventfd(true).map_err(os_error)?,
+            wake: new_eventfd(true).map_err(io_error)?,
             stopping: AtomicBool::new(false),
             next_token: AtomicU64::new(WAKE_TOKEN + 1),
             registrations: Mutex::new(HashMap::new()),
         };
         shared
             .epoll_ctl(libc::EPOLL_CTL_ADD, shared.wake.as_raw_fd(), WAKE_TOKEN)
-            .map_err(os_error)?;
+            .map_err(io_error)?;
         Ok(Self {
             shared: Arc::new(shared),
             thread: Mutex::new(None),
@@ -255,7 +249,7 @@ impl EventLoop {
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         self.shared
             .epoll_ctl(libc::EPOLL_CTL_ADD, registration.fd.as_raw_fd(), token)
-            .map_err(os_error)?;
+            .map_err(io_error)?;
         registrations.insert(token, Arc::new(registration));
         Ok(())
     }
@@ -277,7 +271,7 @@ impl EventLoop {
         if let Some(registration) = removed {
             self.shared
                 .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0)
-                .map_err(os_error)?;
+                .map_err(io_error)?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use pyo3::prelude::*;
 
+use crate::locks;
 use crate::run_page::RunPage;
 
 /// Leave KVM_RUN and re-enter after handling the other requests.
@@ -79,9 +80,7 @@ impl KickState {
     }
 
     fn thread(&self) -> MutexGuard<'_, Option<libc::pthread_t>> {
-        self.running_thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locks::lock(&self.running_thread)
     }
 
     /// Posts request bits and forces the vCPU out of KVM_RUN.

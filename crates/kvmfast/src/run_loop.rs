@@ -23,6 +23,7 @@ use crate::exits::{ExitInfo, GuestFailure};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;
 use crate::kick::{REQUEST_NMI, REQUEST_STOP};
+use crate::locks;
 use crate::run_page::RunPage;
 use crate::vcpu::VcpuCore;
 
@@ -155,10 +156,7 @@ impl VcpuCore {
     }
 
     fn count(&self, reason: u32, also: impl FnOnce(&mut crate::counters::Counters)) {
-        let mut counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counters = locks::lock(&self.counters);
         counters.count_exit(reason);
         also(&mut counters);
     }

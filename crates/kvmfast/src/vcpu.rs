@@ -21,6 +21,7 @@ use crate::handlers::Handler;
 use crate::ioctls;
 use crate::kick::{KickState, VcpuKicker};
 use crate::kvm::CpuidTuple;
+use crate::locks;
 use crate::regs;
 use crate::run_loop::RunError;
 use crate::run_page::RunPage;
@@ -52,9 +53,7 @@ pub struct VcpuCore {
 
 impl VcpuCore {
     pub fn hooks(&self) -> MutexGuard<'_, Hooks> {
-        self.hooks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locks::lock(&self.hooks)
     }
 }
 
@@ -372,12 +371,7 @@ impl Vcpu {
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let snapshot = self
-            .core
-            .counters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let snapshot = locks::lock(&self.core.counters).clone();
         snapshot.to_dict(py)
     }
 

@@ -19,6 +19,7 @@ use crate::counters::Counters;
 use crate::errors::{errno_error, kvm_error};
 use crate::handlers::Handler;
 use crate::ioctls;
+use crate::locks;
 use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion};
 use crate::routing::{MsiRoute, RoutingTable};
 use crate::run_page::RunPage;
@@ -71,9 +72,7 @@ impl Vm {
     }
 
     fn state(&self) -> MutexGuard<'_, VmState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locks::lock(&self.state)
     }
 
     /// Runs `call` with the open VM fd, or raises ValueError once the VM is closed.
@@ -93,19 +92,14 @@ impl Vm {
         handler: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let handler = Handler::from_object(handler)?;
-        let mut space = space
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut space = locks::write(space);
         space
             .insert(base, length, handler)
             .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     fn remove_range(space: &std::sync::RwLock<RangeMap<Handler>>, base: u64) -> PyResult<()> {
-        let removed = space
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(base);
+        let removed = locks::write(space).remove(base);
         // The handler (perhaps a Python object) is dropped after the lock is released.
         removed
             .map(drop)
@@ -116,10 +110,7 @@ impl Vm {
     /// outside the lock.
     fn take_ranges(&self, pio: bool) -> Vec<crate::address_map::Range<Handler>> {
         let space = if pio { &self.map.pio } else { &self.map.mmio };
-        space
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take_all()
+        locks::write(space).take_all()
     }
 
     fn commit_routes(fd: &VmFd, routes: &RoutingTable) -> PyResult<()> {
@@ -440,11 +431,7 @@ impl Vm {
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let mut total = Counters::default();
         for counters in &self.state().resources.vcpu_counters {
-            total.add(
-                &counters
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            total.add(&locks::lock(counters));
         }
         total.to_dict(py)
     }
