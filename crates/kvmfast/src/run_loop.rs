@@ -114,7 +114,12 @@ impl VcpuCore {
                     .map(|value| ExitInfo::new("device_exit", value))
                     .or_else(|| single.then(|| access_exit(name, &access)))
             }
-            KVM_EXIT_INTR => single.then(|| ExitInfo::new(name, 0)),
+            KVM_EXIT_INTR => {
+                // The signal may have been Python's (Ctrl-C reaching a vCPU run on the
+                // main thread): let Python's handlers run, and raise what they raise.
+                Python::attach(|py| py.check_signals())?;
+                single.then(|| ExitInfo::new(name, 0))
+            }
             KVM_EXIT_IRQ_WINDOW_OPEN => {
                 self.service_extint(injector)?;
                 single.then(|| ExitInfo::new(name, 0))

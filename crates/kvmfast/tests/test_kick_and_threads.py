@@ -3,6 +3,7 @@ KVM_NMI), and vCPUs run on threads other than the one that created them."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -71,6 +72,24 @@ def test_a_second_thread_cannot_run_a_running_vcpu(kvm: Kvm) -> None:
         vcpu.run()
     vcpu.kicker().stop()
     assert running.join().reason == "stopped"
+
+
+def test_ctrl_c_reaches_a_vcpu_run_on_the_main_thread(kvm: Kvm) -> None:
+    vcpu = boot_guest(kvm, SPIN).vcpu
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    interrupter = threading.Timer(0.1, signal.pthread_kill, args=(main, signal.SIGINT))
+    # Without the signal check the run would spin on: end it so that the test fails.
+    backstop = threading.Timer(10, vcpu.kicker().stop)
+    interrupter.start()
+    backstop.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vcpu.run()
+    finally:
+        backstop.cancel()
+        interrupter.join()
+    assert vcpu.counters()["exits"]["intr"] >= 1
 
 
 def test_request_nmi_is_delivered_by_the_vcpu_thread(kvm: Kvm) -> None:
