@@ -68,6 +68,8 @@ pub struct Counters {
     mmio: HashMap<u64, u64>,
     unmapped_pio: u64,
     unmapped_mmio: u64,
+    /// NMIs that LINT1 requests queued (the LVT said NMI, unmasked).
+    lint1_nmi: u64,
 }
 
 impl Default for Counters {
@@ -78,6 +80,7 @@ impl Default for Counters {
             mmio: HashMap::new(),
             unmapped_pio: 0,
             unmapped_mmio: 0,
+            lint1_nmi: 0,
         }
     }
 }
@@ -105,6 +108,10 @@ impl Counters {
         }
     }
 
+    pub fn count_lint1_nmi(&mut self) {
+        self.lint1_nmi += 1;
+    }
+
     pub fn add(&mut self, other: &Counters) {
         for (mine, theirs) in self.exits.iter_mut().zip(other.exits.iter()) {
             *mine += theirs;
@@ -117,10 +124,11 @@ impl Counters {
         }
         self.unmapped_pio += other.unmapped_pio;
         self.unmapped_mmio += other.unmapped_mmio;
+        self.lint1_nmi += other.lint1_nmi;
     }
 
     /// {"exits": {name: n}, "pio": {base: n}, "mmio": {base: n}, "unmapped_pio": n,
-    /// "unmapped_mmio": n}; reasons never seen are left out.
+    /// "unmapped_mmio": n, "lint1_nmi": n}; reasons never seen are left out.
     pub fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let exits = PyDict::new(py);
         for (slot, &n) in self.exits.iter().enumerate() {
@@ -142,6 +150,7 @@ impl Counters {
         dict.set_item("mmio", mmio)?;
         dict.set_item("unmapped_pio", self.unmapped_pio)?;
         dict.set_item("unmapped_mmio", self.unmapped_mmio)?;
+        dict.set_item("lint1_nmi", self.lint1_nmi)?;
         Ok(dict)
     }
 }

@@ -20,6 +20,7 @@ pub mod ioctls;
 pub mod ioevent_loop;
 pub mod kick;
 pub mod kvm;
+pub mod lapic;
 pub mod locks;
 pub mod memory;
 pub mod regs;

@@ -22,7 +22,8 @@ use crate::errors::kvm_error;
 use crate::exits::{ExitInfo, GuestFailure};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;
-use crate::kick::{REQUEST_NMI, REQUEST_STOP};
+use crate::kick::{REQUEST_LINT1, REQUEST_NMI, REQUEST_STOP};
+use crate::lapic;
 use crate::locks;
 use crate::run_page::RunPage;
 use crate::vcpu::VcpuCore;
@@ -74,6 +75,9 @@ impl VcpuCore {
             if requests & REQUEST_NMI != 0 {
                 self.fd.nmi().map_err(|e| kvm_error("KVM_NMI", e))?;
             }
+            if requests & REQUEST_LINT1 != 0 {
+                self.raise_lint1()?;
+            }
             if requests & REQUEST_STOP != 0 {
                 return Ok(ExitInfo::new("stopped", 0));
             }
@@ -90,6 +94,20 @@ impl VcpuCore {
                 return Ok(exit);
             }
         }
+    }
+
+    /// LINT1 rose: the vCPU is out of KVM_RUN (paused) on its own thread, so its LVT is
+    /// current; KVM_NMI only if LINT1 is programmed to deliver one.
+    fn raise_lint1(&self) -> PyResult<()> {
+        let state = self
+            .fd
+            .get_lapic()
+            .map_err(|e| kvm_error("KVM_GET_LAPIC", e))?;
+        if lapic::lint1_queues_nmi(lapic::register(&state.regs, lapic::LVT_LINT1)) {
+            self.fd.nmi().map_err(|e| kvm_error("KVM_NMI", e))?;
+            locks::lock(&self.counters).count_lint1_nmi();
+        }
+        Ok(())
     }
 
     /// Dispatches one exit; Some(exit) when run() must return it.

@@ -128,3 +128,16 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def wait_until_in_kvm_run(vcpu: Vcpu, timeout: float = 10.0) -> None:
+    """Returns once ``vcpu`` is in its run loop: kicks until a kick has made an exit
+    (a kick that comes before run() starts is consumed without one)."""
+    kicker = vcpu.kicker()
+
+    def kicked_out_of_kvm_run() -> bool:
+        kicker.kick()
+        return vcpu.counters()["exits"].get("intr", 0) > 0
+
+    if not wait_until(kicked_out_of_kvm_run, timeout):
+        raise AssertionError(f"vCPU {vcpu.id} did not enter KVM_RUN within {timeout} s")

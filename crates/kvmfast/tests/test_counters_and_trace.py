@@ -41,6 +41,7 @@ def test_counters_are_exact(kvm: Kvm) -> None:
         "mmio": {MMIO_BASE: 2},
         "unmapped_pio": 3,
         "unmapped_mmio": 1,
+        "lint1_nmi": 0,
     }
     assert guest.vcpu.counters() == expected
     assert guest.vm.counters() == expected

@@ -15,6 +15,7 @@ from kvmfast_guest_support import (
     RecordingDevice,
     VcpuThread,
     boot_guest,
+    wait_until_in_kvm_run,
 )
 
 from kvmfast import Kvm, Vcpu, VcpuKicker, Vm
@@ -136,6 +137,7 @@ def test_hlt_waits_in_kvm_until_the_pic_raises_intr(kvm: Kvm) -> None:
     pic = FakePic(vcpu.kicker(), vector=0x32)
     vcpu.set_extint_controller(pic)
     running = VcpuThread(vcpu)
+    wait_until_in_kvm_run(vcpu)
     time.sleep(0.2)
     # HLT does not leave KVM_RUN with the split irqchip (../shared/HOST-KVM.md).
     assert running.alive
@@ -149,7 +151,8 @@ def test_hlt_waits_in_kvm_until_the_pic_raises_intr(kvm: Kvm) -> None:
 def test_hlt_wakes_on_an_msi(kvm: Kvm) -> None:
     vcpu, vectors, vm = halted_guest(kvm, enable_svr=True)
     running = VcpuThread(vcpu)
-    time.sleep(0.2)
+    wait_until_in_kvm_run(vcpu)
+    time.sleep(0.2)  # the guest enables its LAPIC, then halts
     assert running.alive
     # Fixed delivery, physical destination APIC 0, vector 0x41 (SDM Vol. 3A 11.11).
     assert vm.signal_msi(0xFEE0_0000, 0x41) == 1

@@ -142,6 +142,7 @@ class Counters(TypedDict):
     mmio: dict[int, int]
     unmapped_pio: int
     unmapped_mmio: int
+    lint1_nmi: int
 
 CpuidEntry = tuple[int, int, int, int, int, int, int]
 """(function, index, flags, eax, ebx, ecx, edx)."""
@@ -206,6 +207,7 @@ class VcpuKicker:
     @property
     def extint(self) -> bool: ...
     def request_nmi(self) -> None: ...
+    def request_lint1(self) -> None: ...
 
 @final
 class Vcpu:
