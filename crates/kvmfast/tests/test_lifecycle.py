@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from kvmfast import GuestMemory, Kvm, NullSink
+from kvmfast import GuestMemory, Kvm, NullSink, Vcpu
 
 pytestmark = pytest.mark.kvm
 
@@ -43,6 +43,34 @@ def test_two_hundred_vms_leave_no_fd_or_mapping_behind(kvm: Kvm) -> None:
     gc.collect()
     assert open_fds() == fds_before
     assert mappings() <= maps_before + 2  # allocator arenas may come and go
+
+
+def test_cycles_through_handlers_and_hooks_are_collected(kvm: Kvm) -> None:
+    gc.collect()
+    fds_before = open_fds()
+    for _ in range(20):
+        vm = kvm.create_vm()
+        vcpu = vm.create_vcpu(0)
+
+        class DeviceHoldingItsVcpu:
+            def __init__(self, vcpu: Vcpu) -> None:
+                self.vcpu = vcpu
+
+            def read(self, offset: int, size: int) -> int:
+                return 0
+
+            def write(self, offset: int, size: int, value: int) -> None:
+                pass
+
+        vm.add_pio(0x80, 1, DeviceHoldingItsVcpu(vcpu))
+
+        def on_eoi(vector: int, vcpu: Vcpu = vcpu) -> None:
+            del vector, vcpu
+
+        vcpu.set_eoi_handler(on_eoi)
+        del vm, vcpu
+    gc.collect()
+    assert open_fds() == fds_before
 
 
 def test_memory_is_a_writable_zero_copy_buffer(kvm: Kvm) -> None:
