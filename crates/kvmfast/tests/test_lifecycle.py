@@ -45,30 +45,34 @@ def test_two_hundred_vms_leave_no_fd_or_mapping_behind(kvm: Kvm) -> None:
     assert mappings() <= maps_before + 2  # allocator arenas may come and go
 
 
+class DeviceHoldingItsVcpu:
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def make_cycles(kvm: Kvm) -> None:
+    """vm → address map → device → vcpu → vm, and vcpu → EOI hook → vcpu."""
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    vm.add_pio(0x80, 1, DeviceHoldingItsVcpu(vcpu))
+
+    def on_eoi(vector: int, vcpu: Vcpu = vcpu) -> None:
+        del vector, vcpu
+
+    vcpu.set_eoi_handler(on_eoi)
+
+
 def test_cycles_through_handlers_and_hooks_are_collected(kvm: Kvm) -> None:
     gc.collect()
     fds_before = open_fds()
     for _ in range(20):
-        vm = kvm.create_vm()
-        vcpu = vm.create_vcpu(0)
-
-        class DeviceHoldingItsVcpu:
-            def __init__(self, vcpu: Vcpu) -> None:
-                self.vcpu = vcpu
-
-            def read(self, offset: int, size: int) -> int:
-                return 0
-
-            def write(self, offset: int, size: int, value: int) -> None:
-                pass
-
-        vm.add_pio(0x80, 1, DeviceHoldingItsVcpu(vcpu))
-
-        def on_eoi(vector: int, vcpu: Vcpu = vcpu) -> None:
-            del vector, vcpu
-
-        vcpu.set_eoi_handler(on_eoi)
-        del vm, vcpu
+        make_cycles(kvm)
     gc.collect()
     assert open_fds() == fds_before
 
