@@ -1,0 +1,191 @@
+"""The newc cpio writer, checked against the kernel's buffer format
+(Documentation/driver-api/early-userspace/buffer-format.rst) and, where it is
+installed, against GNU cpio reading our archives."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvm_vmm.initramfs import (
+    BUSYBOX_PATH,
+    DEMO_INIT,
+    HEADER_SIZE,
+    TEST_BEGIN_MARKER,
+    TEST_END_MARKER,
+    TEST_INIT,
+    TRAILER_NAME,
+    CpioEntry,
+    CpioFormatError,
+    busybox_initramfs,
+    char_device,
+    directory,
+    read_newc,
+    regular_file,
+    symlink,
+    write_newc,
+)
+
+ENTRIES = [
+    directory("bin"),
+    regular_file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755),
+    regular_file("empty", b""),
+    regular_file("odd", b"abc"),  # data needing padding
+    symlink("bin/sh", "/bin/busybox"),
+    char_device("console", 5, 1),
+    regular_file("a/name-of-several-lengths", b"x" * 4097),
+]
+
+
+def _fields(archive: bytes, offset: int) -> list[int]:
+    header = archive[offset : offset + HEADER_SIZE]
+    return [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+
+
+def test_buffer_format_header_fields_and_four_byte_alignment() -> None:
+    """buffer-format.rst: "070701", 13 hex fields, name then data each padded to 4 bytes."""
+    archive = write_newc([regular_file("odd", b"abc", 0o640)])
+    assert archive[:6] == b"070701"
+    fields = _fields(archive, 0)
+    assert fields[1] == stat.S_IFREG | 0o640  # c_mode
+    assert fields[4] == 1  # c_nlink
+    assert fields[6] == 3  # c_filesize
+    assert fields[11] == len(b"odd\0")  # c_namesize counts the NUL
+    name_end = HEADER_SIZE + fields[11]
+    data_start = name_end + (-name_end % 4)
+    assert data_start % 4 == 0
+    assert archive[HEADER_SIZE:name_end] == b"odd\0"
+    assert archive[data_start : data_start + 3] == b"abc"
+    trailer = data_start + 4  # 3 data bytes + 1 pad
+    assert archive[trailer : trailer + 6] == b"070701"
+    assert TRAILER_NAME.encode() in archive[trailer:]
+    assert len(archive) % 4 == 0
+
+
+def test_every_entry_reads_back_unchanged() -> None:
+    assert read_newc(write_newc(ENTRIES)) == ENTRIES
+
+
+def test_entries_get_distinct_inodes_so_none_become_hard_links() -> None:
+    """buffer-format.rst: entries sharing c_ino (and c_nlink > 1) are hard links."""
+    archive = write_newc([regular_file("a", b"1"), regular_file("b", b"2")])
+    second = HEADER_SIZE + 2 + 4  # "a\0" ends aligned at 112; one data byte padded to 4
+    assert _fields(archive, 0)[0] != _fields(archive, second)[0]
+
+
+def test_device_numbers_are_in_rdev_fields() -> None:
+    archive = write_newc([char_device("dev/console", 5, 1)])
+    fields = _fields(archive, 0)
+    assert stat.S_ISCHR(fields[1])
+    assert (fields[9], fields[10]) == (5, 1)  # c_rdevmajor, c_rdevminor
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([regular_file("/init", b"")], "relative"),
+        ([regular_file("", b"")], "empty"),
+        ([regular_file("a\0b", b"")], "NUL"),
+        ([regular_file("x", b""), regular_file("x", b"")], "twice"),
+        ([CpioEntry("d", stat.S_IFDIR | 0o755, b"data")], "carry data"),
+        ([CpioEntry("f", stat.S_IFREG | 0o644, uid=-1)], "uid"),
+    ],
+)
+def test_entries_the_kernel_would_misread_are_refused(
+    entries: list[CpioEntry], message: str
+) -> None:
+    with pytest.raises(CpioFormatError, match=message):
+        write_newc(entries)
+
+
+def test_damaged_archives_are_reported_not_misread() -> None:
+    archive = write_newc(ENTRIES)
+    with pytest.raises(CpioFormatError, match="magic"):
+        read_newc(b"070707" + archive[6:])
+    with pytest.raises(CpioFormatError):
+        read_newc(archive[: len(archive) // 2])
+    with pytest.raises(CpioFormatError, match="hex"):
+        read_newc(archive[:6] + b"zzzzzzzz" + archive[14:])
+
+
+def test_busybox_image_has_init_console_and_links() -> None:
+    busybox = b"\x7fELF fake busybox"
+    entries = {entry.path: entry for entry in read_newc(busybox_initramfs(busybox, TEST_INIT))}
+    init = entries["init"]
+    assert stat.S_ISREG(init.mode) and init.mode & 0o111
+    assert init.data.decode() == TEST_INIT
+    assert entries[BUSYBOX_PATH].data == busybox
+    console = entries["dev/console"]
+    assert stat.S_ISCHR(console.mode) and (console.rdev_major, console.rdev_minor) == (5, 1)
+    assert entries["bin/sh"].data == b"/bin/busybox"
+    # Directories come before what they hold: the kernel creates entries in order.
+    order = list(entries)
+    assert order.index("bin") < order.index(BUSYBOX_PATH)
+
+
+def test_init_scripts_do_what_the_boot_tests_and_demo_need() -> None:
+    for script in (TEST_INIT, DEMO_INIT):
+        assert script.startswith("#!/bin/sh\n")
+        assert "mount -t proc proc /proc" in script
+        assert script.rstrip().endswith("poweroff -f")
+    begin, end = TEST_INIT.index(TEST_BEGIN_MARKER), TEST_INIT.index(TEST_END_MARKER)
+    assert begin < TEST_INIT.index("cat /proc/interrupts") < end
+    assert "nproc" in TEST_INIT[begin:end]
+
+
+cpio_tool = pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed")
+
+
+@cpio_tool
+def test_gnu_cpio_lists_our_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "image.cpio"
+    archive.write_bytes(write_newc(ENTRIES))
+    listing = subprocess.run(
+        ["cpio", "-it", "--quiet"],
+        stdin=archive.open("rb"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert listing.stdout.split() == [entry.path for entry in ENTRIES]
+
+
+@cpio_tool
+def test_gnu_cpio_extracts_contents_modes_and_link_targets(tmp_path: Path) -> None:
+    archive = tmp_path / "image.cpio"
+    archive.write_bytes(write_newc([e for e in ENTRIES if not stat.S_ISCHR(e.mode)]))
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(
+        ["cpio", "-idm", "--quiet", "--no-absolute-filenames"],
+        stdin=archive.open("rb"),
+        cwd=root,
+        check=True,
+    )
+    assert (root / "bin/hello").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (root / "bin/hello").stat().st_mode & 0o777 == 0o755
+    assert (root / "odd").read_bytes() == b"abc"
+    assert (root / "a/name-of-several-lengths").stat().st_size == 4097
+    assert (root / "bin/sh").readlink() == Path("/bin/busybox")
+
+
+@cpio_tool
+def test_we_read_what_gnu_cpio_writes(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir/file").write_bytes(b"12345")
+    (tmp_path / "link").symlink_to("dir/file")
+    written = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"],
+        input=b"dir\ndir/file\nlink\n",
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    entries = {entry.path: entry for entry in read_newc(written.stdout)}
+    assert entries["dir/file"].data == b"12345"
+    assert stat.S_ISDIR(entries["dir"].mode)
+    assert stat.S_ISLNK(entries["link"].mode) and entries["link"].data == b"dir/file"
