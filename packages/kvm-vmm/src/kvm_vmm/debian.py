@@ -1,0 +1,316 @@
+"""The default guest's files: Debian's cloud kernel and a static busybox, fetched once.
+
+``apt-get download`` fetches the packages (no root needed, nothing installed);
+the files are taken out of the .deb archives in pure Python: a .deb is an
+``ar`` archive (deb(5)) whose ``data.tar.{xz,gz,bz2,zst}`` member holds the
+package's files. Only the kernel (``/boot/vmlinuz-*``) and ``busybox`` are
+kept, under the user's cache directory, with a manifest naming them: later
+runs read the manifest and never call apt again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+MANIFEST_NAME = "assets.json"
+SUBDIRECTORY = "debian"
+
+AR_MAGIC = b"!<arch>\n"
+AR_HEADER_SIZE = 60
+AR_FILE_MAGIC = b"`\n"
+
+_KERNEL_MEMBER = re.compile(r"^(\./)?boot/vmlinuz-[^/]+$")
+_BUSYBOX_MEMBER = re.compile(r"^(\./)?(usr/)?bin/busybox$")
+_CONCRETE_KERNEL = re.compile(r"^linux-image-\d[^ ]*-cloud-amd64$")
+_DEPENDS_LINE = re.compile(r"^\s*\|?Depends:\s*(\S+)\s*$")
+# apt's machine-readable progress: "dlstatus:<item>:<percent>:<description>".
+_DLSTATUS = re.compile(r"^dlstatus:[^:]*:([0-9.]+):(.*)$")
+
+ProgressCallback = Callable[[float, str], None]  # fraction done 0..1, what is happening
+
+
+class AssetsUnavailable(RuntimeError):
+    """The default guest's files cannot be had here; the message says what to do instead."""
+
+
+class DebFormatError(ValueError):
+    """A .deb that is not an ar archive with a data.tar member holding the wanted file."""
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    """Where the default guest's kernel and busybox are, and which packages they came from."""
+
+    kernel: Path
+    busybox: Path
+    kernel_package: str
+    busybox_package: str
+
+
+# -- .deb archives ------------------------------------------------------------------
+
+
+def ar_members(archive: bytes) -> Iterator[tuple[str, bytes]]:
+    """The (name, data) members of a common-format ``ar`` archive, in order."""
+    if not archive.startswith(AR_MAGIC):
+        raise DebFormatError("not an ar archive (a .deb starts with '!<arch>\\n')")
+    offset = len(AR_MAGIC)
+    while offset < len(archive):
+        header = archive[offset : offset + AR_HEADER_SIZE]
+        if len(header) < AR_HEADER_SIZE or header[58:60] != AR_FILE_MAGIC:
+            raise DebFormatError(f"ar archive: bad member header at offset {offset}")
+        name = header[:16].decode("ascii", "replace").rstrip()
+        # GNU ar ends names with '/'; dpkg writes them without.
+        name = name.removesuffix("/")
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError as error:
+            raise DebFormatError(f"ar archive: bad size of member {name!r}") from error
+        start = offset + AR_HEADER_SIZE
+        if start + size > len(archive):
+            raise DebFormatError(f"ar archive: member {name!r} runs past the end")
+        yield name, archive[start : start + size]
+        offset = start + size + (size & 1)  # members are 2-byte aligned
+
+
+def _open_data_tar(name: str, data: bytes) -> tarfile.TarFile:
+    stream: IO[bytes] = io.BytesIO(data)
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as error:
+            raise DebFormatError(
+                f"{name} is zstd-compressed: install the 'zstandard' package "
+                "(pip install 'kvm-vmm[linux]')"
+            ) from error
+        reader = zstandard.ZstdDecompressor().stream_reader(stream)
+        return tarfile.open(fileobj=reader, mode="r|")
+    modes = {".xz": "r|xz", ".gz": "r|gz", ".bz2": "r|bz2", ".tar": "r|"}
+    suffix = name[name.rfind(".") :]
+    if suffix not in modes:
+        raise DebFormatError(f"data member {name!r}: unknown compression")
+    return tarfile.open(fileobj=stream, mode=modes[suffix])  # type: ignore[call-overload,no-any-return]
+
+
+def extract_from_deb(deb: bytes, member: re.Pattern[str]) -> tuple[str, bytes]:
+    """The first regular file in the package's data whose path matches ``member``.
+
+    The tar is read as a stream and left at the first match: the kernel sits
+    in /boot, near the start, so the package's modules are never decompressed.
+    """
+    for name, data in ar_members(deb):
+        if not name.startswith("data.tar"):
+            continue
+        with _open_data_tar(name, data) as tar:
+            for info in tar:
+                if member.match(info.name):
+                    if not info.isfile():
+                        raise DebFormatError(f"{info.name} in the package is not a regular file")
+                    extracted = tar.extractfile(info)
+                    assert extracted is not None  # a regular file always has data
+                    return info.name, extracted.read()
+        raise DebFormatError(f"no file matching {member.pattern!r} in the package")
+    raise DebFormatError("the package has no data.tar member")
+
+
+# -- apt ----------------------------------------------------------------------------
+
+
+def _apt_sandbox_options() -> list[str]:
+    # apt downloads as the unprivileged _apt user, which cannot write into
+    # root's cache directory: it warns and downloads as root anyway.
+    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+
+
+def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> str:
+    """The concrete linux-image-<abi>-cloud-amd64 package the metapackage depends on."""
+    if _CONCRETE_KERNEL.match(metapackage):
+        return metapackage
+    result = subprocess.run(
+        ["apt-cache", "depends", "--no-recommends", "--no-suggests", metapackage],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssetsUnavailable(
+            f"apt-cache does not know {metapackage} ({result.stderr.strip()}); "
+            "run 'apt-get update', or pass --kernel PATH"
+        )
+    for line in result.stdout.splitlines():
+        match = _DEPENDS_LINE.match(line)
+        if match and _CONCRETE_KERNEL.match(match.group(1)):
+            return match.group(1)
+    raise AssetsUnavailable(
+        f"{metapackage} depends on no linux-image-*-cloud-amd64 package here; pass --kernel PATH"
+    )
+
+
+def apt_download(
+    packages: list[str], directory: Path, progress: ProgressCallback | None = None
+) -> list[Path]:
+    """``apt-get download`` the packages into ``directory``; the .deb files it wrote."""
+    status_read, status_write = os.pipe()
+    command = [
+        "apt-get",
+        "download",
+        "-o",
+        f"APT::Status-Fd={status_write}",
+        *_apt_sandbox_options(),
+        *packages,
+    ]
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = subprocess.Popen(
+                command,
+                cwd=directory,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                pass_fds=(status_write,),
+            )
+        finally:
+            os.close(status_write)
+        with open(status_read, encoding="utf-8", errors="replace") as status:
+            for line in status:
+                match = _DLSTATUS.match(line.strip())
+                if match and progress is not None:
+                    progress(min(float(match.group(1)) / 100, 1.0), match.group(2))
+        returncode = process.wait()
+        errors.seek(0)
+        message = errors.read().decode(errors="replace").strip()
+    if returncode != 0:
+        raise AssetsUnavailable(
+            f"apt-get download {' '.join(packages)} failed: {message or f'status {returncode}'}; "
+            "pass --kernel PATH (and --initrd PATH) to boot files of your own"
+        )
+    return sorted(directory.glob("*.deb"))
+
+
+# -- the cache ----------------------------------------------------------------------
+
+
+def _read_manifest(directory: Path) -> GuestAssets | None:
+    try:
+        fields = json.loads((directory / MANIFEST_NAME).read_text())
+        assets = GuestAssets(
+            kernel=directory / fields["kernel"],
+            busybox=directory / fields["busybox"],
+            kernel_package=str(fields["kernel_package"]),
+            busybox_package=str(fields["busybox_package"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if assets.kernel.is_file() and assets.busybox.is_file():
+        return assets
+    return None
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _package_of(debs: list[Path], name: str) -> Path:
+    for deb in debs:
+        if deb.name.startswith(name + "_"):
+            return deb
+    raise AssetsUnavailable(f"apt-get download did not produce {name}_*.deb")
+
+
+def cached_guest_assets(cache_dir: Path) -> GuestAssets | None:
+    """The assets fetched by an earlier run, if they are all still there."""
+    return _read_manifest(cache_dir / SUBDIRECTORY)
+
+
+def fetch_guest_assets(cache_dir: Path, progress: ProgressCallback | None = None) -> GuestAssets:
+    """The default guest's kernel and busybox: from the cache, else fetched with apt."""
+    directory = cache_dir / SUBDIRECTORY
+    cached = _read_manifest(directory)
+    if cached is not None:
+        return cached
+    if shutil.which("apt-get") is None or shutil.which("apt-cache") is None:
+        raise AssetsUnavailable(
+            "the default guest is Debian's cloud kernel, fetched with apt-get, and this host "
+            "has no apt: pass --kernel PATH (a bzImage or vmlinux) and --initrd PATH"
+        )
+    kernel_package = resolve_kernel_package()
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix="download-") as scratch:
+        debs = apt_download([kernel_package, BUSYBOX_PACKAGE], Path(scratch), progress)
+        kernel_deb = _package_of(debs, kernel_package)
+        busybox_deb = _package_of(debs, BUSYBOX_PACKAGE)
+        kernel_name, kernel = extract_from_deb(kernel_deb.read_bytes(), _KERNEL_MEMBER)
+        _, busybox = extract_from_deb(busybox_deb.read_bytes(), _BUSYBOX_MEMBER)
+    kernel_file = Path(kernel_deb.stem) / Path(kernel_name).name
+    busybox_file = Path(busybox_deb.stem) / "busybox"
+    _write_atomically(directory / kernel_file, kernel)
+    _write_atomically(directory / busybox_file, busybox, 0o755)
+    # apt names files name_version_arch.deb with the epoch's ':' as '%3a'.
+    assets = GuestAssets(
+        directory / kernel_file,
+        directory / busybox_file,
+        urllib.parse.unquote(kernel_deb.stem),
+        urllib.parse.unquote(busybox_deb.stem),
+    )
+    manifest = {**asdict(assets), "kernel": str(kernel_file), "busybox": str(busybox_file)}
+    _write_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+    return assets
+
+
+# -- progress on a terminal ---------------------------------------------------------
+
+
+@dataclass
+class ProgressBar:
+    """A one-line bar on a terminal; on anything else, only the first and last message."""
+
+    stream: IO[str]
+    width: int = 30
+    _shown: bool = False
+    _last_description: str = ""
+
+    def __call__(self, fraction: float, description: str) -> None:
+        self._last_description = description
+        if self.stream.isatty():
+            filled = round(fraction * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {fraction * 100:5.1f}% {description[:40]:<40}")
+            self.stream.flush()
+        elif not self._shown:
+            self.stream.write(f"{description}\n")
+        self._shown = True
+
+    def finish(self) -> None:
+        if self._shown and self.stream.isatty():
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def default_progress() -> ProgressBar:
+    return ProgressBar(sys.stderr)
