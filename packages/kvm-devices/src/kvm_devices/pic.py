@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+
+from kvm_devices.snapshot import bool_field, fields_of, int_field
 
 ICW1_IC4 = 0x01
 ICW1_SNGL = 0x02
@@ -474,58 +476,35 @@ class PicPair:
 
     def restore(self, state: Mapping[str, object]) -> None:
         """Replace the whole state; raises ValueError on a malformed snapshot."""
-        fields_of = _fields_of(state, PicPairState)
-        master = _chip_state(fields_of["master"], self.MASTER_ELCR_MASK)
-        slave = _chip_state(fields_of["slave"], self.SLAVE_ELCR_MASK)
+        parts = fields_of(state, PicPairState)
+        master = _chip_state(parts["master"], self.MASTER_ELCR_MASK)
+        slave = _chip_state(parts["slave"], self.SLAVE_ELCR_MASK)
         with self._lock:
             self._install(PicPairState(master=master, slave=slave))
             self._update_cascade()
         self._notify()
 
 
-def _fields_of(data: object, cls: type) -> Mapping[str, object]:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} snapshot must be a mapping")
-    expected = {f.name for f in fields(cls)}
-    if set(data) != expected:
-        raise ValueError(f"{cls.__name__} snapshot fields {sorted(data)} != {sorted(expected)}")
-    return data
-
-
-def _int_in(data: Mapping[str, object], name: str, low: int, high: int) -> int:
-    value = data[name]
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], not {value!r}")
-    return value
-
-
-def _bool(data: Mapping[str, object], name: str) -> bool:
-    value = data[name]
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, not {value!r}")
-    return value
-
-
 def _chip_state(data: object, elcr_mask: int) -> PicChipState:
-    v = _fields_of(data, PicChipState)
+    v = fields_of(data, PicChipState)
     state = PicChipState(
-        irr=_int_in(v, "irr", 0, 0xFF),
-        isr=_int_in(v, "isr", 0, 0xFF),
-        imr=_int_in(v, "imr", 0, 0xFF),
-        lines=_int_in(v, "lines", 0, 0xFF),
-        vector_base=_int_in(v, "vector_base", 0, 0xFF),
-        lowest_priority=_int_in(v, "lowest_priority", 0, 7),
-        read_isr=_bool(v, "read_isr"),
-        poll=_bool(v, "poll"),
-        special_mask=_bool(v, "special_mask"),
-        init_step=_int_in(v, "init_step", 0, 4),
-        expect_icw4=_bool(v, "expect_icw4"),
-        single=_bool(v, "single"),
-        level_triggered=_bool(v, "level_triggered"),
-        icw3=_int_in(v, "icw3", 0, 0xFF),
-        icw4=_int_in(v, "icw4", 0, 0x1F),
-        rotate_on_aeoi=_bool(v, "rotate_on_aeoi"),
-        elcr=_int_in(v, "elcr", 0, 0xFF),
+        irr=int_field(v, "irr", 0, 0xFF),
+        isr=int_field(v, "isr", 0, 0xFF),
+        imr=int_field(v, "imr", 0, 0xFF),
+        lines=int_field(v, "lines", 0, 0xFF),
+        vector_base=int_field(v, "vector_base", 0, 0xFF),
+        lowest_priority=int_field(v, "lowest_priority", 0, 7),
+        read_isr=bool_field(v, "read_isr"),
+        poll=bool_field(v, "poll"),
+        special_mask=bool_field(v, "special_mask"),
+        init_step=int_field(v, "init_step", 0, 4),
+        expect_icw4=bool_field(v, "expect_icw4"),
+        single=bool_field(v, "single"),
+        level_triggered=bool_field(v, "level_triggered"),
+        icw3=int_field(v, "icw3", 0, 0xFF),
+        icw4=int_field(v, "icw4", 0, 0x1F),
+        rotate_on_aeoi=bool_field(v, "rotate_on_aeoi"),
+        elcr=int_field(v, "elcr", 0, 0xFF),
     )
     if state.init_step == 1:
         raise ValueError("init_step must be 0, 2, 3 or 4")

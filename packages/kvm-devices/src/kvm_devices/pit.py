@@ -35,11 +35,12 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from kvm_devices.interfaces import Clock, InterruptLine, Timer, TimerHandle
 from kvm_devices.port61 import Port61, Port61State, parse_port61_state
+from kvm_devices.snapshot import bool_field, fields_of, int_field
 
 INPUT_HZ = 1_193_182
 NS_PER_S = 1_000_000_000
@@ -597,16 +598,16 @@ class Pit:
         Raises ValueError on a malformed snapshot. Does not drive ``irq0``: the
         interrupt controllers restore their own view of the line.
         """
-        data = _fields_of(state, PitState)
+        data = fields_of(state, PitState)
         counters_data = data["counters"]
         if not isinstance(counters_data, list) or len(counters_data) != CHANNELS:
             raise ValueError("counters must be a list of three counter snapshots")
         counters = [_counter_state(item) for item in counters_data]
         port61 = parse_port61_state(data["port61"])
-        irq0_level = _bool(data, "irq0_level")
-        done_tick = _int(data, "irq0_done_tick")
-        quiet_until_tick = _int(data, "irq0_quiet_until_tick")
-        saved_tick = _int(data, "clock_tick")
+        irq0_level = bool_field(data, "irq0_level")
+        done_tick = int_field(data, "irq0_done_tick")
+        quiet_until_tick = int_field(data, "irq0_quiet_until_tick")
+        saved_tick = int_field(data, "clock_tick")
         self.port61.restore(asdict(port61))
         with self._lock:
             shift = tick_at(self._clock.now_ns()) - saved_tick
@@ -634,35 +635,8 @@ def _shift_ticks(state: PitCounterState, shift: int) -> None:
         setattr(state, name, getattr(state, name) + shift)
 
 
-def _fields_of(data: object, cls: type) -> Mapping[str, object]:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} snapshot must be a mapping")
-    expected = {f.name for f in fields(cls)}
-    if set(data) != expected:
-        raise ValueError(f"{cls.__name__} snapshot fields {sorted(data)} != {sorted(expected)}")
-    return data
-
-
-def _int(
-    data: Mapping[str, object], name: str, low: int | None = None, high: int | None = None
-) -> int:
-    value = data[name]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, not {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high}], not {value}")
-    return value
-
-
-def _bool(data: Mapping[str, object], name: str) -> bool:
-    value = data[name]
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, not {value!r}")
-    return value
-
-
 def _counter_state(data: object) -> PitCounterState:
-    v = _fields_of(data, PitCounterState)
+    v = fields_of(data, PitCounterState)
     latch = v["output_latch"]
     if (
         not isinstance(latch, list)
@@ -671,30 +645,30 @@ def _counter_state(data: object) -> PitCounterState:
     ):
         raise ValueError(f"output_latch must be a list of up to two bytes, not {latch!r}")
     state = PitCounterState(
-        mode_bits=_int(v, "mode_bits", 0, 7),
-        access=_int(v, "access", 1, 3),
-        bcd=_bool(v, "bcd"),
-        count_register=_int(v, "count_register", 0, 0xFFFF),
-        count_written=_bool(v, "count_written"),
-        write_high_next=_bool(v, "write_high_next"),
-        read_high_next=_bool(v, "read_high_next"),
+        mode_bits=int_field(v, "mode_bits", 0, 7),
+        access=int_field(v, "access", 1, 3),
+        bcd=bool_field(v, "bcd"),
+        count_register=int_field(v, "count_register", 0, 0xFFFF),
+        count_written=bool_field(v, "count_written"),
+        write_high_next=bool_field(v, "write_high_next"),
+        read_high_next=bool_field(v, "read_high_next"),
         output_latch=list(latch),
-        status_latch=_int(v, "status_latch", NO_STATUS, 0xFF),
-        gate=_bool(v, "gate"),
-        armed=_bool(v, "armed"),
-        load_tick=_int(v, "load_tick"),
-        count=_int(v, "count", 0, 0x10000),
-        held=_bool(v, "held"),
-        hold_start_tick=_int(v, "hold_start_tick"),
-        held_ticks=_int(v, "held_ticks", 0),
-        value_idle=_int(v, "value_idle", 0, 0xFFFF),
-        out_idle=_bool(v, "out_idle"),
-        next_count=_int(v, "next_count", 0, 0x10000),
-        next_switch_tick=_int(v, "next_switch_tick"),
-        next_load_tick=_int(v, "next_load_tick"),
-        null_count=_bool(v, "null_count"),
-        cr_transfer_scheduled=_bool(v, "cr_transfer_scheduled"),
-        cr_transfer_tick=_int(v, "cr_transfer_tick"),
+        status_latch=int_field(v, "status_latch", NO_STATUS, 0xFF),
+        gate=bool_field(v, "gate"),
+        armed=bool_field(v, "armed"),
+        load_tick=int_field(v, "load_tick"),
+        count=int_field(v, "count", 0, 0x10000),
+        held=bool_field(v, "held"),
+        hold_start_tick=int_field(v, "hold_start_tick"),
+        held_ticks=int_field(v, "held_ticks", 0),
+        value_idle=int_field(v, "value_idle", 0, 0xFFFF),
+        out_idle=bool_field(v, "out_idle"),
+        next_count=int_field(v, "next_count", 0, 0x10000),
+        next_switch_tick=int_field(v, "next_switch_tick"),
+        next_load_tick=int_field(v, "next_load_tick"),
+        null_count=bool_field(v, "null_count"),
+        cr_transfer_scheduled=bool_field(v, "cr_transfer_scheduled"),
+        cr_transfer_tick=int_field(v, "cr_transfer_tick"),
     )
     if state.armed and state.count == 0:
         raise ValueError("an armed counter needs a count of at least 1")
