@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use iced_x86::Mnemonic;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -70,6 +71,12 @@ pub struct Counters {
     unmapped_mmio: u64,
     /// NMIs that LINT1 requests queued (the LVT said NMI, unmasked).
     lint1_nmi: u64,
+    /// Instructions KVM could not emulate that the VMM completed, by mnemonic.
+    completions: HashMap<Mnemonic, u64>,
+    /// Exceptions those instructions raised in the guest, by name ("#GP", "#PF", ...).
+    emulation_exceptions: HashMap<&'static str, u64>,
+    /// Host quirks repaired, by name.
+    quirk_repairs: HashMap<&'static str, u64>,
 }
 
 impl Default for Counters {
@@ -81,6 +88,9 @@ impl Default for Counters {
             unmapped_pio: 0,
             unmapped_mmio: 0,
             lint1_nmi: 0,
+            completions: HashMap::new(),
+            emulation_exceptions: HashMap::new(),
+            quirk_repairs: HashMap::new(),
         }
     }
 }
@@ -112,6 +122,18 @@ impl Counters {
         self.lint1_nmi += 1;
     }
 
+    pub fn count_completion(&mut self, mnemonic: Mnemonic) {
+        *self.completions.entry(mnemonic).or_insert(0) += 1;
+    }
+
+    pub fn count_emulation_exception(&mut self, name: &'static str) {
+        *self.emulation_exceptions.entry(name).or_insert(0) += 1;
+    }
+
+    pub fn count_quirk_repair(&mut self, name: &'static str) {
+        *self.quirk_repairs.entry(name).or_insert(0) += 1;
+    }
+
     pub fn add(&mut self, other: &Counters) {
         for (mine, theirs) in self.exits.iter_mut().zip(other.exits.iter()) {
             *mine += theirs;
@@ -125,10 +147,21 @@ impl Counters {
         self.unmapped_pio += other.unmapped_pio;
         self.unmapped_mmio += other.unmapped_mmio;
         self.lint1_nmi += other.lint1_nmi;
+        for (mnemonic, n) in &other.completions {
+            *self.completions.entry(*mnemonic).or_insert(0) += n;
+        }
+        for (name, n) in &other.emulation_exceptions {
+            *self.emulation_exceptions.entry(name).or_insert(0) += n;
+        }
+        for (name, n) in &other.quirk_repairs {
+            *self.quirk_repairs.entry(name).or_insert(0) += n;
+        }
     }
 
     /// {"exits": {name: n}, "pio": {base: n}, "mmio": {base: n}, "unmapped_pio": n,
-    /// "unmapped_mmio": n, "lint1_nmi": n}; reasons never seen are left out.
+    /// "unmapped_mmio": n, "lint1_nmi": n, "completions": {mnemonic: n},
+    /// "emulation_exceptions": {"#GP": n}, "quirk_repairs": {name: n}}; reasons never
+    /// seen are left out. Mnemonics are lower case ("clac", "popcnt", "int3").
     pub fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let exits = PyDict::new(py);
         for (slot, &n) in self.exits.iter().enumerate() {
@@ -151,8 +184,36 @@ impl Counters {
         dict.set_item("unmapped_pio", self.unmapped_pio)?;
         dict.set_item("unmapped_mmio", self.unmapped_mmio)?;
         dict.set_item("lint1_nmi", self.lint1_nmi)?;
+        let mut completions: Vec<(String, u64)> = self
+            .completions
+            .iter()
+            .map(|(mnemonic, n)| (mnemonic_name(*mnemonic), *n))
+            .collect();
+        completions.sort();
+        let completions_dict = PyDict::new(py);
+        for (name, n) in completions {
+            completions_dict.set_item(name, n)?;
+        }
+        dict.set_item("completions", completions_dict)?;
+        dict.set_item("emulation_exceptions", named(py, &self.emulation_exceptions)?)?;
+        dict.set_item("quirk_repairs", named(py, &self.quirk_repairs)?)?;
         Ok(dict)
     }
+}
+
+/// The lower-case name of a mnemonic, as Intel syntax spells it ("int3", "xsaveopt").
+pub fn mnemonic_name(mnemonic: Mnemonic) -> String {
+    format!("{mnemonic:?}").to_lowercase()
+}
+
+fn named<'py>(py: Python<'py>, map: &HashMap<&'static str, u64>) -> PyResult<Bound<'py, PyDict>> {
+    let mut pairs: Vec<(&str, u64)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+    pairs.sort_unstable();
+    let dict = PyDict::new(py);
+    for (name, n) in pairs {
+        dict.set_item(name, n)?;
+    }
+    Ok(dict)
 }
 
 fn sorted(map: &HashMap<u64, u64>) -> Vec<(u64, u64)> {

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::errors::{EmulationFailure, EntryFailure, TripleFault, kvm_error};
+use crate::emulate::Report;
 use crate::regs::{regs_to_dict, sregs_to_dict};
 
 /// Why run() or run_once() returned.
@@ -84,7 +85,13 @@ impl ExitInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestFailure {
     /// KVM_EXIT_INTERNAL_ERROR.
-    Emulation { suberror: u32, data: Vec<u64> },
+    /// With the completion's report when the VMM looked at the instruction.
+    Emulation {
+        suberror: u32,
+        data: Vec<u64>,
+        report: Option<Box<Report>>,
+        symbol: Option<String>,
+    },
     /// KVM_EXIT_FAIL_ENTRY.
     Entry {
         hardware_entry_failure_reason: u64,
@@ -130,7 +137,12 @@ impl GuestFailure {
             .map_err(|e| kvm_error("KVM_GET_SREGS", e))?;
         let rip = regs.rip;
         let err = match &self {
-            Self::Emulation { suberror, data } => {
+            Self::Emulation {
+                suberror,
+                data,
+                report,
+                symbol,
+            } => {
                 let insn = emulation_insn_bytes(data);
                 let what = if *suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
                     "emulation failure"
@@ -142,13 +154,39 @@ impl GuestFailure {
                 } else {
                     format!(", instruction bytes {}", hex_bytes(&insn))
                 };
-                let err = EmulationFailure::new_err(format!(
-                    "KVM_EXIT_INTERNAL_ERROR at RIP {rip:#x}: {what} (suberror {suberror}){bytes}"
-                ));
+                let message = match report {
+                    Some(report) => format!(
+                        "KVM_EXIT_INTERNAL_ERROR ({what}): {}",
+                        report.message(symbol.as_deref())
+                    ),
+                    None => format!(
+                        "KVM_EXIT_INTERNAL_ERROR at RIP {rip:#x}: {what} (suberror {suberror}){bytes}"
+                    ),
+                };
+                let err = EmulationFailure::new_err(message);
                 let value = err.value(py);
                 value.setattr("suberror", *suberror)?;
                 value.setattr("data", data.clone())?;
                 value.setattr("insn_bytes", PyBytes::new(py, &insn))?;
+                value.setattr("rip", rip)?;
+                value.setattr("symbol", symbol.clone())?;
+                match report {
+                    Some(report) => {
+                        value.setattr("instruction", report.instruction.clone())?;
+                        value.setattr(
+                            "instruction_bytes",
+                            PyBytes::new(py, &report.bytes),
+                        )?;
+                        value.setattr("cpl", report.cpl)?;
+                        value.setattr("reason", report.reason.clone())?;
+                    }
+                    None => {
+                        value.setattr("instruction", py.None())?;
+                        value.setattr("instruction_bytes", PyBytes::new(py, &insn))?;
+                        value.setattr("cpl", py.None())?;
+                        value.setattr("reason", py.None())?;
+                    }
+                }
                 err
             }
             Self::Entry {

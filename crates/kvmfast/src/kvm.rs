@@ -1,11 +1,14 @@
 //! /dev/kvm: capabilities, supported CPUID, and VM creation.
 
 use std::ffi::CString;
+use std::sync::OnceLock;
 
 use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES, kvm_enable_cap};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::emulate::host_quirks::HostQuirks;
+use crate::emulate::probe;
 use crate::errors::{kvm_error, open_kvm_error};
 use crate::vm::Vm;
 
@@ -16,6 +19,14 @@ pub type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
 #[pyclass(frozen, module = "kvmfast")]
 pub struct Kvm {
     kvm: kvm_ioctls::Kvm,
+    /// Probed once, at the first VM this object creates.
+    quirks: OnceLock<HostQuirks>,
+}
+
+impl Kvm {
+    fn quirks(&self) -> HostQuirks {
+        *self.quirks.get_or_init(|| probe::probe(&self.kvm))
+    }
 }
 
 #[pymethods]
@@ -27,7 +38,10 @@ impl Kvm {
         let c_path = CString::new(path)
             .map_err(|_| PyValueError::new_err("the KVM device path contains a NUL byte"))?;
         let kvm = kvm_ioctls::Kvm::new_with_path(&c_path).map_err(|e| open_kvm_error(path, e))?;
-        Ok(Self { kvm })
+        Ok(Self {
+            kvm,
+            quirks: OnceLock::new(),
+        })
     }
 
     #[getter]
@@ -64,7 +78,7 @@ impl Kvm {
     /// `ioapic_routes` GSIs reserved for the IOAPIC), "kernel" (KVM_CREATE_IRQCHIP) or
     /// "none".
     #[pyo3(signature = (irqchip = "split", ioapic_routes = 24))]
-    fn create_vm(&self, irqchip: &str, ioapic_routes: u32) -> PyResult<Vm> {
+    fn create_vm(&self, py: Python<'_>, irqchip: &str, ioapic_routes: u32) -> PyResult<Vm> {
         if !matches!(irqchip, "split" | "kernel" | "none") {
             return Err(PyValueError::new_err(format!(
                 "irqchip must be \"split\", \"kernel\" or \"none\", not {irqchip:?}"
@@ -90,7 +104,19 @@ impl Kvm {
             _ => {}
         }
         let routes = if irqchip == "split" { ioapic_routes } else { 0 };
-        Ok(Vm::new(fd, irqchip, routes, self.kvm.get_nr_memslots()))
+        let quirks = py.detach(|| self.quirks());
+        Ok(Vm::new(
+            fd,
+            irqchip,
+            routes,
+            self.kvm.get_nr_memslots(),
+            quirks,
+        ))
+    }
+
+    /// The host quirks the start-up probes found (each a probe guest's verdict).
+    fn host_quirks(&self, py: Python<'_>) -> std::collections::BTreeMap<&'static str, u64> {
+        py.detach(|| self.quirks()).to_map()
     }
 
     fn __repr__(&self) -> String {

@@ -4,13 +4,15 @@
 //! `vcpu` (state ioctls, hooks), `run_loop` + `dispatch` + `exits` (KVM_RUN and what
 //! follows), `address_map` (who owns a port or MMIO range), `kick` (leaving KVM_RUN from
 //! other threads), `extint` (PIC interrupts through KVM_INTERRUPT), `ioevent_loop` (the
-//! eventfd thread), `memory`, `counters`, `errors`.
+//! eventfd thread), `emulate` (instructions KVM cannot complete), `symbols`, `memory`,
+//! `counters`, `errors`.
 
 use pyo3::prelude::*;
 
 pub mod address_map;
 pub mod counters;
 pub mod dispatch;
+pub mod emulate;
 pub mod errors;
 pub mod eventfd;
 pub mod exits;
@@ -27,6 +29,7 @@ pub mod regs;
 pub mod routing;
 pub mod run_loop;
 pub mod run_page;
+pub mod symbols;
 pub mod vcpu;
 pub mod vm;
 

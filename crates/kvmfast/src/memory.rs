@@ -3,7 +3,7 @@
 
 use std::ffi::c_int;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
@@ -188,6 +188,10 @@ impl RamRegion {
     }
 }
 
+/// The RAM a VM and its vCPUs share: the vCPU thread reads guest memory through it when
+/// it completes an instruction KVM could not.
+pub type SharedRam = Arc<RwLock<GuestRam>>;
+
 /// The VM's RAM slots, sorted by guest-physical address.
 #[derive(Debug, Default)]
 pub struct GuestRam {
@@ -245,6 +249,56 @@ impl GuestRam {
             address = piece_end;
         }
         Some(pieces)
+    }
+
+    /// The host address of [gpa, gpa+len) when it lies inside one slot.
+    pub fn host_range(&self, guest_phys_addr: u64, length: usize) -> Option<NonNull<u8>> {
+        let index = self
+            .regions
+            .partition_point(|region| region.guest_phys_addr <= guest_phys_addr);
+        let region = self.regions.get(index.checked_sub(1)?)?;
+        let end = guest_phys_addr.checked_add(length as u64)?;
+        if end > region.end() {
+            return None;
+        }
+        let offset = (guest_phys_addr - region.guest_phys_addr) as usize;
+        // SAFETY: offset lies inside the mapping (checked against its end above).
+        NonNull::new(unsafe { region.mapping.as_ptr().add(offset) })
+    }
+
+    /// Whether every byte of [gpa, gpa+len) is RAM.
+    pub fn contains(&self, guest_phys_addr: u64, length: usize) -> bool {
+        self.pieces(guest_phys_addr, length).is_some()
+    }
+
+    /// Copies guest RAM into `out`; false (nothing copied) when a byte is outside RAM.
+    pub fn read_into(&self, guest_phys_addr: u64, out: &mut [u8]) -> bool {
+        let Some(pieces) = self.pieces(guest_phys_addr, out.len()) else {
+            return false;
+        };
+        let mut done = 0;
+        for (region, offset, piece_length) in pieces {
+            region
+                .mapping
+                .read_into(offset, &mut out[done..done + piece_length]);
+            done += piece_length;
+        }
+        true
+    }
+
+    /// Copies `data` into guest RAM; false (nothing written) when a byte is outside RAM.
+    pub fn write_from(&self, guest_phys_addr: u64, data: &[u8]) -> bool {
+        let Some(pieces) = self.pieces(guest_phys_addr, data.len()) else {
+            return false;
+        };
+        let mut done = 0;
+        for (region, offset, piece_length) in pieces {
+            region
+                .mapping
+                .write_from(offset, &data[done..done + piece_length]);
+            done += piece_length;
+        }
+        true
     }
 
     pub fn read(&self, guest_phys_addr: u64, length: usize) -> PyResult<Vec<u8>> {

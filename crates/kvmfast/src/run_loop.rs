@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use kvm_bindings::{
-    KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO,
+    KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION, KVM_EXIT_INTR, KVM_EXIT_IO,
     KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN,
     KVM_EXIT_SYSTEM_EVENT,
 };
@@ -19,7 +19,8 @@ use vmm_sys_util::errno;
 use crate::counters::exit_name;
 use crate::dispatch::{self, Access, Dispatched};
 use crate::errors::kvm_error;
-use crate::exits::{ExitInfo, GuestFailure};
+use crate::emulate::{Failure, Outcome, Report};
+use crate::exits::{ExitInfo, GuestFailure, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;
 use crate::kick::{REQUEST_LINT1, REQUEST_NMI, REQUEST_STOP};
@@ -151,7 +152,16 @@ impl VcpuCore {
             KVM_EXIT_SHUTDOWN => return Err(RunError::Guest(GuestFailure::TripleFault)),
             KVM_EXIT_INTERNAL_ERROR => {
                 let (suberror, data) = self.page.internal_error();
-                return Err(RunError::Guest(GuestFailure::Emulation { suberror, data }));
+                if suberror != KVM_INTERNAL_ERROR_EMULATION {
+                    return Err(RunError::Guest(GuestFailure::Emulation {
+                        suberror,
+                        data,
+                        report: None,
+                        symbol: None,
+                    }));
+                }
+                self.complete_instruction(suberror, data)?
+                    .or_else(|| single.then(|| ExitInfo::new(name, u64::from(suberror))))
             }
             KVM_EXIT_FAIL_ENTRY => {
                 let (hardware_entry_failure_reason, cpu) = self.page.fail_entry();
@@ -176,6 +186,67 @@ impl VcpuCore {
             self.call_trace(name, &access)?;
         }
         Ok(stop)
+    }
+
+    /// An instruction KVM could not emulate: completed here unless the fallback is off.
+    /// Some(exit) when a store of the instruction reached an ExitSink.
+    fn complete_instruction(
+        &self,
+        suberror: u32,
+        data: Vec<u64>,
+    ) -> Result<Option<ExitInfo>, RunError> {
+        let bytes = emulation_insn_bytes(&data);
+        let mut emulator = locks::lock(&self.emulator);
+        if !self.emulation_fallback.load(Ordering::Relaxed) {
+            let report = emulator.describe(
+                &self.fd,
+                &self.ram,
+                &self.map.mmio,
+                &bytes,
+                "the emulation fallback is off",
+            );
+            return Err(self.emulation_failure(suberror, data, report.map(Box::new)));
+        }
+        match emulator.complete(&self.fd, &self.ram, &self.map.mmio, &bytes) {
+            Ok(Outcome::Completed {
+                mnemonic,
+                device_exit,
+            }) => {
+                locks::lock(&self.counters).count_completion(mnemonic);
+                Ok(device_exit.map(|value| ExitInfo::new("device_exit", value)))
+            }
+            Ok(Outcome::Raised { fault, .. }) => {
+                locks::lock(&self.counters).count_emulation_exception(fault.name());
+                Ok(None)
+            }
+            Ok(Outcome::Repaired(quirk)) => {
+                locks::lock(&self.counters).count_quirk_repair(quirk);
+                Ok(None)
+            }
+            Err(Failure::Unsupported(report)) => {
+                Err(self.emulation_failure(suberror, data, Some(report)))
+            }
+            Err(Failure::Host(err)) => Err(RunError::Python(err)),
+        }
+    }
+
+    fn emulation_failure(
+        &self,
+        suberror: u32,
+        data: Vec<u64>,
+        report: Option<Box<Report>>,
+    ) -> RunError {
+        let symbol = report.as_ref().and_then(|report| {
+            locks::read(&self.symbols)
+                .as_ref()
+                .and_then(|table| table.describe(report.rip))
+        });
+        RunError::Guest(GuestFailure::Emulation {
+            suberror,
+            data,
+            report,
+            symbol,
+        })
     }
 
     fn count(&self, reason: u32, also: impl FnOnce(&mut crate::counters::Counters)) {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -14,6 +14,11 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::address_map::AddressMap;
 use crate::counters::Counters;
+use crate::emulate::fpu_state::{AREA_SIZE, XsaveArea};
+use crate::emulate::{Emulator, Stop};
+use crate::emulate::host_quirks::HostQuirks;
+use crate::memory::SharedRam;
+use crate::symbols::SymbolTable;
 use crate::errors::{KvmError, interrupt_error, kvm_error};
 use crate::exits::Exit;
 use crate::extint::ExtintInjector;
@@ -49,6 +54,13 @@ pub struct VcpuCore {
     /// Locked for the whole of run(): the injector's state, and the guard against two
     /// threads running one vCPU.
     pub injector: Mutex<ExtintInjector>,
+    /// Guest RAM, read and written when an instruction is completed here.
+    pub ram: SharedRam,
+    /// Whether emulation failures are completed here (else they end the run).
+    pub emulation_fallback: AtomicBool,
+    pub emulator: Mutex<Emulator>,
+    /// The VM's symbol table, for failure reports.
+    pub symbols: SharedSymbols,
 }
 
 impl VcpuCore {
@@ -56,6 +68,19 @@ impl VcpuCore {
         locks::lock(&self.hooks)
     }
 }
+
+/// What a vCPU shares with its VM.
+pub struct VcpuShared {
+    pub map: Arc<AddressMap<Handler>>,
+    pub counters: Arc<Mutex<Counters>>,
+    pub ram: SharedRam,
+    pub symbols: SharedSymbols,
+    pub quirks: HostQuirks,
+    pub emulation_fallback: bool,
+}
+
+/// The VM's symbol table, replaced as a whole when another file is loaded.
+pub type SharedSymbols = Arc<RwLock<Option<Arc<SymbolTable>>>>;
 
 /// One virtual CPU. Created on any thread, run on the thread that calls run().
 #[pyclass(frozen, module = "kvmfast")]
@@ -66,14 +91,15 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(
-        id: u64,
-        fd: VcpuFd,
-        page: RunPage,
-        vm: Py<Vm>,
-        map: Arc<AddressMap<Handler>>,
-        counters: Arc<Mutex<Counters>>,
-    ) -> Self {
+    pub fn new(id: u64, fd: VcpuFd, page: RunPage, vm: Py<Vm>, shared: VcpuShared) -> Self {
+        let VcpuShared {
+            map,
+            counters,
+            ram,
+            symbols,
+            quirks,
+            emulation_fallback,
+        } = shared;
         let page = Arc::new(page);
         Self {
             vm,
@@ -87,6 +113,10 @@ impl Vcpu {
                 hooks: Mutex::new(Hooks::default()),
                 trace_enabled: AtomicBool::new(false),
                 injector: Mutex::new(ExtintInjector::default()),
+                ram,
+                emulation_fallback: AtomicBool::new(emulation_fallback),
+                emulator: Mutex::new(Emulator::new(quirks)),
+                symbols,
             },
         }
     }
@@ -126,6 +156,15 @@ impl Vcpu {
     ) -> PyResult<T> {
         py.detach(|| call(&self.core.fd))
             .map_err(|e| kvm_error(name, e))
+    }
+}
+
+/// A Stop from the shared FPU-state helpers, outside a completion.
+fn stop_error(stop: Stop) -> PyErr {
+    match stop {
+        Stop::Host(err) => err,
+        Stop::Unsupported(text) => PyRuntimeError::new_err(text),
+        Stop::Fault(fault) => PyRuntimeError::new_err(fault.name()),
     }
 }
 
@@ -178,6 +217,49 @@ impl Vcpu {
         let mut state = self.ioctl(py, "KVM_GET_FPU", VcpuFd::get_fpu)?;
         regs::update_fpu(&mut state, changes)?;
         self.ioctl(py, "KVM_SET_FPU", |fd| fd.set_fpu(&state))
+    }
+
+    /// The 4096-byte XSAVE area in the standard format (KVM_GET_XSAVE).
+    fn get_xsave<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let area = py
+            .detach(|| XsaveArea::load(&self.core.fd))
+            .map_err(stop_error)?;
+        Ok(PyBytes::new(py, &area.bytes))
+    }
+
+    /// KVM_SET_XSAVE with a 4096-byte standard-format area (KVM checks its header).
+    fn set_xsave(&self, py: Python<'_>, area: &[u8]) -> PyResult<()> {
+        if area.len() != AREA_SIZE {
+            return Err(PyValueError::new_err(format!(
+                "an XSAVE area is {AREA_SIZE} bytes, not {}",
+                area.len()
+            )));
+        }
+        let area = XsaveArea {
+            bytes: area.to_vec(),
+        };
+        py.detach(|| area.store(&self.core.fd)).map_err(stop_error)
+    }
+
+    /// Extended control registers (KVM_GET_XCRS) as {xcr: value}.
+    fn get_xcrs(&self, py: Python<'_>) -> PyResult<BTreeMap<u32, u64>> {
+        let xcrs = self.ioctl(py, "KVM_GET_XCRS", VcpuFd::get_xcrs)?;
+        let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+        Ok(xcrs.xcrs[..count].iter().map(|x| (x.xcr, x.value)).collect())
+    }
+
+    /// KVM_SET_XCRS from {xcr: value}.
+    fn set_xcrs(&self, py: Python<'_>, values: BTreeMap<u32, u64>) -> PyResult<()> {
+        let mut xcrs = kvm_bindings::kvm_xcrs::default();
+        if values.len() > xcrs.xcrs.len() {
+            return Err(PyValueError::new_err("too many XCRs"));
+        }
+        xcrs.nr_xcrs = values.len() as u32;
+        for (slot, (xcr, value)) in xcrs.xcrs.iter_mut().zip(values) {
+            slot.xcr = xcr;
+            slot.value = value;
+        }
+        self.ioctl(py, "KVM_SET_XCRS", |fd| fd.set_xcrs(&xcrs))
     }
 
     /// The local APIC's 1024-byte register page (KVM_GET_LAPIC).
@@ -348,6 +430,20 @@ impl Vcpu {
     /// One KVM_RUN with the same dispatch; returns the exit's name.
     fn run_once(&self, py: Python<'_>) -> PyResult<Exit> {
         self.run_with(py, true)
+    }
+
+    /// Whether instructions KVM cannot emulate are completed here (default True); when
+    /// False the first one ends run() with EmulationFailure, as QEMU does.
+    #[getter]
+    fn get_emulation_fallback(&self) -> bool {
+        self.core.emulation_fallback.load(Ordering::Relaxed)
+    }
+
+    #[setter]
+    fn set_emulation_fallback(&self, enabled: bool) {
+        self.core
+            .emulation_fallback
+            .store(enabled, Ordering::Relaxed);
     }
 
     #[getter]

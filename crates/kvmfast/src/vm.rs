@@ -1,6 +1,7 @@
 //! The VM handle: memory slots, the address map, GSI routing, irqfd and ioeventfd,
 //! vCPU creation and the VM-wide counters.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -20,10 +21,12 @@ use crate::errors::{errno_error, kvm_error};
 use crate::handlers::Handler;
 use crate::ioctls;
 use crate::locks;
-use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion};
+use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion, SharedRam};
 use crate::routing::{MsiRoute, RoutingTable};
 use crate::run_page::RunPage;
-use crate::vcpu::Vcpu;
+use crate::emulate::host_quirks::HostQuirks;
+use crate::symbols::SymbolTable;
+use crate::vcpu::{SharedSymbols, Vcpu, VcpuShared};
 
 const PAGE_SIZE: u64 = 4096;
 const IOEVENTFD_FLAG_DATAMATCH: u32 = 1 << kvm_bindings::kvm_ioeventfd_flag_nr_datamatch;
@@ -39,7 +42,6 @@ struct VmState {
 /// What the VM's methods change beside the fd.
 #[derive(Default)]
 struct VmResources {
-    ram: GuestRam,
     routes: RoutingTable,
     vcpu_counters: Vec<Arc<Mutex<Counters>>>,
 }
@@ -53,17 +55,33 @@ pub struct Vm {
     run_size: usize,
     max_slots: usize,
     map: Arc<AddressMap<Handler>>,
+    /// Shared with the vCPUs, which read guest memory when they complete an instruction.
+    ram: SharedRam,
+    symbols: SharedSymbols,
+    quirks: HostQuirks,
+    /// The emulation_fallback setting new vCPUs start with.
+    emulation_fallback: AtomicBool,
     state: Mutex<VmState>,
 }
 
 impl Vm {
-    pub fn new(fd: VmFd, irqchip: &str, ioapic_routes: u32, max_slots: usize) -> Self {
+    pub fn new(
+        fd: VmFd,
+        irqchip: &str,
+        ioapic_routes: u32,
+        max_slots: usize,
+        quirks: HostQuirks,
+    ) -> Self {
         Self {
             irqchip: irqchip.to_string(),
             ioapic_routes,
             run_size: fd.run_size(),
             max_slots,
             map: Arc::new(AddressMap::default()),
+            ram: SharedRam::default(),
+            symbols: SharedSymbols::default(),
+            quirks,
+            emulation_fallback: AtomicBool::new(true),
             state: Mutex::new(VmState {
                 fd: Some(fd),
                 resources: VmResources::default(),
@@ -232,13 +250,14 @@ impl Vm {
         }
         let length =
             usize::try_from(size).map_err(|_| PyOverflowError::new_err("size too large"))?;
-        self.with_fd(|fd, resources| {
-            if resources.ram.overlaps(guest_phys_addr, size) {
+        self.with_fd(|fd, _| {
+            let mut ram = locks::write(&self.ram);
+            if ram.overlaps(guest_phys_addr, size) {
                 return Err(PyValueError::new_err(format!(
                     "guest memory {guest_phys_addr:#x}+{size:#x} overlaps an existing slot"
                 )));
             }
-            let used: Vec<u32> = resources.ram.slots_in_use().collect();
+            let used: Vec<u32> = ram.slots_in_use().collect();
             let slot = (0u32..)
                 .take(self.max_slots)
                 .find(|slot| !used.contains(slot))
@@ -258,7 +277,7 @@ impl Vm {
             // fd (and with it the slot) before letting go.
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(|e| kvm_error("KVM_SET_USER_MEMORY_REGION", e))?;
-            resources.ram.insert(RamRegion {
+            ram.insert(RamRegion {
                 guest_phys_addr,
                 slot,
                 mapping: mapping.clone(),
@@ -273,16 +292,11 @@ impl Vm {
         guest_phys_addr: u64,
         length: usize,
     ) -> PyResult<std::borrow::Cow<'static, [u8]>> {
-        Ok(self
-            .state()
-            .resources
-            .ram
-            .read(guest_phys_addr, length)?
-            .into())
+        Ok(locks::read(&self.ram).read(guest_phys_addr, length)?.into())
     }
 
     fn write(&self, guest_phys_addr: u64, data: &[u8]) -> PyResult<()> {
-        self.state().resources.ram.write(guest_phys_addr, data)
+        locks::read(&self.ram).write(guest_phys_addr, data)
     }
 
     /// Gives ports [base, base+length) to `handler` (a device, NullSink or ExitSink).
@@ -416,15 +430,51 @@ impl Vm {
             })?;
             let counters = Arc::new(Mutex::new(Counters::default()));
             resources.vcpu_counters.push(counters.clone());
-            Ok(Vcpu::new(
-                vcpu_id,
-                vcpu,
-                page,
-                slf.clone().unbind(),
-                this.map.clone(),
+            let shared = VcpuShared {
+                map: this.map.clone(),
                 counters,
-            ))
+                ram: this.ram.clone(),
+                symbols: this.symbols.clone(),
+                quirks: this.quirks,
+                emulation_fallback: this.emulation_fallback.load(Ordering::Relaxed),
+            };
+            Ok(Vcpu::new(vcpu_id, vcpu, page, slf.clone().unbind(), shared))
         })
+    }
+
+    /// The emulation_fallback that vCPUs created from now on start with (default True).
+    /// Each vCPU has its own switch too (Vcpu.emulation_fallback).
+    #[getter]
+    fn get_emulation_fallback(&self) -> bool {
+        self.emulation_fallback.load(Ordering::Relaxed)
+    }
+
+    #[setter]
+    fn set_emulation_fallback(&self, enabled: bool) {
+        self.emulation_fallback.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Loads a System.map or /proc/kallsyms file: emulation failure reports then name
+    /// the function at RIP. Returns the number of symbols.
+    fn load_symbols(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<usize> {
+        let table = py
+            .detach(|| SymbolTable::load(&path))
+            .map_err(crate::errors::io_error)?;
+        let count = table.len();
+        *locks::write(&self.symbols) = Some(Arc::new(table));
+        Ok(count)
+    }
+
+    /// The symbol containing `address` ("name+0xoff/0xsize"), or None.
+    fn describe_address(&self, address: u64) -> Option<String> {
+        locks::read(&self.symbols)
+            .as_ref()
+            .and_then(|table| table.describe(address))
+    }
+
+    /// What the host-quirk probes found when this VM was created.
+    fn host_quirks(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.quirks.to_map()
     }
 
     /// The counters of all vCPUs this VM created, summed.
@@ -449,6 +499,8 @@ impl Vm {
         let handlers = (self.take_ranges(true), self.take_ranges(false));
         // The fd first, so that KVM lets go of the slots before they are unmapped.
         drop(fd);
+        let ram: GuestRam = std::mem::take(&mut *locks::write(&self.ram));
+        drop(ram);
         drop(resources);
         drop(handlers);
     }

@@ -42,6 +42,9 @@ def test_counters_are_exact(kvm: Kvm) -> None:
         "unmapped_pio": 3,
         "unmapped_mmio": 1,
         "lint1_nmi": 0,
+        "completions": {},
+        "emulation_exceptions": {},
+        "quirk_repairs": {},
     }
     assert guest.vcpu.counters() == expected
     assert guest.vm.counters() == expected

@@ -46,8 +46,10 @@ def test_instruction_kvm_cannot_emulate_raises_emulation_failure(kvm: Kvm) -> No
         popcnt rax, [rbx]
         """,
     )
-    # An MMIO operand makes KVM emulate the instruction, and its emulator has no POPCNT.
+    # An MMIO operand makes KVM emulate the instruction, and its emulator has no POPCNT;
+    # with the fallback off nothing completes it.
     guest.vm.add_mmio(MMIO_BASE, 0x1000, NullSink())
+    guest.vcpu.emulation_fallback = False
     with pytest.raises(EmulationFailure) as raised:
         guest.vcpu.run()
     failure = raised.value
@@ -60,3 +62,7 @@ def test_instruction_kvm_cannot_emulate_raises_emulation_failure(kvm: Kvm) -> No
         assert failure.insn_bytes.startswith(bytes.fromhex("f3480fb803"))
     else:
         assert failure.insn_bytes == b""
+    assert failure.instruction == "popcnt rax,[rbx]"
+    assert failure.instruction_bytes == bytes.fromhex("f3480fb803")
+    assert failure.cpl == 0
+    assert "emulation fallback is off" in str(failure)
