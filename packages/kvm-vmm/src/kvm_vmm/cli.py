@@ -1,23 +1,29 @@
 """The ``kvm-vmm`` command: QEMU and Cloud Hypervisor habits, our split irqchip.
 
-    kvm-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory 512M]
+    kvm-vmm run [--kernel PATH] [--initrd PATH] [--cmdline STR] [--memory 512M]
                 [--cpus N] [--serial stdio|file:PATH|null] [--device SPEC]...
-                [--stats] [--verbose]
-    kvm-vmm demo
+                [--fast-boot] [--no-host-workarounds] [--stats] [--verbose]
+    kvm-vmm demo [--tiny] [--memory SIZE] [--cpus N] [--no-host-workarounds] ...
+    kvm-vmm host-check [--refresh] [--json] [--verbose]
 
-Exit status: the guest's (0 for a power-off, (v << 1) | 1 for an
-isa-debug-exit write of v), 1 when the guest crashed the machine, 2 for a
-usage or input error.
+Without --kernel, ``run`` and ``demo`` boot the default guest: Debian's cloud
+kernel and a busybox shell, fetched with apt-get the first time (cached);
+``demo --tiny`` is the built-in assembly guest. Exit status: the guest's (0
+for a power-off, (v << 1) | 1 for an isa-debug-exit write of v), 1 when the
+guest crashed the machine, 2 for a usage or input error; host-check: 1 when
+a check FAILs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -28,15 +34,27 @@ from kvm_vmm.console import (
     raw_terminal,
     start_stdin_reader,
 )
+from kvm_vmm.debian import AssetsUnavailable, default_progress, fetch_guest_assets
 from kvm_vmm.devices import DeviceSpecError
-from kvm_vmm.loaders import LoaderError, load_kernel
+from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot
+from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
+from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
+from kvm_vmm.loaders import LoaderError, default_cache_dir, load_kernel, load_linux_image
+from kvm_vmm.loaders.elf import ELFCLASS64, elf_class, is_elf
+from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.loaders.image import EntryState
+from kvm_vmm.loaders.linux_header import is_bzimage
+from kvm_vmm.loaders.multiboot_header import find_multiboot_header
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
+from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvmfast.testing import AssemblerMissing, assemble
 
 USAGE_ERROR = 2
+HOST_CHECK_FAILED = 1
 DEMO_LOAD_ADDRESS = 0x100000
 DEMO_MEMORY = "64M"
+LINUX_MEMORY = "512M"
+DEFAULT_GUEST_CMDLINE = "console=ttyS0"
 _SIZE = re.compile(r"(?i)^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -63,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="boot a kernel (Linux bzImage/vmlinux or Multiboot)")
     run.add_argument(
-        "--kernel", required=True, type=Path, help="bzImage, ELF vmlinux or Multiboot image"
+        "--kernel",
+        type=Path,
+        help="bzImage, ELF vmlinux or Multiboot image (default: the default guest, "
+        "Debian's cloud kernel with a busybox shell)",
     )
     run.add_argument("--initrd", type=Path, help="initramfs (Linux) or module 0 (Multiboot)")
     run.add_argument("--cmdline", default="", help="kernel command line")
@@ -76,10 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="Linux: decompress the payload on the host (vmlinux, default) or let the "
         "kernel decompress itself (bzimage)",
     )
+    run.add_argument(
+        "--fast-boot",
+        action="store_true",
+        help="Linux: add the switches that skip emulated boot work (docs/linux-boot.md)",
+    )
     _add_common(run)
 
-    demo = commands.add_parser("demo", help="boot the built-in demo guest")
+    demo = commands.add_parser(
+        "demo", help="boot the default guest: Debian's cloud kernel to a busybox shell"
+    )
+    demo.add_argument(
+        "--tiny", action="store_true", help="the built-in assembly guest instead (no download)"
+    )
+    demo.add_argument("--memory", help=f"guest RAM (default {LINUX_MEMORY}; --tiny {DEMO_MEMORY})")
+    demo.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     _add_common(demo)
+
+    check = commands.add_parser(
+        "host-check", help="probe what this host's KVM does for guests (PASS/WARN/FAIL)"
+    )
+    check.add_argument("--refresh", action="store_true", help="probe again, ignore the cache")
+    check.add_argument("--json", action="store_true", help="the report as JSON")
+    check.add_argument(
+        "--verbose", action="store_true", help="also the Linux switches and CPUID it implies"
+    )
     return parser
 
 
@@ -98,7 +140,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "isa-debug-exit[,iobase=0xf4][,iosize=0x4] (repeatable)",
     )
     parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
-    parser.add_argument("--stats", action="store_true", help="print exit counters at the end")
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print at exit: exits by reason and by device, the boot's milestones",
+    )
+    parser.add_argument(
+        "--no-host-workarounds",
+        action="store_true",
+        help="Linux: do not add the switches or CPUID changes the host check asks for",
+    )
     parser.add_argument("--verbose", action="store_true", help="say what the VMM is doing")
 
 
@@ -106,7 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (UsageError, SerialSpecError, DeviceSpecError, MachineConfigError, LoaderError) as error:
+    except (
+        UsageError,
+        SerialSpecError,
+        DeviceSpecError,
+        MachineConfigError,
+        LoaderError,
+        AssetsUnavailable,
+    ) as error:
         print(f"kvm-vmm: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except AssemblerMissing as error:
@@ -118,23 +176,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    memory = parse_size(getattr(args, "memory", DEMO_MEMORY))
-    cpus: int = getattr(args, "cpus", 1)
-    console = open_serial_sink(args.serial)
+    if args.command == "host-check":
+        return _host_check(args)
+    tiny = args.command == "demo" and args.tiny
+    default_memory = DEMO_MEMORY if tiny else LINUX_MEMORY
+    memory = parse_size(getattr(args, "memory", None) or default_memory)
+    cpus: int = args.cpus
+    cache_dir = default_cache_dir(os.environ)
+    console = MilestoneSink(open_serial_sink(args.serial))
     machine = Machine(MachineConfig(memory_size=memory, cpus=cpus, console=console))
     try:
         for spec in args.device:
             machine.add_device(spec)
+        # Only input that is known good is worth a download.
+        boot = None if tiny else _prepare_boot(args, cache_dir)
         rsdp = machine.install_acpi_tables()
-        if args.command == "demo":
+        if boot is None:
             _load_demo(machine)
         else:
-            image = load_kernel(
-                args.kernel, memory, args.cmdline, args.initrd, args.boot_path, rsdp
-            )
-            for note in image.notes:
-                print(f"kvm-vmm: note: {note}", file=sys.stderr)
-            machine.load(image)
+            _load_boot(args, machine, boot, memory, rsdp, cache_dir)
         _say(args, f"{cpus} vCPU(s), {memory >> 20} MiB, serial {args.serial}")
         interactive = args.serial == "stdio" and sys.stdin.isatty()
         if args.serial == "stdio":
@@ -146,10 +206,154 @@ def _run(args: argparse.Namespace) -> int:
         with raw_terminal(interactive):
             outcome = machine.run(args.timeout)
         elapsed = time.monotonic() - started
-        _report(args, machine, outcome, elapsed)
+        if outcome.status == 0 and "powered off" in outcome.reason:
+            console.mark(POWER_OFF)
+        _report(args, machine, outcome, elapsed, console, started)
         return outcome.status
     finally:
         machine.close()
+
+
+@dataclass(frozen=True)
+class _Boot:
+    """A kernel to boot (its bytes, read once), its initrd and, for Linux, its plan."""
+
+    kernel_path: Path
+    image: bytes
+    initrd: bytes | None
+    plan: LinuxBootPlan | None
+
+
+def is_linux_image(image: bytes) -> bool:
+    """What load_kernel boots as Linux: a bzImage, or an ELF64 without a Multiboot header."""
+    if is_bzimage(image):
+        return True
+    return find_multiboot_header(image) is None and is_elf(image) and elf_class(image) == ELFCLASS64
+
+
+def _prepare_boot(args: argparse.Namespace, cache_dir: Path | None) -> _Boot:
+    kernel_path: Path | None = getattr(args, "kernel", None)
+    cmdline: str = getattr(args, "cmdline", "")
+    initrd: bytes | None
+    if kernel_path is None:
+        kernel_path, initrd = _default_guest(args, cache_dir)
+        cmdline = f"{DEFAULT_GUEST_CMDLINE} {cmdline}".strip()
+    else:
+        initrd_path: Path | None = args.initrd
+        initrd = None if initrd_path is None else read_boot_file(initrd_path, "initrd")
+    image = read_boot_file(kernel_path, "kernel")
+    if not is_linux_image(image):
+        return _Boot(kernel_path, image, initrd, None)
+    host = host_report(cache_dir)
+    plan = plan_linux_boot(
+        cmdline,
+        fast_boot=args.command == "demo" or getattr(args, "fast_boot", False),
+        host=host,
+        host_workarounds=not args.no_host_workarounds,
+    )
+    if plan.fast_boot:
+        print(
+            f"kvm-vmm: fast boot: adding {' '.join(plan.fast_boot)} (docs/linux-boot.md)",
+            file=sys.stderr,
+        )
+    if plan.host_switches or plan.hidden_cpuid:
+        hidden = " ".join(bit.name for bit in plan.hidden_cpuid) or "none"
+        _say(
+            args,
+            f"host workarounds (kvm-vmm host-check; off with --no-host-workarounds): "
+            f"Linux switches {' '.join(plan.host_switches) or 'none'}; CPUID hidden: {hidden}",
+        )
+    for note in plan.notes:
+        print(f"kvm-vmm: note: {note}", file=sys.stderr)
+    _say(args, f"kernel command line: {plan.cmdline}")
+    return _Boot(kernel_path, image, initrd, plan)
+
+
+def _default_guest(args: argparse.Namespace, cache_dir: Path | None) -> tuple[Path, bytes]:
+    if cache_dir is None:
+        raise AssetsUnavailable(
+            "the default guest is kept in the user's cache directory, and neither $HOME nor "
+            "$XDG_CACHE_HOME is set: pass --kernel PATH (and --initrd PATH)"
+        )
+    progress = default_progress()
+    try:
+        assets = fetch_guest_assets(cache_dir, _announcing(progress, cache_dir))
+    finally:
+        progress.finish()
+    _say(args, f"default guest: {assets.kernel_package}, {assets.busybox_package}")
+    initrd = busybox_initramfs(read_boot_file(assets.busybox, "busybox"), DEMO_INIT)
+    return assets.kernel, initrd
+
+
+def _announcing(
+    progress: Callable[[float, str], None], cache_dir: Path
+) -> Callable[[float, str], None]:
+    announced = False
+
+    def report(fraction: float, description: str) -> None:
+        nonlocal announced
+        if not announced:
+            print(
+                "kvm-vmm: fetching the default guest (Debian's cloud kernel and busybox-static) "
+                f"with apt-get download, once; kept in {cache_dir}",
+                file=sys.stderr,
+            )
+            announced = True
+        progress(fraction, description)
+
+    return report
+
+
+def _load_boot(
+    args: argparse.Namespace,
+    machine: Machine,
+    boot: _Boot,
+    memory: int,
+    rsdp: int,
+    cache_dir: Path | None,
+) -> None:
+    if boot.plan is None:
+        cmdline: str = getattr(args, "cmdline", "")
+        image = load_kernel(boot.kernel_path, memory, cmdline, args.initrd, args.boot_path, rsdp)
+    else:
+        if boot.plan.hidden_cpuid:
+            hide_cpuid_flags(machine.vcpus, machine.kvm.supported_cpuid(), boot.plan.hidden_cpuid)
+        image = load_linux_image(
+            boot.image,
+            memory,
+            boot.plan.cmdline,
+            boot.initrd,
+            getattr(args, "boot_path", "vmlinux"),
+            rsdp,
+            cache_dir,
+        )
+    for note in image.notes:
+        print(f"kvm-vmm: note: {note}", file=sys.stderr)
+    machine.load(image)
+
+
+def _host_check(args: argparse.Namespace) -> int:
+    cache_dir = default_cache_dir(os.environ)
+    report = host_report(cache_dir, refresh=args.refresh)
+    if args.json:
+        print(report.to_json())
+        return HOST_CHECK_FAILED if report.failures else 0
+    where = "" if cache_dir is None else f"; cached in {cache_file(cache_dir, host_identity())}"
+    how = "read from the cache" if report.from_cache else f"probed in {report.probe_seconds:.2f} s"
+    print(f"kvm-vmm host-check: host kernel {report.identity.get('release', '?')}, {how}{where}")
+    for line in report.lines():
+        print(line)
+    if args.verbose:
+        _print_implications(report)
+    return HOST_CHECK_FAILED if report.failures else 0
+
+
+def _print_implications(report: HostReport) -> None:
+    switches = " ".join(report.linux_switches()) or "none"
+    hidden = " ".join(bit.name for bit in report.cpuid_bits_to_clear()) or "none"
+    print(f"Linux switches the VMM adds on this host: {switches}")
+    print(f"CPUID flags the VMM hides on this host: {hidden}")
+    print("(kvm-vmm run/demo --no-host-workarounds boots without them)")
 
 
 def _load_demo(machine: Machine) -> None:
@@ -164,7 +368,14 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"kvm-vmm: {message}", file=sys.stderr)
 
 
-def _report(args: argparse.Namespace, machine: Machine, outcome: Outcome, elapsed: float) -> None:
+def _report(
+    args: argparse.Namespace,
+    machine: Machine,
+    outcome: Outcome,
+    elapsed: float,
+    console: MilestoneSink,
+    started: float,
+) -> None:
     if outcome.error is not None or (outcome.status != 0 and args.verbose):
         print(f"\nkvm-vmm: {outcome.reason} (status {outcome.status})", file=sys.stderr)
     else:
@@ -174,8 +385,31 @@ def _report(args: argparse.Namespace, machine: Machine, outcome: Outcome, elapse
         regs = " ".join(f"{name}={value:#x}" for name, value in error.regs.items())
         print(f"kvm-vmm: registers: {regs}", file=sys.stderr)
     if args.stats:
-        stats = {"seconds": round(elapsed, 3), "outcome": outcome.reason, **machine.counters()}
+        stats = run_statistics(machine, outcome, elapsed, console, started)
         print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+
+
+def run_statistics(
+    machine: Machine, outcome: Outcome, elapsed: float, console: MilestoneSink, started: float
+) -> dict[str, object]:
+    """--stats: exits by reason and by device, other kvmfast counters, milestones."""
+    counters: dict[str, object] = dict(machine.counters())
+    names = {(m.space, m.base): m.name for m in machine.platform.mappings}
+    by_device: dict[str, int] = {}
+    for space in ("pio", "mmio"):
+        per_base = counters.pop(space, {})
+        assert isinstance(per_base, dict)
+        for base, count in per_base.items():
+            name = names.get((space, base), f"{space} {base:#x}")
+            by_device[name] = by_device.get(name, 0) + count
+    return {
+        "seconds": round(elapsed, 3),
+        "outcome": outcome.reason,
+        "exits": counters.pop("exits", {}),
+        "exits_by_device": dict(sorted(by_device.items(), key=lambda item: -item[1])),
+        **counters,
+        "milestones": [{"name": m.name, "seconds": m.seconds} for m in console.milestones(started)],
+    }
 
 
 if __name__ == "__main__":
