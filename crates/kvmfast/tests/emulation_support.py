@@ -283,7 +283,9 @@ def run_to_exit(guest: Guest) -> Exit:
 def run_in_guest(kvm: Kvm, body: str, state: CpuState, *, bits: int = 64) -> tuple[CpuState, Guest]:
     """The body run at CPL 0 in a guest from ``state``; the guest is returned for its
     counters."""
-    guest = make_guest(kvm, f".global entry\nentry:\n{body}\n    out {EXIT_PORT:#x}, al\n", bits=bits)
+    guest = make_guest(
+        kvm, f".global entry\nentry:\n{body}\n    out {EXIT_PORT:#x}, al\n", bits=bits
+    )
     load_state(guest, state)
     run_to_exit(guest)
     return read_state(guest), guest
@@ -292,3 +294,185 @@ def run_in_guest(kvm: Kvm, body: str, state: CpuState, *, bits: int = 64) -> tup
 def completions(guest: Guest) -> dict[str, int]:
     counters: dict[str, int] = guest.vcpu.counters()["completions"]
     return counters
+
+
+# ---- interrupts, exceptions and privilege levels ---------------------------------------
+
+KERNEL_CS64 = 0x08
+KERNEL_DS = 0x10
+USER_DS = 0x23
+USER_CS64 = 0x2B
+TSS_SELECTOR_64 = 0x30
+USER_CS32 = 0x1B
+TSS_SELECTOR_32 = 0x28
+GDT_AT = 0x11000
+TSS_AT = 0x12000
+KERNEL_STACK = 0x7000
+IST1_STACK = 0x6000
+USER_CODE_AT = 0x200000
+USER_STACK = 0x3FF000
+PD0_AT = 0xB000  # setup_long_mode's first page directory (PML4 0x9000, PDPT 0xA000)
+
+# Flat descriptors (SDM Vol. 3A 3.4.5): code 64/32-bit and data, DPL 0 and 3.
+_KCODE64 = 0x00AF_9B00_0000_FFFF
+_KDATA = 0x00CF_9300_0000_FFFF
+_UCODE32 = 0x00CF_FB00_0000_FFFF
+_UDATA = 0x00CF_F300_0000_FFFF
+_UCODE64 = 0x00AF_FB00_0000_FFFF
+_KCODE32 = 0x00CF_9B00_0000_FFFF
+
+
+def gate64(handler: int, *, dpl: int = 0, ist: int = 0, trap: bool = False) -> bytes:
+    """A 16-byte IA-32e interrupt or trap gate (SDM Vol. 3A 6.14.1)."""
+    kind = 0x8F if trap else 0x8E
+    return struct.pack(
+        "<HHBBHII",
+        handler & 0xFFFF,
+        KERNEL_CS64,
+        ist,
+        kind | (dpl << 5),
+        (handler >> 16) & 0xFFFF,
+        handler >> 32,
+        0,
+    )
+
+
+def gate32(handler: int, *, dpl: int = 0, trap: bool = False) -> bytes:
+    """An 8-byte 32-bit interrupt or trap gate (SDM Vol. 3A 6.11)."""
+    kind = 0x8F if trap else 0x8E
+    return struct.pack("<HHBBH", handler & 0xFFFF, 0x08, 0, kind | (dpl << 5), handler >> 16)
+
+
+def install_gates(guest: Guest, gates: dict[int, bytes]) -> None:
+    size = 16 if guest.bits == 64 else 8
+    table = bytearray(256 * size)
+    for vector, gate in gates.items():
+        table[vector * size : (vector + 1) * size] = gate
+    guest.vm.write(IDT_AT, bytes(table))
+    guest.vcpu.set_sregs({"idt": {"base": IDT_AT, "limit": len(table) - 1}})
+
+
+def exception_handlers_asm(bits: int = 64) -> str:
+    """One handler per vector of EXCEPTION_VECTORS, labelled ``vector_N``: it leaves
+    the error code in RBX (0xEEEE when there is none), CR2 in RCX, the saved RIP in
+    RDX, and exits with AL = N."""
+    word = "r" if bits == 64 else "e"
+    parts = []
+    for vector in sorted(set(EXCEPTION_VECTORS.values())):
+        take_code = f"pop {word}bx" if vector in VECTORS_WITH_ERROR_CODE else "mov ebx, 0xeeee"
+        parts.append(
+            f"""
+.global vector_{vector}
+vector_{vector}:
+    {take_code}
+    mov {word}cx, cr2
+    pop {word}dx
+    mov al, {vector}
+    out {EXIT_PORT:#x}, al
+"""
+        )
+    return "".join(parts)
+
+
+def install_exception_handlers(guest: Guest, extra: dict[int, bytes] | None = None) -> None:
+    make = gate64 if guest.bits == 64 else gate32
+    gates = {
+        vector: make(guest.symbols[f"vector_{vector}"])
+        for vector in set(EXCEPTION_VECTORS.values())
+    }
+    gates.update(extra or {})
+    install_gates(guest, gates)
+
+
+def setup_tss64(guest: Guest) -> None:
+    """GDT: null, kernel code/data (0x08, 0x10), user code32/data/code64 (0x1b, 0x23,
+    0x2b), a 64-bit TSS at 0x30 with RSP0 = KERNEL_STACK and IST1 = IST1_STACK; TR
+    loaded. The second 2 MiB of RAM (USER_CODE_AT..) becomes user-accessible."""
+    tss = bytearray(0x68)
+    struct.pack_into("<Q", tss, 4, KERNEL_STACK)
+    struct.pack_into("<Q", tss, 0x24, IST1_STACK)
+    guest.vm.write(TSS_AT, bytes(tss))
+    base = TSS_AT
+    low = (0x67 & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89 << 40) | (((base >> 24) & 0xFF) << 56)
+    gdt = struct.pack("<6Q", 0, _KCODE64, _KDATA, _UCODE32, _UDATA, _UCODE64)
+    gdt += struct.pack("<QQ", low, base >> 32)
+    guest.vm.write(GDT_AT, gdt)
+    guest.vcpu.set_sregs(
+        {
+            "gdt": {"base": GDT_AT, "limit": len(gdt) - 1},
+            "tr": {"base": TSS_AT, "limit": 0x67, "selector": TSS_SELECTOR_64, "type": 11,
+                   "present": 1, "s": 0, "dpl": 0, "db": 0, "l": 0, "g": 0, "unusable": 0},
+        }
+    )  # fmt: skip
+    # U/S on the walk to USER_CODE_AT's 2 MiB page (PML4[0], PDPT[0], PD[1]).
+    for address in (0x9000, 0xA000, PD0_AT + 8):
+        entry = struct.unpack("<Q", guest.vm.read(address, 8))[0]
+        guest.vm.write(address, struct.pack("<Q", entry | 4))
+
+
+def user_segment(selector: int, *, code: bool, bits: int = 64) -> dict[str, int]:
+    return {
+        "base": 0, "limit": 0xFFFFFFFF, "selector": selector, "type": 11 if code else 3,
+        "present": 1, "dpl": 3, "db": 0 if (code and bits == 64) else 1, "s": 1,
+        "l": 1 if (code and bits == 64) else 0, "g": 1, "avl": 0, "unusable": 0,
+    }  # fmt: skip
+
+
+def enter_user_mode64(guest: Guest, user_source: str) -> dict[str, int]:
+    """Assembles ``user_source`` at USER_CODE_AT and starts the vCPU there at CPL 3
+    (IOPL 3, so that the user code may end the test with OUT). Returns its labels."""
+    program = assemble_program(user_source, origin=USER_CODE_AT)
+    guest.vm.write(USER_CODE_AT, program.code)
+    data = user_segment(USER_DS, code=False)
+    guest.vcpu.set_sregs(
+        {"cs": user_segment(USER_CS64, code=True), "ss": data, "ds": data, "es": data}
+    )
+    guest.vcpu.set_regs(
+        {"rip": program.symbols.get("user_entry", USER_CODE_AT), "rsp": USER_STACK,
+         "rflags": 0x3002}
+    )  # fmt: skip
+    return program.symbols
+
+
+def setup_tss32(guest: Guest) -> None:
+    """32-bit flat GDT: null, kernel code/data (0x08, 0x10), user code/data (0x1b,
+    0x23), a 32-bit TSS at 0x28 with SS0:ESP0 = 0x10:KERNEL_STACK; TR loaded."""
+    tss = bytearray(0x68)
+    struct.pack_into("<II", tss, 4, KERNEL_STACK, KERNEL_DS)
+    guest.vm.write(TSS_AT, bytes(tss))
+    base = TSS_AT
+    descriptor = 0x67 | ((base & 0xFFFFFF) << 16) | (0x89 << 40) | (((base >> 24) & 0xFF) << 56)
+    gdt = struct.pack("<6Q", 0, _KCODE32, _KDATA, _UCODE32, _UDATA, descriptor)
+    guest.vm.write(GDT_AT, gdt)
+    guest.vcpu.set_sregs(
+        {
+            "gdt": {"base": GDT_AT, "limit": len(gdt) - 1},
+            "tr": {"base": TSS_AT, "limit": 0x67, "selector": TSS_SELECTOR_32, "type": 11,
+                   "present": 1, "s": 0, "dpl": 0, "db": 0, "l": 0, "g": 0, "unusable": 0},
+        }
+    )  # fmt: skip
+
+
+def run_until_exit(guest: Guest) -> int:
+    """Runs to the next OUT to port 0xF4 and returns AL."""
+    return run_to_exit(guest).value
+
+
+def exceptions_raised(guest: Guest) -> dict[str, int]:
+    raised: dict[str, int] = guest.vcpu.counters()["emulation_exceptions"]
+    return raised
+
+
+PAGE_TABLE_AT = 0x20000
+
+
+def split_second_2m_page(guest: Guest, *, not_present: tuple[int, ...] = ()) -> None:
+    """Maps 0x200000..0x3FFFFF with 4 KiB pages (a page table at PAGE_TABLE_AT),
+    leaving the pages at the given addresses not present."""
+    entries = []
+    for index in range(512):
+        address = 0x200000 + index * 0x1000
+        flags = 0 if address in not_present else 0x3
+        entries.append(struct.pack("<Q", address | flags))
+    guest.vm.write(PAGE_TABLE_AT, b"".join(entries))
+    guest.vm.write(PD0_AT + 8, struct.pack("<Q", PAGE_TABLE_AT | 0x3))

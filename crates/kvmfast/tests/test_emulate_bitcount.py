@@ -23,7 +23,13 @@ from kvmfast import Kvm
 
 pytestmark = pytest.mark.kvm
 
-SOURCES = [0, 1, 0x8000_0000_0000_0000, 0xF0F0, *(random.Random(8).getrandbits(64) for _ in range(3))]
+SOURCES = [
+    0,
+    1,
+    0x8000_0000_0000_0000,
+    0xF0F0,
+    *(random.Random(8).getrandbits(64) for _ in range(3)),
+]
 WIDTHS = {16: ("ax", "bx", "word"), 32: ("eax", "ebx", "dword"), 64: ("rax", "rbx", "qword")}
 
 
