@@ -71,6 +71,45 @@ impl VcpuCore {
         injector: &mut ExtintInjector,
         single: bool,
     ) -> Result<ExitInfo, RunError> {
+        let result = self.run_until_stop(injector, single);
+        // Registers a completion left in the run page for the next entry must reach
+        // KVM now: the caller may read or set them before it runs the vCPU again.
+        match (self.flush_synced_registers(), result) {
+            (Ok(()), result) => result,
+            (Err(err), Ok(_)) => Err(err.into()),
+            (Err(_), Err(err)) => Err(err),
+        }
+    }
+
+    fn flush_synced_registers(&self) -> PyResult<()> {
+        let dirty = self.page.dirty_regs();
+        if dirty == 0 {
+            return Ok(());
+        }
+        self.page.set_dirty_regs(0);
+        if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_SREGS) != 0 {
+            self.fd
+                .set_sregs(&self.page.sync_sregs())
+                .map_err(|e| kvm_error("KVM_SET_SREGS", e))?;
+        }
+        if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0 {
+            self.fd
+                .set_regs(&self.page.sync_regs())
+                .map_err(|e| kvm_error("KVM_SET_REGS", e))?;
+        }
+        if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_EVENTS) != 0 {
+            self.fd
+                .set_vcpu_events(&self.page.sync_events())
+                .map_err(|e| kvm_error("KVM_SET_VCPU_EVENTS", e))?;
+        }
+        Ok(())
+    }
+
+    fn run_until_stop(
+        &self,
+        injector: &mut ExtintInjector,
+        single: bool,
+    ) -> Result<ExitInfo, RunError> {
         loop {
             let requests = self.kick.take_requests();
             if requests & REQUEST_NMI != 0 {
@@ -197,17 +236,37 @@ impl VcpuCore {
     ) -> Result<Option<ExitInfo>, RunError> {
         let bytes = emulation_insn_bytes(&data);
         let mut emulator = locks::lock(&self.emulator);
+        if self.sync_regs && self.page.valid_regs() == 0 {
+            // From the next exit on, registers come in the run page: a guest that needs
+            // one completion needs thousands, and each state ioctl costs about as much
+            // as an exit on hosts like this one.
+            self.page
+                .set_valid_regs(u64::from(kvm_bindings::KVM_SYNC_X86_VALID_FIELDS));
+            return self.complete_with(&mut emulator, None, suberror, data, &bytes);
+        }
+        self.complete_with(&mut emulator, Some(&self.page), suberror, data, &bytes)
+    }
+
+    fn complete_with(
+        &self,
+        emulator: &mut crate::emulate::Emulator,
+        page: Option<&crate::run_page::RunPage>,
+        suberror: u32,
+        data: Vec<u64>,
+        bytes: &[u8],
+    ) -> Result<Option<ExitInfo>, RunError> {
         if !self.emulation_fallback.load(Ordering::Relaxed) {
             let report = emulator.describe(
                 &self.fd,
+                page,
                 &self.ram,
                 &self.map.mmio,
-                &bytes,
+                bytes,
                 "the emulation fallback is off",
             );
             return Err(self.emulation_failure(suberror, data, report.map(Box::new)));
         }
-        match emulator.complete(&self.fd, &self.ram, &self.map.mmio, &bytes) {
+        match emulator.complete(&self.fd, page, &self.ram, &self.map.mmio, bytes) {
             Ok(Outcome::Completed {
                 mnemonic,
                 device_exit,

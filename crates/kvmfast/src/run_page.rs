@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::{NonNull, addr_of, addr_of_mut};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events};
 
 /// An I/O exit as KVM describes it.
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +194,63 @@ impl RunPage {
         let data = unsafe { event.__bindgen_anon_1.data };
         let ndata = (event.ndata as usize).min(data.len());
         (event.type_, data[..ndata].to_vec())
+    }
+
+    /// KVM_CAP_SYNC_REGS: the register sets KVM copies into the page at every exit.
+    pub fn set_valid_regs(&self, mask: u64) {
+        // SAFETY: writing a u64 field of the live mapping; KVM reads it at exit.
+        unsafe { addr_of_mut!((*self.raw()).kvm_valid_regs).write_volatile(mask) }
+    }
+
+    pub fn valid_regs(&self) -> u64 {
+        // SAFETY: reading a u64 field of the live mapping.
+        unsafe { addr_of!((*self.raw()).kvm_valid_regs).read_volatile() }
+    }
+
+    /// The register sets written into the page that KVM loads at the next entry.
+    pub fn dirty_regs(&self) -> u64 {
+        // SAFETY: reading a u64 field of the live mapping.
+        unsafe { addr_of!((*self.raw()).kvm_dirty_regs).read_volatile() }
+    }
+
+    pub fn set_dirty_regs(&self, mask: u64) {
+        // SAFETY: writing a u64 field of the live mapping; KVM reads it at entry.
+        unsafe { addr_of_mut!((*self.raw()).kvm_dirty_regs).write_volatile(mask) }
+    }
+
+    pub fn sync_regs(&self) -> kvm_regs {
+        // SAFETY: the synced register block of the live mapping, read by value; KVM
+        // wrote it at the exit (kvm_valid_regs) and does not touch it outside KVM_RUN.
+        unsafe { addr_of!((*self.raw()).s.regs.regs).read_volatile() }
+    }
+
+    pub fn sync_sregs(&self) -> kvm_sregs {
+        // SAFETY: as in sync_regs.
+        unsafe { addr_of!((*self.raw()).s.regs.sregs).read_volatile() }
+    }
+
+    pub fn sync_events(&self) -> kvm_vcpu_events {
+        // SAFETY: as in sync_regs.
+        unsafe { addr_of!((*self.raw()).s.regs.events).read_volatile() }
+    }
+
+    /// Stores registers for KVM to load at the next entry.
+    pub fn put_sync_regs(&self, regs: &kvm_regs) {
+        // SAFETY: writing the synced block of the live mapping, outside KVM_RUN.
+        unsafe { addr_of_mut!((*self.raw()).s.regs.regs).write_volatile(*regs) }
+        self.set_dirty_regs(self.dirty_regs() | u64::from(kvm_bindings::KVM_SYNC_X86_REGS));
+    }
+
+    pub fn put_sync_sregs(&self, sregs: &kvm_sregs) {
+        // SAFETY: as in put_sync_regs.
+        unsafe { addr_of_mut!((*self.raw()).s.regs.sregs).write_volatile(*sregs) }
+        self.set_dirty_regs(self.dirty_regs() | u64::from(kvm_bindings::KVM_SYNC_X86_SREGS));
+    }
+
+    pub fn put_sync_events(&self, events: &kvm_vcpu_events) {
+        // SAFETY: as in put_sync_regs.
+        unsafe { addr_of_mut!((*self.raw()).s.regs.events).write_volatile(*events) }
+        self.set_dirty_regs(self.dirty_regs() | u64::from(kvm_bindings::KVM_SYNC_X86_EVENTS));
     }
 
     pub fn eoi_vector(&self) -> u8 {

@@ -61,6 +61,9 @@ pub struct VcpuCore {
     pub emulator: Mutex<Emulator>,
     /// The VM's symbol table, for failure reports.
     pub symbols: SharedSymbols,
+    /// Whether KVM can sync registers through the run page (turned on at the first
+    /// completion: it costs every exit a little, and saves a completion three ioctls).
+    pub sync_regs: bool,
 }
 
 impl VcpuCore {
@@ -77,6 +80,8 @@ pub struct VcpuShared {
     pub symbols: SharedSymbols,
     pub quirks: HostQuirks,
     pub emulation_fallback: bool,
+    /// KVM_CAP_SYNC_REGS covers regs, sregs and events.
+    pub sync_regs: bool,
 }
 
 /// The VM's symbol table, replaced as a whole when another file is loaded.
@@ -99,6 +104,7 @@ impl Vcpu {
             symbols,
             quirks,
             emulation_fallback,
+            sync_regs,
         } = shared;
         let page = Arc::new(page);
         Self {
@@ -115,6 +121,7 @@ impl Vcpu {
                 injector: Mutex::new(ExtintInjector::default()),
                 ram,
                 emulation_fallback: AtomicBool::new(emulation_fallback),
+                sync_regs,
                 emulator: Mutex::new(Emulator::new(quirks)),
                 symbols,
             },

@@ -428,6 +428,11 @@ impl Vm {
             let page = RunPage::map(&vcpu, this.run_size).map_err(|e| {
                 errno_error("mmap kvm_run", e.raw_os_error().unwrap_or(libc::EINVAL))
             })?;
+            let sync = kvm_bindings::KVM_SYNC_X86_VALID_FIELDS;
+            let supported = fd.check_extension_raw(libc::c_ulong::from(
+                kvm_bindings::KVM_CAP_SYNC_REGS,
+            ));
+            let sync_regs = supported >= 0 && (supported as u32) & sync == sync;
             let counters = Arc::new(Mutex::new(Counters::default()));
             resources.vcpu_counters.push(counters.clone());
             let shared = VcpuShared {
@@ -437,6 +442,7 @@ impl Vm {
                 symbols: this.symbols.clone(),
                 quirks: this.quirks,
                 emulation_fallback: this.emulation_fallback.load(Ordering::Relaxed),
+                sync_regs,
             };
             Ok(Vcpu::new(vcpu_id, vcpu, page, slf.clone().unbind(), shared))
         })

@@ -3,10 +3,14 @@
 //! general registers by their iced-x86 name).
 
 use iced_x86::Register;
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{
+    KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events,
+};
 use kvm_ioctls::VcpuFd;
 
 use super::Stop;
+use crate::run_page::RunPage;
 
 pub const RFLAGS_CF: u64 = 1 << 0;
 pub const RFLAGS_FIXED: u64 = 1 << 1;
@@ -54,6 +58,8 @@ pub const EFER_NXE: u64 = 1 << 11;
 /// Registers of one exit, with what changed.
 pub struct Cpu<'a> {
     pub fd: &'a VcpuFd,
+    /// The run page when KVM syncs registers through it (KVM_CAP_SYNC_REGS).
+    page: Option<&'a RunPage>,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
     regs_changed: bool,
@@ -61,13 +67,22 @@ pub struct Cpu<'a> {
 }
 
 impl<'a> Cpu<'a> {
-    pub fn load(fd: &'a VcpuFd) -> Result<Self, Stop> {
-        let regs = fd.get_regs().map_err(|e| Stop::ioctl("KVM_GET_REGS", e))?;
-        let sregs = fd
-            .get_sregs()
-            .map_err(|e| Stop::ioctl("KVM_GET_SREGS", e))?;
+    /// The registers of the exit: from the run page when KVM synced them there, else
+    /// through KVM_GET_REGS / KVM_GET_SREGS.
+    pub fn load(fd: &'a VcpuFd, page: Option<&'a RunPage>) -> Result<Self, Stop> {
+        let synced = u64::from(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS);
+        let page = page.filter(|page| page.valid_regs() & synced == synced);
+        let (regs, sregs) = match page {
+            Some(page) => (page.sync_regs(), page.sync_sregs()),
+            None => (
+                fd.get_regs().map_err(|e| Stop::ioctl("KVM_GET_REGS", e))?,
+                fd.get_sregs()
+                    .map_err(|e| Stop::ioctl("KVM_GET_SREGS", e))?,
+            ),
+        };
         Ok(Self {
             fd,
+            page,
             regs,
             sregs,
             regs_changed: false,
@@ -76,9 +91,10 @@ impl<'a> Cpu<'a> {
     }
 
     /// A state to start from without ioctls (after a rollback).
-    pub fn from_state(fd: &'a VcpuFd, regs: kvm_regs, sregs: kvm_sregs) -> Self {
+    pub fn from_state(&self, regs: kvm_regs, sregs: kvm_sregs) -> Self {
         Self {
-            fd,
+            fd: self.fd,
+            page: self.page,
             regs,
             sregs,
             regs_changed: false,
@@ -88,6 +104,17 @@ impl<'a> Cpu<'a> {
 
     /// Writes back what changed.
     pub fn store(&mut self) -> Result<(), Stop> {
+        if let Some(page) = self.page {
+            if self.sregs_changed {
+                page.put_sync_sregs(&self.sregs);
+            }
+            if self.regs_changed {
+                page.put_sync_regs(&self.regs);
+            }
+            self.sregs_changed = false;
+            self.regs_changed = false;
+            return Ok(());
+        }
         if self.sregs_changed {
             self.fd
                 .set_sregs(&self.sregs)
@@ -101,6 +128,31 @@ impl<'a> Cpu<'a> {
             self.regs_changed = false;
         }
         Ok(())
+    }
+
+    /// Interrupt, NMI and exception state (synced, or KVM_GET_VCPU_EVENTS).
+    pub fn events(&self) -> Result<kvm_vcpu_events, Stop> {
+        match self.page {
+            Some(page) => Ok(page.sync_events()),
+            None => self
+                .fd
+                .get_vcpu_events()
+                .map_err(|e| Stop::ioctl("KVM_GET_VCPU_EVENTS", e)),
+        }
+    }
+
+    /// Sets events as KVM_SET_VCPU_EVENTS does (at the next entry when synced).
+    pub fn set_events(&self, events: &kvm_vcpu_events) -> Result<(), Stop> {
+        match self.page {
+            Some(page) => {
+                page.put_sync_events(events);
+                Ok(())
+            }
+            None => self
+                .fd
+                .set_vcpu_events(events)
+                .map_err(|e| Stop::ioctl("KVM_SET_VCPU_EVENTS", e)),
+        }
     }
 
     pub fn regs_mut(&mut self) -> &mut kvm_regs {

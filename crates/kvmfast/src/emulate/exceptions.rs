@@ -2,8 +2,6 @@
 //! through KVM_SET_VCPU_EVENTS (the guest's own IDT handles them; RIP stays on the
 //! faulting instruction, as for any fault).
 
-use kvm_ioctls::VcpuFd;
-
 use super::Stop;
 use super::cpu::Cpu;
 
@@ -95,13 +93,7 @@ pub fn inject(cpu: &mut Cpu<'_>, fault: Fault) -> Result<(), Stop> {
         cpu.sregs_mut().cr2 = address;
     }
     cpu.store()?;
-    inject_event(cpu.fd, fault)
-}
-
-fn inject_event(fd: &VcpuFd, fault: Fault) -> Result<(), Stop> {
-    let mut events = fd
-        .get_vcpu_events()
-        .map_err(|e| Stop::ioctl("KVM_GET_VCPU_EVENTS", e))?;
+    let mut events = cpu.events()?;
     events.exception.injected = 1;
     events.exception.pending = 0;
     events.exception.nr = fault.vector();
@@ -112,6 +104,5 @@ fn inject_event(fd: &VcpuFd, fault: Fault) -> Result<(), Stop> {
     // Only the exception is new: flags 0 leaves NMI, SIPI, shadow and SMM state as KVM
     // has them (api.rst, KVM_SET_VCPU_EVENTS).
     events.flags = 0;
-    fd.set_vcpu_events(&events)
-        .map_err(|e| Stop::ioctl("KVM_SET_VCPU_EVENTS", e))
+    cpu.set_events(&events)
 }

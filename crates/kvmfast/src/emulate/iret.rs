@@ -195,16 +195,11 @@ fn real_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>, operand_size: usize) -
 /// IRET ends NMI blocking (SDM Vol. 3A 6.7.1); KVM tracks the blocking and cannot know
 /// that this IRET ran, so it is told.
 fn unblock_nmi(cpu: &Cpu<'_>) -> Result<(), Stop> {
-    let mut events = cpu
-        .fd
-        .get_vcpu_events()
-        .map_err(|e| Stop::ioctl("KVM_GET_VCPU_EVENTS", e))?;
+    let mut events = cpu.events()?;
     if events.nmi.masked == 0 {
         return Ok(());
     }
     events.nmi.masked = 0;
     events.flags = 0;
-    cpu.fd
-        .set_vcpu_events(&events)
-        .map_err(|e| Stop::ioctl("KVM_SET_VCPU_EVENTS", e))
+    cpu.set_events(&events)
 }

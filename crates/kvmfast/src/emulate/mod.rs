@@ -44,6 +44,7 @@ use crate::address_map::RangeMap;
 use crate::errors::kvm_error;
 use crate::handlers::Handler;
 use crate::memory::GuestRam;
+use crate::run_page::RunPage;
 use cpu::Cpu;
 use decode::{DecodeFailure, Decoded};
 use exceptions::Fault;
@@ -129,12 +130,13 @@ impl Emulator {
     pub fn complete(
         &mut self,
         fd: &VcpuFd,
+        page: Option<&RunPage>,
         ram: &RwLock<GuestRam>,
         mmio: &RwLock<RangeMap<Handler>>,
         exit_bytes: &[u8],
     ) -> Result<Outcome, Failure> {
         let ram = crate::locks::read(ram);
-        let mut cpu = Cpu::load(fd).map_err(host_failure)?;
+        let mut cpu = Cpu::load(fd, page).map_err(host_failure)?;
         let memory = self.memory(&cpu, &ram, mmio);
         if self.quirks.syscall_keeps_user_cs {
             match syscall_quirk::repair(&mut cpu, &memory) {
@@ -189,12 +191,12 @@ impl Emulator {
             }
             Err(Stop::Fault(fault)) => {
                 // Nothing of a faulting instruction is kept: registers as they were.
-                let mut cpu = Cpu::from_state(fd, saved.0, saved.1);
+                let mut cpu = cpu.from_state(saved.0, saved.1);
                 exceptions::inject(&mut cpu, fault).map_err(host_stop)?;
                 Ok(Outcome::Raised { mnemonic, fault })
             }
             Err(stop) => {
-                let cpu = Cpu::from_state(fd, saved.0, saved.1);
+                let cpu = cpu.from_state(saved.0, saved.1);
                 Err(self.unfinished(&cpu, Some(&decoded), &decoded.bytes, stop))
             }
         }
@@ -205,13 +207,14 @@ impl Emulator {
     pub fn describe(
         &self,
         fd: &VcpuFd,
+        page: Option<&RunPage>,
         ram: &RwLock<GuestRam>,
         mmio: &RwLock<RangeMap<Handler>>,
         exit_bytes: &[u8],
         reason: &str,
     ) -> Option<Report> {
         let ram = crate::locks::read(ram);
-        let cpu = Cpu::load(fd).ok()?;
+        let cpu = Cpu::load(fd, page).ok()?;
         let memory = self.memory(&cpu, &ram, mmio);
         let decoded = decode::decode(&cpu, &memory, exit_bytes).ok();
         Some(Report::new(&cpu, decoded.as_ref(), exit_bytes, reason.to_string()))
