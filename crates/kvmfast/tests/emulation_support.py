@@ -11,7 +11,7 @@ An instruction under test is written once, as a *body* of assembly. The same bod
 
 so that the expected values are the host processor's own results, not typed-in ones.
 Both worlds have a data block ``area`` (8 KiB, page aligned) and ``buf`` = area + 4032,
-256 bytes that cross the page boundary at buf + 64; bodies reach it with
+1 KiB that crosses the page boundary at buf + 64; bodies reach it with
 ``lea REG, [rip + buf]`` (64-bit) or ``mov REG, offset buf`` (32-bit).
 """
 
@@ -35,7 +35,7 @@ IDT_AT = 0x10000
 EXIT_PORT = 0xF4
 AREA_SIZE = 8192
 BUF_OFFSET = 4096 - 64
-BUF_SIZE = 256
+BUF_SIZE = 1024
 
 # Encoding order, as the native state block stores them.
 GPRS = (
@@ -237,6 +237,8 @@ def make_guest(kvm: Kvm, source: str, *, bits: int = 64) -> Guest:
     vm.write(CODE_AT, program.code)
     vm.add_pio(EXIT_PORT, 1, ExitSink())
     vcpu = vm.create_vcpu(0)
+    # KVM checks XCR0 and CR4 against the CPUID it was given (none yet: x87 only).
+    vcpu.set_cpuid(kvm.supported_cpuid())
     entry = program.symbols.get("entry", CODE_AT)
     if bits == 64:
         setup_long_mode(vm, vcpu, memory, entry=entry, stack=STACK_TOP)
@@ -245,6 +247,7 @@ def make_guest(kvm: Kvm, source: str, *, bits: int = 64) -> Guest:
     # CR4.OSFXSR | OSXMMEXCPT | OSXSAVE, CR0.MP | NE: as a kernel that uses SSE sets them.
     sregs = vcpu.get_sregs()
     vcpu.set_sregs({"cr4": sregs["cr4"] | 0x40600, "cr0": (sregs["cr0"] | 0x22) & ~0xC})
+    vcpu.set_xcrs({0: 0x7})  # x87, SSE, AVX
     return Guest(vm=vm, vcpu=vcpu, memory=memory, symbols=program.symbols, bits=bits)
 
 

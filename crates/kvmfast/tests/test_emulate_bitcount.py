@@ -11,6 +11,7 @@ import random
 
 import pytest
 from emulation_support import (
+    BUF_SIZE,
     CpuState,
     Guest,
     assert_same_results,
@@ -54,7 +55,8 @@ def test_bit_count_matches_the_host(kvm: Kvm, mnemonic: str, width: int, source:
         body = f"lea rsi, [rip + buf + 8]\n{mnemonic} {destination}, {size} ptr [rsi]"
     for index, value in enumerate(SOURCES[:4] if source == "memory" else SOURCES):
         state = CpuState(
-            rflags=_flags(index), buf=bytes(8) + value.to_bytes(8, "little") + bytes(240)
+            rflags=_flags(index),
+            buf=(bytes(8) + value.to_bytes(8, "little")).ljust(BUF_SIZE, b"\0"),
         ).with_gprs(rax=0x1111_2222_3333_4444, rbx=value)
         guest, vm_guest = run_in_guest(kvm, body, state)
         _skip_if_kvm_ran_it(vm_guest, mnemonic)
@@ -66,9 +68,9 @@ def test_bit_count_matches_the_host(kvm: Kvm, mnemonic: str, width: int, source:
 @pytest.mark.parametrize("mnemonic", ["popcnt", "lzcnt", "tzcnt"])
 def test_bit_count_in_32_bit_code(kvm: Kvm, mnemonic: str) -> None:
     body = f"mov esi, offset buf\n{mnemonic} eax, ebx\n{mnemonic} ecx, dword ptr [esi + 4]"
-    state = CpuState(buf=bytes(4) + (0x00F0_0100).to_bytes(4, "little") + bytes(248)).with_gprs(
-        rax=0x1234, rbx=0x8000_0001, rcx=0xFFFF
-    )
+    state = CpuState(
+        buf=(bytes(4) + (0x00F0_0100).to_bytes(4, "little")).ljust(BUF_SIZE, b"\0")
+    ).with_gprs(rax=0x1234, rbx=0x8000_0001, rcx=0xFFFF)
     guest, vm_guest = run_in_guest(kvm, body, state, bits=32)
     _skip_if_kvm_ran_it(vm_guest, mnemonic)
     native = run_natively(body, state)
@@ -79,7 +81,7 @@ def test_bit_count_in_32_bit_code(kvm: Kvm, mnemonic: str) -> None:
 def test_operand_crossing_a_page(kvm: Kvm) -> None:
     """buf + 60 .. buf + 67 spans two pages (SDM Vol. 3A 4.10: each page translated)."""
     body = "lea rsi, [rip + buf + 60]\npopcnt rax, qword ptr [rsi]"
-    buf = bytes(60) + (0x0123_4567_89AB_CDEF).to_bytes(8, "little") + bytes(188)
+    buf = (bytes(60) + (0x0123_4567_89AB_CDEF).to_bytes(8, "little")).ljust(BUF_SIZE, b"\0")
     state = CpuState(buf=buf)
     guest, _ = run_in_guest(kvm, body, state)
     assert_same_results(guest, run_natively(body, state), ignore=frozenset({"rsi"}))

