@@ -9,6 +9,7 @@ triple fault, an instruction nobody can complete, or a stop from the host.
 
 from __future__ import annotations
 
+import errno
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,6 +36,22 @@ MAX_CPUS = 254  # APIC IDs 0..253; the IOAPIC takes the next ID in the MADT
 MIN_MEMORY = 2 * layout.MIB
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
+
+
+def run_until_exit(vcpu: kvmfast.Vcpu) -> kvmfast.Exit:
+    """``vcpu.run()``, entered again when KVM_RUN fails with EAGAIN.
+
+    An AP waits for its SIPI inside KVM_RUN (mp_state UNINITIALIZED, with
+    the LAPIC in the kernel); once INIT/SIPI have been accepted KVM returns
+    EAGAIN without running the guest, and the VMM is to call KVM_RUN again
+    (kvm_arch_vcpu_ioctl_run; QEMU's kvm_cpu_exec does the same).
+    """
+    while True:
+        try:
+            return vcpu.run()
+        except kvmfast.KvmError as error:
+            if error.errno != errno.EAGAIN:
+                raise
 
 
 class MachineConfigError(ValueError):
@@ -219,7 +236,7 @@ class Machine:
     def _vcpu_main(self, index: int) -> None:
         vcpu = self.vcpus[index]
         try:
-            result = vcpu.run()
+            result = run_until_exit(vcpu)
         except kvmfast.TripleFault as error:
             self.finish(Outcome(1, f"vCPU {index}: triple fault", error))
             return
