@@ -26,7 +26,7 @@ def kvm_vmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 def test_demo_prints_on_the_serial_port_counts_pit_ticks_and_powers_off(tmp_path: Path) -> None:
     require_kvm()
     serial = tmp_path / "serial.txt"
-    result = kvm_vmm("demo", "--serial", f"file:{serial}", "--stats")
+    result = kvm_vmm("demo", "--tiny", "--serial", f"file:{serial}", "--stats")
     assert result.returncode == 0, result.stderr
     text = serial.read_text()
     assert "Hello from a split-irqchip guest" in text
@@ -87,9 +87,9 @@ _start: movl $0x20, %eax
         (["run", "--kernel", "/nonexistent/vmlinuz"], "/nonexistent/vmlinuz"),
         (["run", "--kernel", "/dev/null"], "kernel"),
         (["run", "--kernel", "/dev/null", "--memory", "lots"], "size 'lots'"),
-        (["demo", "--serial", "tcp:1234"], "--serial"),
-        (["demo", "--device", "virtio-net"], "unknown device 'virtio-net'"),
-        (["demo", "--device", "isa-debug-exit,iobase=zz"], "iobase='zz'"),
+        (["demo", "--tiny", "--serial", "tcp:1234"], "--serial"),
+        (["demo", "--tiny", "--device", "virtio-net"], "unknown device 'virtio-net'"),
+        (["demo", "--tiny", "--device", "isa-debug-exit,iobase=zz"], "iobase='zz'"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_status_2(args: list[str], message: str) -> None:
