@@ -231,6 +231,16 @@ def is_linux_image(image: bytes) -> bool:
     return find_multiboot_header(image) is None and is_elf(image) and elf_class(image) == ELFCLASS64
 
 
+def multiboot_command_line(kernel_path: Path, cmdline: str) -> str:
+    """The command line a Multiboot kernel gets: its own path, a space, then ``--cmdline``.
+
+    GRUB and QEMU's ``-kernel`` both put the kernel's path first, and kernels
+    built for them (kvm-unit-tests among them) take that first word as argv[0]
+    and their arguments after it.
+    """
+    return f"{kernel_path} {cmdline}"
+
+
 def _prepare_boot(args: argparse.Namespace, cache_dir: Path | None) -> _Boot:
     kernel_path: Path | None = getattr(args, "kernel", None)
     cmdline: str = getattr(args, "cmdline", "")
@@ -313,7 +323,7 @@ def _load_boot(
     cache_dir: Path | None,
 ) -> None:
     if boot.plan is None:
-        cmdline: str = getattr(args, "cmdline", "")
+        cmdline = multiboot_command_line(boot.kernel_path, getattr(args, "cmdline", ""))
         image = load_kernel(boot.kernel_path, memory, cmdline, args.initrd, args.boot_path, rsdp)
     else:
         if boot.plan.hidden_cpuid:
