@@ -51,10 +51,8 @@ def test_ldmxcsr_and_stmxcsr(kvm: Kvm) -> None:
 
 
 def _fault_guest(kvm: Kvm, body: str) -> Guest:
-    guest = make_guest(
-        kvm,
-        f".global entry, at\nentry:\n lea rsi, [rip + buf]\nat:\n{body}\n{exception_handlers_asm()}",
-    )
+    source = f".global entry, at\nentry:\n lea rsi, [rip + buf]\nat:\n{body}\n"
+    guest = make_guest(kvm, source + exception_handlers_asm())
     install_exception_handlers(guest)
     return guest
 
