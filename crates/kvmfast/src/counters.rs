@@ -195,7 +195,10 @@ impl Counters {
             completions_dict.set_item(name, n)?;
         }
         dict.set_item("completions", completions_dict)?;
-        dict.set_item("emulation_exceptions", named(py, &self.emulation_exceptions)?)?;
+        dict.set_item(
+            "emulation_exceptions",
+            named(py, &self.emulation_exceptions)?,
+        )?;
         dict.set_item("quirk_repairs", named(py, &self.quirk_repairs)?)?;
         Ok(dict)
     }

@@ -5,8 +5,8 @@ use kvm_ioctls::VcpuFd;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::errors::{EmulationFailure, EntryFailure, TripleFault, kvm_error};
 use crate::emulate::Report;
+use crate::errors::{EmulationFailure, EntryFailure, TripleFault, kvm_error};
 use crate::regs::{regs_to_dict, sregs_to_dict};
 
 /// Why run() or run_once() returned.
@@ -173,10 +173,7 @@ impl GuestFailure {
                 match report {
                     Some(report) => {
                         value.setattr("instruction", report.instruction.clone())?;
-                        value.setattr(
-                            "instruction_bytes",
-                            PyBytes::new(py, &report.bytes),
-                        )?;
+                        value.setattr("instruction_bytes", PyBytes::new(py, &report.bytes))?;
                         value.setattr("cpl", report.cpl)?;
                         value.setattr("reason", report.reason.clone())?;
                     }

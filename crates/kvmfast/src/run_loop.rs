@@ -7,9 +7,9 @@
 use std::sync::atomic::Ordering;
 
 use kvm_bindings::{
-    KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION, KVM_EXIT_INTR, KVM_EXIT_IO,
+    KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO,
     KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN,
-    KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION,
 };
 use kvm_ioctls::VcpuFd;
 use pyo3::intern;
@@ -18,8 +18,8 @@ use vmm_sys_util::errno;
 
 use crate::counters::exit_name;
 use crate::dispatch::{self, Access, Dispatched};
-use crate::errors::kvm_error;
 use crate::emulate::{Failure, Outcome, Report};
+use crate::errors::kvm_error;
 use crate::exits::{ExitInfo, GuestFailure, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;

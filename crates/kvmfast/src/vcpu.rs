@@ -15,10 +15,8 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::address_map::AddressMap;
 use crate::counters::Counters;
 use crate::emulate::fpu_state::{AREA_SIZE, XsaveArea};
-use crate::emulate::{Emulator, Stop};
 use crate::emulate::host_quirks::HostQuirks;
-use crate::memory::SharedRam;
-use crate::symbols::SymbolTable;
+use crate::emulate::{Emulator, Stop};
 use crate::errors::{KvmError, interrupt_error, kvm_error};
 use crate::exits::Exit;
 use crate::extint::ExtintInjector;
@@ -27,9 +25,11 @@ use crate::ioctls;
 use crate::kick::{KickState, VcpuKicker};
 use crate::kvm::CpuidTuple;
 use crate::locks;
+use crate::memory::SharedRam;
 use crate::regs;
 use crate::run_loop::RunError;
 use crate::run_page::RunPage;
+use crate::symbols::SymbolTable;
 use crate::vm::Vm;
 
 /// Python callables the run loop may call; Arc so the loop can take one without the GIL.
@@ -252,7 +252,10 @@ impl Vcpu {
     fn get_xcrs(&self, py: Python<'_>) -> PyResult<BTreeMap<u32, u64>> {
         let xcrs = self.ioctl(py, "KVM_GET_XCRS", VcpuFd::get_xcrs)?;
         let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
-        Ok(xcrs.xcrs[..count].iter().map(|x| (x.xcr, x.value)).collect())
+        Ok(xcrs.xcrs[..count]
+            .iter()
+            .map(|x| (x.xcr, x.value))
+            .collect())
     }
 
     /// KVM_SET_XCRS from {xcr: value}.

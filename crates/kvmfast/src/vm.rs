@@ -17,6 +17,7 @@ use pyo3::types::PyDict;
 
 use crate::address_map::{AddressMap, RangeMap};
 use crate::counters::Counters;
+use crate::emulate::host_quirks::HostQuirks;
 use crate::errors::{errno_error, kvm_error};
 use crate::handlers::Handler;
 use crate::ioctls;
@@ -24,7 +25,6 @@ use crate::locks;
 use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion, SharedRam};
 use crate::routing::{MsiRoute, RoutingTable};
 use crate::run_page::RunPage;
-use crate::emulate::host_quirks::HostQuirks;
 use crate::symbols::SymbolTable;
 use crate::vcpu::{SharedSymbols, Vcpu, VcpuShared};
 
@@ -429,9 +429,8 @@ impl Vm {
                 errno_error("mmap kvm_run", e.raw_os_error().unwrap_or(libc::EINVAL))
             })?;
             let sync = kvm_bindings::KVM_SYNC_X86_VALID_FIELDS;
-            let supported = fd.check_extension_raw(libc::c_ulong::from(
-                kvm_bindings::KVM_CAP_SYNC_REGS,
-            ));
+            let supported =
+                fd.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_SYNC_REGS));
             let sync_regs = supported >= 0 && (supported as u32) & sync == sync;
             let counters = Arc::new(Mutex::new(Counters::default()));
             resources.vcpu_counters.push(counters.clone());

@@ -24,9 +24,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmfast import Exit, ExitSink, GuestMemory, Kvm, Vcpu, Vm
 from kvmfast.testing import assemble_program, setup_long_mode, setup_protected_mode
+
+if TYPE_CHECKING:
+    from kvmfast._native import Segment
 
 RAM_SIZE = 8 << 20
 CODE_AT = 0x1000
@@ -413,7 +417,7 @@ def setup_tss64(guest: Guest) -> None:
         guest.vm.write(address, struct.pack("<Q", entry | 4))
 
 
-def user_segment(selector: int, *, code: bool, bits: int = 64) -> dict[str, int]:
+def user_segment(selector: int, *, code: bool, bits: int = 64) -> Segment:
     return {
         "base": 0, "limit": 0xFFFFFFFF, "selector": selector, "type": 11 if code else 3,
         "present": 1, "dpl": 3, "db": 0 if (code and bits == 64) else 1, "s": 1,

@@ -16,7 +16,9 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     let source = source_value(&c.cpu, &c.memory, &c.decoded, 1, size)?;
     let flags_in = c.cpu.rflags() & RFLAGS_STATUS;
     let (result, flags_out) = run_on_host(instruction.mnemonic(), size, source, flags_in)
-        .ok_or_else(|| Stop::Unsupported(format!("{:?} of {size} bytes", instruction.mnemonic())))?;
+        .ok_or_else(|| {
+            Stop::Unsupported(format!("{:?} of {size} bytes", instruction.mnemonic()))
+        })?;
     c.cpu
         .write_register(destination, truncate(result, size))
         .ok_or_else(|| Stop::Unsupported(format!("destination {destination:?}")))?;
@@ -27,7 +29,12 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
 }
 
 /// (result, RFLAGS after) of the instruction on the host with the guest's status flags.
-pub fn run_on_host(mnemonic: Mnemonic, size: usize, source: u64, flags_in: u64) -> Option<(u64, u64)> {
+pub fn run_on_host(
+    mnemonic: Mnemonic,
+    size: usize,
+    source: u64,
+    flags_in: u64,
+) -> Option<(u64, u64)> {
     macro_rules! host {
         ($insn:literal, $reg:literal) => {{
             let result: u64;

@@ -76,8 +76,8 @@ fn try_decode(bitness: u32, rip: u64, bytes: &[u8]) -> Option<Decoded> {
 /// and that fetch raises the fault the CPU would.
 fn fetch(cpu: &Cpu<'_>, memory: &GuestMemory<'_>) -> Result<Vec<u8>, Stop> {
     let rip = cpu.regs.rip;
-    let linear = linear_address(cpu, iced_x86::Register::CS, rip, 1, Intent::Read)
-        .map_err(Stop::Fault)?;
+    let linear =
+        linear_address(cpu, iced_x86::Register::CS, rip, 1, Intent::Read).map_err(Stop::Fault)?;
     let access = Access {
         fetch: true,
         user: cpu.cpl() == 3,
@@ -86,9 +86,7 @@ fn fetch(cpu: &Cpu<'_>, memory: &GuestMemory<'_>) -> Result<Vec<u8>, Stop> {
     let in_page = (4096 - (linear & 4095)) as usize;
     let mut bytes = vec![0u8; in_page.min(MAX_LENGTH)];
     memory.read(linear, &mut bytes, access)?;
-    if bytes.len() < MAX_LENGTH
-        && try_decode(cpu.bitness(), rip, &bytes).is_none()
-    {
+    if bytes.len() < MAX_LENGTH && try_decode(cpu.bitness(), rip, &bytes).is_none() {
         let mut rest = vec![0u8; MAX_LENGTH - bytes.len()];
         memory.read(linear.wrapping_add(bytes.len() as u64), &mut rest, access)?;
         bytes.extend_from_slice(&rest);
@@ -134,7 +132,9 @@ mod tests {
     #[test]
     fn length_comes_from_the_decoder_not_the_exit() {
         // CLAC followed by the rest of KVM's 15 bytes.
-        let bytes = [0x0f, 0x01, 0xca, 0x90, 0x90, 0xcc, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let bytes = [
+            0x0f, 0x01, 0xca, 0x90, 0x90, 0xcc, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
         let decoded = try_decode(64, 0x1000, &bytes).unwrap();
         assert_eq!(decoded.bytes, vec![0x0f, 0x01, 0xca]);
         assert_eq!(decoded.next_rip(), 0x1003);

@@ -72,14 +72,18 @@ pub fn read_descriptor(
     let (base, limit) = if selector & 4 != 0 {
         let ldt = &cpu.sregs.ldt;
         if ldt.unusable != 0 || ldt.present == 0 {
-            return Err(Stop::Fault(Fault::GeneralProtection(u32::from(selector & !3))));
+            return Err(Stop::Fault(Fault::GeneralProtection(u32::from(
+                selector & !3,
+            ))));
         }
         (ldt.base, u64::from(ldt.limit))
     } else {
         (cpu.sregs.gdt.base, u64::from(cpu.sregs.gdt.limit))
     };
     if index + 7 > limit {
-        return Err(Stop::Fault(Fault::GeneralProtection(u32::from(selector & !3))));
+        return Err(Stop::Fault(Fault::GeneralProtection(u32::from(
+            selector & !3,
+        ))));
     }
     let raw = memory.read_u64(base.wrapping_add(index), Access::supervisor(false))?;
     Ok(Descriptor {
@@ -125,7 +129,10 @@ mod tests {
     fn flat_descriptors_decode() {
         let code32 = segment_from_raw(0x00CF_9B00_0000_FFFF, 0x08);
         assert_eq!((code32.base, code32.limit), (0, 0xffff_ffff));
-        assert_eq!((code32.type_, code32.s, code32.dpl, code32.db), (11, 1, 0, 1));
+        assert_eq!(
+            (code32.type_, code32.s, code32.dpl, code32.db),
+            (11, 1, 0, 1)
+        );
         let user_data = segment_from_raw(0x00CF_F300_0000_FFFF, 0x23);
         assert_eq!(user_data.dpl, 3);
         let code64 = segment_from_raw(0x00AF_9B00_0000_FFFF, 0x08);

@@ -27,7 +27,9 @@ pub struct XsaveArea {
 
 impl XsaveArea {
     pub fn load(fd: &VcpuFd) -> Result<Self, Stop> {
-        let xsave = fd.get_xsave().map_err(|e| Stop::ioctl("KVM_GET_XSAVE", e))?;
+        let xsave = fd
+            .get_xsave()
+            .map_err(|e| Stop::ioctl("KVM_GET_XSAVE", e))?;
         let bytes = xsave
             .region
             .iter()

@@ -15,7 +15,10 @@ impl HostQuirks {
     /// {"syscall_keeps_user_cs": 0/1, "mxcsr_mask": n}.
     pub fn to_map(&self) -> std::collections::BTreeMap<&'static str, u64> {
         [
-            ("syscall_keeps_user_cs", u64::from(self.syscall_keeps_user_cs)),
+            (
+                "syscall_keeps_user_cs",
+                u64::from(self.syscall_keeps_user_cs),
+            ),
             ("mxcsr_mask", u64::from(self.mxcsr_mask)),
         ]
         .into_iter()

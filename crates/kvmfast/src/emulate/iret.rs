@@ -6,9 +6,9 @@
 use iced_x86::Mnemonic;
 
 use super::cpu::{
-    Cpu, RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL,
-    RFLAGS_NT, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VIF, RFLAGS_VIP,
-    RFLAGS_VM, RFLAGS_ZF,
+    Cpu, RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT,
+    RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VIF, RFLAGS_VIP, RFLAGS_VM,
+    RFLAGS_ZF,
 };
 use super::descriptors::{mark_accessed, null_segment, read_descriptor};
 use super::exceptions::Fault;
@@ -68,9 +68,7 @@ fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<(), Sto
     let cs_selector = pop(1)? as u16;
     let popped_flags = pop(2)?;
     if popped_flags & RFLAGS_VM != 0 && cpl == 0 {
-        return Err(Stop::Unsupported(
-            "IRET to virtual-8086 mode".into(),
-        ));
+        return Err(Stop::Unsupported("IRET to virtual-8086 mode".into()));
     }
     if cs_selector & !3 == 0 {
         return Err(gp(0));
@@ -87,7 +85,9 @@ fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<(), Sto
         return Err(gp(cs_selector));
     }
     if code.segment.present == 0 {
-        return Err(Stop::Fault(Fault::SegmentNotPresent(u32::from(cs_selector & !3))));
+        return Err(Stop::Fault(Fault::SegmentNotPresent(u32::from(
+            cs_selector & !3,
+        ))));
     }
     if eip > u64::from(code.segment.limit) {
         return Err(gp(0));
@@ -151,8 +151,7 @@ fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<(), Sto
         // Data segments the outer level may not use become null (SDM: "FOR each
         // SegReg in (ES, FS, GS, and DS)").
         for segment in [&mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ds] {
-            let data_or_nonconforming =
-                segment.type_ & 8 == 0 || segment.type_ & 4 == 0;
+            let data_or_nonconforming = segment.type_ & 8 == 0 || segment.type_ & 4 == 0;
             if segment.unusable == 0 && data_or_nonconforming && segment.dpl < rpl {
                 *segment = null_segment(0);
             }
@@ -171,7 +170,12 @@ fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<(), Sto
 
 fn real_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>, operand_size: usize) -> Result<(), Stop> {
     let sp = cpu.regs.rsp & 0xffff;
-    let at = |index: u64| cpu.sregs.ss.base.wrapping_add((sp + index * operand_size as u64) & 0xffff);
+    let at = |index: u64| {
+        cpu.sregs
+            .ss
+            .base
+            .wrapping_add((sp + index * operand_size as u64) & 0xffff)
+    };
     let access = Access::supervisor(false);
     let ip = memory.read_value(at(0), operand_size, access)?;
     let cs = memory.read_value(at(1), operand_size, access)? as u16;
@@ -187,7 +191,12 @@ fn real_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>, operand_size: usize) -
     sregs.cs.selector = cs;
     sregs.cs.base = u64::from(cs) << 4;
     let regs = cpu.regs_mut();
-    regs.rip = ip & if operand_size == 4 { 0xffff_ffff } else { 0xffff };
+    regs.rip = ip
+        & if operand_size == 4 {
+            0xffff_ffff
+        } else {
+            0xffff
+        };
     regs.rsp = (regs.rsp & !0xffff) | ((sp + 3 * operand_size as u64) & 0xffff);
     Ok(())
 }

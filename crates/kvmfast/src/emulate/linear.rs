@@ -57,7 +57,9 @@ impl GuestMemory<'_> {
 
     /// Reads `out.len()` bytes at a linear address.
     pub fn read(&self, linear: u64, out: &mut [u8], access: Access) -> Result<(), Stop> {
-        let pieces = self.pieces(linear, out.len(), access).map_err(Stop::Fault)?;
+        let pieces = self
+            .pieces(linear, out.len(), access)
+            .map_err(Stop::Fault)?;
         let mut done = 0;
         for piece in pieces {
             let slice = &mut out[done..done + piece.length];
@@ -71,7 +73,9 @@ impl GuestMemory<'_> {
 
     /// Writes `data` at a linear address.
     pub fn write(&self, linear: u64, data: &[u8], access: Access) -> Result<(), Stop> {
-        let pieces = self.pieces(linear, data.len(), access).map_err(Stop::Fault)?;
+        let pieces = self
+            .pieces(linear, data.len(), access)
+            .map_err(Stop::Fault)?;
         let mut done = 0;
         for piece in pieces {
             let slice = &data[done..done + piece.length];
@@ -140,8 +144,7 @@ impl GuestMemory<'_> {
                 Handler::Null | Handler::Exit => all_ones(chunk.len()),
                 Handler::Python(device) => {
                     let offset = address - base.unwrap_or(address);
-                    Python::attach(|py| device.read(py, offset, chunk.len()))
-                        .map_err(Stop::Host)?
+                    Python::attach(|py| device.read(py, offset, chunk.len())).map_err(Stop::Host)?
                 }
             };
             chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);
@@ -248,7 +251,11 @@ fn check_segment(
     let limit = u64::from(descriptor.limit);
     let expand_down = !code && descriptor.type_ & 4 != 0;
     if expand_down {
-        let top = if descriptor.db != 0 { 0xffff_ffff } else { 0xffff };
+        let top = if descriptor.db != 0 {
+            0xffff_ffff
+        } else {
+            0xffff
+        };
         if offset <= limit || last > top {
             return Err(());
         }

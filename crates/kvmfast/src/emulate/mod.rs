@@ -217,7 +217,12 @@ impl Emulator {
         let cpu = Cpu::load(fd, page).ok()?;
         let memory = self.memory(&cpu, &ram, mmio);
         let decoded = decode::decode(&cpu, &memory, exit_bytes).ok();
-        Some(Report::new(&cpu, decoded.as_ref(), exit_bytes, reason.to_string()))
+        Some(Report::new(
+            &cpu,
+            decoded.as_ref(),
+            exit_bytes,
+            reason.to_string(),
+        ))
     }
 
     fn memory<'m>(
@@ -265,7 +270,9 @@ impl Emulator {
 fn host_failure(stop: Stop) -> Failure {
     match stop {
         Stop::Host(err) => Failure::Host(err),
-        Stop::Unsupported(reason) => Failure::Host(pyo3::exceptions::PyRuntimeError::new_err(reason)),
+        Stop::Unsupported(reason) => {
+            Failure::Host(pyo3::exceptions::PyRuntimeError::new_err(reason))
+        }
         Stop::Fault(fault) => Failure::Host(pyo3::exceptions::PyRuntimeError::new_err(format!(
             "unexpected {}",
             fault.name()
@@ -288,9 +295,20 @@ fn dispatch(c: &mut Completion<'_>, sse_stubs: &mut sse::StubCache) -> Result<()
         M::Wait => x87::complete_fwait(c),
         M::Ldmxcsr | M::Stmxcsr => fxsave::complete_mxcsr(c),
         M::Fxsave | M::Fxsave64 | M::Fxrstor | M::Fxrstor64 => fxsave::complete(c),
-        M::Xsave | M::Xsave64 | M::Xsaveopt | M::Xsaveopt64 | M::Xsavec | M::Xsavec64
-        | M::Xsaves | M::Xsaves64 | M::Xrstor | M::Xrstor64 | M::Xrstors | M::Xrstors64
-        | M::Xgetbv | M::Xsetbv => xsave::complete(c),
+        M::Xsave
+        | M::Xsave64
+        | M::Xsaveopt
+        | M::Xsaveopt64
+        | M::Xsavec
+        | M::Xsavec64
+        | M::Xsaves
+        | M::Xsaves64
+        | M::Xrstor
+        | M::Xrstor64
+        | M::Xrstors
+        | M::Xrstors64
+        | M::Xgetbv
+        | M::Xsetbv => xsave::complete(c),
         M::Cmpxchg16b => cmpxchg16b::complete(c),
         M::Rdtscp | M::Rdpid => timestamp::complete(c),
         _ if sse::allowed(&c.decoded.instruction) => sse::complete(c, sse_stubs),

@@ -27,7 +27,11 @@ pub fn memory_operand(cpu: &Cpu<'_>, decoded: &Decoded) -> Result<MemoryOperand,
     })
 }
 
-fn effective_address(cpu: &Cpu<'_>, instruction: &Instruction, address_size: u32) -> Result<u64, Stop> {
+fn effective_address(
+    cpu: &Cpu<'_>,
+    instruction: &Instruction,
+    address_size: u32,
+) -> Result<u64, Stop> {
     let base = instruction.memory_base();
     let displacement = instruction.memory_displacement64();
     if matches!(base, Register::RIP | Register::EIP) {
@@ -58,8 +62,14 @@ impl MemoryOperand {
         size: usize,
         intent: Intent,
     ) -> Result<u64, Stop> {
-        linear_address(cpu, self.segment, self.offset.wrapping_add(skip), size, intent)
-            .map_err(Stop::Fault)
+        linear_address(
+            cpu,
+            self.segment,
+            self.offset.wrapping_add(skip),
+            size,
+            intent,
+        )
+        .map_err(Stop::Fault)
     }
 
     /// Reads `size` (1..8) bytes as a value, with the #AC check of a data access.
@@ -130,7 +140,9 @@ pub fn source_value(
         OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate64 => {
             Ok(truncate(instruction.immediate(index), size))
         }
-        OpKind::Immediate8to16 | OpKind::Immediate8to32 | OpKind::Immediate8to64
+        OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
         | OpKind::Immediate32to64 => Ok(truncate(instruction.immediate(index), size)),
         other => Err(Stop::Unsupported(format!("operand kind {other:?}"))),
     }

@@ -8,7 +8,9 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use super::cpu::{CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE};
+use super::cpu::{
+    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE,
+};
 use super::exceptions::{Fault, PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE};
 use crate::memory::GuestRam;
 
@@ -190,7 +192,8 @@ impl PagingMode {
             // 32-bit paging: two levels of 4-byte entries, 4 MiB pages with CR4.PSE.
             let directory = self.cr3 & 0xffff_f000;
             let pde_address = directory + ((linear >> 22) & 0x3ff) * 4;
-            let pde = u64::from(read_u32(ram, pde_address).ok_or_else(|| fault_code(false, false))?);
+            let pde =
+                u64::from(read_u32(ram, pde_address).ok_or_else(|| fault_code(false, false))?);
             if pde & P == 0 {
                 return Err(fault_code(false, false));
             }
@@ -260,8 +263,7 @@ fn set_accessed_dirty(ram: &GuestRam, walked: &[Entry], write: bool) {
             }
         } else if let Some(pointer) = aligned(ram, entry.address, 4) {
             // SAFETY: as above, 4-byte aligned.
-            unsafe { AtomicU32::from_ptr(pointer.cast()) }
-                .fetch_or(bits as u32, Ordering::SeqCst);
+            unsafe { AtomicU32::from_ptr(pointer.cast()) }.fetch_or(bits as u32, Ordering::SeqCst);
         }
     }
 }
@@ -340,13 +342,17 @@ mod tests {
         let ram = ram();
         tables(&ram, 0x9000 | 7);
         let mode = long_mode(0);
-        assert_eq!(mode.translate(&ram, 0x5123, Access::read(false, false)), Ok(0x9123));
+        assert_eq!(
+            mode.translate(&ram, 0x5123, Access::read(false, false)),
+            Ok(0x9123)
+        );
         assert_eq!(
             mode.translate(&ram, 0x20_1234, Access::read(false, false)),
             Ok(0x20_1234)
         );
         // The walk set A everywhere and D in the PTE of a write.
-        mode.translate(&ram, 0x5000, Access::write(false, false)).unwrap();
+        mode.translate(&ram, 0x5000, Access::write(false, false))
+            .unwrap();
         let mut pte = [0u8; 8];
         ram.read_into(0x4028, &mut pte);
         assert_eq!(u64::from_le_bytes(pte) & (A | D), A | D);
@@ -388,8 +394,14 @@ mod tests {
         let ram = ram();
         tables(&ram, 0x9000 | 7);
         let mode = long_mode(CR4_SMAP | CR4_SMEP);
-        assert!(mode.translate(&ram, 0x5000, Access::read(false, false)).is_err());
-        assert_eq!(mode.translate(&ram, 0x5000, Access::read(false, true)), Ok(0x9000));
+        assert!(
+            mode.translate(&ram, 0x5000, Access::read(false, false))
+                .is_err()
+        );
+        assert_eq!(
+            mode.translate(&ram, 0x5000, Access::read(false, true)),
+            Ok(0x9000)
+        );
         let fetch = Access {
             fetch: true,
             ..Access::default()
@@ -434,6 +446,9 @@ mod tests {
             mode.translate(&ram, 0x41_2345, Access::read(false, false)),
             Ok(0x41_2345)
         );
-        assert_eq!(mode.translate(&ram, 0x1abc, Access::read(false, false)), Ok(0x7abc));
+        assert_eq!(
+            mode.translate(&ram, 0x1abc, Access::read(false, false)),
+            Ok(0x7abc)
+        );
     }
 }

@@ -55,7 +55,11 @@ fn syscall_keeps_user_cs(kvm: &Kvm) -> Option<bool> {
     let write = |address: u64, bytes: &[u8]| {
         // SAFETY: every address used below lies inside the 4 MiB mapping.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), ram.as_ptr().add(address as usize), bytes.len())
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                ram.as_ptr().add(address as usize),
+                bytes.len(),
+            )
         }
     };
     let read_u64 = |address: u64| -> u64 {

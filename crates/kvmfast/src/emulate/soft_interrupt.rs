@@ -79,7 +79,7 @@ pub fn deliver(
     } else {
         match gate_type {
             GATE_INTERRUPT | GATE_TRAP => true,
-            0x5 | 0x6 | 0x7 => {
+            0x5..=0x7 => {
                 return Err(Stop::Unsupported(format!(
                     "delivery through a {} gate",
                     if gate_type == 5 { "task" } else { "16-bit" }
@@ -121,7 +121,11 @@ pub fn deliver(
     if long && (code.segment.l == 0 || code.segment.db != 0) {
         return Err(gp(selector_code));
     }
-    let new_cpl = if code.is_conforming() { cpl } else { code.dpl() };
+    let new_cpl = if code.is_conforming() {
+        cpl
+    } else {
+        code.dpl()
+    };
     let inner = new_cpl < cpl;
 
     let flags = cpu.rflags();
@@ -170,9 +174,8 @@ pub fn deliver(
             if ss_selector & !3 == 0 || ss_selector & 3 != u16::from(new_cpl) {
                 return Err(tss_fault);
             }
-            let ss = read_descriptor(cpu, memory, ss_selector).map_err(|_| {
-                Stop::Fault(Fault::InvalidTss(u32::from(ss_selector & !3)))
-            })?;
+            let ss = read_descriptor(cpu, memory, ss_selector)
+                .map_err(|_| Stop::Fault(Fault::InvalidTss(u32::from(ss_selector & !3))))?;
             if !ss.is_writable_data() || ss.dpl() != new_cpl {
                 return Err(tss_fault);
             }
@@ -183,7 +186,11 @@ pub fn deliver(
         } else {
             (cpu.sregs.ss, old_rsp)
         };
-        let mask: u64 = if ss_segment.db != 0 { 0xffff_ffff } else { 0xffff };
+        let mask: u64 = if ss_segment.db != 0 {
+            0xffff_ffff
+        } else {
+            0xffff
+        };
         let frame: Vec<u64> = if inner {
             vec![return_rip, old_cs, flags, old_rsp & 0xffff_ffff, old_ss]
         } else {

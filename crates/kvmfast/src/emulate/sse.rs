@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use iced_x86::{
-    Code, CpuidFeature, Decoder, DecoderOptions, EncodingKind, Encoder, Instruction,
+    Code, CpuidFeature, Decoder, DecoderOptions, Encoder, EncodingKind, Instruction,
     InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
 };
 
@@ -281,11 +281,19 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
     if let Some(used) = used_memory {
         let size = used.memory_size().size();
         if size == 0 || size > 16 {
-            return Err(Stop::Unsupported(format!("a {size}-byte SSE memory operand")));
+            return Err(Stop::Unsupported(format!(
+                "a {size}-byte SSE memory operand"
+            )));
         }
         let operand = memory_operand(&c.cpu, &c.decoded)?;
-        let reads = matches!(used.access(), OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite);
-        let writes = matches!(used.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite);
+        let reads = matches!(
+            used.access(),
+            OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite
+        );
+        let writes = matches!(
+            used.access(),
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        );
         let intent = if writes { Intent::Write } else { Intent::Read };
         let linear = operand.linear(&c.cpu, 0, size, intent)?;
         if size == 16 && !unaligned_ok(instruction.mnemonic()) && linear % 16 != 0 {
@@ -293,8 +301,11 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         }
         alignment_check(&c.cpu, linear, 1).map_err(Stop::Fault)?;
         if reads {
-            c.memory
-                .read(linear, &mut exchange.bounce[..size], data_access(&c.cpu, false))?;
+            c.memory.read(
+                linear,
+                &mut exchange.bounce[..size],
+                data_access(&c.cpu, false),
+            )?;
         }
         if writes {
             c.memory
@@ -365,7 +376,11 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
 fn instruction_writes_flags(instruction: &Instruction) -> bool {
     matches!(
         instruction.mnemonic(),
-        Mnemonic::Comiss | Mnemonic::Ucomiss | Mnemonic::Comisd | Mnemonic::Ucomisd | Mnemonic::Ptest
+        Mnemonic::Comiss
+            | Mnemonic::Ucomiss
+            | Mnemonic::Comisd
+            | Mnemonic::Ucomisd
+            | Mnemonic::Ptest
     )
 }
 

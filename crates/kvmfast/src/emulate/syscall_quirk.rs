@@ -35,7 +35,8 @@ pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<bool, Stop>
     let Ok(gate_high) = memory.read_u64(idt.base + PAGE_FAULT * 16 + 8, supervisor) else {
         return Ok(false);
     };
-    let handler = (gate_low & 0xffff) | ((gate_low >> 32) & 0xffff_0000) | ((gate_high & 0xffff_ffff) << 32);
+    let handler =
+        (gate_low & 0xffff) | ((gate_low >> 32) & 0xffff_0000) | ((gate_high & 0xffff_ffff) << 32);
     if cpu.regs.rip != handler {
         return Ok(false);
     }
@@ -47,7 +48,14 @@ pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<bool, Stop>
             Err(_) => return Ok(false),
         }
     }
-    let [_error_code, saved_rip, saved_cs, _saved_flags, saved_rsp, _saved_ss] = frame;
+    let [
+        _error_code,
+        saved_rip,
+        saved_cs,
+        _saved_flags,
+        saved_rsp,
+        _saved_ss,
+    ] = frame;
     if saved_cs & 3 != 3 || saved_rip != cpu.sregs.cr2 {
         return Ok(false);
     }

@@ -44,8 +44,8 @@ fn read_msrs(cpu: &Cpu<'_>, indices: &[u32]) -> Result<Vec<u64>, Stop> {
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries)
-        .map_err(|e| Stop::Unsupported(format!("MSR list: {e:?}")))?;
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|e| Stop::Unsupported(format!("MSR list: {e:?}")))?;
     let read = cpu
         .fd
         .get_msrs(&mut msrs)

@@ -194,14 +194,18 @@ impl Form {
 
     /// Writes the pieces, after checking that every byte of [0, end) can be written,
     /// so that a fault leaves memory as it was.
-    fn write_all(&self, c: &Completion<'_>, end: usize, pieces: &[(usize, Vec<u8>)]) -> Result<(), Stop> {
+    fn write_all(
+        &self,
+        c: &Completion<'_>,
+        end: usize,
+        pieces: &[(usize, Vec<u8>)],
+    ) -> Result<(), Stop> {
         let linear = self.linear(c, 0, end)?;
         c.memory
             .probe_write(linear, end, data_access(&c.cpu, true))?;
         for (offset, bytes) in pieces {
             let linear = self.linear(c, *offset, bytes.len())?;
-            c.memory
-                .write(linear, bytes, data_access(&c.cpu, true))?;
+            c.memory.write(linear, bytes, data_access(&c.cpu, true))?;
         }
         Ok(())
     }
@@ -220,7 +224,10 @@ fn legacy_pieces(area: &XsaveArea, form: &Form, bits: u64, mxcsr: bool) -> Vec<(
         pieces.push((32, area.bytes[32..XMM_OFFSET].to_vec()));
     }
     if mxcsr {
-        pieces.push((MXCSR_OFFSET, area.bytes[MXCSR_OFFSET..MXCSR_OFFSET + 8].to_vec()));
+        pieces.push((
+            MXCSR_OFFSET,
+            area.bytes[MXCSR_OFFSET..MXCSR_OFFSET + 8].to_vec(),
+        ));
     }
     if bits & FEATURE_SSE != 0 {
         let end = XMM_OFFSET + 16 * form.xmm_registers;
@@ -246,9 +253,18 @@ fn widen(head: &mut [u8]) {
 }
 
 /// XSAVE and XSAVEOPT (standard format, SDM Vol. 1 13.7 and 13.9).
-fn save_standard(c: &Completion<'_>, form: &Form, area: &XsaveArea, optimized: bool) -> Result<(), Stop> {
+fn save_standard(
+    c: &Completion<'_>,
+    form: &Form,
+    area: &XsaveArea,
+    optimized: bool,
+) -> Result<(), Stop> {
     let xinuse = area.xstate_bv() & form.xcr0;
-    let saved = if optimized { form.rfbm & xinuse } else { form.rfbm };
+    let saved = if optimized {
+        form.rfbm & xinuse
+    } else {
+        form.rfbm
+    };
     let mut header = [0u8; 8];
     form.read(c, HEADER_OFFSET, &mut header)?;
     let old_bv = u64::from_le_bytes(header);
@@ -258,7 +274,10 @@ fn save_standard(c: &Completion<'_>, form: &Form, area: &XsaveArea, optimized: b
     for index in 2..63u32 {
         if saved & (1 << index) != 0 {
             let comp = component(index);
-            pieces.push((comp.offset, area.bytes[comp.offset..comp.offset + comp.size].to_vec()));
+            pieces.push((
+                comp.offset,
+                area.bytes[comp.offset..comp.offset + comp.size].to_vec(),
+            ));
         }
     }
     pieces.push((HEADER_OFFSET, new_bv.to_le_bytes().to_vec()));
@@ -276,7 +295,10 @@ fn save_compacted(c: &Completion<'_>, form: &Form, area: &XsaveArea) -> Result<(
     for (index, offset) in layout {
         if saved & (1 << index) != 0 {
             let comp = component(index);
-            pieces.push((offset, area.bytes[comp.offset..comp.offset + comp.size].to_vec()));
+            pieces.push((
+                offset,
+                area.bytes[comp.offset..comp.offset + comp.size].to_vec(),
+            ));
         }
     }
     let mut header = Vec::with_capacity(16);
@@ -287,7 +309,12 @@ fn save_compacted(c: &Completion<'_>, form: &Form, area: &XsaveArea) -> Result<(
 }
 
 /// XRSTOR (either format) and XRSTORS (compacted only): SDM Vol. 1 13.8 and 13.12.
-fn restore(c: &mut Completion<'_>, form: &Form, mut area: XsaveArea, supervisor: bool) -> Result<(), Stop> {
+fn restore(
+    c: &mut Completion<'_>,
+    form: &Form,
+    mut area: XsaveArea,
+    supervisor: bool,
+) -> Result<(), Stop> {
     let gp = Stop::Fault(Fault::GeneralProtection(0));
     let mut header = [0u8; HEADER_SIZE];
     form.read(c, HEADER_OFFSET, &mut header)?;
@@ -455,6 +482,9 @@ mod tests {
         narrow(&mut head);
         assert_eq!(&head[8..12], &0x5678_9abc_u32.to_le_bytes());
         widen(&mut head);
-        assert_eq!(u64::from_le_bytes(head[8..16].try_into().unwrap()), 0x5678_9abc);
+        assert_eq!(
+            u64::from_le_bytes(head[8..16].try_into().unwrap()),
+            0x5678_9abc
+        );
     }
 }
