@@ -125,6 +125,6 @@ def test_rdpid_reads_tsc_aux(kvm: Kvm) -> None:
     guest.vcpu.set_cpuid(cpuid)
     guest.vcpu.set_msrs({MSR_IA32_TSC_AUX: 0x55AA})
     if run_until_exit(guest) == 6 and not completions(guest):
-        pytest.skip("this host's KVM raises #UD for RDPID itself, before any exit")
+        pytest.skip("the host raises #UD for RDPID in its own emulator, before any exit")
     assert guest.vcpu.get_regs()["r11"] == 0x55AA
     assert completions(guest) in ({}, {"rdpid": 1})

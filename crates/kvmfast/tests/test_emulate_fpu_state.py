@@ -96,7 +96,7 @@ def test_fxrstor_misaligned_is_gp(kvm: Kvm) -> None:
     guest = _fault_guest(kvm, "fxrstor [rsi + 8]")
     vector = run_until_exit(guest)
     if vector != 13 and not completions(guest) and not exceptions_raised(guest):
-        pytest.skip("this host's KVM emulator completes a misaligned FXRSTOR without #GP")
+        pytest.skip("the host's own emulator completes a misaligned FXRSTOR without #GP")
     assert vector == 13
     assert guest.vcpu.get_regs()["rdx"] == guest.symbols["at"]
 
