@@ -1,0 +1,229 @@
+"""Debian's cloud kernel on our split irqchip, through the kvm-vmm command.
+
+What the guest's /proc/interrupts must show (kernel/irq/proc.c prints the
+chip's name and the flow handler: "IO-APIC  2-edge timer"):
+- with the IOAPIC (the MADT describes it, Linux's default): the PIT's timer on
+  GSI 2 (MADT interrupt source override IRQ0 -> GSI 2) and ttyS0 (IRQ 4) edge,
+  the ACPI SCI (GSI 9, override "high level") fasteoi, i.e. level-triggered;
+- with ``noapic``: the same lines through the 8259 pair (XT-PIC), the PIC's
+  INTR delivered by KVM_INTERRUPT as ExtINT;
+- one or two CPUs up (nproc), and power-off through ACPI S5: exit status 0.
+Clear errors for a malformed kernel, a missing initrd, too little memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import BootFiles
+
+from kvm_vmm.hostcheck import HostReport
+from kvm_vmm.initramfs import TEST_BEGIN_MARKER, TEST_END_MARKER
+
+pytestmark = [pytest.mark.kvm, pytest.mark.boot]
+
+BOOT_TIMEOUT = 1800.0  # seconds; a boot to /init took ~190 s on a host that emulates
+FLOW = re.compile(r"^\d+-(edge|level|fasteoi)$")
+
+
+@dataclass(frozen=True)
+class Boot:
+    status: int
+    console: str
+    stderr: str
+
+    @property
+    def stats(self) -> dict[str, object]:
+        start = self.stderr.rfind("\n{")
+        parsed: dict[str, object] = json.loads(self.stderr[start:]) if start >= 0 else {}
+        return parsed
+
+
+def kvm_vmm(*args: str, serial: Path, timeout: float = BOOT_TIMEOUT) -> Boot:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvm_vmm.cli",
+            "run",
+            *args,
+            "--serial",
+            f"file:{serial}",
+            "--stats",
+            "--timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 120,
+        stdin=subprocess.DEVNULL,
+    )
+    console = serial.read_text(errors="replace") if serial.exists() else ""
+    return Boot(result.returncode, console, result.stderr)
+
+
+def boot_test_guest(files: BootFiles, tmp_path: Path, *extra: str, cmdline: str = "") -> Boot:
+    # panic=-1: a panic resets the guest at once, ending the run, instead of hanging.
+    return kvm_vmm(
+        "--kernel",
+        str(files.kernel),
+        "--initrd",
+        str(files.initrd),
+        "--cmdline",
+        f"console=ttyS0 panic=-1 {cmdline}".strip(),
+        "--fast-boot",
+        *extra,
+        serial=tmp_path / "console.log",
+    )
+
+
+@dataclass(frozen=True)
+class InterruptLine:
+    irq: str
+    counts: list[int]
+    chip: str
+    flow: str
+    names: str
+
+
+def proc_interrupts(console: str) -> tuple[int, dict[str, InterruptLine]]:
+    """nproc and the /proc/interrupts lines (by device name) that the test /init printed."""
+    assert TEST_BEGIN_MARKER in console, console[-3000:]
+    section = console.split(TEST_BEGIN_MARKER, 1)[1].split(TEST_END_MARKER, 1)[0]
+    lines = [line.strip() for line in section.replace("\r", "").splitlines() if line.strip()]
+    nproc = int(next(line for line in lines if line.startswith("nproc=")).split("=")[1])
+    cpus = len(next(line for line in lines if line.startswith("CPU0")).split())
+    table = {}
+    for line in lines:
+        irq, colon, rest = line.partition(":")
+        if not colon or not irq.strip().isdigit():
+            continue
+        fields = rest.split()
+        counts = [int(value) for value in fields[:cpus]]
+        chip, flow_and_names = fields[cpus], fields[cpus + 1 :]
+        flow = flow_and_names[0] if flow_and_names and FLOW.match(flow_and_names[0]) else ""
+        names = " ".join(flow_and_names[1:] if flow else flow_and_names)
+        for name in names.replace(",", " ").split():
+            table[name] = InterruptLine(irq.strip(), counts, chip, flow, names)
+    return nproc, table
+
+
+def assert_powered_off(boot: Boot) -> None:
+    assert boot.status == 0, (boot.stderr[-3000:], boot.console[-3000:])
+    assert boot.stats.get("outcome") == "guest powered off"
+
+
+@pytest.mark.usefixtures("boots_to_init")
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_ioapic_routes_timer_serial_and_the_level_sci(
+    boot_files: BootFiles, tmp_path: Path, cpus: int
+) -> None:
+    boot = boot_test_guest(boot_files, tmp_path, "--cpus", str(cpus))
+    assert_powered_off(boot)
+    nproc, interrupts = proc_interrupts(boot.console)
+    assert nproc == cpus
+    assert interrupts["timer"].chip == "IO-APIC" and interrupts["timer"].flow == "2-edge"
+    assert interrupts["ttyS0"].chip == "IO-APIC" and interrupts["ttyS0"].flow == "4-edge"
+    assert interrupts["acpi"].chip == "IO-APIC" and interrupts["acpi"].flow == "9-fasteoi"
+    assert sum(interrupts["ttyS0"].counts) > 0  # the console's output went through it
+    milestones = boot.stats["milestones"]
+    assert isinstance(milestones, list)
+    names = [milestone["name"] for milestone in milestones]
+    assert "/init started" in names and names[-1] == "power-off"
+
+
+@pytest.mark.usefixtures("boots_to_init")
+def test_noapic_routes_through_the_8259_pair(boot_files: BootFiles, tmp_path: Path) -> None:
+    boot = boot_test_guest(boot_files, tmp_path, cmdline="noapic")
+    assert_powered_off(boot)
+    nproc, interrupts = proc_interrupts(boot.console)
+    assert nproc == 1
+    for name in ("timer", "ttyS0", "acpi"):
+        assert interrupts[name].chip == "XT-PIC", interrupts[name]
+    assert sum(interrupts["timer"].counts) > 0
+
+
+def test_the_boot_stops_where_the_host_check_says_and_not_before(
+    boot_files: BootFiles, tmp_path: Path, host: HostReport
+) -> None:
+    """Where the host check FAILs a probe, a stock kernel must get exactly that far:
+    nothing of ours (zero page, e820 map, initrd placement, ACPI tables) may stop it
+    first. The log is not quieted, so the kernel's view of our tables is checked too."""
+    failing = {check.key for check in host.failures}
+    if not failing:
+        pytest.skip("nothing stops a stock kernel on this host: the other boot tests boot it")
+    if not failing & {"insn-int3", "user-syscall"}:
+        pytest.skip(f"no known stopping point for {sorted(failing)}")
+    boot = kvm_vmm(
+        "--kernel",
+        str(boot_files.kernel),
+        "--initrd",
+        str(boot_files.initrd),
+        "--cmdline",
+        "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 cryptomgr.notests",
+        serial=tmp_path / "console.log",
+    )
+    console = boot.console
+    assert "Linux version" in console
+    assert "BIOS-e820: [mem 0x0000000000100000-" in console
+    assert "ACPI: Using ACPI (MADT) for SMP configuration information" in console
+    assert "RAMDISK: [mem " in console  # the initrd was found where the zero page says
+    if "insn-int3" in failing:
+        assert boot.status == 1, boot.stderr[-2000:]
+        assert "instruction bytes cc" in boot.stderr  # INT3, not anything before it
+        return
+    # The CPL-3 SYSCALL bug: init reaches its first system call and dies there.
+    assert "Run /init as init process" in console
+    assert "init[1]: segfault" in console and "entry_SYSCALL_64" in console
+    assert boot.stats.get("outcome") == "guest requested a reset"  # panic=-1
+
+
+def test_a_malformed_kernel_is_a_clear_error(tmp_path: Path) -> None:
+    kernel = tmp_path / "junk"
+    kernel.write_bytes(bytes(range(256)) * 64)
+    boot = kvm_vmm("--kernel", str(kernel), serial=tmp_path / "c", timeout=30)
+    assert boot.status == 2 and "Traceback" not in boot.stderr
+    assert "is not a bzImage" in boot.stderr
+
+
+def test_a_truncated_kernel_is_a_clear_error(boot_files: BootFiles, tmp_path: Path) -> None:
+    kernel = tmp_path / "truncated"
+    kernel.write_bytes(boot_files.kernel.read_bytes()[:100_000])
+    boot = kvm_vmm("--kernel", str(kernel), serial=tmp_path / "c", timeout=30)
+    assert boot.status == 2 and "Traceback" not in boot.stderr
+    assert "syssize" in boot.stderr
+
+
+def test_a_missing_initrd_is_a_clear_error(boot_files: BootFiles, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such.cpio"
+    boot = kvm_vmm(
+        "--kernel", str(boot_files.kernel), "--initrd", str(missing), serial=tmp_path / "c"
+    )
+    assert boot.status == 2 and "Traceback" not in boot.stderr
+    assert f"initrd file '{missing}' does not exist" in boot.stderr
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"), [("1M", "too small"), ("32M", "larger than guest RAM")]
+)
+def test_too_little_memory_is_a_clear_error(
+    boot_files: BootFiles, tmp_path: Path, memory: str, message: str
+) -> None:
+    boot = kvm_vmm(
+        "--kernel",
+        str(boot_files.kernel),
+        "--initrd",
+        str(boot_files.initrd),
+        "--memory",
+        memory,
+        serial=tmp_path / "c",
+        timeout=60,
+    )
+    assert boot.status == 2 and "Traceback" not in boot.stderr
+    assert message in boot.stderr
