@@ -244,13 +244,12 @@ def multiboot_command_line(kernel_path: Path, cmdline: str) -> str:
 def _prepare_boot(args: argparse.Namespace, cache_dir: Path | None) -> _Boot:
     kernel_path: Path | None = getattr(args, "kernel", None)
     cmdline: str = getattr(args, "cmdline", "")
-    initrd: bytes | None
+    initrd_path: Path | None = getattr(args, "initrd", None)
+    initrd = None if initrd_path is None else read_boot_file(initrd_path, "initrd")
     if kernel_path is None:
-        kernel_path, initrd = _default_guest(args, cache_dir)
+        kernel_path, shell_initrd = _default_guest(args, cache_dir)
+        initrd = shell_initrd if initrd is None else initrd  # an --initrd of one's own wins
         cmdline = f"{DEFAULT_GUEST_CMDLINE} {cmdline}".strip()
-    else:
-        initrd_path: Path | None = args.initrd
-        initrd = None if initrd_path is None else read_boot_file(initrd_path, "initrd")
     image = read_boot_file(kernel_path, "kernel")
     if not is_linux_image(image):
         return _Boot(kernel_path, image, initrd, None)

@@ -574,8 +574,8 @@ def host_report(
     began = time.perf_counter()
     checks = probe_host(kvm)
     report = HostReport(identity, checks, time.perf_counter() - began)
-    complete = not any(check.key in ("probes",) for check in checks) and checks[0].key == "kvm"
-    if path is not None and complete and checks[0].verdict == "PASS":
+    complete = all(check.key != "probes" for check in checks) and checks[0].verdict == "PASS"
+    if path is not None and complete:
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(f".{os.getpid()}.tmp")
