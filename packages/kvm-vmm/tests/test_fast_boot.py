@@ -70,6 +70,12 @@ def test_host_workarounds_follow_the_host_check_and_can_be_turned_off() -> None:
     assert off.notes == plan.notes  # what will fail is still said
 
 
+def test_a_slow_host_says_so_before_the_boot() -> None:
+    slow = host(Check("kernel-code", "guest kernel code", "WARN", "emulated, ~360 ns"))
+    notes = plan_linux_boot("x", fast_boot=False, host=slow).notes
+    assert notes == ["host-check: guest kernel code: emulated, ~360 ns"]
+
+
 def test_a_host_without_gaps_adds_nothing() -> None:
     plan = plan_linux_boot("x", fast_boot=False, host=host(Check("kvm", "KVM", "PASS", "")))
     assert (plan.cmdline, plan.hidden_cpuid, plan.notes) == ("x", (), [])

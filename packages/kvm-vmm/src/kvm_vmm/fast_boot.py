@@ -111,8 +111,11 @@ def plan_linux_boot(
     hidden = tuple(host.cpuid_bits_to_clear()) if use_host and host is not None else ()
     notes = []
     if host is not None:
-        for failure in host.failures:
-            notes.append(f"host-check: {failure.title}: {failure.summary}")
+        # What will stop the guest, and why it will be slow: said before a long wait.
+        worth_saying = [c for c in host.checks if c.verdict == "FAIL" or c.key == "kernel-code"]
+        for check in worth_saying:
+            if check.verdict != "PASS":
+                notes.append(f"host-check: {check.title}: {check.summary}")
     composed = with_switches(with_switches(cmdline, fast), host_switches)
     return LinuxBootPlan(composed, fast, host_switches, hidden, notes)
 
