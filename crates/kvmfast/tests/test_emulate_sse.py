@@ -71,6 +71,16 @@ INSTRUCTIONS = [
     "movdqa xmmword ptr [rsi + 64], xmm3",
     "movq xmm5, qword ptr [rsi + 8]",
     "movss dword ptr [rsi + 100], xmm4",
+    "aesenc xmm0, xmm1",
+    "aesdeclast xmm2, xmmword ptr [rsi + 16]",
+    "pclmulqdq xmm3, xmm4, 0x11",
+    "vmovdqu xmm0, xmmword ptr [rsi + 3]",
+    "vpaddd xmm0, xmm1, xmm2",
+    "vpshufb xmm1, xmm2, xmmword ptr [rsi + 16]",
+    "vpxor ymm3, ymm4, ymm5\nvmovdqu ymmword ptr [rsi + 64], ymm3",
+    "vpaddq ymm6, ymm7, ymmword ptr [rsi + 96]\nvmovdqu ymmword ptr [rsi + 160], ymm6",
+    "vaesenc xmm0, xmm1, xmm2",
+    "vzeroupper",
 ]
 
 
@@ -80,9 +90,11 @@ def test_sse_matches_the_host(kvm: Kvm, instruction: str) -> None:
     state = _state()
     guest, vm_guest = run_in_guest(kvm, body, state)
     assert_same_results(guest, run_natively(body, state), ignore=frozenset({"rsi"}))
-    mnemonic = instruction.split()[0]
+    expected = {line.split()[0]: 1 for line in instruction.splitlines()}
     # KVM's emulator moves some registers itself (MOVDQU/MOVDQA/MOVQ on this host).
-    assert completions(vm_guest) in ({mnemonic: 1}, {})
+    done = completions(vm_guest)
+    assert all(done.get(mnemonic, 0) in (0, 1) for mnemonic in expected), done
+    assert set(done) <= set(expected), done
 
 
 @pytest.mark.parametrize(

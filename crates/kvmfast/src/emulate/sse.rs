@@ -1,10 +1,13 @@
-//! SSE, SSE2, SSE3, SSSE3 and SSE4.1 computations (what a kernel runs between
-//! kernel_fpu_begin and kernel_fpu_end, e.g. blake2s_compress_ssse3), performed by the
-//! host processor itself against the guest's vector state.
+//! SSE..SSE4.1, AES-NI, PCLMULQDQ and their AVX/AVX2 (VEX) forms: what a kernel runs
+//! between kernel_fpu_begin and kernel_fpu_end (blake2s_compress_ssse3, the AVX copies
+//! and crypto of a stock kernel on an AVX processor), performed by the host processor
+//! itself against the guest's vector state.
 //!
-//! Only an allow-list runs: legacy-encoded instructions of those CPUID features whose
-//! operands are XMM registers, at most one memory operand and an 8-bit immediate -- pure
-//! computations, no control flow, no system state, no other memory. The instruction is
+//! Only an allow-list runs: legacy- or VEX-encoded instructions of those CPUID features
+//! whose operands are XMM/YMM registers, at most one memory operand and an 8-bit
+//! immediate, and that use no other register (iced-x86's register usage is checked, so
+//! implicit GPR or flag users such as PCMPISTRI stay out) -- pure computations, no
+//! control flow, no system state, no other memory. The instruction is
 //! re-encoded by iced-x86 from its decoded form with the memory operand replaced by
 //! [RDI], which points at a bounce buffer, and the result is decoded again and checked
 //! before it goes into an executable stub: no guest byte is ever executed as such.
@@ -18,29 +21,49 @@ use iced_x86::{
     InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
 };
 
-use super::cpu::{CR4_OSFXSR, CR4_OSXMMEXCPT, RFLAGS_STATUS};
+use super::cpu::{CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, RFLAGS_STATUS};
 use super::exceptions::Fault;
-use super::fpu_state::{FEATURE_SSE, XsaveArea, check_device_available};
+use super::fpu_state::{FEATURE_AVX, FEATURE_SSE, XsaveArea, check_device_available, xcr0};
 use super::linear::{Intent, alignment_check, data_access};
 use super::operands::memory_operand;
 use super::{Completion, Stop};
 
-const FEATURES: [CpuidFeature; 5] = [
+const LEGACY_FEATURES: [CpuidFeature; 7] = [
     CpuidFeature::SSE,
     CpuidFeature::SSE2,
     CpuidFeature::SSE3,
     CpuidFeature::SSSE3,
     CpuidFeature::SSE4_1,
+    CpuidFeature::AES,
+    CpuidFeature::PCLMULQDQ,
+];
+const VEX_FEATURES: [CpuidFeature; 8] = [
+    CpuidFeature::AVX,
+    CpuidFeature::AVX2,
+    CpuidFeature::FMA,
+    CpuidFeature::F16C,
+    CpuidFeature::AES,
+    CpuidFeature::PCLMULQDQ,
+    CpuidFeature::VAES,
+    CpuidFeature::VPCLMULQDQ,
 ];
 
-/// Whether the instruction is a pure SSE..SSE4.1 computation this module may run.
+/// Whether the instruction is a pure vector computation this module may run.
 pub fn allowed(instruction: &Instruction) -> bool {
-    if instruction.encoding() != EncodingKind::Legacy {
+    let features = instruction.cpuid_features();
+    let known = match instruction.encoding() {
+        EncodingKind::Legacy => &LEGACY_FEATURES[..],
+        EncodingKind::VEX => &VEX_FEATURES[..],
+        _ => return false,
+    };
+    if features.is_empty() || !features.iter().all(|f| known.contains(f)) {
         return false;
     }
-    let features = instruction.cpuid_features();
-    if features.is_empty() || !features.iter().all(|f| FEATURES.contains(f)) {
-        return false;
+    if matches!(
+        instruction.mnemonic(),
+        Mnemonic::Vzeroupper | Mnemonic::Vzeroall
+    ) {
+        return true;
     }
     if matches!(
         instruction.mnemonic(),
@@ -58,49 +81,95 @@ pub fn allowed(instruction: &Instruction) -> bool {
             | Mnemonic::Prefetcht1
             | Mnemonic::Prefetcht2
             | Mnemonic::Pause
+            | Mnemonic::Vldmxcsr
+            | Mnemonic::Vstmxcsr
+            | Mnemonic::Vmaskmovps
+            | Mnemonic::Vmaskmovpd
+            | Mnemonic::Vpmaskmovd
+            | Mnemonic::Vpmaskmovq
+            | Mnemonic::Vmaskmovdqu
     ) {
         return false;
     }
     let mut memory = 0;
-    let mut xmm = 0;
+    let mut vector = 0;
     for index in 0..instruction.op_count() {
         match instruction.op_kind(index) {
-            OpKind::Register if instruction.op_register(index).is_xmm() => xmm += 1,
+            OpKind::Register if is_vector(instruction.op_register(index)) => vector += 1,
             OpKind::Memory => memory += 1,
             OpKind::Immediate8 => {}
             _ => return false,
         }
     }
-    xmm >= 1 && memory <= 1
+    if vector == 0 || memory > 1 || is_vector(instruction.memory_index()) {
+        return false;
+    }
+    // Nothing but vector registers and the memory operand's own address and segment
+    // registers.
+    let address = [instruction.memory_base(), instruction.memory_index()]
+        .map(|register| register.full_register());
+    InstructionInfoFactory::new()
+        .info(instruction)
+        .used_registers()
+        .iter()
+        .all(|used| {
+            // A VEX destination shows as the whole ZMM register (its upper bits are
+            // zeroed): still vector state.
+            is_vector(used.register())
+                || used.register().is_zmm()
+                || (memory == 1
+                    && (address.contains(&used.register().full_register())
+                        || used.register().is_segment_register()))
+        })
 }
 
-/// The instructions whose 16-byte memory operand may be misaligned (SDM Vol. 1 11.4.1:
-/// the others raise #GP(0)).
-fn unaligned_ok(mnemonic: Mnemonic) -> bool {
-    matches!(
-        mnemonic,
-        Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Movdqu | Mnemonic::Lddqu
-    )
+fn is_vector(register: Register) -> bool {
+    register.is_xmm() || register.is_ymm()
 }
 
-/// What the stubs exchange with Rust: the XMM registers, MXCSR, RFLAGS, the host's
-/// MXCSR, and the bounce buffer the memory operand is redirected to.
-#[repr(C, align(16))]
+/// Whether a misaligned operand raises #GP(0): legacy SSE 16-byte operands except the
+/// unaligned moves (SDM Vol. 1 11.4.1), and VEX only for the explicitly aligned moves
+/// (Vol. 1 14.9).
+fn alignment_required(instruction: &Instruction, size: usize) -> bool {
+    let mnemonic = instruction.mnemonic();
+    if instruction.encoding() == EncodingKind::VEX {
+        return matches!(
+            mnemonic,
+            Mnemonic::Vmovdqa
+                | Mnemonic::Vmovaps
+                | Mnemonic::Vmovapd
+                | Mnemonic::Vmovntdq
+                | Mnemonic::Vmovntps
+                | Mnemonic::Vmovntpd
+                | Mnemonic::Vmovntdqa
+        );
+    }
+    size == 16
+        && !matches!(
+            mnemonic,
+            Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Movdqu | Mnemonic::Lddqu
+        )
+}
+
+/// What the stubs exchange with Rust: the YMM registers (XMM in the low 16 bytes),
+/// MXCSR, RFLAGS, the host's MXCSR, and the bounce buffer the memory operand is
+/// redirected to.
+#[repr(C, align(32))]
 struct Exchange {
-    xmm: [[u8; 16]; 16],
+    ymm: [[u8; 32]; 16],
     mxcsr: u32,
     host_mxcsr: u32,
     rflags: u64,
-    bounce: [u8; 16],
+    bounce: [u8; 32],
 }
 
-const XMM_AT: i32 = 0;
-const MXCSR_AT: i32 = 256;
-const HOST_MXCSR_AT: i32 = 260;
-const RFLAGS_AT: i32 = 264;
-const BOUNCE_AT: i32 = 272;
+const YMM_AT: i32 = 0;
+const MXCSR_AT: i32 = 512;
+const HOST_MXCSR_AT: i32 = 516;
+const RFLAGS_AT: i32 = 520;
+const BOUNCE_AT: i32 = 528;
 const _: () = {
-    assert!(std::mem::offset_of!(Exchange, xmm) == XMM_AT as usize);
+    assert!(std::mem::offset_of!(Exchange, ymm) == YMM_AT as usize);
     assert!(std::mem::offset_of!(Exchange, mxcsr) == MXCSR_AT as usize);
     assert!(std::mem::offset_of!(Exchange, host_mxcsr) == HOST_MXCSR_AT as usize);
     assert!(std::mem::offset_of!(Exchange, rflags) == RFLAGS_AT as usize);
@@ -171,6 +240,16 @@ fn movdqu(register: usize, displacement: i32, load: bool) -> Vec<u8> {
     bytes
 }
 
+/// vmovdqu ymmN, [rsi + disp32] (load) or vmovdqu [rsi + disp32], ymmN (store): VEX.256.F3.0F 6F/7F.
+fn vmovdqu(register: usize, displacement: i32, load: bool) -> Vec<u8> {
+    let inverted_r: u8 = if register >= 8 { 0 } else { 0x80 };
+    let mut bytes = vec![0xc5, inverted_r | 0x78 | 0x04 | 0x02];
+    bytes.push(if load { 0x6f } else { 0x7f });
+    bytes.push(0x80 | (((register & 7) as u8) << 3) | 0x06);
+    bytes.extend_from_slice(&displacement.to_le_bytes());
+    bytes
+}
+
 /// ldmxcsr/stmxcsr [rsi + disp32].
 fn mxcsr_access(displacement: i32, load: bool) -> Vec<u8> {
     let reg = if load { 2 } else { 3 };
@@ -180,12 +259,23 @@ fn mxcsr_access(displacement: i32, load: bool) -> Vec<u8> {
 }
 
 /// The stub: host MXCSR saved, guest registers in, the instruction, guest registers
-/// and flags out, host MXCSR back. RSI = &Exchange, RDI = &Exchange.bounce.
-fn stub_code(instruction_bytes: &[u8]) -> Vec<u8> {
+/// and flags out, host MXCSR back. RSI = &Exchange, RDI = &Exchange.bounce. `wide`
+/// moves whole YMM registers (VEX instructions) and ends with VZEROUPPER; otherwise
+/// only the XMM halves move, so that legacy SSE leaves the upper halves alone as the
+/// processor does.
+fn stub_code(instruction_bytes: &[u8], wide: bool) -> Vec<u8> {
     let mut code = Vec::new();
+    let register_move = |register: usize, load: bool| {
+        let displacement = YMM_AT + 32 * register as i32;
+        if wide {
+            vmovdqu(register, displacement, load)
+        } else {
+            movdqu(register, displacement, load)
+        }
+    };
     code.extend(mxcsr_access(HOST_MXCSR_AT, false));
     for register in 0..16 {
-        code.extend(movdqu(register, XMM_AT + 16 * register as i32, true));
+        code.extend(register_move(register, true));
     }
     code.extend(mxcsr_access(MXCSR_AT, true));
     code.extend_from_slice(instruction_bytes);
@@ -195,7 +285,10 @@ fn stub_code(instruction_bytes: &[u8]) -> Vec<u8> {
     code.extend_from_slice(&RFLAGS_AT.to_le_bytes());
     code.extend(mxcsr_access(MXCSR_AT, false));
     for register in 0..16 {
-        code.extend(movdqu(register, XMM_AT + 16 * register as i32, false));
+        code.extend(register_move(register, false));
+    }
+    if wide {
+        code.extend_from_slice(&[0xc5, 0xf8, 0x77]);
     }
     code.extend(mxcsr_access(HOST_MXCSR_AT, true));
     code.push(0xc3);
@@ -253,7 +346,8 @@ impl StubCache {
             if self.stubs.len() >= STUB_CACHE_LIMIT {
                 self.stubs.clear();
             }
-            let page = ExecutablePage::new(&stub_code(&key))?;
+            let wide = instruction.encoding() == EncodingKind::VEX;
+            let page = ExecutablePage::new(&stub_code(&key, wide))?;
             self.stubs.insert(key.clone(), page);
         }
         Ok(self.stubs[&key].address.cast_const())
@@ -261,28 +355,60 @@ impl StubCache {
 }
 
 pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Stop> {
-    // SDM Vol. 2 SSE exception class: #UD when CR0.EM or !CR4.OSFXSR, #NM when CR0.TS.
-    if c.cpu.sregs.cr4 & CR4_OSFXSR == 0 {
-        return Err(Stop::Fault(Fault::InvalidOpcode));
-    }
-    check_device_available(&c.cpu)?;
     let instruction = c.decoded.instruction;
+    let vex = instruction.encoding() == EncodingKind::VEX;
+    // SDM Vol. 2 exception classes: legacy SSE #UD when CR0.EM or !CR4.OSFXSR; VEX #UD
+    // when !CR4.OSXSAVE or XCR0 lacks SSE|AVX; both #NM when CR0.TS.
+    if vex {
+        if c.cpu.sregs.cr4 & CR4_OSXSAVE == 0 || xcr0(c.cpu.fd)? & AVX_STATE != AVX_STATE {
+            return Err(Stop::Fault(Fault::InvalidOpcode));
+        }
+        if c.cpu.sregs.cr0 & CR0_TS != 0 {
+            return Err(Stop::Fault(Fault::DeviceNotAvailable));
+        }
+    } else {
+        if c.cpu.sregs.cr4 & CR4_OSFXSR == 0 {
+            return Err(Stop::Fault(Fault::InvalidOpcode));
+        }
+        check_device_available(&c.cpu)?;
+    }
     let mut info_factory = InstructionInfoFactory::new();
     let info = info_factory.info(&instruction);
     let used_memory = info.used_memory().first().copied();
+    let mut written: Vec<usize> = info
+        .used_registers()
+        .iter()
+        .filter(|used| {
+            (is_vector(used.register()) || used.register().is_zmm())
+                && matches!(
+                    used.access(),
+                    OpAccess::Write
+                        | OpAccess::ReadWrite
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadCondWrite
+                )
+        })
+        .map(|used| used.register().number() % 32)
+        .collect();
+    if matches!(
+        instruction.mnemonic(),
+        Mnemonic::Vzeroupper | Mnemonic::Vzeroall
+    ) {
+        written = (0..16).collect();
+    }
     let mut exchange = Exchange {
-        xmm: [[0; 16]; 16],
+        ymm: [[0; 32]; 16],
         mxcsr: 0,
         host_mxcsr: 0,
         rflags: 0,
-        bounce: [0; 16],
+        bounce: [0; 32],
     };
     let mut memory_target = None;
     if let Some(used) = used_memory {
         let size = used.memory_size().size();
-        if size == 0 || size > 16 {
+        if size == 0 || size > 32 {
             return Err(Stop::Unsupported(format!(
-                "a {size}-byte SSE memory operand"
+                "a {size}-byte vector memory operand"
             )));
         }
         let operand = memory_operand(&c.cpu, &c.decoded)?;
@@ -296,7 +422,7 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         );
         let intent = if writes { Intent::Write } else { Intent::Read };
         let linear = operand.linear(&c.cpu, 0, size, intent)?;
-        if size == 16 && !unaligned_ok(instruction.mnemonic()) && linear % 16 != 0 {
+        if alignment_required(&instruction, size) && linear % size as u64 != 0 {
             return Err(Stop::Fault(Fault::GeneralProtection(0)));
         }
         alignment_check(&c.cpu, linear, 1).map_err(Stop::Fault)?;
@@ -314,9 +440,14 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         }
     }
     let mut area = XsaveArea::load(c.cpu.fd)?;
-    for (n, register) in exchange.xmm.iter_mut().enumerate() {
-        *register = area.xmm(n);
+    let upper_at = avx_upper_offset();
+    for (n, register) in exchange.ymm.iter_mut().enumerate() {
+        register[..16].copy_from_slice(&area.xmm(n));
+        if vex {
+            register[16..].copy_from_slice(&area.bytes[upper_at + 16 * n..upper_at + 16 * n + 16]);
+        }
     }
+    let before = exchange.ymm;
     let guest_mxcsr = area.mxcsr();
     // All exceptions masked on the host, flags cleared: what the instruction raises is
     // then exactly the flags it sets.
@@ -326,7 +457,7 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
     // SAFETY: the stub was generated above from an allow-listed instruction re-encoded
     // and verified by iced-x86; it reads and writes only the Exchange (RSI) and the
     // bounce buffer inside it (RDI), uses the stack only for one pushfq/pop pair, and
-    // restores the host's MXCSR before it returns. Every XMM register and the flags
+    // restores the host's MXCSR before it returns. Every vector register and the flags
     // are declared clobbered through the C ABI.
     unsafe {
         std::arch::asm!(
@@ -355,13 +486,24 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
             .write(linear, &exchange.bounce[..size], data_access(&c.cpu, true))?;
     }
     let new_mxcsr = guest_mxcsr | raised;
-    let registers_changed = (0..16).any(|n| area.xmm(n) != exchange.xmm[n]);
-    if registers_changed || new_mxcsr != guest_mxcsr {
-        for (n, register) in exchange.xmm.iter().enumerate() {
-            area.set_xmm(n, register);
+    // A VEX instruction zeroes its destination above bit 255 (SDM Vol. 1 14.1.3), in
+    // the ZMM_Hi256 component when the guest has AVX-512 state.
+    let zmm_cleared = vex && clear_zmm_upper(&mut area, &written);
+    if exchange.ymm != before || new_mxcsr != guest_mxcsr || zmm_cleared {
+        let mut bv = area.xstate_bv() | FEATURE_SSE;
+        for (n, register) in exchange.ymm.iter().enumerate() {
+            let lower: [u8; 16] = register[..16].try_into().unwrap_or([0; 16]);
+            area.set_xmm(n, &lower);
+            if vex {
+                area.bytes[upper_at + 16 * n..upper_at + 16 * n + 16]
+                    .copy_from_slice(&register[16..]);
+            }
+        }
+        if vex {
+            bv |= FEATURE_AVX;
         }
         area.set_mxcsr(new_mxcsr);
-        area.set_xstate_bv(area.xstate_bv() | FEATURE_SSE);
+        area.set_xstate_bv(bv);
         area.store(c.cpu.fd)?;
     }
     if instruction_writes_flags(&instruction) {
@@ -370,6 +512,32 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
     }
     c.advance();
     Ok(())
+}
+
+const AVX_STATE: u64 = FEATURE_SSE | FEATURE_AVX;
+const ZMM_HI256: u32 = 6;
+
+/// Where the upper halves of YMM0-15 live in the standard XSAVE area (component 2).
+fn avx_upper_offset() -> usize {
+    std::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize
+}
+
+/// Zeroes bits 511:256 of the written registers; true when that changed the area.
+fn clear_zmm_upper(area: &mut XsaveArea, written: &[usize]) -> bool {
+    if area.xstate_bv() & (1 << ZMM_HI256) == 0 {
+        return false;
+    }
+    let component = std::arch::x86_64::__cpuid_count(0xd, ZMM_HI256);
+    let base = component.ebx as usize;
+    let mut changed = false;
+    for &n in written.iter().filter(|&&n| n < 16) {
+        let slot = base + 32 * n;
+        if slot + 32 <= area.bytes.len() && area.bytes[slot..slot + 32].iter().any(|&b| b != 0) {
+            area.bytes[slot..slot + 32].fill(0);
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// COMISS/UCOMISS/COMISD/UCOMISD and PTEST set status flags; nothing else here does.
@@ -401,8 +569,18 @@ mod tests {
         assert!(!allowed(&decode(&[0x66, 0x0f, 0xd7, 0xc1]))); // pmovmskb eax, xmm1 (GPR)
         assert!(!allowed(&decode(&[0x0f, 0xae, 0x16]))); // ldmxcsr [rsi]
         assert!(!allowed(&decode(&[0x66, 0x0f, 0xf7, 0xc1]))); // maskmovdqu (implicit [rdi])
-        assert!(!allowed(&decode(&[0xc5, 0xf9, 0xfe, 0xc1]))); // vpaddd (VEX)
+        assert!(allowed(&decode(&[0xc5, 0xf9, 0xfe, 0xc1]))); // vpaddd xmm0, xmm0, xmm1
+        assert!(allowed(&decode(&[0xc5, 0xfa, 0x6f, 0x07]))); // vmovdqu xmm0, [rdi]
+        assert!(allowed(&decode(&[0xc5, 0xf8, 0x77]))); // vzeroupper
+        assert!(!allowed(&decode(&[0x62, 0xf1, 0x7d, 0x48, 0xfe, 0xc1]))); // vpaddd zmm (EVEX)
+        assert!(!allowed(&decode(&[0x66, 0x0f, 0x3a, 0x63, 0xc1, 0x00]))); // pcmpistri (ECX)
         assert!(!allowed(&decode(&[0xf2, 0x0f, 0x38, 0xf1, 0xc3]))); // crc32 (SSE4.2)
+    }
+
+    #[test]
+    fn vector_register_numbers_index_the_area() {
+        assert_eq!(Register::XMM9.number() % 32, 9);
+        assert_eq!(Register::YMM15.number() % 32, 15);
     }
 
     #[test]
