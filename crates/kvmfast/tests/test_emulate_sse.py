@@ -39,12 +39,13 @@ def _floats(*values: float) -> bytes:
 
 
 def _state() -> CpuState:
+    gprs = {name: RNG.getrandbits(64) for name in ("rax", "rbx", "rcx", "rdx", "r9")}
     xmm = [RNG.randbytes(16) for _ in range(16)]
     xmm[4] = _floats(1.5, -2.25, 3.0e10, 0.125)
     xmm[5] = _floats(4.0, 0.5, -1.0, 9.0)
     buf = bytearray(RNG.randbytes(BUF_SIZE))
     buf[32:48] = _floats(2.0, 8.0, 0.25, -16.0)
-    return CpuState(xmm=xmm, buf=bytes(buf), rflags=0x2 | 0x8D5)
+    return CpuState(xmm=xmm, buf=bytes(buf), rflags=0x2 | 0x8D5).with_gprs(**gprs)
 
 
 INSTRUCTIONS = [
@@ -81,6 +82,15 @@ INSTRUCTIONS = [
     "vpaddq ymm6, ymm7, ymmword ptr [rsi + 96]\nvmovdqu ymmword ptr [rsi + 160], ymm6",
     "vaesenc xmm0, xmm1, xmm2",
     "vzeroupper",
+    "vmovd xmm5, ecx",
+    "pmovmskb eax, xmm1",
+    "pextrw edx, xmm2, 3",
+    "cvtsi2sd xmm4, rbx",
+    "cvttsd2si rax, xmm5",
+    "movq rax, xmm3",
+    "pinsrd xmm0, ebx, 2",
+    "vpextrq rcx, xmm2, 1",
+    "vpinsrd xmm7, xmm6, r9d, 3",
 ]
 
 

@@ -93,19 +93,26 @@ pub fn allowed(instruction: &Instruction) -> bool {
     }
     let mut memory = 0;
     let mut vector = 0;
+    let mut general = Vec::new();
     for index in 0..instruction.op_count() {
         match instruction.op_kind(index) {
             OpKind::Register if is_vector(instruction.op_register(index)) => vector += 1,
+            OpKind::Register if instruction.op_register(index).is_gpr() => {
+                general.push(instruction.op_register(index).full_register());
+            }
             OpKind::Memory => memory += 1,
             OpKind::Immediate8 => {}
             _ => return false,
         }
     }
-    if vector == 0 || memory > 1 || is_vector(instruction.memory_index()) {
+    if vector == 0 || memory > 1 || general.len() > HOST_GPRS.len() {
         return false;
     }
-    // Nothing but vector registers and the memory operand's own address and segment
-    // registers.
+    if is_vector(instruction.memory_index()) {
+        return false;
+    }
+    // Nothing but vector registers, the explicit general-register operands and the
+    // memory operand's own address and segment registers.
     let address = [instruction.memory_base(), instruction.memory_index()]
         .map(|register| register.full_register());
     InstructionInfoFactory::new()
@@ -117,10 +124,38 @@ pub fn allowed(instruction: &Instruction) -> bool {
             // zeroed): still vector state.
             is_vector(used.register())
                 || used.register().is_zmm()
+                || general.contains(&used.register().full_register())
                 || (memory == 1
                     && (address.contains(&used.register().full_register())
                         || used.register().is_segment_register()))
         })
+}
+
+/// The host registers a vector instruction's general-register operands are moved to
+/// (first operand to RAX, second to RDX): never RSI/RDI, which the stub uses.
+const HOST_GPRS: [[Register; 4]; 2] = [
+    [Register::AL, Register::AX, Register::EAX, Register::RAX],
+    [Register::DL, Register::DX, Register::EDX, Register::RDX],
+];
+
+fn host_gpr(slot: usize, guest: Register) -> Register {
+    let width = match guest.size() {
+        1 => 0,
+        2 => 1,
+        4 => 2,
+        _ => 3,
+    };
+    HOST_GPRS[slot][width]
+}
+
+/// The general-register operands: (operand index, guest register), in order.
+fn gpr_operands(instruction: &Instruction) -> Vec<(u32, Register)> {
+    (0..instruction.op_count())
+        .filter(|&i| {
+            instruction.op_kind(i) == OpKind::Register && instruction.op_register(i).is_gpr()
+        })
+        .map(|i| (i, instruction.op_register(i)))
+        .collect()
 }
 
 fn is_vector(register: Register) -> bool {
@@ -161,6 +196,7 @@ struct Exchange {
     host_mxcsr: u32,
     rflags: u64,
     bounce: [u8; 32],
+    gprs: [u64; 2],
 }
 
 const YMM_AT: i32 = 0;
@@ -168,12 +204,14 @@ const MXCSR_AT: i32 = 512;
 const HOST_MXCSR_AT: i32 = 516;
 const RFLAGS_AT: i32 = 520;
 const BOUNCE_AT: i32 = 528;
+const GPRS_AT: i32 = 560;
 const _: () = {
     assert!(std::mem::offset_of!(Exchange, ymm) == YMM_AT as usize);
     assert!(std::mem::offset_of!(Exchange, mxcsr) == MXCSR_AT as usize);
     assert!(std::mem::offset_of!(Exchange, host_mxcsr) == HOST_MXCSR_AT as usize);
     assert!(std::mem::offset_of!(Exchange, rflags) == RFLAGS_AT as usize);
     assert!(std::mem::offset_of!(Exchange, bounce) == BOUNCE_AT as usize);
+    assert!(std::mem::offset_of!(Exchange, gprs) == GPRS_AT as usize);
 };
 const STUB_CACHE_LIMIT: usize = 4096;
 const PAGE: usize = 4096;
@@ -278,7 +316,17 @@ fn stub_code(instruction_bytes: &[u8], wide: bool) -> Vec<u8> {
         code.extend(register_move(register, true));
     }
     code.extend(mxcsr_access(MXCSR_AT, true));
+    // mov rax, [rsi + GPRS_AT]; mov rdx, [rsi + GPRS_AT + 8]
+    code.extend_from_slice(&[0x48, 0x8b, 0x86]);
+    code.extend_from_slice(&GPRS_AT.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0x8b, 0x96]);
+    code.extend_from_slice(&(GPRS_AT + 8).to_le_bytes());
     code.extend_from_slice(instruction_bytes);
+    // mov [rsi + GPRS_AT], rax; mov [rsi + GPRS_AT + 8], rdx
+    code.extend_from_slice(&[0x48, 0x89, 0x86]);
+    code.extend_from_slice(&GPRS_AT.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0x89, 0x96]);
+    code.extend_from_slice(&(GPRS_AT + 8).to_le_bytes());
     // pushfq; pop qword ptr [rsi + RFLAGS_AT]
     code.push(0x9c);
     code.extend_from_slice(&[0x8f, 0x86]);
@@ -299,6 +347,10 @@ fn stub_code(instruction_bytes: &[u8], wide: bool) -> Vec<u8> {
 /// by decoding it back.
 fn host_encoding(instruction: &Instruction) -> Result<Vec<u8>, Stop> {
     let mut host = *instruction;
+    for (slot, (index, guest)) in gpr_operands(instruction).into_iter().enumerate() {
+        host.set_op_register(index, host_gpr(slot, guest));
+    }
+    let expected = host;
     let has_memory = (0..host.op_count()).any(|i| host.op_kind(i) == OpKind::Memory);
     if has_memory {
         host.set_memory_base(Register::RDI);
@@ -316,7 +368,7 @@ fn host_encoding(instruction: &Instruction) -> Result<Vec<u8>, Stop> {
     let mut decoder = Decoder::with_ip(64, &bytes, 0, DecoderOptions::NONE);
     let check = decoder.decode();
     let same_registers = (0..check.op_count()).all(|i| match check.op_kind(i) {
-        OpKind::Register => check.op_register(i) == instruction.op_register(i),
+        OpKind::Register => check.op_register(i) == expected.op_register(i),
         OpKind::Memory => {
             check.memory_base() == Register::RDI
                 && check.memory_index() == Register::None
@@ -402,6 +454,7 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         host_mxcsr: 0,
         rflags: 0,
         bounce: [0; 32],
+        gprs: [0; 2],
     };
     let mut memory_target = None;
     if let Some(used) = used_memory {
@@ -448,6 +501,24 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         }
     }
     let before = exchange.ymm;
+    let general = gpr_operands(&instruction);
+    for (slot, (_, guest)) in general.iter().enumerate() {
+        exchange.gprs[slot] = c.cpu.read_register(guest.full_register()).unwrap_or(0);
+    }
+    let written_general: Vec<(usize, Register)> = general
+        .iter()
+        .enumerate()
+        .filter(|(_, (index, _))| {
+            matches!(
+                info_factory.info(&instruction).op_access(*index),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            )
+        })
+        .map(|(slot, (_, guest))| (slot, *guest))
+        .collect();
     let guest_mxcsr = area.mxcsr();
     // All exceptions masked on the host, flags cleared: what the instruction raises is
     // then exactly the flags it sets.
@@ -506,6 +577,11 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         area.set_xstate_bv(bv);
         area.store(c.cpu.fd)?;
     }
+    for (slot, guest) in written_general {
+        c.cpu
+            .write_register(guest, exchange.gprs[slot])
+            .ok_or_else(|| Stop::Unsupported(format!("writing {guest:?}")))?;
+    }
     if instruction_writes_flags(&instruction) {
         let flags = (c.cpu.rflags() & !RFLAGS_STATUS) | (exchange.rflags & RFLAGS_STATUS);
         c.cpu.set_rflags(flags);
@@ -540,7 +616,7 @@ fn clear_zmm_upper(area: &mut XsaveArea, written: &[usize]) -> bool {
     changed
 }
 
-/// COMISS/UCOMISS/COMISD/UCOMISD and PTEST set status flags; nothing else here does.
+/// (V)COMIS*, (V)UCOMIS*, (V)PTEST and VTESTP* set status flags; nothing else here does.
 fn instruction_writes_flags(instruction: &Instruction) -> bool {
     matches!(
         instruction.mnemonic(),
@@ -549,6 +625,13 @@ fn instruction_writes_flags(instruction: &Instruction) -> bool {
             | Mnemonic::Comisd
             | Mnemonic::Ucomisd
             | Mnemonic::Ptest
+            | Mnemonic::Vcomiss
+            | Mnemonic::Vucomiss
+            | Mnemonic::Vcomisd
+            | Mnemonic::Vucomisd
+            | Mnemonic::Vptest
+            | Mnemonic::Vtestps
+            | Mnemonic::Vtestpd
     )
 }
 
@@ -566,7 +649,8 @@ mod tests {
         assert!(allowed(&decode(&[0x66, 0x0f, 0xfe, 0x06]))); // paddd xmm0, [rsi]
         assert!(allowed(&decode(&[0x66, 0x0f, 0x70, 0xc1, 0x93]))); // pshufd xmm0, xmm1, 0x93
         assert!(!allowed(&decode(&[0x0f, 0x38, 0x00, 0xc1]))); // pshufb mm0, mm1 (MMX)
-        assert!(!allowed(&decode(&[0x66, 0x0f, 0xd7, 0xc1]))); // pmovmskb eax, xmm1 (GPR)
+        assert!(allowed(&decode(&[0x66, 0x0f, 0xd7, 0xc1]))); // pmovmskb eax, xmm1
+        assert!(allowed(&decode(&[0xc5, 0xf9, 0x6e, 0xe9]))); // vmovd xmm5, ecx
         assert!(!allowed(&decode(&[0x0f, 0xae, 0x16]))); // ldmxcsr [rsi]
         assert!(!allowed(&decode(&[0x66, 0x0f, 0xf7, 0xc1]))); // maskmovdqu (implicit [rdi])
         assert!(allowed(&decode(&[0xc5, 0xf9, 0xfe, 0xc1]))); // vpaddd xmm0, xmm0, xmm1
