@@ -189,21 +189,23 @@ fn alignment_required(instruction: &Instruction, size: usize) -> bool {
 /// What the stubs exchange with Rust: the YMM registers (XMM in the low 16 bytes),
 /// MXCSR, RFLAGS, the host's MXCSR, and the bounce buffer the memory operand is
 /// redirected to.
-#[repr(C, align(32))]
+/// The bounce buffer is 32-byte aligned: the aligned moves (VMOVDQA ymm) fault on the
+/// host otherwise, and their guest operand was checked to be aligned.
+#[repr(C, align(64))]
 struct Exchange {
     ymm: [[u8; 32]; 16],
+    bounce: [u8; 32],
     mxcsr: u32,
     host_mxcsr: u32,
     rflags: u64,
-    bounce: [u8; 32],
     gprs: [u64; 2],
 }
 
 const YMM_AT: i32 = 0;
-const MXCSR_AT: i32 = 512;
-const HOST_MXCSR_AT: i32 = 516;
-const RFLAGS_AT: i32 = 520;
-const BOUNCE_AT: i32 = 528;
+const BOUNCE_AT: i32 = 512;
+const MXCSR_AT: i32 = 544;
+const HOST_MXCSR_AT: i32 = 548;
+const RFLAGS_AT: i32 = 552;
 const GPRS_AT: i32 = 560;
 const _: () = {
     assert!(std::mem::offset_of!(Exchange, ymm) == YMM_AT as usize);
@@ -211,6 +213,7 @@ const _: () = {
     assert!(std::mem::offset_of!(Exchange, host_mxcsr) == HOST_MXCSR_AT as usize);
     assert!(std::mem::offset_of!(Exchange, rflags) == RFLAGS_AT as usize);
     assert!(std::mem::offset_of!(Exchange, bounce) == BOUNCE_AT as usize);
+    assert!(BOUNCE_AT % 32 == 0);
     assert!(std::mem::offset_of!(Exchange, gprs) == GPRS_AT as usize);
 };
 const STUB_CACHE_LIMIT: usize = 4096;
