@@ -158,6 +158,26 @@ fn gpr_operands(instruction: &Instruction) -> Vec<(u32, Register)> {
         .collect()
 }
 
+/// Whether this processor has every feature the instruction needs: one it lacks would
+/// fault in the stub, so the guest (which sees this processor's CPUID) gets #UD.
+fn host_supports(features: &[CpuidFeature]) -> bool {
+    features.iter().all(|feature| match feature {
+        CpuidFeature::SSE | CpuidFeature::SSE2 => true,
+        CpuidFeature::SSE3 => std::arch::is_x86_feature_detected!("sse3"),
+        CpuidFeature::SSSE3 => std::arch::is_x86_feature_detected!("ssse3"),
+        CpuidFeature::SSE4_1 => std::arch::is_x86_feature_detected!("sse4.1"),
+        CpuidFeature::AES => std::arch::is_x86_feature_detected!("aes"),
+        CpuidFeature::PCLMULQDQ => std::arch::is_x86_feature_detected!("pclmulqdq"),
+        CpuidFeature::AVX => std::arch::is_x86_feature_detected!("avx"),
+        CpuidFeature::AVX2 => std::arch::is_x86_feature_detected!("avx2"),
+        CpuidFeature::FMA => std::arch::is_x86_feature_detected!("fma"),
+        CpuidFeature::F16C => std::arch::is_x86_feature_detected!("f16c"),
+        CpuidFeature::VAES => std::arch::is_x86_feature_detected!("vaes"),
+        CpuidFeature::VPCLMULQDQ => std::arch::is_x86_feature_detected!("vpclmulqdq"),
+        _ => false,
+    })
+}
+
 fn is_vector(register: Register) -> bool {
     register.is_xmm() || register.is_ymm()
 }
@@ -411,6 +431,9 @@ impl StubCache {
 
 pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Stop> {
     let instruction = c.decoded.instruction;
+    if !host_supports(instruction.cpuid_features()) {
+        return Err(Stop::Fault(Fault::InvalidOpcode));
+    }
     let vex = instruction.encoding() == EncodingKind::VEX;
     // SDM Vol. 2 exception classes: legacy SSE #UD when CR0.EM or !CR4.OSFXSR; VEX #UD
     // when !CR4.OSXSAVE or XCR0 lacks SSE|AVX; both #NM when CR0.TS.
