@@ -54,7 +54,8 @@ HOST_CHECK_FAILED = 1
 DEMO_LOAD_ADDRESS = 0x100000
 DEMO_MEMORY = "64M"
 LINUX_MEMORY = "512M"
-DEFAULT_GUEST_CMDLINE = "console=ttyS0"
+# panic=-1: a guest panic resets, which ends kvm-vmm, instead of leaving it hanging.
+DEFAULT_GUEST_CMDLINE = "console=ttyS0 panic=-1"
 _SIZE = re.compile(r"(?i)^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
