@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmfast import Exit, ExitSink, GuestMemory, Kvm, Vcpu, Vm
+from kvmfast import Exit, ExitSink, GuestMemory, Kvm, KvmError, Vcpu, Vm
 from kvmfast.testing import assemble_program, setup_long_mode, setup_protected_mode
 
 if TYPE_CHECKING:
@@ -251,7 +251,10 @@ def make_guest(kvm: Kvm, source: str, *, bits: int = 64) -> Guest:
     # CR4.OSFXSR | OSXMMEXCPT | OSXSAVE, CR0.MP | NE: as a kernel that uses SSE sets them.
     sregs = vcpu.get_sregs()
     vcpu.set_sregs({"cr4": sregs["cr4"] | 0x40600, "cr0": (sregs["cr0"] | 0x22) & ~0xC})
-    vcpu.set_xcrs({0: 0x7})  # x87, SSE, AVX
+    try:
+        vcpu.set_xcrs({0: 0xE7})  # x87, SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+    except KvmError:
+        vcpu.set_xcrs({0: 0x7})  # a host without AVX-512
     return Guest(vm=vm, vcpu=vcpu, memory=memory, symbols=program.symbols, bits=bits)
 
 

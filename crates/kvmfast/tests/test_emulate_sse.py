@@ -95,9 +95,26 @@ INSTRUCTIONS = [
     "vmovdqa ymm8, ymmword ptr [rsi + 64]\nvmovdqa ymmword ptr [rsi + 128], ymm8",
 ]
 
+AVX512 = [
+    "vpaddd zmm0, zmm1, zmm2\nvmovdqu64 zmmword ptr [rsi + 128], zmm0",
+    "vpermi2d ymm8, ymm6, ymm7\nvmovdqu ymmword ptr [rsi + 64], ymm8",
+    "vprord xmm1, xmm2, 7",
+    "vpxorq zmm17, zmm17, zmm17\nvpaddq zmm17, zmm17, zmm1\nvmovdqu64 zmmword ptr [rsi + 192], zmm17",
+    "mov eax, 0x5555\nkmovw k1, eax\nvpaddd zmm3{k1}{z}, zmm4, zmm5\n"
+    "vmovdqu64 zmmword ptr [rsi + 256], zmm3\nkmovw ebx, k1",
+    "vmovdqu32 zmm9, zmmword ptr [rsi + 4]\nvmovdqu32 zmmword ptr [rsi + 320], zmm9",
+]
 
-@pytest.mark.parametrize("instruction", INSTRUCTIONS)
+
+def _host_has(flag: str) -> bool:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
+
+
+@pytest.mark.parametrize("instruction", INSTRUCTIONS + AVX512)
 def test_sse_matches_the_host(kvm: Kvm, instruction: str) -> None:
+    if instruction in AVX512 and not _host_has("avx512vl"):
+        pytest.skip("the host processor has no AVX-512 to compare with")
     body = f"lea rsi, [rip + buf]\n{instruction}"
     state = _state()
     guest, vm_guest = run_in_guest(kvm, body, state)

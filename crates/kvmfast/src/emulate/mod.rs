@@ -26,9 +26,9 @@ pub mod probe;
 pub mod report;
 pub mod smap;
 pub mod soft_interrupt;
-pub mod sse;
 pub mod syscall_quirk;
 pub mod timestamp;
+pub mod vector;
 pub mod x87;
 pub mod xsave;
 
@@ -89,11 +89,11 @@ pub enum Failure {
     Host(PyErr),
 }
 
-/// Per-vCPU completion state: host facts and the SSE stubs built so far.
+/// Per-vCPU completion state: host facts and the vector stubs built so far.
 pub struct Emulator {
     physical_bits: u32,
     quirks: HostQuirks,
-    sse: sse::StubCache,
+    vector_stubs: vector::StubCache,
 }
 
 /// Everything one completion works with.
@@ -117,7 +117,7 @@ impl Emulator {
         Self {
             physical_bits: paging::host_physical_bits(),
             quirks,
-            sse: sse::StubCache::default(),
+            vector_stubs: vector::StubCache::default(),
         }
     }
 
@@ -174,7 +174,7 @@ impl Emulator {
             decoded,
             quirks: &self.quirks,
         };
-        let result = dispatch(&mut completion, &mut self.sse);
+        let result = dispatch(&mut completion, &mut self.vector_stubs);
         let Completion {
             mut cpu,
             memory,
@@ -285,7 +285,7 @@ fn host_stop(stop: Stop) -> Failure {
 }
 
 /// The family that completes each instruction.
-fn dispatch(c: &mut Completion<'_>, sse_stubs: &mut sse::StubCache) -> Result<(), Stop> {
+fn dispatch(c: &mut Completion<'_>, vector_stubs: &mut vector::StubCache) -> Result<(), Stop> {
     use Mnemonic as M;
     match c.decoded.instruction.mnemonic() {
         M::Clac | M::Stac => smap::complete(c),
@@ -311,7 +311,7 @@ fn dispatch(c: &mut Completion<'_>, sse_stubs: &mut sse::StubCache) -> Result<()
         | M::Xsetbv => xsave::complete(c),
         M::Cmpxchg16b => cmpxchg16b::complete(c),
         M::Rdtscp | M::Rdpid => timestamp::complete(c),
-        _ if sse::allowed(&c.decoded.instruction) => sse::complete(c, sse_stubs),
+        _ if vector::allowed(&c.decoded.instruction) => vector::complete(c, vector_stubs),
         other => Err(Stop::Unsupported(format!(
             "no completion for {other:?} (KVM's emulator cannot run it either)"
         ))),

@@ -1,0 +1,184 @@
+//! Vector computations (SSE..SSE4.1, AES-NI, PCLMULQDQ, AVX/AVX2/FMA/F16C, AVX-512,
+//! VAES, VPCLMULQDQ, GFNI) performed by the host processor against the guest's vector
+//! state: what a kernel runs between kernel_fpu_begin and kernel_fpu_end
+//! (blake2s_compress_ssse3/avx512, the AVX copies and crypto of a stock kernel).
+//!
+//! `allow_list` decides what may run, `stub` builds and runs the host code, `state`
+//! moves the guest's registers between its XSAVE area and the stub. Floating-point
+//! exceptions run masked on the host; one the guest leaves unmasked becomes #XM (#UD
+//! without CR4.OSXMMEXCPT) with no register changed.
+
+pub mod allow_list;
+pub mod state;
+pub mod stub;
+
+use iced_x86::{EncodingKind, InstructionInfoFactory, Mnemonic, OpAccess, Register};
+
+pub use allow_list::allowed;
+pub use stub::StubCache;
+
+use super::cpu::{CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, RFLAGS_STATUS};
+use super::exceptions::Fault;
+use super::fpu_state::{XsaveArea, check_device_available, xcr0};
+use super::linear::{Intent, alignment_check, data_access};
+use super::operands::memory_operand;
+use super::{Completion, Stop};
+use allow_list::{alignment_required, host_supports, is_vector, uses_avx512, writes_flags};
+use stub::{Exchange, Width, gpr_operands};
+
+fn writes(access: OpAccess) -> bool {
+    matches!(
+        access,
+        OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+    )
+}
+
+fn reads(access: OpAccess) -> bool {
+    matches!(
+        access,
+        OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite
+    )
+}
+
+/// The SDM's exception-class checks before anything runs: legacy SSE #UD without
+/// CR4.OSFXSR (or with CR0.EM); VEX/EVEX #UD without CR4.OSXSAVE or the XCR0 state
+/// they use; #NM with CR0.TS.
+fn check_enabled(c: &Completion<'_>, width: Width, legacy: bool) -> Result<(), Stop> {
+    if legacy {
+        if c.cpu.sregs.cr4 & CR4_OSFXSR == 0 {
+            return Err(Stop::Fault(Fault::InvalidOpcode));
+        }
+        return check_device_available(&c.cpu);
+    }
+    let required = state::required_xcr0(width);
+    if c.cpu.sregs.cr4 & CR4_OSXSAVE == 0 || xcr0(c.cpu.fd)? & required != required {
+        return Err(Stop::Fault(Fault::InvalidOpcode));
+    }
+    if c.cpu.sregs.cr0 & CR0_TS != 0 {
+        return Err(Stop::Fault(Fault::DeviceNotAvailable));
+    }
+    Ok(())
+}
+
+pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Stop> {
+    let instruction = c.decoded.instruction;
+    if !host_supports(instruction.cpuid_features()) {
+        return Err(Stop::Fault(Fault::InvalidOpcode));
+    }
+    let width = if uses_avx512(&instruction) {
+        Width::Zmm
+    } else if instruction.encoding() == EncodingKind::VEX {
+        Width::Ymm
+    } else {
+        Width::Xmm
+    };
+    check_enabled(c, width, width == Width::Xmm)?;
+    let mut info_factory = InstructionInfoFactory::new();
+    let info = info_factory.info(&instruction);
+    let used_memory = info.used_memory().first().copied();
+    let mut written: Vec<usize> = info
+        .used_registers()
+        .iter()
+        .filter(|used| is_vector(used.register()) && writes(used.access()))
+        .map(|used| used.register().number() % 32)
+        .collect();
+    if matches!(
+        instruction.mnemonic(),
+        Mnemonic::Vzeroupper | Mnemonic::Vzeroall
+    ) {
+        written = (0..16).collect();
+    }
+    let general = gpr_operands(&instruction);
+    let written_general: Vec<(usize, Register)> = general
+        .iter()
+        .enumerate()
+        .filter(|(_, (index, _))| writes(info.op_access(*index)))
+        .map(|(slot, (_, guest))| (slot, *guest))
+        .collect();
+
+    let mut exchange = Exchange::default();
+    let mut memory_target = None;
+    if let Some(used) = used_memory {
+        let size = used.memory_size().size();
+        if size == 0 || size > exchange.bounce.len() {
+            return Err(Stop::Unsupported(format!(
+                "a {size}-byte vector memory operand"
+            )));
+        }
+        let operand = memory_operand(&c.cpu, &c.decoded)?;
+        let intent = if writes(used.access()) {
+            Intent::Write
+        } else {
+            Intent::Read
+        };
+        let linear = operand.linear(&c.cpu, 0, size, intent)?;
+        if alignment_required(&instruction, size) && linear % size as u64 != 0 {
+            return Err(Stop::Fault(Fault::GeneralProtection(0)));
+        }
+        alignment_check(&c.cpu, linear, 1).map_err(Stop::Fault)?;
+        // A masked store leaves the unselected elements as they were: the bounce
+        // buffer starts with them.
+        if reads(used.access()) || writes(used.access()) {
+            c.memory.read(
+                linear,
+                &mut exchange.bounce[..size],
+                data_access(&c.cpu, false),
+            )?;
+        }
+        if writes(used.access()) {
+            c.memory
+                .probe_write(linear, size, data_access(&c.cpu, true))?;
+            memory_target = Some((linear, size));
+        }
+    }
+
+    let mut area = XsaveArea::load(c.cpu.fd)?;
+    state::load(&area, width, &mut exchange);
+    for (slot, (_, guest)) in general.iter().enumerate() {
+        exchange.gprs[slot] = c.cpu.read_register(guest.full_register()).unwrap_or(0);
+    }
+    let guest_mxcsr = area.mxcsr();
+    // All exceptions masked on the host, flags cleared: what the instruction raises is
+    // then exactly the flags it sets.
+    exchange.mxcsr = (guest_mxcsr | 0x1f80) & !0x3f;
+    stubs.run(&instruction, width, &mut exchange)?;
+
+    let raised = exchange.mxcsr & 0x3f;
+    let unmasked = raised & !(guest_mxcsr >> 7) & 0x3f;
+    if unmasked != 0 {
+        area.set_mxcsr(guest_mxcsr | raised);
+        area.set_xstate_bv(area.xstate_bv() | super::fpu_state::FEATURE_SSE);
+        area.store(c.cpu.fd)?;
+        let fault = if c.cpu.sregs.cr4 & CR4_OSXMMEXCPT != 0 {
+            Fault::SimdFloatingPoint
+        } else {
+            Fault::InvalidOpcode
+        };
+        return Err(Stop::Fault(fault));
+    }
+    if let Some((linear, size)) = memory_target {
+        c.memory
+            .write(linear, &exchange.bounce[..size], data_access(&c.cpu, true))?;
+    }
+    let new_mxcsr = guest_mxcsr | raised;
+    let mut changed = state::store(&mut area, width, &exchange);
+    if width == Width::Ymm {
+        changed |= state::clear_above_ymm(&mut area, &written);
+    }
+    if changed || new_mxcsr != guest_mxcsr {
+        area.set_mxcsr(new_mxcsr);
+        area.set_xstate_bv(area.xstate_bv() | super::fpu_state::FEATURE_SSE);
+        area.store(c.cpu.fd)?;
+    }
+    for (slot, guest) in written_general {
+        c.cpu
+            .write_register(guest, exchange.gprs[slot])
+            .ok_or_else(|| Stop::Unsupported(format!("writing {guest:?}")))?;
+    }
+    if writes_flags(&instruction) {
+        let flags = (c.cpu.rflags() & !RFLAGS_STATUS) | (exchange.rflags & RFLAGS_STATUS);
+        c.cpu.set_rflags(flags);
+    }
+    c.advance();
+    Ok(())
+}
