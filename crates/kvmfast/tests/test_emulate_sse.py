@@ -99,7 +99,8 @@ AVX512 = [
     "vpaddd zmm0, zmm1, zmm2\nvmovdqu64 zmmword ptr [rsi + 128], zmm0",
     "vpermi2d ymm8, ymm6, ymm7\nvmovdqu ymmword ptr [rsi + 64], ymm8",
     "vprord xmm1, xmm2, 7",
-    "vpxorq zmm17, zmm17, zmm17\nvpaddq zmm17, zmm17, zmm1\nvmovdqu64 zmmword ptr [rsi + 192], zmm17",
+    "vpxorq zmm17, zmm17, zmm17\nvpaddq zmm17, zmm17, zmm1\n"
+    "vmovdqu64 zmmword ptr [rsi + 192], zmm17",
     "mov eax, 0x5555\nkmovw k1, eax\nvpaddd zmm3{k1}{z}, zmm4, zmm5\n"
     "vmovdqu64 zmmword ptr [rsi + 256], zmm3\nkmovw ebx, k1",
     "vmovdqu32 zmm9, zmmword ptr [rsi + 4]\nvmovdqu32 zmmword ptr [rsi + 320], zmm9",
