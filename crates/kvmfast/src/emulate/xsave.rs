@@ -131,6 +131,7 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
         segment: operand.segment,
         rfbm,
         xcr0,
+        enabled,
         wide,
         xmm_registers: if c.cpu.bitness() == 64 { 16 } else { 8 },
     };
@@ -164,6 +165,8 @@ struct Form {
     segment: iced_x86::Register,
     rfbm: u64,
     xcr0: u64,
+    /// XCR0, with IA32_XSS for XSAVES/XRSTORS.
+    enabled: u64,
     wide: bool,
     xmm_registers: usize,
 }
@@ -326,7 +329,8 @@ fn restore(
     }
     if compacted {
         let components = xcomp_bv & !COMPACTED;
-        if components & !form.xcr0 != 0 && !supervisor {
+        // XRSTORS may name the supervisor components of IA32_XSS too.
+        if components & !form.enabled != 0 {
             return Err(gp);
         }
         if xstate_bv & !components != 0 {
