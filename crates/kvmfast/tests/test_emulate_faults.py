@@ -223,3 +223,25 @@ def test_vm_default_applies_to_new_vcpus(kvm: Kvm) -> None:
     assert vm.emulation_fallback
     vm.emulation_fallback = False
     assert not vm.create_vcpu(0).emulation_fallback
+
+
+def test_memory_operand_on_a_python_mmio_device(kvm: Kvm) -> None:
+    """An operand outside RAM is read from the device that owns the address, as the
+    bus would deliver it (one 8-byte read at the device's offset)."""
+    reads: list[tuple[int, int]] = []
+
+    class Register:
+        def read(self, offset: int, size: int) -> int:
+            reads.append((offset, size))
+            return 0xF0F0_0000_0000_F0F1
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            raise AssertionError("POPCNT does not write its source")
+
+    source = f"mov rbx, {MMIO_BASE + 0x18:#x}\n popcnt rax, [rbx]\n out 0xf4, al\n"
+    guest = make_guest(kvm, ".global entry\nentry:\n " + source)
+    guest.vm.add_mmio(MMIO_BASE, 0x1000, Register())
+    run_until_exit(guest)
+    assert _regs(guest)["rax"] == bin(0xF0F0_0000_0000_F0F1).count("1")
+    assert reads == [(0x18, 8)]
+    assert completions(guest) == {"popcnt": 1}
