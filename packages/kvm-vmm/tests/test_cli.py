@@ -106,3 +106,71 @@ def test_sizes_take_k_m_g_suffixes() -> None:
     assert parse_size("4096") == 4096
     with pytest.raises(UsageError):
         parse_size("-1M")
+
+
+def _multiboot_kernel(tmp_path: Path, body: str) -> Path:
+    """A Multiboot ELF32 kernel: ``body`` (AT&T syntax), then isa-debug-exit 0x20."""
+    source = tmp_path / "kernel.S"
+    source.write_text(
+        f"""
+        .text
+        .code32
+        .align 4
+        .long 0x1BADB002, 0, -0x1BADB002
+        .globl _start
+_start:
+{body}
+        movl $0x20, %eax
+        outl %eax, $0xf4
+1:      hlt
+        jmp 1b
+"""
+    )
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "kernel.o"), str(source)], check=True)
+    kernel = tmp_path / "kernel.elf"
+    subprocess.run(
+        [
+            "ld",
+            "-m",
+            "elf_i386",
+            "-N",
+            "-Ttext=0x100000",
+            "-o",
+            str(kernel),
+            str(tmp_path / "kernel.o"),
+        ],
+        check=True,
+    )
+    return kernel
+
+
+@pytest.mark.kvm
+def test_no_emulation_fallback_stops_where_kvm_cannot_emulate(tmp_path: Path) -> None:
+    """CLAC runs only through kvmfast's completion on hosts that emulate guest code."""
+    require_kvm()
+    kernel = _multiboot_kernel(tmp_path, "        clac")
+    common = [
+        "run",
+        "--kernel",
+        str(kernel),
+        "--memory",
+        "32M",
+        "--serial",
+        "null",
+        "--device",
+        "isa-debug-exit",
+    ]
+    completed = kvm_vmm(*common)
+    assert completed.returncode == (0x20 << 1) | 1, completed.stderr
+    stopped = kvm_vmm(*common, "--no-emulation-fallback")
+    if stopped.returncode == (0x20 << 1) | 1:
+        pytest.skip("this host's KVM runs CLAC itself: nothing to fall back from")
+    assert stopped.returncode == 1, stopped.stderr
+    assert "clac" in stopped.stderr.lower()
+    assert "Traceback" not in stopped.stderr
+
+
+def test_a_missing_symbols_file_is_a_clear_error() -> None:
+    result = kvm_vmm("demo", "--tiny", "--serial", "null", "--symbols", "/nonexistent/System.map")
+    assert result.returncode == 2
+    assert "--symbols /nonexistent/System.map" in result.stderr

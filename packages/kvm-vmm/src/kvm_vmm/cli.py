@@ -151,6 +151,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Linux: do not add the switches or CPUID changes the host check asks for",
     )
+    parser.add_argument(
+        "--symbols",
+        type=Path,
+        metavar="FILE",
+        help="System.map or /proc/kallsyms-format file: name the function of an "
+        "instruction nobody can complete",
+    )
+    parser.add_argument(
+        "--no-emulation-fallback",
+        action="store_true",
+        help="stop at the first instruction the host's KVM cannot emulate, as QEMU does, "
+        "instead of completing it in kvmfast",
+    )
     parser.add_argument("--verbose", action="store_true", help="say what the VMM is doing")
 
 
@@ -185,8 +198,21 @@ def _run(args: argparse.Namespace) -> int:
     cpus: int = args.cpus
     cache_dir = default_cache_dir(os.environ)
     console = MilestoneSink(open_serial_sink(args.serial))
-    machine = Machine(MachineConfig(memory_size=memory, cpus=cpus, console=console))
+    machine = Machine(
+        MachineConfig(
+            memory_size=memory,
+            cpus=cpus,
+            console=console,
+            emulation_fallback=not args.no_emulation_fallback,
+        )
+    )
     try:
+        if args.symbols is not None:
+            try:
+                count = machine.vm.load_symbols(str(args.symbols))
+            except OSError as error:
+                raise UsageError(f"--symbols {args.symbols}: {error.strerror}") from None
+            _say(args, f"{count} symbols from {args.symbols}")
         for spec in args.device:
             machine.add_device(spec)
         # Only input that is known good is worth a download.

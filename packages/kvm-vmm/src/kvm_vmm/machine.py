@@ -72,6 +72,8 @@ class MachineConfig:
     memory_size: int = 256 * layout.MIB
     cpus: int = 1
     console: ByteSink = field(default_factory=DiscardSink)
+    # Complete in kvmfast what the host's KVM cannot emulate (False: stop, as QEMU does).
+    emulation_fallback: bool = True
 
 
 class Machine:
@@ -87,6 +89,7 @@ class Machine:
         self.config = config
         self.kvm = kvm if kvm is not None else kvmfast.Kvm()
         self.vm = self.kvm.create_vm("split", IOAPIC_PINS)
+        self.vm.emulation_fallback = config.emulation_fallback  # vCPUs inherit it
         self.ram = [
             self.vm.add_memory(region.start, region.size)
             for region in layout.ram_regions(config.memory_size)
