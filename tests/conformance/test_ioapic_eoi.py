@@ -60,10 +60,7 @@ wait:   hlt
         cli
         mov eax, [served]
         REPORT eax
-        mov ecx, PIN
-        call ioapic_get_entry
-        and eax, {REMOTE_IRR}
-        REPORT eax
+        REPORT_REMOTE_IRR PIN
         xor eax, eax
         ret
 
@@ -81,10 +78,7 @@ on_level:
         xor al, al
         out dx, al
         jmp 2f
-1:      mov ecx, PIN
-        call ioapic_get_entry
-        and eax, {REMOTE_IRR}
-        REPORT eax                  /* Remote IRR is set: in service, or re-delivered */
+1:      REPORT_REMOTE_IRR PIN                  /* Remote IRR is set: in service, or re-delivered */
 2:      call lapic_eoi
         pop rdx
         pop rcx
@@ -172,14 +166,8 @@ main:
         out dx, al
         mov dx, 0x2000 + 13
         out dx, al                  /* both pins deliver VECTOR: one IRR bit in the LAPIC */
-        mov ecx, 12
-        call ioapic_get_entry
-        and eax, {REMOTE_IRR}
-        REPORT eax
-        mov ecx, 13
-        call ioapic_get_entry
-        and eax, {REMOTE_IRR}
-        REPORT eax
+        REPORT_REMOTE_IRR 12
+        REPORT_REMOTE_IRR 13
         xor al, al
         mov dx, 0x2000 + 12
         out dx, al
@@ -190,14 +178,8 @@ wait:   hlt
         cmp dword ptr [served], 1
         jb wait
         cli
-        mov ecx, 12
-        call ioapic_get_entry
-        and eax, {REMOTE_IRR}
-        REPORT eax
-        mov ecx, 13
-        call ioapic_get_entry
-        and eax, {REMOTE_IRR}
-        REPORT eax
+        REPORT_REMOTE_IRR 12
+        REPORT_REMOTE_IRR 13
         xor eax, eax
         ret
 

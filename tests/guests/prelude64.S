@@ -57,6 +57,18 @@ _start:
         pop rax
         .endm
 
+/* Report Remote IRR (bit 14) of IOAPIC redirection entry \pin. Keeps registers. */
+        .macro REPORT_REMOTE_IRR pin
+        push rax
+        push rcx
+        mov ecx, \pin
+        call ioapic_get_entry
+        and eax, 1 << 14
+        REPORT eax
+        pop rcx
+        pop rax
+        .endm
+
 /* Write \value to the LAPIC register at offset \reg. */
         .macro LAPIC_WRITE reg, value
         push rax
