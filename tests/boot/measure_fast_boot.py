@@ -68,6 +68,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--base", default="console=ttyS0 panic=-1")
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only these variants (repeatable)"
+    )
     args = parser.parse_args()
     cache = default_cache_dir(os.environ)
     assert cache is not None, "needs $HOME or $XDG_CACHE_HOME"
@@ -79,6 +82,8 @@ def main() -> int:
         variants = [("preset", preset)]
         variants += [(f"preset - {s}", [p for p in preset if p != s]) for s in preset]
         variants += [(f"preset + {c}", [*preset, c]) for c in args.candidates]
+        if args.only:
+            variants = [(name, switches) for name, switches in variants if name in args.only]
         for name, switches in variants:
             for attempt in range(args.repeat):
                 log = Path(scratch) / "console.log"
