@@ -17,12 +17,14 @@ a check FAILs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,7 +47,14 @@ from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.loaders.image import EntryState
 from kvm_vmm.loaders.linux_header import is_bzimage
 from kvm_vmm.loaders.multiboot_header import find_multiboot_header
-from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
+from kvm_vmm.machine import (
+    STATUS_INTERRUPTED,
+    STATUS_TIMED_OUT,
+    Machine,
+    MachineConfig,
+    MachineConfigError,
+    Outcome,
+)
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvmfast.testing import AssemblerMissing, assemble
 
@@ -230,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
                 lambda: machine.finish(Outcome(0, "quit from the console (Ctrl-A x)")),
             )
         started = time.monotonic()
-        with raw_terminal(interactive):
+        with raw_terminal(interactive), _signals_end(machine):
             outcome = machine.run(args.timeout)
         elapsed = time.monotonic() - started
         if outcome.status == 0 and "powered off" in outcome.reason:
@@ -239,6 +248,22 @@ def _run(args: argparse.Namespace) -> int:
         return outcome.status
     finally:
         machine.close()
+
+
+@contextlib.contextmanager
+def _signals_end(machine: Machine) -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run as a timeout does: stats, positions, status 128+n."""
+
+    def stop(number: int, _frame: object) -> None:
+        name = signal.Signals(number).name
+        machine.finish(Outcome(128 + number, f"terminated by {name}"))
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass(frozen=True)
@@ -416,6 +441,11 @@ def _report(
         print(f"\nkvm-vmm: {outcome.reason} (status {outcome.status})", file=sys.stderr)
     else:
         _say(args, f"{outcome.reason} after {elapsed:.2f} s")
+    if outcome.status in (STATUS_TIMED_OUT, STATUS_INTERRUPTED) or outcome.reason.startswith(
+        "terminated by"
+    ):
+        for position in machine.vcpu_positions():
+            print(f"kvm-vmm: {position}", file=sys.stderr)
     error = outcome.error
     if isinstance(error, kvmfast.GuestStop):
         regs = " ".join(f"{name}={value:#x}" for name, value in error.regs.items())

@@ -389,8 +389,12 @@ class ProbeGuest:
             gates = {vector: symbols[f"exception_{vector}"] for vector in range(32)}
             gates.update({v: symbols[name] for v, name in (handlers or {}).items()})
             vm.write(IDT_ADDRESS, _idt64(gates))
-            xsave = cpuid_bit(guest_cpuid, 1, 0, "ecx", 26)
-            vcpu.set_sregs(_long_mode_sregs(user=mode == "user", xsave=xsave))
+            try:
+                # KVM's own CPUID may deny XSAVE while the guest still sees the host's
+                # (../shared/HOST-KVM.md): what KVM accepts in CR4 decides.
+                vcpu.set_sregs(_long_mode_sregs(user=mode == "user", xsave=True))
+            except OSError:
+                vcpu.set_sregs(_long_mode_sregs(user=mode == "user", xsave=False))
         if msrs:
             vcpu.set_msrs(dict(msrs))
         start = dict(regs or {})

@@ -56,7 +56,7 @@ from kvm_vmm.host_probes import (
 )
 from kvmfast.testing import AssemblerMissing, AssemblyError
 
-PROBE_VERSION = 1  # bump when a probe changes meaning: cached reports are then ignored
+PROBE_VERSION = 3  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
 KVM_CAP_SPLIT_IRQCHIP = 121
 
@@ -232,19 +232,22 @@ def _speed_check(key: str, title: str, ns: float | None, what_slow_means: str) -
     return Check(key, title, "PASS", f"native (~{max(ns, 0.1):.1f} ns per instruction)")
 
 
-def _cpuid_check(guest: ProbeGuest) -> tuple[Check, set[str]]:
-    """Which flags the VMM can clear: set them all clear, read back what the guest sees."""
+def _cpuid_check(guest: ProbeGuest) -> tuple[Check, set[str], set[str]]:
+    """Which flags the VMM can clear: set them all clear, read back what the guest sees.
+
+    Returns the check, the flags the VMM can clear, and the tried flags the guest sees."""
     wanted = guest.cpuid
     for bit in CPUID_BITS_TRIED:
         wanted = bit.cleared_in(wanted)
     run = guest.run("cpuid_leaves", cpuid=wanted)
     title = "CPUID as the VMM sets it"
     if not run.passed or len(run.reports) != len(_REPORTED_REGISTERS):
-        return Check("cpuid", title, "WARN", f"probe ended with {run.ending}"), set()
+        return Check("cpuid", title, "WARN", f"probe ended with {run.ending}"), set(), set()
     seen = dict(zip(_REPORTED_REGISTERS, run.reports, strict=True))
-    ours = {
-        bit.name for bit in CPUID_BITS_TRIED if not seen[(bit.leaf, bit.register)] >> bit.bit & 1
+    visible = {
+        bit.name for bit in CPUID_BITS_TRIED if seen[(bit.leaf, bit.register)] >> bit.bit & 1
     }
+    ours = {bit.name for bit in CPUID_BITS_TRIED} - visible
     differing = []
     for (leaf, reg), value in seen.items():
         index = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}[reg]
@@ -255,14 +258,14 @@ def _cpuid_check(guest: ProbeGuest) -> tuple[Check, set[str]]:
     tried = [bit.name for bit in CPUID_BITS_TRIED]
     not_ours = [name for name in tried if name not in ours]
     if not differing:
-        return Check("cpuid", title, "PASS", "the guest sees the flags the VMM sets"), ours
+        return Check("cpuid", title, "PASS", "the guest sees the flags the VMM sets"), ours, visible
     summary = (
         f"{len(differing)} flag bits differ from what the VMM set; clearing "
         f"{', '.join(not_ours) or 'nothing tried'} does not reach the guest"
         f"{' (only ' + ', '.join(sorted(ours)) + ' does)' if ours else ''}: "
         "guest kernels must be told with their own switches"
     )
-    return Check("cpuid", title, "WARN", summary), ours
+    return Check("cpuid", title, "WARN", summary), ours, visible
 
 
 def _instruction_check(guest: ProbeGuest, probe: InstructionProbe, ours: set[str]) -> Check:
@@ -367,8 +370,10 @@ def deferred_injection_verdict(run: ProbeRun) -> Check:
     )
 
 
-def _syscall_check(guest: ProbeGuest) -> Check:
-    handler = "page_fault_handler_smap" if SMAP.test(guest.cpuid) else "page_fault_handler"
+def _syscall_check(guest: ProbeGuest, guest_sees_smap: bool) -> Check:
+    # Linux's #PF entry begins with CLAC exactly when the guest sees SMAP, and that CLAC
+    # is where kvmfast recognises the quirk's frame.
+    handler = "page_fault_handler_smap" if guest_sees_smap else "page_fault_handler"
     msrs = {
         MSR_STAR: KERNEL_CS << 32,
         MSR_LSTAR: guest.program.symbols["syscall_entry"],
@@ -382,7 +387,7 @@ def syscall_verdict(run: ProbeRun) -> Check:
     """``run.reports``: CS at LSTAR, or the #PF frame's CS and CR2."""
     key, title = "user-syscall", "SYSCALL from user mode"
     if run.passed and run.reports == [KERNEL_CS]:
-        return Check(key, title, "PASS", "enters LSTAR at CPL 0")
+        return Check(key, title, "PASS", "enters LSTAR at CPL 0 (natively or repaired by kvmfast)")
     if run.exception == 14 or run.ending == "emulation-failure":
         return Check(
             key,
@@ -431,10 +436,14 @@ def probe_host(kvm: kvmfast.Kvm | None = None) -> list[Check]:
             "guest programs run slowly",
         )
     )
-    cpuid_check, ours = _cpuid_check(guest)
+    cpuid_check, ours, seen = _cpuid_check(guest)
     checks.append(cpuid_check)
     checks += [_instruction_check(guest, probe, ours) for probe in INSTRUCTION_PROBES]
-    checks += [_early_eoi_check(guest), _deferred_injection_check(guest), _syscall_check(guest)]
+    checks += [
+        _early_eoi_check(guest),
+        _deferred_injection_check(guest),
+        _syscall_check(guest, SMAP.name in seen),
+    ]
     return checks
 
 

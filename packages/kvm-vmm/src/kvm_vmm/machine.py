@@ -58,6 +58,10 @@ class MachineConfigError(ValueError):
     """A machine that cannot be built as asked (memory too small, no vCPU...)."""
 
 
+STATUS_TIMED_OUT = 124  # timeout(1)'s status
+STATUS_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a run ended. ``status`` is the process exit status the CLI returns."""
@@ -221,9 +225,9 @@ class Machine:
             thread.start()
         try:
             if not self._finished.wait(timeout):
-                self.finish(Outcome(124, f"timed out after {timeout} s"))
+                self.finish(Outcome(STATUS_TIMED_OUT, f"timed out after {timeout} s"))
         except KeyboardInterrupt:
-            self.finish(Outcome(130, "interrupted"))
+            self.finish(Outcome(STATUS_INTERRUPTED, "interrupted"))
         finally:
             for kicker in self.kickers:
                 kicker.stop()
@@ -262,6 +266,23 @@ class Machine:
             self.finish(Outcome(0, "guest requested a reset"))
         else:
             self.finish(Outcome(1, f"vCPU {index}: unexpected exit {result.reason} {result.value}"))
+
+    def vcpu_positions(self) -> list[str]:
+        """Where each vCPU is, "vCPU n: RIP 0x... (symbol) CPL c", once the run has ended.
+
+        What a timed-out or interrupted run prints, so that a guest that stopped making
+        progress says where it was."""
+        positions = []
+        for index, vcpu in enumerate(self.vcpus):
+            try:
+                rip, cs = vcpu.get_regs()["rip"], vcpu.get_sregs()["cs"]["selector"]
+            except OSError as error:
+                positions.append(f"vCPU {index}: registers unreadable ({error.strerror})")
+                continue
+            symbol = self.vm.describe_address(rip)
+            where = f" ({symbol})" if symbol else ""
+            positions.append(f"vCPU {index}: RIP {rip:#x}{where} CPL {cs & 3}")
+        return positions
 
     def counters(self) -> Counters:
         return self.vm.counters()
