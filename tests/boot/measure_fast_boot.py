@@ -29,7 +29,9 @@ from kvm_vmm.loaders import default_cache_dir
 OTHER_CANDIDATES = ("mitigations=off", "no_timer_check", "audit=0")
 
 
-def boot(kernel: Path, initrd: Path, cmdline: str, timeout: float, log: Path) -> dict[str, object]:
+def boot(
+    kernel: Path, initrd: Path, cmdline: str, timeout: float, log: Path, cpus: int
+) -> dict[str, object]:
     command = [
         sys.executable,
         "-m",
@@ -46,6 +48,8 @@ def boot(kernel: Path, initrd: Path, cmdline: str, timeout: float, log: Path) ->
         "--stats",
         "--timeout",
         str(timeout),
+        "--cpus",
+        str(cpus),
     ]
     log.unlink(missing_ok=True)
     # CPU time, unlike wall time, hardly changes when other work shares the host.
@@ -67,6 +71,7 @@ def main() -> int:
     parser.add_argument("candidates", nargs="*", default=list(OTHER_CANDIDATES))
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--base", default="console=ttyS0 panic=-1")
     parser.add_argument(
         "--only", action="append", default=[], help="run only these variants (repeatable)"
@@ -88,10 +93,11 @@ def main() -> int:
             for attempt in range(args.repeat):
                 log = Path(scratch) / "console.log"
                 cmdline = " ".join([args.base, *switches])
-                stats = boot(assets.kernel, initrd, cmdline, args.timeout, log)
+                stats = boot(assets.kernel, initrd, cmdline, args.timeout, log, args.cpus)
                 console = log.read_bytes() if log.exists() else b""
                 row = {
                     "variant": name,
+                    "cpus": args.cpus,
                     "attempt": attempt,
                     "seconds": stats.get("seconds"),
                     "cpu_seconds": stats.get("cpu_seconds"),
