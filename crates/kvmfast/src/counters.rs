@@ -77,6 +77,8 @@ pub struct Counters {
     emulation_exceptions: HashMap<&'static str, u64>,
     /// Host quirks repaired, by name.
     quirk_repairs: HashMap<&'static str, u64>,
+    /// Profiler samples: guest RIP -> times seen (kept out of to_dict: see samples_dict).
+    samples: HashMap<u64, u64>,
 }
 
 impl Default for Counters {
@@ -91,6 +93,7 @@ impl Default for Counters {
             completions: HashMap::new(),
             emulation_exceptions: HashMap::new(),
             quirk_repairs: HashMap::new(),
+            samples: HashMap::new(),
         }
     }
 }
@@ -134,6 +137,19 @@ impl Counters {
         *self.quirk_repairs.entry(name).or_insert(0) += 1;
     }
 
+    pub fn count_sample(&mut self, rip: u64) {
+        *self.samples.entry(rip).or_insert(0) += 1;
+    }
+
+    /// {rip: samples}.
+    pub fn samples_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (rip, n) in sorted(&self.samples) {
+            dict.set_item(rip, n)?;
+        }
+        Ok(dict)
+    }
+
     pub fn add(&mut self, other: &Counters) {
         for (mine, theirs) in self.exits.iter_mut().zip(other.exits.iter()) {
             *mine += theirs;
@@ -155,6 +171,9 @@ impl Counters {
         }
         for (name, n) in &other.quirk_repairs {
             *self.quirk_repairs.entry(name).or_insert(0) += n;
+        }
+        for (rip, n) in &other.samples {
+            *self.samples.entry(*rip).or_insert(0) += n;
         }
     }
 

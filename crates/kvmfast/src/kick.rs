@@ -23,6 +23,8 @@ pub const REQUEST_STOP: u32 = 1 << 1;
 pub const REQUEST_NMI: u32 = 1 << 2;
 /// Raise LINT1: KVM_NMI only if the vCPU's LVT LINT1 says NMI, unmasked.
 pub const REQUEST_LINT1: u32 = 1 << 3;
+/// Record the guest's RIP in the vCPU's samples (a profiler's tick).
+pub const REQUEST_SAMPLE: u32 = 1 << 4;
 
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
@@ -181,6 +183,12 @@ impl VcpuKicker {
     /// and unmasked, as api.rst's KVM_NMI section asks of a VMM with an in-kernel LAPIC.
     fn request_lint1(&self) {
         self.state.post(REQUEST_LINT1);
+    }
+
+    /// Takes the vCPU out of the guest once and counts the RIP it was at in the VM's
+    /// samples (Vm.rip_samples): a sampling profiler of guest code.
+    fn request_sample(&self) {
+        self.state.post(REQUEST_SAMPLE);
     }
 
     fn __repr__(&self) -> String {

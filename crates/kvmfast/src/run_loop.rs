@@ -23,7 +23,7 @@ use crate::errors::kvm_error;
 use crate::exits::{ExitInfo, GuestFailure, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;
-use crate::kick::{REQUEST_LINT1, REQUEST_NMI, REQUEST_STOP};
+use crate::kick::{REQUEST_LINT1, REQUEST_NMI, REQUEST_SAMPLE, REQUEST_STOP};
 use crate::lapic;
 use crate::locks;
 use crate::run_page::RunPage;
@@ -118,6 +118,9 @@ impl VcpuCore {
             if requests & REQUEST_LINT1 != 0 {
                 self.raise_lint1()?;
             }
+            if requests & REQUEST_SAMPLE != 0 {
+                self.sample_rip()?;
+            }
             if requests & REQUEST_STOP != 0 {
                 return Ok(ExitInfo::new("stopped", 0));
             }
@@ -147,6 +150,23 @@ impl VcpuCore {
             self.fd.nmi().map_err(|e| kvm_error("KVM_NMI", e))?;
             locks::lock(&self.counters).count_lint1_nmi();
         }
+        Ok(())
+    }
+
+    /// A profiler tick: the RIP the guest was at when the kick took it out.
+    fn sample_rip(&self) -> PyResult<()> {
+        let regs_synced = u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
+        // The run page's copy is the newest once KVM fills it (and a completion may have
+        // moved RIP there since); else one KVM_GET_REGS.
+        let rip = if self.page.valid_regs() & regs_synced != 0 {
+            self.page.sync_regs().rip
+        } else {
+            self.fd
+                .get_regs()
+                .map_err(|e| kvm_error("KVM_GET_REGS", e))?
+                .rip
+        };
+        locks::lock(&self.counters).count_sample(rip);
         Ok(())
     }
 

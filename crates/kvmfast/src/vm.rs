@@ -491,6 +491,15 @@ impl Vm {
         total.to_dict(py)
     }
 
+    /// The profiler's samples of all vCPUs (VcpuKicker.request_sample): {rip: count}.
+    fn rip_samples<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut total = Counters::default();
+        for counters in &self.state().resources.vcpu_counters {
+            total.add(&locks::lock(counters));
+        }
+        total.samples_dict(py)
+    }
+
     /// Closes the VM fd and lets go of RAM and handlers. Idempotent. vCPUs keep their
     /// own fds until they are dropped.
     fn close(&self) {

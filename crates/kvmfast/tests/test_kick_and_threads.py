@@ -207,3 +207,39 @@ def test_two_vcpus_run_their_own_code_on_two_threads(kvm: Kvm) -> None:
     total = guest.vm.counters()
     assert total["pio"] == {0x90: 50, 0x91: 70, 0xF4: 2}
     assert total["exits"]["io"] == 122
+
+
+TWO_SPOTS = """
+.global entry
+entry:
+    mov ecx, 2000
+.global first_loop
+first_loop:
+    pause
+    dec ecx
+    jnz first_loop
+.global second_loop
+second_loop:
+    pause
+    jmp second_loop
+"""
+
+
+def test_request_sample_counts_the_rip_the_guest_was_at(kvm: Kvm) -> None:
+    guest = boot_guest(kvm, TWO_SPOTS)
+    symbols = guest.program.symbols
+    running = VcpuThread(guest.vcpu)
+    wait_until_in_kvm_run(guest.vcpu)
+    kicker = guest.vcpu.kicker()
+    for _ in range(50):
+        kicker.request_sample()
+        time.sleep(0.002)
+    kicker.stop()
+    assert running.join(timeout=10).reason == "stopped"
+    samples = guest.vm.rip_samples()
+    # Each request is one sample, taken where the kick found the guest: in one of its
+    # loops (a request posted while the loop was already leaving still counts once).
+    assert 1 <= sum(samples.values()) <= 50
+    loops = range(symbols["first_loop"], symbols["second_loop"] + 4)
+    assert all(rip in loops for rip in samples), {hex(rip): n for rip, n in samples.items()}
+    assert guest.vm.counters()["exits"].get("intr", 0) >= 1

@@ -56,6 +56,7 @@ from kvm_vmm.machine import (
     Outcome,
 )
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
+from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvmfast.testing import AssemblerMissing, assemble
 
 USAGE_ERROR = 2
@@ -165,7 +166,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="System.map or /proc/kallsyms-format file: name the function of an "
-        "instruction nobody can complete",
+        "instruction nobody can complete, of a stopped vCPU's RIP, of --profile's samples",
     )
     parser.add_argument(
         "--no-emulation-fallback",
@@ -173,7 +174,26 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="stop at the first instruction the host's KVM cannot emulate, as QEMU does, "
         "instead of completing it in kvmfast",
     )
+    parser.add_argument(
+        "--profile",
+        type=_profile_rate,
+        nargs="?",
+        const=DEFAULT_HZ,
+        metavar="HZ",
+        help=f"sample each vCPU's RIP HZ times a second (default {DEFAULT_HZ:g}) and print, "
+        "at exit, where the guest spent its time (by function with --symbols)",
+    )
     parser.add_argument("--verbose", action="store_true", help="say what the VMM is doing")
+
+
+def _profile_rate(text: str) -> float:
+    try:
+        hz = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of samples a second") from None
+    if not 0 < hz <= MAX_PROFILE_HZ:
+        raise argparse.ArgumentTypeError(f"{text} Hz: between 0 and {MAX_PROFILE_HZ:g}")
+    return hz
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,7 +259,8 @@ def _run(args: argparse.Namespace) -> int:
                 lambda: machine.finish(Outcome(0, "quit from the console (Ctrl-A x)")),
             )
         started = time.monotonic()
-        with raw_terminal(interactive), _signals_end(machine):
+        profiler = GuestProfiler(machine.kickers, args.profile) if args.profile else None
+        with raw_terminal(interactive), _signals_end(machine), _profiling(profiler):
             outcome = machine.run(args.timeout)
         elapsed = time.monotonic() - started
         if outcome.status == 0 and "powered off" in outcome.reason:
@@ -248,6 +269,18 @@ def _run(args: argparse.Namespace) -> int:
         return outcome.status
     finally:
         machine.close()
+
+
+@contextlib.contextmanager
+def _profiling(profiler: GuestProfiler | None) -> Iterator[None]:
+    if profiler is None:
+        yield
+        return
+    profiler.start()
+    try:
+        yield
+    finally:
+        profiler.stop()
 
 
 @contextlib.contextmanager
@@ -450,9 +483,18 @@ def _report(
     if isinstance(error, kvmfast.GuestStop):
         regs = " ".join(f"{name}={value:#x}" for name, value in error.regs.items())
         print(f"kvm-vmm: registers: {regs}", file=sys.stderr)
+    if args.profile:
+        _print_profile(machine)
     if args.stats:
         stats = run_statistics(machine, outcome, elapsed, console, started)
         print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+
+
+def _print_profile(machine: Machine) -> None:
+    samples = machine.vm.rip_samples()
+    print(f"kvm-vmm: profile: {sum(samples.values())} samples", file=sys.stderr)
+    for line in summarize(samples, machine.vm.describe_address):
+        print(f"  {line.share:6.1%} {line.samples:8d}  {line.where}", file=sys.stderr)
 
 
 def run_statistics(
