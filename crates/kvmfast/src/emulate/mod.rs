@@ -31,6 +31,7 @@ pub mod timestamp;
 pub mod vector;
 pub mod x87;
 pub mod xsave;
+pub mod xstate_layout;
 
 use std::cell::Cell;
 use std::sync::RwLock;

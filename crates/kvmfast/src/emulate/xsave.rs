@@ -24,23 +24,9 @@ const MSR_IA32_XSS: u32 = 0xda0;
 const COMPACTED: u64 = 1 << 63;
 const COMPACTED_START: usize = 576;
 
-/// Where state component i lives (CPUID.(EAX=0DH,ECX=i), SDM Vol. 1 13.2): the guest
-/// sees the host's CPUID leaf 0DH, and KVM's area uses the same offsets.
-#[derive(Debug, Clone, Copy)]
-struct Component {
-    offset: usize,
-    size: usize,
-    aligned: bool,
-}
-
-fn component(index: u32) -> Component {
-    let leaf = std::arch::x86_64::__cpuid_count(0xd, index);
-    Component {
-        offset: leaf.ebx as usize,
-        size: leaf.eax as usize,
-        aligned: leaf.ecx & 2 != 0,
-    }
-}
+// Where state component i lives: the guest sees the host's CPUID leaf 0DH, and KVM's
+// area uses the same offsets.
+use super::xstate_layout::component;
 
 /// Offsets of the components in `bits` (i >= 2) in the compacted format (SDM Vol. 1
 /// 13.4.3), and the end of the area.
@@ -439,7 +425,7 @@ fn xgetbv(c: &mut Completion<'_>) -> Result<(), Stop> {
     let value = match index {
         0 => xcr0(c.cpu.fd)?,
         // XINUSE, when CPUID.(EAX=0DH,ECX=1):EAX[2] says XGETBV with ECX=1 exists.
-        1 if std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0 => {
+        1 if super::xstate_layout::has_xgetbv1() => {
             xcr0(c.cpu.fd)? & XsaveArea::load(c.cpu.fd)?.xstate_bv()
         }
         _ => return Err(Stop::Fault(Fault::GeneralProtection(0))),

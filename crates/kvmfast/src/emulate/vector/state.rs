@@ -11,9 +11,7 @@ const ZMM_HI256: u32 = 6;
 const HI16_ZMM: u32 = 7;
 const AVX: u32 = 2;
 
-fn offset(component: u32) -> usize {
-    std::arch::x86_64::__cpuid_count(0xd, component).ebx as usize
-}
+use super::super::xstate_layout::offset;
 
 /// The parts of register n's state: (area offset, exchange range) pairs.
 fn slices(width: Width, n: usize) -> Vec<(u32, usize, std::ops::Range<usize>)> {
