@@ -290,8 +290,14 @@ impl VcpuCore {
             Ok(Outcome::Completed {
                 mnemonic,
                 device_exit,
+                also,
             }) => {
-                locks::lock(&self.counters).count_completion(mnemonic);
+                let mut counters = locks::lock(&self.counters);
+                counters.count_completion(mnemonic);
+                for mnemonic in also {
+                    counters.count_completion(mnemonic);
+                }
+                drop(counters);
                 Ok(device_exit.map(|value| ExitInfo::new("device_exit", value)))
             }
             Ok(Outcome::Raised { fault, .. }) => {

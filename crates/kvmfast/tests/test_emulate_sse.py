@@ -15,6 +15,7 @@ from emulation_support import (
     BUF_SIZE,
     XSAVE_MXCSR,
     CpuState,
+    Guest,
     assert_same_results,
     completions,
     exception_handlers_asm,
@@ -209,3 +210,53 @@ def test_unmasked_division_by_zero_is_xm_and_changes_no_register(kvm: Kvm) -> No
     assert struct.unpack_from("<I", after, XSAVE_MXCSR)[0] & 0x4  # ZE raised
     assert guest.vcpu.get_regs()["rdx"] == guest.symbols["at"]
     assert exceptions_raised(guest) == {"#XM": 1}
+
+
+def _internal_error_exits(guest: Guest) -> int:
+    return int(guest.vcpu.counters()["exits"].get("internal_error", 0))
+
+
+def test_a_run_of_vector_instructions_is_completed_on_one_exit(kvm: Kvm) -> None:
+    """Straight vector code (the blake2s shape) costs one exit and one KVM_GET/SET_XSAVE
+    pair for the run, not per instruction; each instruction is still counted."""
+    body = "\n".join(["paddd xmm0, xmm1", "pxor xmm2, xmm0", "pshufd xmm3, xmm2, 0x39"] * 5)
+    state = _state()
+    guest, vm_guest = run_in_guest(kvm, body, state)
+    assert_same_results(guest, run_natively(body, state))
+    assert completions(vm_guest) == {"paddd": 5, "pxor": 5, "pshufd": 5}
+    assert _internal_error_exits(vm_guest) == 1
+
+
+def test_a_run_stops_at_the_first_non_vector_instruction(kvm: Kvm) -> None:
+    body = "paddd xmm0, xmm1\npaddd xmm0, xmm1\nadd rax, rbx\npxor xmm2, xmm0\npxor xmm2, xmm0"
+    state = _state()
+    guest, vm_guest = run_in_guest(kvm, body, state)
+    assert_same_results(guest, run_natively(body, state))
+    assert completions(vm_guest) == {"paddd": 2, "pxor": 2}
+    assert _internal_error_exits(vm_guest) == 2
+
+
+def test_a_run_is_at_most_max_run_long(kvm: Kvm) -> None:
+    body = "\n".join(["paddd xmm0, xmm1"] * 100)
+    state = _state()
+    guest, vm_guest = run_in_guest(kvm, body, state)
+    assert_same_results(guest, run_natively(body, state))
+    assert completions(vm_guest) == {"paddd": 100}
+    assert _internal_error_exits(vm_guest) == 2  # 64 + 36
+
+
+def test_a_follower_that_faults_is_left_for_its_own_exit(kvm: Kvm) -> None:
+    """The instructions before it are complete; it raises #GP at its own RIP, as the
+    processor would, with the state the earlier ones left."""
+    guest = make_guest(
+        kvm,
+        ".global entry, at\nentry:\n lea rsi, [rip + buf]\n paddd xmm0, xmm1\n"
+        " pxor xmm2, xmm2\nat:\n paddd xmm0, xmmword ptr [rsi + 8]\n"
+        f"{exception_handlers_asm()}",
+    )
+    install_exception_handlers(guest)
+    assert run_until_exit(guest) == 13
+    assert guest.vcpu.get_regs()["rdx"] == guest.symbols["at"]
+    assert completions(guest) == {"paddd": 1, "pxor": 1}
+    assert guest.vcpu.get_xsave()[160 + 32 : 160 + 48] == bytes(16)  # pxor's zero
+    assert exceptions_raised(guest) == {"#GP": 1}

@@ -21,6 +21,7 @@ pub const FEATURE_SSE: u64 = 1 << 1;
 pub const FEATURE_AVX: u64 = 1 << 2;
 
 /// The vCPU's XSAVE area as bytes.
+#[derive(Clone)]
 pub struct XsaveArea {
     pub bytes: Vec<u8>,
 }

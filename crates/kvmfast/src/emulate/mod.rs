@@ -77,6 +77,8 @@ pub enum Outcome {
     Completed {
         mnemonic: Mnemonic,
         device_exit: Option<u64>,
+        /// The instructions completed after it on the same exit (vector runs).
+        also: Vec<Mnemonic>,
     },
     /// The instruction raised `fault` in the guest, as the CPU would have.
     Raised { mnemonic: Mnemonic, fault: Fault },
@@ -103,6 +105,8 @@ pub struct Completion<'a> {
     pub memory: GuestMemory<'a>,
     pub decoded: Decoded,
     pub quirks: &'a HostQuirks,
+    /// Instructions completed after `decoded` on this exit, in order.
+    pub also: Vec<Mnemonic>,
 }
 
 impl Completion<'_> {
@@ -174,12 +178,14 @@ impl Emulator {
             memory,
             decoded,
             quirks: &self.quirks,
+            also: Vec::new(),
         };
         let result = dispatch(&mut completion, &mut self.vector_stubs);
         let Completion {
             mut cpu,
             memory,
             decoded,
+            also,
             ..
         } = completion;
         match result {
@@ -188,6 +194,7 @@ impl Emulator {
                 Ok(Outcome::Completed {
                     mnemonic,
                     device_exit: memory.device_exit.get(),
+                    also,
                 })
             }
             Err(Stop::Fault(fault)) => {

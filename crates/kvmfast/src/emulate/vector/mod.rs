@@ -17,7 +17,8 @@ use iced_x86::{EncodingKind, InstructionInfoFactory, Mnemonic, OpAccess, Registe
 pub use allow_list::allowed;
 pub use stub::StubCache;
 
-use super::cpu::{CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, RFLAGS_STATUS};
+use super::cpu::{CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, RFLAGS_STATUS, RFLAGS_TF};
+use super::decode::{self, Decoded};
 use super::exceptions::Fault;
 use super::fpu_state::{XsaveArea, check_device_available, xcr0};
 use super::linear::{Intent, alignment_check, data_access};
@@ -43,7 +44,12 @@ fn reads(access: OpAccess) -> bool {
 /// The SDM's exception-class checks before anything runs: legacy SSE #UD without
 /// CR4.OSFXSR (or with CR0.EM); VEX/EVEX #UD without CR4.OSXSAVE or the XCR0 state
 /// they use; #NM with CR0.TS.
-fn check_enabled(c: &Completion<'_>, width: Width, legacy: bool) -> Result<(), Stop> {
+fn check_enabled(
+    c: &Completion<'_>,
+    width: Width,
+    legacy: bool,
+    guest: &mut GuestVectorState,
+) -> Result<(), Stop> {
     if legacy {
         if c.cpu.sregs.cr4 & CR4_OSFXSR == 0 {
             return Err(Stop::Fault(Fault::InvalidOpcode));
@@ -51,7 +57,7 @@ fn check_enabled(c: &Completion<'_>, width: Width, legacy: bool) -> Result<(), S
         return check_device_available(&c.cpu);
     }
     let required = state::required_xcr0(width);
-    if c.cpu.sregs.cr4 & CR4_OSXSAVE == 0 || xcr0(c.cpu.fd)? & required != required {
+    if c.cpu.sregs.cr4 & CR4_OSXSAVE == 0 || guest.xcr0(c)? & required != required {
         return Err(Stop::Fault(Fault::InvalidOpcode));
     }
     if c.cpu.sregs.cr0 & CR0_TS != 0 {
@@ -60,7 +66,84 @@ fn check_enabled(c: &Completion<'_>, width: Width, legacy: bool) -> Result<(), S
     Ok(())
 }
 
+/// Most instructions completed on one exit. A kernel's vector code comes in long
+/// straight runs (blake2s_compress_avx512: dozens between branches) and each exit's
+/// KVM_GET/SET_XSAVE costs about as much as the exit itself on hosts like this one, so
+/// a run goes on while the next instruction is another allowed vector computation.
+/// Interrupts wait for the run as for one long instruction.
+pub const MAX_RUN: usize = 64;
+
+/// The guest's vector state for one exit: read from KVM once, written back once.
+struct GuestVectorState {
+    area: XsaveArea,
+    xcr0: Option<u64>,
+    changed: bool,
+}
+
+impl GuestVectorState {
+    fn xcr0(&mut self, c: &Completion<'_>) -> Result<u64, Stop> {
+        if let Some(value) = self.xcr0 {
+            return Ok(value);
+        }
+        let value = xcr0(c.cpu.fd)?;
+        self.xcr0 = Some(value);
+        Ok(value)
+    }
+}
+
+/// Completes the instruction, then the allowed vector instructions that follow it (up
+/// to MAX_RUN in all; each one counted in `c.also`). A follower that would fault, or
+/// that cannot be fetched or decoded, is left for its own exit with nothing changed.
 pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Stop> {
+    let mut guest = GuestVectorState {
+        area: XsaveArea::load(c.cpu.fd)?,
+        xcr0: None,
+        changed: false,
+    };
+    if let Err(stop) = complete_one(c, stubs, &mut guest) {
+        // An unmasked SIMD exception leaves its flags in MXCSR (SDM Vol. 1 11.5.1).
+        if guest.changed {
+            guest.area.store(c.cpu.fd)?;
+        }
+        return Err(stop);
+    }
+    // TF: one instruction, then the single-step trap.
+    if c.cpu.rflags() & RFLAGS_TF == 0 {
+        while c.also.len() + 1 < MAX_RUN && c.memory.device_exit.get().is_none() {
+            let Some(next) = next_vector_instruction(c) else {
+                break;
+            };
+            let mnemonic = next.instruction.mnemonic();
+            let before = (guest.area.clone(), guest.changed);
+            let first = std::mem::replace(&mut c.decoded, next);
+            let result = complete_one(c, stubs, &mut guest);
+            c.decoded = first;
+            if result.is_err() {
+                (guest.area, guest.changed) = before;
+                break;
+            }
+            c.also.push(mnemonic);
+        }
+    }
+    if guest.changed {
+        guest.area.store(c.cpu.fd)?;
+    }
+    Ok(())
+}
+
+/// The instruction at RIP when it is one this module completes.
+fn next_vector_instruction(c: &Completion<'_>) -> Option<Decoded> {
+    let decoded = decode::decode(&c.cpu, &c.memory, &[]).ok()?;
+    allowed(&decoded.instruction).then_some(decoded)
+}
+
+/// One instruction against `guest`'s state: nothing changes (registers, memory, the
+/// state) unless it completes, except MXCSR's flags on an unmasked SIMD exception.
+fn complete_one(
+    c: &mut Completion<'_>,
+    stubs: &mut StubCache,
+    guest: &mut GuestVectorState,
+) -> Result<(), Stop> {
     let instruction = c.decoded.instruction;
     if !host_supports(instruction.cpuid_features()) {
         return Err(Stop::Fault(Fault::InvalidOpcode));
@@ -72,7 +155,7 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
     } else {
         Width::Xmm
     };
-    check_enabled(c, width, width == Width::Xmm)?;
+    check_enabled(c, width, width == Width::Xmm, guest)?;
     let mut info_factory = InstructionInfoFactory::new();
     let info = info_factory.info(&instruction);
     let used_memory = info.used_memory().first().copied();
@@ -132,8 +215,8 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
         }
     }
 
-    let mut area = XsaveArea::load(c.cpu.fd)?;
-    state::load(&area, width, &mut exchange);
+    let area = &mut guest.area;
+    state::load(area, width, &mut exchange);
     for (slot, (_, guest)) in general.iter().enumerate() {
         exchange.gprs[slot] = c.cpu.read_register(guest.full_register()).unwrap_or(0);
     }
@@ -148,7 +231,7 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
     if unmasked != 0 {
         area.set_mxcsr(guest_mxcsr | raised);
         area.set_xstate_bv(area.xstate_bv() | super::fpu_state::FEATURE_SSE);
-        area.store(c.cpu.fd)?;
+        guest.changed = true;
         let fault = if c.cpu.sregs.cr4 & CR4_OSXMMEXCPT != 0 {
             Fault::SimdFloatingPoint
         } else {
@@ -161,14 +244,14 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
             .write(linear, &exchange.bounce[..size], data_access(&c.cpu, true))?;
     }
     let new_mxcsr = guest_mxcsr | raised;
-    let mut changed = state::store(&mut area, width, &exchange);
+    let mut changed = state::store(area, width, &exchange);
     if width == Width::Ymm {
-        changed |= state::clear_above_ymm(&mut area, &written);
+        changed |= state::clear_above_ymm(area, &written);
     }
     if changed || new_mxcsr != guest_mxcsr {
         area.set_mxcsr(new_mxcsr);
         area.set_xstate_bv(area.xstate_bv() | super::fpu_state::FEATURE_SSE);
-        area.store(c.cpu.fd)?;
+        guest.changed = true;
     }
     for (slot, guest) in written_general {
         c.cpu
