@@ -24,6 +24,7 @@ pub mod operands;
 pub mod paging;
 pub mod probe;
 pub mod report;
+pub mod segment_checks;
 pub mod smap;
 pub mod soft_interrupt;
 pub mod syscall_quirk;
@@ -318,6 +319,7 @@ fn dispatch(c: &mut Completion<'_>, vector_stubs: &mut vector::StubCache) -> Res
         | M::Xgetbv
         | M::Xsetbv => xsave::complete(c),
         M::Cmpxchg16b => cmpxchg16b::complete(c),
+        M::Lar | M::Lsl | M::Verr | M::Verw => segment_checks::complete(c),
         M::Rdtscp | M::Rdpid => timestamp::complete(c),
         _ if vector::allowed(&c.decoded.instruction) => vector::complete(c, vector_stubs),
         other => Err(Stop::Unsupported(format!(
