@@ -132,6 +132,14 @@ insn_popcnt:
         cmp rax, 8
         jne wrong_result
         PASS
+        .global insn_lsl
+insn_lsl:
+        mov eax, {KERNEL_DS}
+        lsl ebx, eax            /* the flat kernel data segment: limit 0xffffffff */
+        jnz wrong_result
+        cmp ebx, 0xffffffff
+        jne wrong_result
+        PASS
         .global insn_xsave
 insn_xsave:
         lea rdi, [rip + xsave_area]

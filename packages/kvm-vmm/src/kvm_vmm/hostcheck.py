@@ -56,7 +56,7 @@ from kvm_vmm.host_probes import (
 )
 from kvmfast.testing import AssemblerMissing, AssemblyError
 
-PROBE_VERSION = 3  # bump when a probe changes meaning: cached reports are then ignored
+PROBE_VERSION = 4  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
 KVM_CAP_SPLIT_IRQCHIP = 121
 
@@ -198,6 +198,7 @@ INSTRUCTION_PROBES = (
         "clearcpuid=ssse3",
     ),
     InstructionProbe("fwait", "FWAIT", "insn_fwait", "Linux's fpu__drop() at task exit"),
+    InstructionProbe("lsl", "LSL", "insn_lsl", "Linux's NMI, #DB and #MC entries (per-CPU base)"),
     InstructionProbe(
         "cmpxchg16b",
         "LOCK CMPXCHG16B",
