@@ -51,12 +51,17 @@ struct Registration {
     notifications: AtomicU64,
 }
 
-/// epoll's token for the loop's own wake-up eventfd; registrations count from 1.
+/// epoll's tokens for the loop's own wake-up eventfd and its coalescing timer;
+/// registrations count from FIRST_TOKEN.
 const WAKE_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = 1;
+const FIRST_TOKEN: u64 = 2;
 
 struct LoopShared {
     epoll: OwnedFd,
     wake: OwnedFd,
+    /// A timerfd that ends the coalescing windows.
+    timer: OwnedFd,
     stopping: AtomicBool,
     next_token: AtomicU64,
     registrations: Mutex<HashMap<u64, Arc<Registration>>>,
@@ -67,11 +72,14 @@ impl LoopShared {
         locks::lock(&self.registrations)
     }
 
-    fn epoll_ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> std::io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
+    fn epoll_ctl(
+        &self,
+        op: libc::c_int,
+        fd: RawFd,
+        token: u64,
+        events: u32,
+    ) -> std::io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: epoll_ctl reads one epoll_event we own; both fds are open.
         if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) } < 0 {
             return Err(std::io::Error::last_os_error());
@@ -79,23 +87,33 @@ impl LoopShared {
         Ok(())
     }
 
-    /// The loop thread: wait, read each ready counter once, call its handler once.
-    ///
-    /// After handling events it keeps polling (epoll_wait with a zero timeout) for
-    /// `busy_poll` before sleeping again: while it polls, a guest ringing the doorbell
-    /// wakes no sleeping thread, which is most of an ioeventfd write's cost.
-    fn run(&self, busy_poll: Duration) {
+    /// Doorbells are one-shot: once epoll reports one, a guest ringing it again finds
+    /// it disarmed and wakes nobody, until the loop re-arms it.
+    fn arm(&self, op: libc::c_int, registration: &Registration, token: u64) -> std::io::Result<()> {
+        let events = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+        self.epoll_ctl(op, registration.fd.as_raw_fd(), token, events)
+    }
+
+    /// The loop thread. A doorbell is handled as soon as epoll reports it. If its
+    /// counter said more than one ring (the guest rings faster than the loop wakes), it
+    /// stays disarmed for `window` and the rings of that window are handled together
+    /// at its end: one wake-up per window instead of one per ring, which is most of a
+    /// ring's cost to the guest (NAPI's interrupt mitigation, for ioeventfds). A single
+    /// ring re-arms at once, so a request/response doorbell waits for no window.
+    fn run(&self, window: Duration) {
+        // A timer slack of 50 us (the default) would stretch every window.
+        // SAFETY: PR_SET_TIMERSLACK takes an integer argument and affects this thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
-        let mut polling_until: Option<Instant> = None;
+        let mut deferred: Vec<(u64, Instant)> = Vec::new();
         loop {
-            let timeout = if polling_until.is_some() { 0 } else { -1 };
             // SAFETY: epoll_wait writes at most events.len() entries into our array.
             let ready = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    timeout,
+                    -1,
                 )
             };
             if ready < 0 {
@@ -104,41 +122,84 @@ impl LoopShared {
                 }
                 return;
             }
-            if ready == 0 {
-                if polling_until.is_some_and(|deadline| Instant::now() >= deadline) {
-                    polling_until = None;
-                }
-                continue;
-            }
             for event in &events[..ready as usize] {
-                let token = event.u64;
-                if token == WAKE_TOKEN {
-                    let _ = read_counter(self.wake.as_raw_fd());
-                    if self.stopping.load(Ordering::SeqCst) {
-                        return;
+                match event.u64 {
+                    WAKE_TOKEN => {
+                        let _ = read_counter(self.wake.as_raw_fd());
+                        if self.stopping.load(Ordering::SeqCst) {
+                            return;
+                        }
                     }
-                    continue;
-                }
-                let Some(registration) = self.registrations().get(&token).cloned() else {
-                    continue;
-                };
-                if !self.notify(&registration) {
-                    return;
+                    TIMER_TOKEN => {
+                        let _ = read_counter(self.timer.as_raw_fd());
+                        let now = Instant::now();
+                        let (due, waiting): (Vec<_>, Vec<_>) =
+                            deferred.drain(..).partition(|(_, at)| *at <= now);
+                        deferred = waiting;
+                        for (token, _) in due {
+                            if !self.serve(token, window, &mut deferred) {
+                                return;
+                            }
+                        }
+                    }
+                    token => {
+                        if !self.serve(token, window, &mut deferred) {
+                            return;
+                        }
+                    }
                 }
             }
-            if !busy_poll.is_zero() {
-                polling_until = Some(Instant::now() + busy_poll);
-            }
+            self.set_timer(deferred.iter().map(|(_, at)| *at).min());
         }
     }
 
-    /// Handles one readiness; false when Python is shutting down and the loop must end.
-    fn notify(&self, registration: &Registration) -> bool {
-        let count = match read_counter(registration.fd.as_raw_fd()) {
-            Ok(Some(count)) => count,
-            // Drained by someone else since epoll saw it.
-            Ok(None) | Err(_) => return true,
+    /// Handles what doorbell `token` has counted and decides when it is armed again;
+    /// false when Python is shutting down and the loop must end.
+    fn serve(&self, token: u64, window: Duration, deferred: &mut Vec<(u64, Instant)>) -> bool {
+        let Some(registration) = self.registrations().get(&token).cloned() else {
+            return true; // removed meanwhile
         };
+        let count = read_counter(registration.fd.as_raw_fd()).ok().flatten();
+        if let Some(count) = count {
+            if !self.notify(&registration, count) {
+                return false;
+            }
+            if count > 1 && !window.is_zero() {
+                deferred.push((token, Instant::now() + window));
+                return true;
+            }
+        }
+        // Re-arming reports the fd at once if it was rung since the read.
+        let _ = self.arm(libc::EPOLL_CTL_MOD, &registration, token);
+        true
+    }
+
+    fn set_timer(&self, at: Option<Instant>) {
+        let after = at.map(|at| at.saturating_duration_since(Instant::now()));
+        let value = match after {
+            // 0 would disarm the timer: a due window fires in 1 ns.
+            Some(after) => libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
+            },
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: timerfd_settime reads one itimerspec we own; the timerfd is open.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// Calls the handler with `count`; false when Python is shutting down.
+    fn notify(&self, registration: &Registration, count: u64) -> bool {
         registration.notifications.fetch_add(1, Ordering::Relaxed);
         match &registration.handler {
             LoopHandler::Irqfd(irq) => {
@@ -167,7 +228,7 @@ fn is_nonblocking(fd: RawFd) -> bool {
 pub struct EventLoop {
     shared: Arc<LoopShared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    busy_poll: Duration,
+    coalesce: Duration,
 }
 
 impl EventLoop {
@@ -186,11 +247,11 @@ impl EventLoop {
 
 #[pymethods]
 impl EventLoop {
-    /// `busy_poll_us`: how long the thread keeps polling after an event before it
-    /// sleeps (0: sleep at once).
+    /// `coalesce_us`: how long a doorbell that rang more than once since the last
+    /// look stays disarmed, its rings handled together at the end (0: never).
     #[new]
-    #[pyo3(signature = (busy_poll_us = 50))]
-    fn new(busy_poll_us: u64) -> PyResult<Self> {
+    #[pyo3(signature = (coalesce_us = 50))]
+    fn new(coalesce_us: u64) -> PyResult<Self> {
         // SAFETY: epoll_create1 has no memory arguments.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epoll < 0 {
@@ -198,20 +259,47 @@ impl EventLoop {
         }
         // SAFETY: the fd was just created and nothing else owns it.
         let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        // SAFETY: timerfd_create has no memory arguments.
+        let timer = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if timer < 0 {
+            return Err(io_error(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the fd was just created and nothing else owns it.
+        let timer = unsafe { OwnedFd::from_raw_fd(timer) };
         let shared = LoopShared {
             epoll,
             wake: new_eventfd(true).map_err(io_error)?,
+            timer,
             stopping: AtomicBool::new(false),
-            next_token: AtomicU64::new(WAKE_TOKEN + 1),
+            next_token: AtomicU64::new(FIRST_TOKEN),
             registrations: Mutex::new(HashMap::new()),
         };
+        let level = libc::EPOLLIN as u32;
         shared
-            .epoll_ctl(libc::EPOLL_CTL_ADD, shared.wake.as_raw_fd(), WAKE_TOKEN)
+            .epoll_ctl(
+                libc::EPOLL_CTL_ADD,
+                shared.wake.as_raw_fd(),
+                WAKE_TOKEN,
+                level,
+            )
+            .map_err(io_error)?;
+        shared
+            .epoll_ctl(
+                libc::EPOLL_CTL_ADD,
+                shared.timer.as_raw_fd(),
+                TIMER_TOKEN,
+                level,
+            )
             .map_err(io_error)?;
         Ok(Self {
             shared: Arc::new(shared),
             thread: Mutex::new(None),
-            busy_poll: Duration::from_micros(busy_poll_us),
+            coalesce: Duration::from_micros(coalesce_us),
         })
     }
 
@@ -248,7 +336,7 @@ impl EventLoop {
         };
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         self.shared
-            .epoll_ctl(libc::EPOLL_CTL_ADD, registration.fd.as_raw_fd(), token)
+            .arm(libc::EPOLL_CTL_ADD, &registration, token)
             .map_err(io_error)?;
         registrations.insert(token, Arc::new(registration));
         Ok(())
@@ -270,7 +358,7 @@ impl EventLoop {
         };
         if let Some(registration) = removed {
             self.shared
-                .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0)
+                .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0, 0)
                 .map_err(io_error)?;
         }
         Ok(())
@@ -284,10 +372,10 @@ impl EventLoop {
         }
         self.shared.stopping.store(false, Ordering::SeqCst);
         let shared = self.shared.clone();
-        let busy_poll = self.busy_poll;
+        let coalesce = self.coalesce;
         let handle = std::thread::Builder::new()
             .name("kvmfast-ioevent".to_string())
-            .spawn(move || shared.run(busy_poll))
+            .spawn(move || shared.run(coalesce))
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the event loop: {e}")))?;
         *thread = Some(handle);
         Ok(())
@@ -302,8 +390,8 @@ impl EventLoop {
     }
 
     #[getter]
-    fn busy_poll_us(&self) -> u128 {
-        self.busy_poll.as_micros()
+    fn coalesce_us(&self) -> u128 {
+        self.coalesce.as_micros()
     }
 
     #[getter]

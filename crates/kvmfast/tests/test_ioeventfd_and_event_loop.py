@@ -107,8 +107,8 @@ def test_eventfd_counts_and_does_not_block() -> None:
         bell.write()
 
 
-@pytest.mark.parametrize("busy_poll_us", [0, 50])
-def test_event_loop_calls_a_python_handler_with_the_coalesced_count(busy_poll_us: int) -> None:
+@pytest.mark.parametrize("coalesce_us", [0, 50])
+def test_event_loop_calls_a_python_handler_with_the_coalesced_count(coalesce_us: int) -> None:
     bell = EventFd()
     seen: list[int] = []
     called = threading.Event()
@@ -117,8 +117,8 @@ def test_event_loop_calls_a_python_handler_with_the_coalesced_count(busy_poll_us
         seen.append(count)
         called.set()
 
-    with EventLoop(busy_poll_us=busy_poll_us) as loop:
-        assert loop.busy_poll_us == busy_poll_us
+    with EventLoop(coalesce_us=coalesce_us) as loop:
+        assert loop.coalesce_us == coalesce_us
         loop.add(bell, handler)
         bell.write(3)  # before start: delivered as one notification once it runs
         loop.start()
@@ -135,6 +135,42 @@ def test_event_loop_calls_a_python_handler_with_the_coalesced_count(busy_poll_us
             loop.remove(bell)
     assert not loop.running
     loop.stop()
+
+
+def test_a_doorbell_rung_more_than_once_is_coalesced_for_a_window() -> None:
+    """Rung twice before the loop looked: handled, then left disarmed for the window; the
+    rings of the window come as one call at its end, none lost. A single ring re-arms at
+    once: the next one is handled without waiting for any window."""
+    window_s = 5.0
+    bell = EventFd()
+    seen: list[int] = []
+    called = threading.Event()
+
+    def handler(count: int) -> None:
+        seen.append(count)
+        called.set()
+
+    with EventLoop(coalesce_us=int(window_s * 1e6)) as loop:
+        loop.add(bell, handler)
+        bell.write(2)
+        loop.start()
+        assert called.wait(10) and seen == [2]
+        called.clear()
+        for _ in range(3):
+            bell.write()
+        assert called.wait(window_s + 10)
+        assert seen == [2, 3]  # one call for the window's three rings
+    with EventLoop(coalesce_us=int(window_s * 1e6)) as loop:
+        seen.clear()
+        called.clear()
+        loop.add(bell, handler)
+        loop.start()
+        bell.write()
+        assert called.wait(10) and seen == [1]
+        called.clear()
+        bell.write()
+        # Well before the window would end: a single ring left the doorbell armed.
+        assert called.wait(window_s / 2) and seen == [1, 1]
 
 
 def test_event_loop_refuses_blocking_eventfds_and_odd_handlers() -> None:

@@ -43,8 +43,7 @@ fn visible_descriptor(c: &Completion<'_>, selector: u16) -> Result<Option<Descri
         Err(stop) => return Err(stop),
     };
     let rpl = (selector & 3) as u8;
-    if !descriptor.is_conforming() && (descriptor.dpl() < c.cpu.cpl() || descriptor.dpl() < rpl)
-    {
+    if !descriptor.is_conforming() && (descriptor.dpl() < c.cpu.cpl() || descriptor.dpl() < rpl) {
         return Ok(None);
     }
     Ok(Some(descriptor))
@@ -67,8 +66,10 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     } else {
         instruction.op_register(source_index).size()
     };
-    let selector = truncate(source_value(&c.cpu, &c.memory, &c.decoded, source_index, size)?, 2)
-        as u16;
+    let selector = truncate(
+        source_value(&c.cpu, &c.memory, &c.decoded, source_index, size)?,
+        2,
+    ) as u16;
     let long_mode = c.cpu.long_mode();
     let answer = visible_descriptor(c, selector)?.and_then(|descriptor| {
         let segment = descriptor.segment;
@@ -93,7 +94,11 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
         Some(value) => {
             if let Some(value) = value {
                 let destination = instruction.op0_register();
-                let value = if destination.size() == 2 { value & 0xffff } else { value };
+                let value = if destination.size() == 2 {
+                    value & 0xffff
+                } else {
+                    value
+                };
                 c.cpu
                     .write_register(destination, value)
                     .ok_or_else(|| Stop::Unsupported(format!("destination {destination:?}")))?;

@@ -65,7 +65,11 @@ mod tests {
         for index in 2..63 {
             let leaf = std::arch::x86_64::__cpuid_count(0xd, index);
             assert_eq!(offset(index), leaf.ebx as usize, "component {index}");
-            assert_eq!(component(index).size, leaf.eax as usize, "component {index}");
+            assert_eq!(
+                component(index).size,
+                leaf.eax as usize,
+                "component {index}"
+            );
         }
     }
 }
