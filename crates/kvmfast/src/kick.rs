@@ -61,6 +61,25 @@ fn unblock_kick_signal() {
     }
 }
 
+/// Runs `f` with the kick signal blocked on this thread: a kick posted meanwhile is
+/// delivered (and its requests served) once `f` returns.
+pub fn with_kick_signal_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: building a one-signal set and changing this thread's mask only; the old
+    // mask is restored before returning.
+    let old = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    };
+    let result = f();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    result
+}
+
 /// The part of a vCPU that other threads may touch while it runs.
 #[derive(Debug)]
 pub struct KickState {

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use kvm_bindings::{
     KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO,
     KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN,
-    KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
 use kvm_ioctls::VcpuFd;
 use pyo3::intern;
@@ -18,16 +18,22 @@ use vmm_sys_util::errno;
 
 use crate::counters::exit_name;
 use crate::dispatch::{self, Access, Dispatched};
+use crate::emulate::syscall_quirk::{PendingRepair, RepairState};
 use crate::emulate::{Failure, Outcome, Report};
 use crate::errors::kvm_error;
 use crate::exits::{ExitInfo, GuestFailure, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;
-use crate::kick::{REQUEST_LINT1, REQUEST_NMI, REQUEST_SAMPLE, REQUEST_STOP};
+use crate::kick::{
+    REQUEST_LINT1, REQUEST_NMI, REQUEST_SAMPLE, REQUEST_STOP, with_kick_signal_blocked,
+};
 use crate::lapic;
 use crate::locks;
 use crate::run_page::RunPage;
 use crate::vcpu::VcpuCore;
+
+/// Counted in quirk_repairs when KVM lost a SYSCALL repair and it was applied again.
+const REPAIR_REAPPLIED: &str = "syscall_repair_reapplied";
 
 /// How a run ended other than with an Exit.
 #[derive(Debug)]
@@ -126,8 +132,16 @@ impl VcpuCore {
             }
             self.service_extint(injector)?;
 
-            let entered = ioctls::run(&self.fd);
+            let entered = if locks::lock(&self.pending_repair).is_some() {
+                // The first entry after a SYSCALL repair must not be cut short by a
+                // kick (emulate::syscall_quirk::PendingRepair): the kick waits for the
+                // guest's next exit.
+                with_kick_signal_blocked(|| ioctls::run(&self.fd))
+            } else {
+                ioctls::run(&self.fd)
+            };
             injector.exited();
+            self.watch_pending_repair()?;
             let reason = match entered {
                 Ok(()) => self.page.exit_reason(),
                 Err(err) if err.errno() == libc::EINTR => KVM_EXIT_INTR,
@@ -137,6 +151,52 @@ impl VcpuCore {
                 return Ok(exit);
             }
         }
+    }
+
+    /// After each KVM_RUN that follows a SYSCALL-quirk repair: applies the repair again
+    /// if KVM lost it (emulate::syscall_quirk::PendingRepair), forgets it once the
+    /// guest has run from it.
+    fn watch_pending_repair(&self) -> PyResult<()> {
+        let mut pending = locks::lock(&self.pending_repair);
+        let Some(repair) = *pending else {
+            return Ok(());
+        };
+        let synced = u64::from(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS);
+        let (rip, cs) = if self.page.valid_regs() & synced == synced {
+            (
+                self.page.sync_regs().rip,
+                self.page.sync_sregs().cs.selector,
+            )
+        } else {
+            let regs = self
+                .fd
+                .get_regs()
+                .map_err(|e| kvm_error("KVM_GET_REGS", e))?;
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(|e| kvm_error("KVM_GET_SREGS", e))?;
+            (regs.rip, sregs.cs.selector)
+        };
+        match repair.state_after(rip, cs) {
+            RepairState::Ran => *pending = None,
+            RepairState::Waiting => {}
+            RepairState::Lost => {
+                if self.page.valid_regs() & synced == synced {
+                    self.page.put_sync_regs(&repair.regs);
+                    self.page.put_sync_sregs(&repair.sregs);
+                } else {
+                    self.fd
+                        .set_sregs(&repair.sregs)
+                        .map_err(|e| kvm_error("KVM_SET_SREGS", e))?;
+                    self.fd
+                        .set_regs(&repair.regs)
+                        .map_err(|e| kvm_error("KVM_SET_REGS", e))?;
+                }
+                locks::lock(&self.counters).count_quirk_repair(REPAIR_REAPPLIED);
+            }
+        }
+        Ok(())
     }
 
     /// LINT1 rose: the vCPU is out of KVM_RUN (paused) on its own thread, so its LVT is
@@ -306,6 +366,7 @@ impl VcpuCore {
             }
             Ok(Outcome::Repaired(quirk)) => {
                 locks::lock(&self.counters).count_quirk_repair(quirk);
+                *locks::lock(&self.pending_repair) = Some(self.repaired_state(page)?);
                 Ok(None)
             }
             Err(Failure::Unsupported(report)) => {
@@ -313,6 +374,27 @@ impl VcpuCore {
             }
             Err(Failure::Host(err)) => Err(RunError::Python(err)),
         }
+    }
+
+    /// The registers a repair left for the next entry: in the run page when synced,
+    /// else already set in KVM.
+    fn repaired_state(&self, page: Option<&RunPage>) -> Result<PendingRepair, RunError> {
+        Ok(match page {
+            Some(page) => PendingRepair {
+                regs: page.sync_regs(),
+                sregs: page.sync_sregs(),
+            },
+            None => PendingRepair {
+                regs: self
+                    .fd
+                    .get_regs()
+                    .map_err(|e| kvm_error("KVM_GET_REGS", e))?,
+                sregs: self
+                    .fd
+                    .get_sregs()
+                    .map_err(|e| kvm_error("KVM_GET_SREGS", e))?,
+            },
+        })
     }
 
     fn emulation_failure(

@@ -16,6 +16,7 @@ use crate::address_map::AddressMap;
 use crate::counters::Counters;
 use crate::emulate::fpu_state::{AREA_SIZE, XsaveArea};
 use crate::emulate::host_quirks::HostQuirks;
+use crate::emulate::syscall_quirk::PendingRepair;
 use crate::emulate::{Emulator, Stop};
 use crate::errors::{KvmError, interrupt_error, kvm_error};
 use crate::exits::Exit;
@@ -64,6 +65,8 @@ pub struct VcpuCore {
     /// Whether KVM can sync registers through the run page (turned on at the first
     /// completion: it costs every exit a little, and saves a completion three ioctls).
     pub sync_regs: bool,
+    /// A SYSCALL-quirk repair the guest has not yet run from (emulate::syscall_quirk).
+    pub pending_repair: Mutex<Option<PendingRepair>>,
 }
 
 impl VcpuCore {
@@ -124,6 +127,7 @@ impl Vcpu {
                 sync_regs,
                 emulator: Mutex::new(Emulator::new(quirks)),
                 symbols,
+                pending_repair: Mutex::new(None),
             },
         }
     }

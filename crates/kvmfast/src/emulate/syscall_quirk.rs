@@ -7,7 +7,7 @@
 //! STAR[47:32], SS = CS + 8 (flat, DPL 0), RFLAGS = R11 & ~FMASK with RF clear, RIP =
 //! LSTAR, RSP as the user left it.
 
-use kvm_bindings::{Msrs, kvm_msr_entry, kvm_segment};
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 
 use super::Stop;
 use super::cpu::{Cpu, RFLAGS_FIXED, RFLAGS_RF};
@@ -111,4 +111,75 @@ fn read_msrs(cpu: &Cpu<'_>) -> Result<[u64; 3], Stop> {
     }
     let values = msrs.as_slice();
     Ok([values[0].data, values[1].data, values[2].data])
+}
+
+/// The state a repair set, kept until the guest has run from it.
+///
+/// Found on this host (tests/test_emulate_syscall_quirk.py): a signal that ends the
+/// first KVM_RUN after a repair, before the guest has executed the entry's first
+/// instruction, can undo the repair -- KVM then reports the user CS again at RIP =
+/// LSTAR, or reports the repaired CS and still faults at LSTAR, now delivering the #PF
+/// at CPL 0 onto the user stack (a double fault in Linux, with SMAP). So the run loop
+/// blocks the kick signal for the entries that follow a repair until the guest has
+/// left LSTAR, and applies the repair again if KVM reports it lost.
+#[derive(Clone, Copy)]
+pub struct PendingRepair {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+}
+
+/// What an exit says of a pending repair.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RepairState {
+    /// The guest has left LSTAR: nothing more to watch.
+    Ran,
+    /// Still at LSTAR with the repaired CS: watch the next exit too.
+    Waiting,
+    /// Back at LSTAR with the user's CS: apply the repair again.
+    Lost,
+}
+
+impl PendingRepair {
+    pub fn state_after(&self, rip: u64, cs_selector: u16) -> RepairState {
+        if rip != self.regs.rip {
+            RepairState::Ran
+        } else if cs_selector == self.sregs.cs.selector {
+            RepairState::Waiting
+        } else {
+            RepairState::Lost
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> PendingRepair {
+        let mut repair = PendingRepair {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+        };
+        repair.regs.rip = 0xffff_ffff_81c0_0080;
+        repair.sregs.cs.selector = 0x10;
+        repair
+    }
+
+    #[test]
+    fn a_repair_is_lost_only_at_lstar_with_another_cs() {
+        let repair = pending();
+        assert_eq!(
+            repair.state_after(0xffff_ffff_81c0_0080, 0x33),
+            RepairState::Lost
+        );
+        assert_eq!(
+            repair.state_after(0xffff_ffff_81c0_0080, 0x10),
+            RepairState::Waiting
+        );
+        assert_eq!(
+            repair.state_after(0xffff_ffff_81c0_0083, 0x10),
+            RepairState::Ran
+        );
+        assert_eq!(repair.state_after(0x40_1000, 0x33), RepairState::Ran);
+    }
 }
