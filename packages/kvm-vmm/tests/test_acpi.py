@@ -92,6 +92,18 @@ def test_rsdt_lists_the_same_tables_as_the_xsdt(
     assert rsdt_entries == xsdt_entries == [tables[b"FACP"].address, tables[b"APIC"].address]
 
 
+def test_fadt_names_the_facs_once_table_5_9(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
+) -> None:
+    """X_FIRMWARE_CTRL holds the FACS; FIRMWARE_CTRL must then be zero."""
+    _, _, tables = two_cpu_tables
+    fadt = tables[b"FACP"].data
+    firmware_ctrl, dsdt = struct.unpack_from("<II", fadt, 36)
+    (x_firmware_ctrl,) = struct.unpack_from("<Q", fadt, 132)
+    assert firmware_ctrl == 0 and x_firmware_ctrl == tables[b"FACS"].address
+    assert dsdt == tables[b"DSDT"].address
+
+
 def test_facs_5_2_10_is_64_byte_aligned_version_2(
     two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
 ) -> None:
@@ -110,9 +122,8 @@ def test_fadt_5_2_9_power_management_blocks_reset_register_and_flags(
     fadt = tables[b"FACP"]
     data = fadt.data
     assert fadt.revision == 6 and len(data) == 276 and data[131] == 5
-    facs, dsdt = struct.unpack_from("<II", data, 36)
-    assert facs == tables[b"FACS"].address and dsdt == tables[b"DSDT"].address
-    assert struct.unpack_from("<QQ", data, 132) == (facs, dsdt)
+    dsdt = struct.unpack_from("<I", data, 40)[0]
+    assert struct.unpack_from("<QQ", data, 132) == (tables[b"FACS"].address, dsdt)
     assert struct.unpack_from("<H", data, 46)[0] == 9  # SCI_INT
     assert struct.unpack_from("<I", data, 48)[0] == 0  # SMI_CMD: fixed ACPI mode
     pm1a_evt, _, pm1a_cnt, _, _, pm_tmr = struct.unpack_from("<6I", data, 56)

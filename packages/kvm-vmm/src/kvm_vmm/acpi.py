@@ -250,7 +250,9 @@ def build_fadt(facs_address: int, dsdt_address: int) -> bytes:
     def put(fmt: str, offset: int, *values: int | bytes) -> None:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
-    put("<II", 36, facs_address, dsdt_address)
+    # FIRMWARE_CTRL (36) stays 0: with X_FIRMWARE_CTRL set it must be (table 5.9), and
+    # Linux lists a FACS named in both twice.
+    put("<I", 40, dsdt_address)
     put("<H", 46, SCI_IRQ)  # SMI_CMD (48) stays 0: always in ACPI mode
     put("<IIII", 56, PM1A_EVT_BLK, 0, PM1A_CNT_BLK, 0)
     put("<I", 76, PM_TMR_BLK)
