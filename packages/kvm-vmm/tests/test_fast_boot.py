@@ -36,6 +36,11 @@ def test_clearcpuid_lists_are_merged_into_one_switch() -> None:
     assert merged == "clearcpuid=avx,smap,ssse3"
 
 
+def test_initcall_blacklists_are_merged_too() -> None:
+    merged = with_switches("initcall_blacklist=foo_init", ["initcall_blacklist=bar_init"])
+    assert merged == "initcall_blacklist=foo_init,bar_init"
+
+
 def host(*checks: Check) -> HostReport:
     return HostReport({"release": "test"}, list(checks), 0.0)
 
