@@ -11,6 +11,7 @@ runs read the manifest and never call apt again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -259,8 +260,19 @@ def fetch_guest_assets(cache_dir: Path, progress: ProgressCallback | None = None
             "the default guest is Debian's cloud kernel, fetched with apt-get, and this host "
             "has no apt: pass --kernel PATH (a bzImage or vmlinux) and --initrd PATH"
         )
-    kernel_package = resolve_kernel_package()
     directory.mkdir(parents=True, exist_ok=True)
+    # Two runs fetching at once (parallel boot tests, two demos): one downloads, the
+    # other waits for it and reads its manifest.
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _read_manifest(directory)
+        if cached is not None:
+            return cached
+        return _download_assets(directory, progress)
+
+
+def _download_assets(directory: Path, progress: ProgressCallback | None) -> GuestAssets:
+    kernel_package = resolve_kernel_package()
     with tempfile.TemporaryDirectory(dir=directory, prefix="download-") as scratch:
         debs = apt_download([kernel_package, BUSYBOX_PACKAGE], Path(scratch), progress)
         kernel_deb = _package_of(debs, kernel_package)
