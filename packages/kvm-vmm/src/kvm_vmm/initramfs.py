@@ -178,6 +178,10 @@ BUSYBOX_LINKS = ("bin/sh", "sbin/poweroff", "sbin/reboot", "bin/mount", "bin/cat
 TEST_BEGIN_MARKER = "KVM-VMM-BOOT-TEST BEGIN"
 TEST_END_MARKER = "KVM-VMM-BOOT-TEST END"
 INIT_REACHED_MARKER = "KVM-VMM-INIT"
+# What the kernel logged about the firmware tables and the initrd the VMM gave it
+# (read back with dmesg: a quiet boot does not print them on the console).
+TEST_FIRMWARE_MARKER = "KVM-VMM-BOOT-TEST FIRMWARE"
+TEST_FIRMWARE_PATTERN = r"BIOS-e820|ACPI: [A-Z]{4} 0x|RAMDISK|ACPI \(MADT\)|IOAPIC\[0\]"
 
 _MOUNT_PSEUDO_FILESYSTEMS = """\
 mount -t proc proc /proc
@@ -199,6 +203,8 @@ TEST_INIT = f"""#!/bin/sh
 echo "{TEST_BEGIN_MARKER}"
 echo "nproc=$(nproc)"
 cat /proc/interrupts
+echo "{TEST_FIRMWARE_MARKER}"
+dmesg | grep -E '{TEST_FIRMWARE_PATTERN}'
 echo "{TEST_END_MARKER}"
 poweroff -f
 """
