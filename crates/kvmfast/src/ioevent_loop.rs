@@ -49,7 +49,14 @@ struct Registration {
     fd: OwnedFd,
     handler: LoopHandler,
     notifications: AtomicU64,
+    /// Whether the fd is in the epoll set (it leaves it for a coalescing window).
+    in_epoll: AtomicBool,
 }
+
+/// How far a window grows while a doorbell keeps ringing through it (doubling each
+/// time), as adaptive interrupt moderation does: the loop thread then wakes rarely
+/// enough that, on a host whose two CPUs share a core, the vCPU runs at its floor.
+const MAX_WINDOW_GROWTH: u32 = 16;
 
 /// epoll's tokens for the loop's own wake-up eventfd and its coalescing timer;
 /// registrations count from FIRST_TOKEN.
@@ -96,16 +103,18 @@ impl LoopShared {
 
     /// The loop thread. A doorbell is handled as soon as epoll reports it. If its
     /// counter said more than one ring (the guest rings faster than the loop wakes), it
-    /// stays disarmed for `window` and the rings of that window are handled together
-    /// at its end: one wake-up per window instead of one per ring, which is most of a
-    /// ring's cost to the guest (NAPI's interrupt mitigation, for ioeventfds). A single
-    /// ring re-arms at once, so a request/response doorbell waits for no window.
+    /// leaves the epoll set for `window` (doubled, up to MAX_WINDOW_GROWTH times, while
+    /// it keeps ringing) and the rings of that window are handled together at its end: no wake-up, and no epoll callback at all in the guest's
+    /// eventfd write meanwhile, which is what a ring costs beyond KVM's own floor
+    /// (NAPI's interrupt mitigation, for ioeventfds). A single ring re-arms at once, so
+    /// a request/response doorbell waits for no window.
     fn run(&self, window: Duration) {
         // A timer slack of 50 us (the default) would stretch every window.
         // SAFETY: PR_SET_TIMERSLACK takes an integer argument and affects this thread.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
-        let mut deferred: Vec<(u64, Instant)> = Vec::new();
+        // (token, end of its window, that window's length)
+        let mut deferred: Vec<(u64, Instant, Duration)> = Vec::new();
         loop {
             // SAFETY: epoll_wait writes at most events.len() entries into our array.
             let ready = unsafe {
@@ -134,43 +143,70 @@ impl LoopShared {
                         let _ = read_counter(self.timer.as_raw_fd());
                         let now = Instant::now();
                         let (due, waiting): (Vec<_>, Vec<_>) =
-                            deferred.drain(..).partition(|(_, at)| *at <= now);
+                            deferred.drain(..).partition(|(_, at, _)| *at <= now);
                         deferred = waiting;
-                        for (token, _) in due {
-                            if !self.serve(token, window, &mut deferred) {
+                        for (token, _, length) in due {
+                            // A doorbell still ringing fast gets a longer window.
+                            let next = (length * 2).min(window * MAX_WINDOW_GROWTH);
+                            if !self.serve(token, false, next, &mut deferred) {
                                 return;
                             }
                         }
                     }
                     token => {
-                        if !self.serve(token, window, &mut deferred) {
+                        if !self.serve(token, true, window, &mut deferred) {
                             return;
                         }
                     }
                 }
             }
-            self.set_timer(deferred.iter().map(|(_, at)| *at).min());
+            self.set_timer(deferred.iter().map(|(_, at, _)| *at).min());
         }
     }
 
     /// Handles what doorbell `token` has counted and decides when it is armed again;
-    /// false when Python is shutting down and the loop must end.
-    fn serve(&self, token: u64, window: Duration, deferred: &mut Vec<(u64, Instant)>) -> bool {
+    /// `in_epoll`: reported by epoll (registered, disarmed), else at its window's end
+    /// (out of the set). False when Python is shutting down and the loop must end.
+    fn serve(
+        &self,
+        token: u64,
+        in_epoll: bool,
+        window: Duration,
+        deferred: &mut Vec<(u64, Instant, Duration)>,
+    ) -> bool {
         let Some(registration) = self.registrations().get(&token).cloned() else {
             return true; // removed meanwhile
         };
         let count = read_counter(registration.fd.as_raw_fd()).ok().flatten();
-        if let Some(count) = count {
-            if !self.notify(&registration, count) {
-                return false;
-            }
-            if count > 1 && !window.is_zero() {
-                deferred.push((token, Instant::now() + window));
+        if let Some(count) = count
+            && !self.notify(&registration, count)
+        {
+            return false;
+        }
+        let coalesce = count.is_some_and(|count| count > 1) && !window.is_zero();
+        // Under the registrations' lock, so that remove() and this agree on whether
+        // the fd is in the epoll set.
+        let registrations = self.registrations();
+        if !registrations.contains_key(&token) {
+            return true;
+        }
+        let op = match (coalesce, in_epoll) {
+            (true, true) => libc::EPOLL_CTL_DEL,
+            (true, false) => {
+                deferred.push((token, Instant::now() + window, window));
                 return true;
             }
+            // Arming reports the fd at once if it was rung since the read.
+            (false, true) => libc::EPOLL_CTL_MOD,
+            (false, false) => libc::EPOLL_CTL_ADD,
+        };
+        let _ = self.arm(op, &registration, token);
+        registration
+            .in_epoll
+            .store(op != libc::EPOLL_CTL_DEL, Ordering::Relaxed);
+        if coalesce {
+            deferred.push((token, Instant::now() + window, window));
         }
-        // Re-arming reports the fd at once if it was rung since the read.
-        let _ = self.arm(libc::EPOLL_CTL_MOD, &registration, token);
         true
     }
 
@@ -333,6 +369,7 @@ impl EventLoop {
             fd: eventfd.duplicate()?,
             handler,
             notifications: AtomicU64::new(0),
+            in_epoll: AtomicBool::new(true),
         };
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         self.shared
@@ -345,21 +382,19 @@ impl EventLoop {
     /// Stops watching `eventfd`; ValueError if it was not added.
     fn remove(&self, eventfd: &EventFd) -> PyResult<()> {
         let caller_fd = eventfd.raw_fd()?;
-        let removed = {
-            let mut registrations = self.shared.registrations();
-            let token = registrations
-                .iter()
-                .find(|(_, r)| r.caller_fd == caller_fd)
-                .map(|(token, _)| *token)
-                .ok_or_else(|| {
-                    PyValueError::new_err(format!("fd {caller_fd} is not in the loop"))
-                })?;
-            registrations.remove(&token)
-        };
-        if let Some(registration) = removed {
-            self.shared
-                .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0, 0)
-                .map_err(io_error)?;
+        let mut registrations = self.shared.registrations();
+        let token = registrations
+            .iter()
+            .find(|(_, r)| r.caller_fd == caller_fd)
+            .map(|(token, _)| *token)
+            .ok_or_else(|| PyValueError::new_err(format!("fd {caller_fd} is not in the loop")))?;
+        if let Some(registration) = registrations.remove(&token) {
+            // Out of the set already while it coalesces a window.
+            if registration.in_epoll.load(Ordering::Relaxed) {
+                self.shared
+                    .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0, 0)
+                    .map_err(io_error)?;
+            }
         }
         Ok(())
     }
