@@ -30,6 +30,17 @@ from kvmfast import Kvm
 
 pytestmark = pytest.mark.kvm
 
+# Linux's #PF entry shape (CLAC first, where kvmfast recognises the quirk), reporting
+# any #PF that reaches it: error code in RBX, CR2 in RCX, RIP in RDX, exit with 14.
+PAGE_FAULT_HANDLER = """page_fault:
+    clac
+    pop rbx
+    mov rcx, cr2
+    pop rdx
+    mov al, 14
+    out 0xf4, al
+"""
+
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
 MSR_FMASK = 0xC0000084
@@ -43,14 +54,7 @@ def test_user_syscall_and_sysret_round_trip(kvm: Kvm) -> None:
 .global entry, page_fault, syscall_entry
 entry:
     hlt
-page_fault:
-    clac
-    pop rbx
-    mov rcx, cr2
-    pop rdx
-    mov al, 14
-    out 0xf4, al
-syscall_entry:
+{PAGE_FAULT_HANDLER}syscall_entry:
     mov r12, rcx
     mov r13, r11
     mov r14, rsp
@@ -144,14 +148,7 @@ def test_syscalls_survive_kicks_and_timer_interrupts_with_smap(kvm: Kvm) -> None
 .global entry, page_fault, syscall_entry, timer, ticks
 entry:
     hlt
-page_fault:
-    clac
-    pop rbx
-    mov rcx, cr2
-    pop rdx
-    mov al, 14
-    out 0xf4, al
-syscall_entry:
+{PAGE_FAULT_HANDLER}syscall_entry:
     swapgs
     mov [rip + user_rsp], rsp
     lea rsp, [rip + kernel_stack_top]

@@ -107,15 +107,23 @@ def test_eventfd_counts_and_does_not_block() -> None:
         bell.write()
 
 
+class CountRecorder:
+    """An event-loop handler that keeps the counts it is called with."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.called = threading.Event()
+
+    def __call__(self, count: int) -> None:
+        self.seen.append(count)
+        self.called.set()
+
+
 @pytest.mark.parametrize("coalesce_us", [0, 50])
 def test_event_loop_calls_a_python_handler_with_the_coalesced_count(coalesce_us: int) -> None:
     bell = EventFd()
-    seen: list[int] = []
-    called = threading.Event()
-
-    def handler(count: int) -> None:
-        seen.append(count)
-        called.set()
+    handler = CountRecorder()
+    seen, called = handler.seen, handler.called
 
     with EventLoop(coalesce_us=coalesce_us) as loop:
         assert loop.coalesce_us == coalesce_us
@@ -143,12 +151,8 @@ def test_a_doorbell_rung_more_than_once_is_coalesced_for_a_window() -> None:
     once: the next one is handled without waiting for any window."""
     window_s = 5.0
     bell = EventFd()
-    seen: list[int] = []
-    called = threading.Event()
-
-    def handler(count: int) -> None:
-        seen.append(count)
-        called.set()
+    handler = CountRecorder()
+    seen, called = handler.seen, handler.called
 
     with EventLoop(coalesce_us=int(window_s * 1e6)) as loop:
         loop.add(bell, handler)
