@@ -132,7 +132,7 @@ impl VcpuCore {
             }
             self.service_extint(injector)?;
 
-            let entered = if locks::lock(&self.pending_repair).is_some() {
+            let entered = if self.repair_pending.load(Ordering::Relaxed) {
                 // The first entry after a SYSCALL repair must not be cut short by a
                 // kick (emulate::syscall_quirk::PendingRepair): the kick waits for the
                 // guest's next exit.
@@ -157,6 +157,9 @@ impl VcpuCore {
     /// if KVM lost it (emulate::syscall_quirk::PendingRepair), forgets it once the
     /// guest has run from it.
     fn watch_pending_repair(&self) -> PyResult<()> {
+        if !self.repair_pending.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut pending = locks::lock(&self.pending_repair);
         let Some(repair) = *pending else {
             return Ok(());
@@ -179,7 +182,10 @@ impl VcpuCore {
             (regs.rip, sregs.cs.selector)
         };
         match repair.state_after(rip, cs) {
-            RepairState::Ran => *pending = None,
+            RepairState::Ran => {
+                *pending = None;
+                self.repair_pending.store(false, Ordering::Relaxed);
+            }
             RepairState::Waiting => {}
             RepairState::Lost => {
                 if self.page.valid_regs() & synced == synced {
@@ -367,6 +373,7 @@ impl VcpuCore {
             Ok(Outcome::Repaired(quirk)) => {
                 locks::lock(&self.counters).count_quirk_repair(quirk);
                 *locks::lock(&self.pending_repair) = Some(self.repaired_state(page)?);
+                self.repair_pending.store(true, Ordering::Relaxed);
                 Ok(None)
             }
             Err(Failure::Unsupported(report)) => {

@@ -67,6 +67,8 @@ pub struct VcpuCore {
     pub sync_regs: bool,
     /// A SYSCALL-quirk repair the guest has not yet run from (emulate::syscall_quirk).
     pub pending_repair: Mutex<Option<PendingRepair>>,
+    /// Mirrors `pending_repair.is_some()`, so that an ordinary exit costs one load.
+    pub repair_pending: AtomicBool,
 }
 
 impl VcpuCore {
@@ -128,6 +130,7 @@ impl Vcpu {
                 emulator: Mutex::new(Emulator::new(quirks)),
                 symbols,
                 pending_repair: Mutex::new(None),
+                repair_pending: AtomicBool::new(false),
             },
         }
     }
