@@ -1,7 +1,7 @@
 """Exit-path costs of kvmfast, as ratios to the host's floor measured in the same run.
 
-``python -m kvmfast.bench [--writes N] [--floor-src PATH] [--repeat R]`` builds
-../shared/bench/kvm_floor.c with ``cc -O2``, runs it with the same write count, runs the
+``python -m kvmfast.bench [--writes N] [--floor-src PATH] [--repeat R] [--irqchip I]``
+builds ../shared/bench/kvm_floor.c with ``cc -O2``, runs it with the same write count, runs the
 same guest shape through kvmfast (alternating with the floor R times and keeping each
 path's fastest run), and prints one JSON object:
 
@@ -118,8 +118,8 @@ def write_loop_source(store: str) -> str:
     """
 
 
-def new_guest(kvm: Kvm, source: str, writes: int) -> tuple[Vm, Vcpu]:
-    vm = kvm.create_vm()
+def new_guest(kvm: Kvm, source: str, writes: int, irqchip: str = "split") -> tuple[Vm, Vcpu]:
+    vm = kvm.create_vm(irqchip)
     memory = vm.add_memory(0, RAM_SIZE)
     program = assemble_program(source, origin=CODE_AT)
     vm.write(CODE_AT, program.code)
@@ -157,18 +157,20 @@ def timed_run(vcpu: Vcpu, writes: int) -> Sample:
     )
 
 
-def exit_path(kvm: Kvm, store: str, writes: int, attach: Callable[[Vm], None]) -> Sample:
+def exit_path(
+    kvm: Kvm, store: str, writes: int, attach: Callable[[Vm], None], irqchip: str
+) -> Sample:
     """A guest whose writes all exit to the handler ``attach`` installs."""
-    vm, vcpu = new_guest(kvm, write_loop_source(store), writes)
+    vm, vcpu = new_guest(kvm, write_loop_source(store), writes, irqchip)
     attach(vm)
     sample = timed_run(vcpu, writes)
     vm.close()
     return sample
 
 
-def doorbell_path(kvm: Kvm, writes: int) -> Sample:
+def doorbell_path(kvm: Kvm, writes: int, irqchip: str) -> Sample:
     """Zero-length MMIO ioeventfd writes drained by the EventLoop (Python handler)."""
-    vm, vcpu = new_guest(kvm, write_loop_source("mov [rbx], eax"), writes)
+    vm, vcpu = new_guest(kvm, write_loop_source("mov [rbx], eax"), writes, irqchip)
     doorbell = EventFd()
     vm.register_ioeventfd(doorbell.fd, MMIO_ADDR, 0)
     rung = [0]
@@ -242,7 +244,7 @@ class Measurement:
     measure: Callable[[], Sample]
 
 
-def measurements(kvm: Kvm, writes: int, rounds: int) -> list[Measurement]:
+def measurements(kvm: Kvm, writes: int, rounds: int, irqchip: str) -> list[Measurement]:
     pio, mmio = f"out {PORT:#x}, al", "mov [rbx], eax"
 
     def rust_sink(vm: Vm) -> None:
@@ -256,25 +258,28 @@ def measurements(kvm: Kvm, writes: int, rounds: int) -> list[Measurement]:
 
     return [
         Measurement(
-            "pio-exit-rust-sink", "pio-exit", 1.03, lambda: exit_path(kvm, pio, writes, rust_sink)
+            "pio-exit-rust-sink",
+            "pio-exit",
+            1.03,
+            lambda: exit_path(kvm, pio, writes, rust_sink, irqchip),
         ),
         Measurement(
             "pio-exit-python-handler",
             "pio-exit",
             1.15,
-            lambda: exit_path(kvm, pio, writes, python_port),
+            lambda: exit_path(kvm, pio, writes, python_port, irqchip),
         ),
         Measurement(
             "mmio-exit-python-handler",
             "mmio-exit",
             1.15,
-            lambda: exit_path(kvm, mmio, writes, python_mmio),
+            lambda: exit_path(kvm, mmio, writes, python_mmio, irqchip),
         ),
         Measurement(
             "mmio-ioeventfd0-event-loop",
             "mmio-ioeventfd0",
             1.10,
-            lambda: doorbell_path(kvm, writes),
+            lambda: doorbell_path(kvm, writes, irqchip),
         ),
         Measurement(
             "doorbell-irqfd-round-trip", "pio-exit", None, lambda: round_trip_path(kvm, rounds)
@@ -282,11 +287,13 @@ def measurements(kvm: Kvm, writes: int, rounds: int) -> list[Measurement]:
     ]
 
 
-def run_benchmark(writes: int, rounds: int, repeat: int, floor_source: Path) -> dict[str, object]:
+def run_benchmark(
+    writes: int, rounds: int, repeat: int, floor_source: Path, irqchip: str = "none"
+) -> dict[str, object]:
     """Alternates floor and kvmfast runs ``repeat`` times and keeps each path's fastest:
     on a shared machine the minimum is the figure least disturbed by other work."""
     kvm = Kvm()
-    paths = measurements(kvm, writes, rounds)
+    paths = measurements(kvm, writes, rounds, irqchip)
     floor_samples: dict[str, list[float]] = {}
     our_samples: dict[str, list[Sample]] = {m.path: [] for m in paths}
     for _ in range(repeat):
@@ -311,6 +318,7 @@ def run_benchmark(writes: int, rounds: int, repeat: int, floor_source: Path) -> 
             )
         )
     return {
+        "irqchip": irqchip,
         "writes": writes,
         "round_trips": rounds,
         "repeat": repeat,
@@ -330,6 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=3, help="alternating runs; the fastest of each is kept"
     )
+    parser.add_argument(
+        "--irqchip",
+        choices=("none", "split"),
+        default="none",
+        help="the exit paths' VM: none, as the floor's VM (what the loop adds), or split, "
+        "as kvm-vmm runs guests (adds the in-kernel LAPIC's own work per exit); the round "
+        "trip always needs split",
+    )
     args = parser.parse_args(argv)
     if args.writes < 1 or args.repeat < 1:
         parser.error("--writes and --repeat must be at least 1")
@@ -339,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as missing:
         print(f"kvmfast.bench: {missing}", file=sys.stderr)
         return 2
-    report = run_benchmark(args.writes, rounds, args.repeat, floor_source)
+    report = run_benchmark(args.writes, rounds, args.repeat, floor_source, args.irqchip)
     print(json.dumps(report, indent=2))
     return 0
 
