@@ -221,10 +221,9 @@ impl VcpuCore {
 
     /// A profiler tick: the RIP the guest was at when the kick took it out.
     fn sample_rip(&self) -> PyResult<()> {
-        let regs_synced = u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
         // The run page's copy is the newest once KVM fills it (and a completion may have
         // moved RIP there since); else one KVM_GET_REGS.
-        let rip = if self.page.valid_regs() & regs_synced != 0 {
+        let rip = if self.page.valid_regs() & u64::from(KVM_SYNC_X86_REGS) != 0 {
             self.page.sync_regs().rip
         } else {
             self.fd
