@@ -104,9 +104,10 @@ impl LoopShared {
     /// The loop thread. A doorbell is handled as soon as epoll reports it. If its
     /// counter said more than one ring (the guest rings faster than the loop wakes), it
     /// leaves the epoll set for `window` (doubled, up to MAX_WINDOW_GROWTH times, while
-    /// it keeps ringing) and the rings of that window are handled together at its end: no wake-up, and no epoll callback at all in the guest's
-    /// eventfd write meanwhile, which is what a ring costs beyond KVM's own floor
-    /// (NAPI's interrupt mitigation, for ioeventfds). A single ring re-arms at once, so
+    /// it keeps ringing) and the rings of that window are handled together at its end:
+    /// no wake-up, and no epoll callback at all in the guest's eventfd write meanwhile,
+    /// which is what a ring costs beyond KVM's own floor (NAPI's interrupt mitigation,
+    /// for ioeventfds). A single ring re-arms at once, so
     /// a request/response doorbell waits for no window.
     fn run(&self, window: Duration) {
         // A timer slack of 50 us (the default) would stretch every window.
@@ -190,22 +191,21 @@ impl LoopShared {
         if !registrations.contains_key(&token) {
             return true;
         }
-        let op = match (coalesce, in_epoll) {
-            (true, true) => libc::EPOLL_CTL_DEL,
-            (true, false) => {
-                deferred.push((token, Instant::now() + window, window));
-                return true;
-            }
-            // Arming reports the fd at once if it was rung since the read.
-            (false, true) => libc::EPOLL_CTL_MOD,
-            (false, false) => libc::EPOLL_CTL_ADD,
-        };
-        let _ = self.arm(op, &registration, token);
-        registration
-            .in_epoll
-            .store(op != libc::EPOLL_CTL_DEL, Ordering::Relaxed);
         if coalesce {
+            if in_epoll {
+                let _ = self.epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0, 0);
+                registration.in_epoll.store(false, Ordering::Relaxed);
+            }
             deferred.push((token, Instant::now() + window, window));
+        } else {
+            // Arming reports the fd at once if it was rung since the read.
+            let op = if in_epoll {
+                libc::EPOLL_CTL_MOD
+            } else {
+                libc::EPOLL_CTL_ADD
+            };
+            let _ = self.arm(op, &registration, token);
+            registration.in_epoll.store(true, Ordering::Relaxed);
         }
         true
     }
