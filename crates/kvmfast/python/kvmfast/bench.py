@@ -1,9 +1,9 @@
 """Exit-path costs of kvmfast, as ratios to the host's floor measured in the same run.
 
-``python -m kvmfast.bench [--writes N] [--floor-src PATH] [--repeat R] [--irqchip I]``
-builds ../shared/bench/kvm_floor.c with ``cc -O2``, runs it with the same write count, runs the
-same guest shape through kvmfast (alternating with the floor R times and keeping each
-path's fastest run), and prints one JSON object:
+``python -m kvmfast.bench [--writes N] [--floor-src PATH] [--repeat R] [--irqchip I]
+[--cpu N]`` builds ../shared/bench/kvm_floor.c with ``cc -O2``, runs it with the same
+write count, runs the same guest shape through kvmfast (alternating with the floor R
+times and keeping each path's fastest run), and prints one JSON object:
 
 - pio exit → NullSink (Rust), vs the floor's pio-exit (target ≤ 1.03×)
 - pio exit → Python handler, vs pio-exit (target ≤ 1.15×)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -339,6 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repeat", type=int, default=3, help="alternating runs; the fastest of each is kept"
     )
     parser.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="run everything (the floor, the vCPU, the event loop) on this host CPU: the "
+        "exit cost differs between CPUs by a few percent, more than the targets' margins",
+    )
+    parser.add_argument(
         "--irqchip",
         choices=("none", "split"),
         default="none",
@@ -350,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.writes < 1 or args.repeat < 1:
         parser.error("--writes and --repeat must be at least 1")
     rounds = args.round_trips if args.round_trips is not None else max(1, args.writes // 10)
+    if args.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {args.cpu})  # threads and the floor's process inherit it
+        except OSError as error:
+            parser.error(f"--cpu {args.cpu}: {error.strerror}")
     try:
         floor_source = find_floor_source(args.floor_src)
     except FileNotFoundError as missing:
