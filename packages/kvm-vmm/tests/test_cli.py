@@ -38,46 +38,7 @@ def test_demo_prints_on_the_serial_port_counts_pit_ticks_and_powers_off(tmp_path
 def test_isa_debug_exit_status_is_qemus(tmp_path: Path) -> None:
     """A Multiboot kernel writing 0x20 to isa-debug-exit ends kvm-vmm with (0x20 << 1) | 1."""
     require_kvm()
-    kernel = tmp_path / "exit.elf"
-    source = tmp_path / "exit.S"
-    source.write_text(
-        """
-        .text
-        .code32
-        .align 4
-        .long 0x1BADB002, 0, -0x1BADB002
-        .globl _start
-_start: movl $0x20, %eax
-        outl %eax, $0xf4
-1:      hlt
-        jmp 1b
-"""
-    )
-    subprocess.run(["as", "--32", "-o", str(tmp_path / "exit.o"), str(source)], check=True)
-    subprocess.run(
-        [
-            "ld",
-            "-m",
-            "elf_i386",
-            "-N",
-            "-Ttext=0x100000",
-            "-o",
-            str(kernel),
-            str(tmp_path / "exit.o"),
-        ],
-        check=True,
-    )
-    result = kvm_vmm(
-        "run",
-        "--kernel",
-        str(kernel),
-        "--memory",
-        "32M",
-        "--serial",
-        "null",
-        "--device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x4",
-    )
+    result = _run_with_debug_exit(_multiboot_kernel(tmp_path, ""))
     assert result.returncode == (0x20 << 1) | 1, result.stderr
 
 
@@ -106,6 +67,22 @@ def test_sizes_take_k_m_g_suffixes() -> None:
     assert parse_size("4096") == 4096
     with pytest.raises(UsageError):
         parse_size("-1M")
+
+
+def _run_with_debug_exit(kernel: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``kvm-vmm run`` of a test kernel with QEMU's isa-debug-exit at 0xf4."""
+    return kvm_vmm(
+        "run",
+        "--kernel",
+        str(kernel),
+        "--memory",
+        "32M",
+        "--serial",
+        "null",
+        "--device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x4",
+        *extra,
+    )
 
 
 def _multiboot_kernel(tmp_path: Path, body: str) -> Path:
@@ -149,20 +126,9 @@ def test_no_emulation_fallback_stops_where_kvm_cannot_emulate(tmp_path: Path) ->
     """CLAC runs only through kvmfast's completion on hosts that emulate guest code."""
     require_kvm()
     kernel = _multiboot_kernel(tmp_path, "        clac")
-    common = [
-        "run",
-        "--kernel",
-        str(kernel),
-        "--memory",
-        "32M",
-        "--serial",
-        "null",
-        "--device",
-        "isa-debug-exit",
-    ]
-    completed = kvm_vmm(*common)
+    completed = _run_with_debug_exit(kernel)
     assert completed.returncode == (0x20 << 1) | 1, completed.stderr
-    stopped = kvm_vmm(*common, "--no-emulation-fallback")
+    stopped = _run_with_debug_exit(kernel, "--no-emulation-fallback")
     if stopped.returncode == (0x20 << 1) | 1:
         pytest.skip("this host's KVM runs CLAC itself: nothing to fall back from")
     assert stopped.returncode == 1, stopped.stderr
