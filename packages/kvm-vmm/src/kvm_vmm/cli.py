@@ -47,14 +47,7 @@ from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.loaders.image import EntryState
 from kvm_vmm.loaders.linux_header import is_bzimage
 from kvm_vmm.loaders.multiboot_header import find_multiboot_header
-from kvm_vmm.machine import (
-    STATUS_INTERRUPTED,
-    STATUS_TIMED_OUT,
-    Machine,
-    MachineConfig,
-    MachineConfigError,
-    Outcome,
-)
+from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvmfast.testing import AssemblerMissing, assemble
@@ -289,7 +282,7 @@ def _signals_end(machine: Machine) -> Iterator[None]:
 
     def stop(number: int, _frame: object) -> None:
         name = signal.Signals(number).name
-        machine.finish(Outcome(128 + number, f"terminated by {name}"))
+        machine.finish(Outcome(128 + number, f"terminated by {name}", stopped_from_outside=True))
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -474,9 +467,7 @@ def _report(
         print(f"\nkvm-vmm: {outcome.reason} (status {outcome.status})", file=sys.stderr)
     else:
         _say(args, f"{outcome.reason} after {elapsed:.2f} s")
-    if outcome.status in (STATUS_TIMED_OUT, STATUS_INTERRUPTED) or outcome.reason.startswith(
-        "terminated by"
-    ):
+    if outcome.stopped_from_outside:
         for position in machine.vcpu_positions():
             print(f"kvm-vmm: {position}", file=sys.stderr)
     error = outcome.error

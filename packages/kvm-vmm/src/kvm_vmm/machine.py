@@ -69,6 +69,9 @@ class Outcome:
     status: int
     reason: str
     error: BaseException | None = None
+    # Ended from outside (a timeout, Ctrl-C, a signal), not by the guest or a fault:
+    # the guest's position is then worth reporting.
+    stopped_from_outside: bool = False
 
 
 @dataclass
@@ -225,9 +228,13 @@ class Machine:
             thread.start()
         try:
             if not self._finished.wait(timeout):
-                self.finish(Outcome(STATUS_TIMED_OUT, f"timed out after {timeout} s"))
+                self.finish(
+                    Outcome(
+                        STATUS_TIMED_OUT, f"timed out after {timeout} s", stopped_from_outside=True
+                    )
+                )
         except KeyboardInterrupt:
-            self.finish(Outcome(STATUS_INTERRUPTED, "interrupted"))
+            self.finish(Outcome(STATUS_INTERRUPTED, "interrupted", stopped_from_outside=True))
         finally:
             for kicker in self.kickers:
                 kicker.stop()
