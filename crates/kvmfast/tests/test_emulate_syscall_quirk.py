@@ -247,3 +247,96 @@ trap:
     ticks = struct.unpack("<Q", guest.vm.read(guest.symbols["ticks"], 8))[0]
     assert ticks > 0
     assert sum(guest.vm.rip_samples().values()) > 0  # the kicks did land
+
+
+@pytest.mark.parametrize("faulted_at_lstar", [True, False], ids=["at-lstar", "elsewhere"])
+def test_a_repaired_syscall_that_faults_at_lstar_is_performed_again(
+    kvm: Kvm, faulted_at_lstar: bool
+) -> None:
+    """The second shape of the quirk (emulate/syscall_quirk.rs): KVM kept the repaired
+    CS but faulted fetching LSTAR anyway, delivering the #PF at CPL 0 onto the user
+    stack, a #DF with SMAP. The guest here builds that #DF frame itself (RIP = LSTAR,
+    kernel CS, the user's RSP; RCX/R11 the user's RIP and RFLAGS) and enters its #DF
+    handler, whose CLAC exits to kvmfast: where the host has the quirk, the SYSCALL is
+    performed again and SYSRET returns to user mode. A #DF frame at any other RIP is the
+    guest's own business and reaches its handler."""
+    guest = make_guest(
+        kvm,
+        f"""
+.global entry, double_fault, syscall_entry
+entry:
+    push 0x23
+    push {USER_STACK:#x}
+    push 0x2
+    push 0x08
+    lea rdx, [rip + syscall_entry]
+    {"" if faulted_at_lstar else "add rdx, 1"}
+    push rdx
+    push 0
+    jmp double_fault
+double_fault:
+    clac
+    mov al, 8
+    out 0xf4, al
+syscall_entry:
+    mov r12, rcx
+    mov r14, rsp
+    mov r15, cs
+    add rax, 1
+    sysretq
+{exception_handlers_asm()}
+""",
+    )
+    setup_tss64(guest)
+    install_exception_handlers(guest, {8: gate64(guest.symbols["double_fault"])})
+    kernel_sregs = guest.vcpu.get_sregs()
+    kernel_regs = guest.vcpu.get_regs()
+    user = enter_user_mode64(
+        guest,
+        """
+.global user_entry, after_syscall, trap
+user_entry:
+after_syscall:
+    mov r9, rax
+trap:
+    ud2
+""",
+    )
+    guest.vcpu.set_sregs(
+        {
+            "cs": kernel_sregs["cs"],
+            "ss": kernel_sregs["ss"],
+            "ds": kernel_sregs["ds"],
+            "es": kernel_sregs["es"],
+            "efer": kernel_sregs["efer"] | EFER_SCE,
+        }
+    )
+    guest.vcpu.set_regs(
+        {
+            "rip": kernel_regs["rip"],
+            "rsp": kernel_regs["rsp"],
+            "rflags": 0x2,
+            "rax": 41,
+            "rcx": user["after_syscall"],
+            "r11": 0x3002,
+        }
+    )
+    guest.vcpu.set_msrs(
+        {
+            MSR_STAR: (0x20 << 48) | (0x08 << 32),
+            MSR_LSTAR: guest.symbols["syscall_entry"],
+            MSR_FMASK: 0x4700,
+        }
+    )
+    vector = run_until_exit(guest)
+    regs = guest.vcpu.get_regs()
+    repairs = guest.vcpu.counters()["quirk_repairs"]
+    if not (faulted_at_lstar and guest.vm.host_quirks()["syscall_keeps_user_cs"]):
+        assert vector == 8, (vector, regs)
+        assert repairs == {}
+        return
+    assert vector == 6, (vector, regs)
+    assert repairs == {"syscall_repair_faulted_redone": 1}
+    assert regs["r15"] == 0x08 and regs["r14"] == USER_STACK
+    assert regs["r12"] == user["after_syscall"]
+    assert regs["r9"] == 42 and regs["rdx"] == user["trap"]
