@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvm_vmm.cli import UsageError, parse_size
+from kvm_vmm.console import open_serial_sink
 from kvmfast.testing import require_kvm
 
 
@@ -140,3 +141,14 @@ def test_a_missing_symbols_file_is_a_clear_error() -> None:
     result = kvm_vmm("demo", "--tiny", "--serial", "null", "--symbols", "/nonexistent/System.map")
     assert result.returncode == 2
     assert "--symbols /nonexistent/System.map" in result.stderr
+
+
+def test_serial_file_starts_empty(tmp_path: Path) -> None:
+    """--serial file:PATH truncates, as QEMU's -serial file: does: a log left by an
+    earlier run must not pass for this run's output."""
+    log = tmp_path / "console.log"
+    log.write_bytes(b"an earlier run\n")
+    sink = open_serial_sink(f"file:{log}")
+    sink.write_bytes(b"this run\n")
+    sink.close()
+    assert log.read_bytes() == b"this run\n"

@@ -133,7 +133,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--serial",
         default="stdio",
-        help="where COM1 goes: stdio (default), file:PATH or null",
+        help="where COM1 goes: stdio (default), file:PATH (truncated first) or null",
     )
     parser.add_argument(
         "--device",

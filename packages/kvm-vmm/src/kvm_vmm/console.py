@@ -80,7 +80,8 @@ def open_serial_sink(spec: str) -> FdSink | FileSink | DiscardSink:
     if spec.startswith("file:") and len(spec) > len("file:"):
         path = spec[len("file:") :]
         try:
-            return FileSink(open(path, "ab"))
+            # Truncated, as QEMU's -serial file: and Cloud Hypervisor's --serial file=.
+            return FileSink(open(path, "wb"))
         except OSError as error:
             raise SerialSpecError(
                 f"--serial {spec}: cannot open {path}: {error.strerror}"
