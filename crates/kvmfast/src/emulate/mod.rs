@@ -146,8 +146,8 @@ impl Emulator {
         let memory = self.memory(&cpu, &ram, mmio);
         if self.quirks.syscall_keeps_user_cs {
             match syscall_quirk::repair(&mut cpu, &memory) {
-                Ok(Some(name)) => return Ok(Outcome::Repaired(name)),
-                Ok(None) => {}
+                Ok(true) => return Ok(Outcome::Repaired(syscall_quirk::NAME)),
+                Ok(false) => {}
                 Err(stop) => return Err(self.unfinished(&cpu, None, exit_bytes, stop)),
             }
         }

@@ -16,41 +16,36 @@ use super::paging::Access;
 use super::probe::{MSR_FMASK, MSR_LSTAR, MSR_STAR};
 
 pub const NAME: &str = "syscall_keeps_user_cs";
-/// Counted when a repaired SYSCALL faulted at LSTAR anyway and was performed again.
-pub const REDONE: &str = "syscall_repair_faulted_redone";
-const DOUBLE_FAULT: u64 = 8;
 const PAGE_FAULT: u64 = 14;
 
-/// Performs the SYSCALL if the exit is the quirk's #PF, or the fault a repaired SYSCALL
-/// still took at LSTAR; None when it is neither, else the counter's name.
-///
-/// The second shape (seen on this host under a 100 Hz `--profile`, see PendingRepair):
-/// KVM keeps the repaired CS but faults fetching LSTAR all the same, and delivers the
-/// #PF at CPL 0 onto the user stack -- with SMAP a #DF. Either handler's first
-/// instruction exits to us with a frame saying that nothing at LSTAR ran: RIP = LSTAR,
-/// the kernel's CS, RSP the user's, and RCX/R11 still the user's RIP and RFLAGS. A
-/// kernel never faults at its SYSCALL entry otherwise (its text is mapped, and TF and
-/// IF are masked by FMASK), so the SYSCALL is performed again from that state.
-pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<Option<&'static str>, Stop> {
+/// Performs the SYSCALL if the exit is the quirk's #PF; false when it is not.
+pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<bool, Stop> {
     if !cpu.long_mode() || cpu.cpl() != 0 || cpu.sregs.cs.l == 0 {
-        return Ok(None);
+        return Ok(false);
     }
-    // Cheap checks first: RIP at the #PF or #DF handler, and a frame whose RIP is CR2
-    // (a fetch fault) or, for the #DF, any kernel-CS frame.
-    let vector = if handler_of(cpu, memory, PAGE_FAULT) == Some(cpu.regs.rip) {
-        PAGE_FAULT
-    } else if handler_of(cpu, memory, DOUBLE_FAULT) == Some(cpu.regs.rip) {
-        DOUBLE_FAULT
-    } else {
-        return Ok(None);
-    };
-    let rsp = cpu.regs.rsp;
+    // Cheap checks first: RIP at the #PF handler, and a CPL-3 frame whose RIP is CR2.
+    let idt = &cpu.sregs.idt;
+    if u64::from(idt.limit) < PAGE_FAULT * 16 + 15 {
+        return Ok(false);
+    }
     let supervisor = Access::supervisor(false);
+    let Ok(gate_low) = memory.read_u64(idt.base + PAGE_FAULT * 16, supervisor) else {
+        return Ok(false);
+    };
+    let Ok(gate_high) = memory.read_u64(idt.base + PAGE_FAULT * 16 + 8, supervisor) else {
+        return Ok(false);
+    };
+    let handler =
+        (gate_low & 0xffff) | ((gate_low >> 32) & 0xffff_0000) | ((gate_high & 0xffff_ffff) << 32);
+    if cpu.regs.rip != handler {
+        return Ok(false);
+    }
+    let rsp = cpu.regs.rsp;
     let mut frame = [0u64; 6];
     for (i, slot) in frame.iter_mut().enumerate() {
         match memory.read_u64(rsp.wrapping_add(8 * i as u64), supervisor) {
             Ok(value) => *slot = value,
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(false),
         }
     }
     let [
@@ -61,46 +56,24 @@ pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<Option<&'st
         saved_rsp,
         _saved_ss,
     ] = frame;
-    let user_frame = saved_cs & 3 == 3;
-    let shape = match (vector, user_frame) {
-        (PAGE_FAULT, true) if saved_rip == cpu.sregs.cr2 => NAME,
-        (PAGE_FAULT, false) if saved_rip == cpu.sregs.cr2 => REDONE,
-        (DOUBLE_FAULT, false) => REDONE,
-        _ => return Ok(None),
-    };
+    if saved_cs & 3 != 3 || saved_rip != cpu.sregs.cr2 {
+        return Ok(false);
+    }
     let [star, lstar, fmask] = read_msrs(cpu)?;
-    let selector = ((star >> 32) & 0xfffc) as u16;
     if lstar != saved_rip {
-        return Ok(None);
+        return Ok(false);
     }
-    if shape == REDONE && (saved_cs != u64::from(selector) || saved_rsp >> 47 != 0) {
-        return Ok(None);
-    }
+    let selector = ((star >> 32) & 0xfffc) as u16;
     let flags = (cpu.regs.r11 & !fmask & !RFLAGS_RF) | RFLAGS_FIXED;
     let sregs = cpu.sregs_mut();
     sregs.cs = flat_segment(selector, true);
     sregs.ss = flat_segment(selector + 8, false);
-    sregs.cr2 = lstar;
     let regs = cpu.regs_mut();
     regs.rip = lstar;
     regs.rsp = saved_rsp;
     regs.rflags = flags;
     cpu.store()?;
-    Ok(Some(shape))
-}
-
-/// The 64-bit IDT gate's handler address for `vector`, if the IDT has that gate.
-fn handler_of(cpu: &Cpu<'_>, memory: &GuestMemory<'_>, vector: u64) -> Option<u64> {
-    let idt = &cpu.sregs.idt;
-    if u64::from(idt.limit) < vector * 16 + 15 {
-        return None;
-    }
-    let supervisor = Access::supervisor(false);
-    let gate_low = memory.read_u64(idt.base + vector * 16, supervisor).ok()?;
-    let gate_high = memory
-        .read_u64(idt.base + vector * 16 + 8, supervisor)
-        .ok()?;
-    Some((gate_low & 0xffff) | ((gate_low >> 32) & 0xffff_0000) | ((gate_high & 0xffff_ffff) << 32))
+    Ok(true)
 }
 
 /// The segment registers SYSCALL loads (fixed values, not read from the GDT).
@@ -148,10 +121,7 @@ fn read_msrs(cpu: &Cpu<'_>) -> Result<[u64; 3], Stop> {
 /// LSTAR, or reports the repaired CS and still faults at LSTAR, now delivering the #PF
 /// at CPL 0 onto the user stack (a double fault in Linux, with SMAP). So the run loop
 /// blocks the kick signal for the entries that follow a repair until the guest has
-/// left LSTAR, and applies the repair again if KVM reports it lost. Under a 100 Hz
-/// `--profile` of a Linux boot the fault at CPL 0 still happened at init's first
-/// SYSCALL (2026-11-26, twice in two boots): `repair` recognises that #PF or #DF frame
-/// and performs the SYSCALL again.
+/// left LSTAR, and applies the repair again if KVM reports it lost.
 #[derive(Clone, Copy)]
 pub struct PendingRepair {
     pub regs: kvm_regs,
