@@ -231,3 +231,44 @@ def test_handlers_must_be_devices_or_sinks(kvm: Kvm) -> None:
     vm = kvm.create_vm()
     with pytest.raises(TypeError):
         vm.add_pio(0x60, 1, object())  # type: ignore[arg-type]
+
+
+class _KeptWrite(Exception):
+    """Used as a device's write(): BaseException keeps the very argument tuple it is
+    called with as .args, and __init__ keeps the instance, so kvmfast's tuples stay
+    referenced after each call."""
+
+    kept: list[_KeptWrite] = []
+
+    def __init__(self, *args: int) -> None:
+        # No BaseException.__init__: it would replace .args with this call's own tuple.
+        _KeptWrite.kept.append(self)
+
+
+class _DeviceKeepingItsArguments:
+    write = _KeptWrite
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+
+def test_argument_tuples_a_handler_keeps_are_never_refilled(kvm: Kvm) -> None:
+    """kvmfast refills a handler's argument tuple for the next call only when nothing
+    else holds it; one a handler kept must keep its values."""
+    guest = boot_guest(
+        kvm,
+        f"""
+        mov dx, 0x61
+        mov al, 0x11
+        out dx, al
+        mov al, 0x22
+        out dx, al
+        mov al, 0x33
+        out dx, al
+        {EXIT_SEQUENCE}
+        """,
+    )
+    _KeptWrite.kept.clear()
+    guest.vm.add_pio(0x60, 8, _DeviceKeepingItsArguments())
+    assert guest.vcpu.run().reason == "device_exit"
+    assert [kept.args for kept in _KeptWrite.kept] == [(1, 1, 0x11), (1, 1, 0x22), (1, 1, 0x33)]
