@@ -5,6 +5,7 @@ through data_offset; unmapped reads are all-ones (an undecoded ISA/PCI bus)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 from kvmfast_guest_support import (
@@ -238,7 +239,7 @@ class _KeptWrite(Exception):
     called with as .args, and __init__ keeps the instance, so kvmfast's tuples stay
     referenced after each call."""
 
-    kept: list[_KeptWrite] = []
+    kept: ClassVar[list[_KeptWrite]] = []
 
     def __init__(self, *args: int) -> None:
         # No BaseException.__init__: it would replace .args with this call's own tuple.
