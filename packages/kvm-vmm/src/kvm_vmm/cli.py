@@ -38,7 +38,7 @@ from kvm_vmm.console import (
 )
 from kvm_vmm.debian import AssetsUnavailable, default_progress, fetch_guest_assets
 from kvm_vmm.devices import DeviceSpecError
-from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot
+from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot, with_switches
 from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
 from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
 from kvm_vmm.loaders import LoaderError, default_cache_dir, load_kernel, load_linux_image
@@ -340,7 +340,7 @@ def _prepare_boot(args: argparse.Namespace, cache_dir: Path | None) -> _Boot:
     )
     if plan.fast_boot:
         print(
-            f"kvm-vmm: fast boot: adding {' '.join(plan.fast_boot)} (docs/linux-boot.md)",
+            f"kvm-vmm: fast boot: adding {with_switches('', plan.fast_boot)} (docs/linux-boot.md)",
             file=sys.stderr,
         )
     if plan.host_switches or plan.hidden_cpuid:
