@@ -55,7 +55,9 @@ pub struct PyDevice {
 impl PyDevice {
     /// Calls device.read(offset, size); the answer is reduced to `size` bytes.
     pub fn read(&self, py: Python<'_>, offset: u64, size: usize) -> PyResult<u64> {
-        let answer = self.read_args.call(py, &self.read, &[offset, size as u64])?;
+        let answer = self
+            .read_args
+            .call(py, &self.read, &[offset, size as u64])?;
         Ok(truncate(as_u64(&answer)?, size))
     }
 
@@ -103,9 +105,8 @@ impl ArgsTuple {
                     // reference (refcount 1), so no Python code can see it change, as
                     // PyTuple_SetItem requires; it steals `item` and releases the old
                     // item.
-                    let status = unsafe {
-                        pyo3::ffi::PyTuple_SetItem(tuple.as_ptr(), index as isize, item)
-                    };
+                    let status =
+                        unsafe { pyo3::ffi::PyTuple_SetItem(tuple.as_ptr(), index as isize, item) };
                     if status != 0 {
                         return Err(PyErr::fetch(py));
                     }

@@ -150,6 +150,10 @@ impl Vcpu {
             }
         };
         let injector: &mut ExtintInjector = &mut guard;
+        // A signal handled since the caller's last bytecode (Ctrl-C while this thread was
+        // getting here) would not interrupt the KVM_RUN to come: raise it now. Only the
+        // few instructions between here and KVM_RUN are left without that check.
+        py.check_signals()?;
         let result = py.detach(|| {
             let _running = core.kick.enter();
             core.run_loop(injector, single)
