@@ -87,6 +87,9 @@ def test_ctrl_c_reaches_a_vcpu_run_on_the_main_thread(kvm: Kvm) -> None:
     interrupter = threading.Timer(0.1, signal.pthread_kill, args=(main, signal.SIGINT))
     # Without the signal check the run would spin on: end it so that the test fails.
     backstop = threading.Timer(10, vcpu.kicker().stop)
+    # Python's Ctrl-C handler, even where this process was started with SIGINT ignored
+    # (a background job of a non-interactive shell): then Python installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupter.start()
     backstop.start()
     try:
@@ -95,6 +98,7 @@ def test_ctrl_c_reaches_a_vcpu_run_on_the_main_thread(kvm: Kvm) -> None:
     finally:
         backstop.cancel()
         interrupter.join()
+        signal.signal(signal.SIGINT, previous)
     assert vcpu.counters()["exits"]["intr"] >= 1
 
 
