@@ -15,7 +15,7 @@ from conftest import BootFiles
 
 pytestmark = [pytest.mark.kvm, pytest.mark.boot]
 
-SHELL_TIMEOUT = 900.0  # seconds to the prompt; about four minutes on this host
+SHELL_TIMEOUT = 900.0  # seconds to the prompt; about two and a half minutes on this host
 PROMPT = b"/ # "
 
 
