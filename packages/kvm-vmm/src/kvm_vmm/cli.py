@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,14 @@ from kvm_vmm.devices import DeviceSpecError
 from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot, with_switches
 from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
 from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
-from kvm_vmm.loaders import LoaderError, default_cache_dir, load_kernel, load_linux_image
+from kvm_vmm.kernel_symbols import KallsymsNotFound, read_kallsyms, system_map
+from kvm_vmm.loaders import (
+    LoaderError,
+    default_cache_dir,
+    kernel_elf,
+    load_kernel,
+    load_linux_image,
+)
 from kvm_vmm.loaders.elf import ELFCLASS64, elf_class, is_elf
 from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.loaders.image import EntryState
@@ -159,7 +167,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="System.map or /proc/kallsyms-format file: name the function of an "
-        "instruction nobody can complete, of a stopped vCPU's RIP, of --profile's samples",
+        "instruction nobody can complete, of a stopped vCPU's RIP, of --profile's samples "
+        "(default for a Linux kernel: the kallsyms tables in its own image, where found)",
     )
     parser.add_argument(
         "--no-emulation-fallback",
@@ -414,9 +423,29 @@ def _load_boot(
             rsdp,
             cache_dir,
         )
+        if args.symbols is None:
+            _load_kernel_symbols(args, machine, boot.image, memory, cache_dir)
     for note in image.notes:
         print(f"kvm-vmm: note: {note}", file=sys.stderr)
     machine.load(image)
+
+
+def _load_kernel_symbols(
+    args: argparse.Namespace, machine: Machine, image: bytes, memory: int, cache_dir: Path | None
+) -> None:
+    """Without --symbols, the kernel's own kallsyms name functions in failure reports,
+    stopped vCPUs and --profile (docs/linux-boot.md); a kernel whose tables are not
+    found boots all the same."""
+    try:
+        symbols = read_kallsyms(kernel_elf(image, memory, cache_dir))
+    except (KallsymsNotFound, LoaderError) as reason:
+        _say(args, f"no symbols from the kernel image ({reason}); --symbols FILE names them")
+        return
+    with tempfile.NamedTemporaryFile("w", prefix="kvm-vmm-kallsyms-", suffix=".map") as table:
+        table.write(system_map(symbols))
+        table.flush()
+        count = machine.vm.load_symbols(table.name)
+    _say(args, f"{count} symbols from the kernel image's kallsyms")
 
 
 def _host_check(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from kvm_vmm.loaders.errors import (
 from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.loaders.image import EntryMode, EntryState, LoadedImage, check_fits
 from kvm_vmm.loaders.kernel_cache import default_cache_dir
-from kvm_vmm.loaders.linux import LinuxBootPath, load_linux, load_linux_image
+from kvm_vmm.loaders.linux import LinuxBootPath, kernel_elf, load_linux, load_linux_image
 from kvm_vmm.loaders.linux_header import is_bzimage
 from kvm_vmm.loaders.multiboot import MultibootModule, load_multiboot, load_multiboot_image
 from kvm_vmm.loaders.multiboot_header import find_multiboot_header
@@ -47,6 +47,7 @@ __all__ = [
     "UnsupportedImageError",
     "check_fits",
     "default_cache_dir",
+    "kernel_elf",
     "load_kernel",
     "load_linux",
     "load_linux_image",

@@ -154,6 +154,17 @@ def _place_initrd(initrd: bytes, header: SetupHeader, kernel_end: int, ram_size:
     return Ramdisk(address, len(initrd))
 
 
+def kernel_elf(image: bytes, max_size: int, cache_dir: Path | None = None) -> bytes:
+    """The kernel's ELF vmlinux: ``image`` itself, or a bzImage's payload decompressed
+    (through the cache in ``cache_dir``), e.g. to read its symbols."""
+    if is_bzimage(image):
+        payload = _payload(image, parse_setup_header(image))
+        return decompress_kernel(payload, max_size, cache_dir).data
+    if is_elf(image):
+        return image
+    raise ImageFormatError("the kernel is neither a bzImage nor an ELF vmlinux")
+
+
 def load_linux_image(
     image: bytes,
     ram_size: int,
