@@ -34,39 +34,60 @@ def _expected() -> list[KernelSymbol]:
     return symbols
 
 
-def _rodata(symbols: list[KernelSymbol], break_marker: bool = False) -> bytes:
-    rodata = bytearray(b"\xaa" * 40)  # whatever precedes the tables
-    _pad8(rodata)
+def _names_and_markers(symbols: list[KernelSymbol], break_marker: bool) -> bytes:
+    """kallsyms_num_syms (8 bytes), the names, and the markers, each 8-byte aligned."""
+    blob = bytearray(struct.pack("<Q", len(symbols)))
+    names_at, heads = len(blob), []
     for symbol in symbols:
-        offset = symbol.address if symbol.address < TEXT else TEXT - 1 - symbol.address
-        rodata += struct.pack("<i", offset)
-    _pad8(rodata)
-    rodata += struct.pack("<QQ", TEXT, len(symbols))  # relative_base, num_syms
-    names_at, heads = len(rodata), []
-    for symbol in symbols:
-        heads.append(len(rodata) - names_at)
+        heads.append(len(blob) - names_at)
         text = (symbol.kind + symbol.name).encode()
         codes = text[: -len(MULTI_TOKEN)] + bytes([MULTI]) if text.endswith(MULTI_TOKEN) else text
         if len(codes) < 0x80:
-            rodata += bytes([len(codes)])
+            blob += bytes([len(codes)])
         else:
-            rodata += bytes([(len(codes) & 0x7F) | 0x80, len(codes) >> 7])
-        rodata += codes
-    _pad8(rodata)
-    markers = [heads[i] for i in range(0, len(symbols), 256)]
+            blob += bytes([(len(codes) & 0x7F) | 0x80, len(codes) >> 7])
+        blob += codes
+    _pad8(blob)
+    markers = heads[::256]
     if break_marker:
         markers[-1] += 1
-    rodata += struct.pack(f"<{len(markers)}I", *markers)
-    _pad8(rodata)
-    rodata += b"\x01\x02\x03" * len(symbols)  # seqs_of_names (not read)
-    _pad8(rodata)
+    blob += struct.pack(f"<{len(markers)}I", *markers)
+    _pad8(blob)
+    return bytes(blob)
+
+
+def _offsets(symbols: list[KernelSymbol]) -> bytes:
+    blob = bytearray()
+    for symbol in symbols:
+        offset = symbol.address if symbol.address < TEXT else TEXT - 1 - symbol.address
+        blob += struct.pack("<i", offset)
+    _pad8(blob)
+    return bytes(blob)
+
+
+def _token_table_and_index() -> bytes:
     tokens = _tokens()
-    rodata += b"".join(token + b"\0" for token in tokens)
     index, at = [], 0
     for token in tokens:
         index.append(at)
         at += len(token) + 1
-    rodata += struct.pack("<256H", *index)
+    return b"".join(token + b"\0" for token in tokens) + struct.pack("<256H", *index)
+
+
+def _rodata(symbols: list[KernelSymbol], layout: str, break_marker: bool = False) -> bytes:
+    rodata = bytearray(b"\xaa" * 40)  # whatever precedes the tables
+    _pad8(rodata)
+    if layout == "6.1":
+        rodata += _offsets(symbols) + struct.pack("<Q", TEXT)
+        rodata += _names_and_markers(symbols, break_marker)
+        rodata += b"\x01\x02\x03" * len(symbols)  # seqs_of_names (not read)
+        _pad8(rodata)
+        rodata += _token_table_and_index()
+    else:
+        rodata += _names_and_markers(symbols, break_marker) + _token_table_and_index()
+        _pad8(rodata)
+        rodata += _offsets(symbols) + struct.pack("<Q", TEXT)
+        rodata += b"\x01\x02\x03" * len(symbols)
     rodata += b"arch/x86/kernel/head64.c\0"  # whatever follows
     return bytes(rodata)
 
@@ -97,15 +118,20 @@ def _elf(rodata: bytes) -> bytes:
     return bytes(body)
 
 
-def test_every_symbol_comes_back_with_its_address_type_and_name() -> None:
+LAYOUTS = ["6.1", "6.12"]  # Debian 12's kernel, and the layout since
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_symbol_comes_back_with_its_address_type_and_name(layout: str) -> None:
     expected = _expected()
-    symbols = read_kallsyms(_elf(_rodata(expected)))
+    symbols = read_kallsyms(_elf(_rodata(expected, layout)))
     assert symbols == sorted(expected, key=lambda symbol: symbol.address)
 
 
-def test_tables_that_disagree_are_not_guessed_from() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tables_that_disagree_are_not_guessed_from(layout: str) -> None:
     with pytest.raises(KallsymsNotFound):
-        read_kallsyms(_elf(_rodata(_expected(), break_marker=True)))
+        read_kallsyms(_elf(_rodata(_expected(), layout, break_marker=True)))
 
 
 def test_images_without_tables_say_so() -> None:

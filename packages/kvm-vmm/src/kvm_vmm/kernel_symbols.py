@@ -6,11 +6,12 @@ in ``.rodata`` for /proc/kallsyms: compressed names, a 256-entry token table and
 offset per symbol. This finds those tables by their structure and decodes them, so
 that ``--profile`` and failure reports can name functions without a System.map.
 
-The layout read is scripts/kallsyms.c's of Linux 6.1 (Debian 12), each table 8-byte
-aligned: ``offsets, relative_base, num_syms, names, markers, [seqs_of_names],
-token_table, token_index``. Later kernels moved the offsets after the token index;
-for those (and any image whose tables do not check out against each other) this
-raises ``KallsymsNotFound`` rather than guess.
+Two layouts of scripts/kallsyms.c are read, each table 8-byte aligned: Linux 6.1's
+(Debian 12's kernel) ``offsets, relative_base, num_syms, names, markers,
+[seqs_of_names], token_table, token_index``, and the later one (Debian's 6.12)
+``num_syms, names, markers, token_table, token_index, offsets, relative_base, ...``.
+An image whose tables do not check out against each other raises
+``KallsymsNotFound`` rather than be guessed from.
 """
 
 from __future__ import annotations
@@ -116,51 +117,102 @@ def read_kallsyms(elf: bytes) -> list[KernelSymbol]:
     if rodata is None or text is None:
         raise KallsymsNotFound("the ELF image has no .rodata or .text section")
     data = elf[rodata.offset : rodata.offset + rodata.size]
-    base = struct.pack("<Q", text.address)
-    for table_at, tokens, _index_at in _token_tables(data):
-        # kallsyms_relative_base (the kernel's lowest text address), then num_syms and
-        # the names; the offsets end where relative_base begins.
-        base_at = data.rfind(base, 0, table_at)
-        while base_at >= 0 and base_at % 8:
-            base_at = data.rfind(base, 0, base_at)
-        if base_at < 0:
-            continue
-        symbols = _decode(data, tokens, table_at, base_at, text.address)
-        if symbols is not None:
-            return symbols
-    raise KallsymsNotFound("no kallsyms tables in the layout of Linux 6.1 found in .rodata")
+    for table_at, tokens, index_at in _token_tables(data):
+        found = _tables_before_tokens(data, table_at, text.address) or _tables_after_tokens(
+            data, table_at, index_at, text.address
+        )
+        if found is not None:
+            return _symbols(data, tokens, found, text.address)
+    raise KallsymsNotFound("no kallsyms tables in a known layout found in .rodata")
+
+
+@dataclass(frozen=True)
+class _Tables:
+    count: int
+    offsets_at: int
+    entries: list[tuple[int, int]]  # (tokens start, token count) per name
 
 
 def _align8(offset: int) -> int:
     return offset + (-offset % 8)
 
 
-def _decode(
-    data: bytes, tokens: list[bytes], table_at: int, base_at: int, base: int
-) -> list[KernelSymbol] | None:
-    """The symbols if the tables around ``base_at`` check out against each other."""
+def _aligned_rfind(data: bytes, needle: bytes, end: int) -> int:
+    at = data.rfind(needle, 0, end)
+    while at >= 0 and at % 8:
+        at = data.rfind(needle, 0, at)
+    return at
+
+
+def _names(data: bytes, names_at: int, count: int) -> tuple[list[int], list[tuple[int, int]]]:
+    heads, entries = [], []
+    for head, at, length in _name_entries(data, names_at, count):
+        heads.append(head)
+        entries.append((at, length))
+    return heads, entries
+
+
+def _markers_agree(data: bytes, markers_at: int, names_at: int, heads: list[int]) -> bool:
+    """kallsyms_markers: the offset into the names of every 256th name."""
+    expected = [head - names_at for head in heads[::_MARKER_STRIDE]]
+    if markers_at < 0 or markers_at + 4 * len(expected) > len(data):
+        return False
+    return list(struct.unpack_from(f"<{len(expected)}I", data, markers_at)) == expected
+
+
+def _tables_before_tokens(data: bytes, table_at: int, base: int) -> _Tables | None:
+    """Linux 6.1: relative_base, num_syms (8 bytes each) and the names before the token
+    table, the offsets just before relative_base, the markers right after the names."""
+    base_at = _aligned_rfind(data, struct.pack("<Q", base), table_at)
+    if base_at < 0:
+        return None
     count = struct.unpack_from("<Q", data, base_at + 8)[0]
-    names_at = base_at + 16
-    offsets_at = base_at - _align8(4 * count)
+    names_at, offsets_at = base_at + 16, base_at - _align8(4 * count)
     if not 0 < count < 1 << 24 or offsets_at < 0:
         return None
-    heads, entries = [], []
     try:
-        for head, at, length in _name_entries(data, names_at, count):
-            heads.append(head)
-            entries.append((at, length))
+        heads, entries = _names(data, names_at, count)
     except IndexError:
         return None
     markers_at = _align8(entries[-1][0] + entries[-1][1])
-    markers_count = (count + _MARKER_STRIDE - 1) // _MARKER_STRIDE
-    if markers_at + 4 * markers_count > table_at:
+    if markers_at >= table_at or not _markers_agree(data, markers_at, names_at, heads):
         return None
-    markers = struct.unpack_from(f"<{markers_count}I", data, markers_at)
-    if any(heads[i * _MARKER_STRIDE] - names_at != m for i, m in enumerate(markers)):
+    return _Tables(count, offsets_at, entries)
+
+
+def _tables_after_tokens(data: bytes, table_at: int, index_at: int, base: int) -> _Tables | None:
+    """Later kernels: the markers just before the token table, the offsets right after
+    the token index and relative_base after them; num_syms (8 bytes) before the names."""
+    offsets_at = _align8(index_at + 2 * _TOKENS)
+    base_at = data.find(struct.pack("<Q", base), offsets_at)
+    while base_at >= 0 and base_at % 8:
+        base_at = data.find(struct.pack("<Q", base), base_at + 1)
+    if base_at < 0:
         return None
-    offsets = struct.unpack_from(f"<{count}i", data, offsets_at)
+    for count in ((base_at - offsets_at) // 4, (base_at - offsets_at) // 4 - 1):
+        if count <= 0:
+            continue
+        markers_count = (count + _MARKER_STRIDE - 1) // _MARKER_STRIDE
+        count_at = _aligned_rfind(data, struct.pack("<Q", count), table_at)
+        if count_at < 0:
+            continue
+        names_at = count_at + 8
+        try:
+            heads, entries = _names(data, names_at, count)
+        except IndexError:
+            continue
+        markers_at = _align8(entries[-1][0] + entries[-1][1])
+        if markers_at + 4 * markers_count > table_at:
+            continue
+        if _markers_agree(data, markers_at, names_at, heads):
+            return _Tables(count, offsets_at, entries)
+    return None
+
+
+def _symbols(data: bytes, tokens: list[bytes], tables: _Tables, base: int) -> list[KernelSymbol]:
+    offsets = struct.unpack_from(f"<{tables.count}i", data, tables.offsets_at)
     symbols = []
-    for (at, length), offset in zip(entries, offsets, strict=True):
+    for (at, length), offset in zip(tables.entries, offsets, strict=True):
         name = b"".join(tokens[code] for code in data[at : at + length]).decode(errors="replace")
         # CONFIG_KALLSYMS_ABSOLUTE_PERCPU: non-negative offsets are absolute (per-CPU
         # symbols); negative ones count down from relative_base.
