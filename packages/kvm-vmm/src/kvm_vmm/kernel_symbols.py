@@ -144,45 +144,44 @@ def _aligned_rfind(data: bytes, needle: bytes, end: int) -> int:
     return at
 
 
-def _names(data: bytes, names_at: int, count: int) -> tuple[list[int], list[tuple[int, int]]]:
+def _checked_names(
+    data: bytes, names_at: int, count: int, table_at: int
+) -> list[tuple[int, int]] | None:
+    """(tokens start, token count) of ``count`` names from ``names_at``, if the markers
+    that follow them (8-byte aligned, before the token table) agree: the offset into the
+    names of every 256th name."""
     heads, entries = [], []
-    for head, at, length in _name_entries(data, names_at, count):
-        heads.append(head)
-        entries.append((at, length))
-    return heads, entries
-
-
-def _markers_agree(data: bytes, markers_at: int, names_at: int, heads: list[int]) -> bool:
-    """kallsyms_markers: the offset into the names of every 256th name."""
+    try:
+        for head, at, length in _name_entries(data, names_at, count):
+            heads.append(head)
+            entries.append((at, length))
+    except IndexError:
+        return None
     expected = [head - names_at for head in heads[::_MARKER_STRIDE]]
-    if markers_at < 0 or markers_at + 4 * len(expected) > len(data):
-        return False
-    return list(struct.unpack_from(f"<{len(expected)}I", data, markers_at)) == expected
+    markers_at = _align8(entries[-1][0] + entries[-1][1])
+    if markers_at + 4 * len(expected) > table_at:
+        return None
+    markers = struct.unpack_from(f"<{len(expected)}I", data, markers_at)
+    return entries if list(markers) == expected else None
 
 
 def _tables_before_tokens(data: bytes, table_at: int, base: int) -> _Tables | None:
     """Linux 6.1: relative_base, num_syms (8 bytes each) and the names before the token
-    table, the offsets just before relative_base, the markers right after the names."""
+    table, the offsets just before relative_base."""
     base_at = _aligned_rfind(data, struct.pack("<Q", base), table_at)
     if base_at < 0:
         return None
     count = struct.unpack_from("<Q", data, base_at + 8)[0]
-    names_at, offsets_at = base_at + 16, base_at - _align8(4 * count)
+    offsets_at = base_at - _align8(4 * count)
     if not 0 < count < 1 << 24 or offsets_at < 0:
         return None
-    try:
-        heads, entries = _names(data, names_at, count)
-    except IndexError:
-        return None
-    markers_at = _align8(entries[-1][0] + entries[-1][1])
-    if markers_at >= table_at or not _markers_agree(data, markers_at, names_at, heads):
-        return None
-    return _Tables(count, offsets_at, entries)
+    entries = _checked_names(data, base_at + 16, count, table_at)
+    return None if entries is None else _Tables(count, offsets_at, entries)
 
 
 def _tables_after_tokens(data: bytes, table_at: int, index_at: int, base: int) -> _Tables | None:
-    """Later kernels: the markers just before the token table, the offsets right after
-    the token index and relative_base after them; num_syms (8 bytes) before the names."""
+    """Later kernels: num_syms (8 bytes) and the names before the token table, the
+    offsets right after the token index and relative_base after them."""
     offsets_at = _align8(index_at + 2 * _TOKENS)
     base_at = data.find(struct.pack("<Q", base), offsets_at)
     while base_at >= 0 and base_at % 8:
@@ -190,21 +189,11 @@ def _tables_after_tokens(data: bytes, table_at: int, index_at: int, base: int) -
     if base_at < 0:
         return None
     for count in ((base_at - offsets_at) // 4, (base_at - offsets_at) // 4 - 1):
-        if count <= 0:
-            continue
-        markers_count = (count + _MARKER_STRIDE - 1) // _MARKER_STRIDE
         count_at = _aligned_rfind(data, struct.pack("<Q", count), table_at)
-        if count_at < 0:
+        if count <= 0 or count_at < 0:
             continue
-        names_at = count_at + 8
-        try:
-            heads, entries = _names(data, names_at, count)
-        except IndexError:
-            continue
-        markers_at = _align8(entries[-1][0] + entries[-1][1])
-        if markers_at + 4 * markers_count > table_at:
-            continue
-        if _markers_agree(data, markers_at, names_at, heads):
+        entries = _checked_names(data, count_at + 8, count, table_at)
+        if entries is not None:
             return _Tables(count, offsets_at, entries)
     return None
 
