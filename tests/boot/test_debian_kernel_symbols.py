@@ -1,7 +1,8 @@
 """The default guest's kernel names its own functions: kallsyms read out of the image
 (kvm_vmm.kernel_symbols) agree with the symbol table the kernel exports to modules,
-__ksymtab, which is read independently (each entry: 32-bit offsets from itself to the
-symbol and to its name). No guest is run."""
+__ksymtab, decoded here on its own (each entry: 32-bit offsets from itself to the
+symbol and to its name); only the ELF section headers are read with the same helper.
+No guest is run."""
 
 from __future__ import annotations
 
@@ -10,33 +11,21 @@ import struct
 import pytest
 from conftest import BootFiles
 
-from kvm_vmm.kernel_symbols import read_kallsyms
+from kvm_vmm.kernel_symbols import elf_sections, read_kallsyms
 from kvm_vmm.loaders import kernel_elf
 
 pytestmark = [pytest.mark.kvm, pytest.mark.boot]
 
 
-def _sections(elf: bytes) -> dict[str, tuple[int, int, int]]:
-    """name -> (address, file offset, size)"""
-    shoff = struct.unpack_from("<Q", elf, 0x28)[0]
-    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
-    raw = [struct.unpack_from("<IIQQQQ", elf, shoff + i * entsize) for i in range(count)]
-    strings = raw[names_index][4]
-    return {
-        elf[strings + name : elf.index(b"\0", strings + name)].decode(): (address, offset, size)
-        for name, _, _, address, offset, size in raw
-    }
-
-
 def _exported(elf: bytes) -> dict[str, int]:
-    sections = _sections(elf)
-    strings_address, strings_offset, _ = sections["__ksymtab_strings"]
+    sections = elf_sections(elf)
+    strings = sections["__ksymtab_strings"]
     exported = {}
     for table in ("__ksymtab", "__ksymtab_gpl"):
-        address, offset, size = sections[table]
-        for entry in range(0, size, 12):
+        address, offset = sections[table].address, sections[table].offset
+        for entry in range(0, sections[table].size, 12):
             value_offset, name_offset, _ = struct.unpack_from("<iii", elf, offset + entry)
-            name_at = address + entry + 4 + name_offset - strings_address + strings_offset
+            name_at = address + entry + 4 + name_offset - strings.address + strings.offset
             name = elf[name_at : elf.index(b"\0", name_at)].decode()
             exported[name] = (address + entry + value_offset) % (1 << 64)
     return exported

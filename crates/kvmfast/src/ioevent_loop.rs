@@ -107,8 +107,8 @@ impl LoopShared {
     /// it keeps ringing) and the rings of that window are handled together at its end:
     /// no wake-up, and no epoll callback at all in the guest's eventfd write meanwhile,
     /// which is what a ring costs beyond KVM's own floor (NAPI's interrupt mitigation,
-    /// for ioeventfds). A single ring re-arms at once, so
-    /// a request/response doorbell waits for no window.
+    /// for ioeventfds). A single ring re-arms at once, so a request/response doorbell
+    /// waits for no window.
     fn run(&self, window: Duration) {
         // A timer slack of 50 us (the default) would stretch every window.
         // SAFETY: PR_SET_TIMERSLACK takes an integer argument and affects this thread.

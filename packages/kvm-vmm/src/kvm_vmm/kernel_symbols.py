@@ -37,14 +37,15 @@ class KernelSymbol:
 
 
 @dataclass(frozen=True)
-class _Section:
+class ElfSection:
     name: str
     address: int
     offset: int
     size: int
 
 
-def _sections(elf: bytes) -> dict[str, _Section]:
+def elf_sections(elf: bytes) -> dict[str, ElfSection]:
+    """The image's sections by name (raises KallsymsNotFound without section headers)."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2:
         raise KallsymsNotFound("not a 64-bit ELF image")
     shoff = struct.unpack_from("<Q", elf, 0x28)[0]
@@ -57,7 +58,7 @@ def _sections(elf: bytes) -> dict[str, _Section]:
     for name_at, _type, _flags, address, offset, size in raw:
         end = elf.find(b"\0", strings + name_at)
         name = elf[strings + name_at : end].decode(errors="replace")
-        sections[name] = _Section(name, address, offset, size)
+        sections[name] = ElfSection(name, address, offset, size)
     return sections
 
 
@@ -112,7 +113,7 @@ def _name_entries(data: bytes, at: int, count: int) -> Iterator[tuple[int, int, 
 
 def read_kallsyms(elf: bytes) -> list[KernelSymbol]:
     """The kernel's symbols, sorted by address."""
-    sections = _sections(elf)
+    sections = elf_sections(elf)
     rodata, text = sections.get(".rodata"), sections.get(".text")
     if rodata is None or text is None:
         raise KallsymsNotFound("the ELF image has no .rodata or .text section")
