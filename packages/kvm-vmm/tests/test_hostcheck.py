@@ -18,6 +18,7 @@ import kvm_vmm.hostcheck as hostcheck
 from kvm_vmm.host_probes import (
     EXCEPTION_BASE,
     KERNEL_CS,
+    KVM_ENOSYS_RESULT,
     LEVEL_VECTOR,
     NOT_TAKEN,
     PASSED,
@@ -29,13 +30,16 @@ from kvm_vmm.host_probes import (
 )
 from kvm_vmm.hostcheck import (
     CX16,
+    HYPERCALL_FEATURES,
     INSTRUCTION_PROBES,
+    KVM_PV_SEND_IPI,
     SMAP,
     Check,
     HostReport,
     deferred_injection_verdict,
     early_eoi_verdict,
     host_report,
+    hypercall_verdict,
     instruction_verdict,
     probe_host,
     syscall_verdict,
@@ -112,6 +116,38 @@ def test_syscall_must_enter_at_cpl0() -> None:
 
 def report_of(*checks: Check) -> HostReport:
     return HostReport({"release": "test"}, list(checks), 0.01)
+
+
+def test_a_hypercall_must_return_kvms_answer() -> None:
+    """hypercalls.rst: an unknown hypercall returns -KVM_ENOSYS in RAX."""
+    seen = done(reports=[0])
+    answered = hypercall_verdict("VMCALL", done(reports=[KVM_ENOSYS_RESULT]), seen, ())
+    assert answered.verdict == "PASS" and not answered.cpuid_to_clear
+    wrong = hypercall_verdict("VMCALL", done(reports=[0]), seen, HYPERCALL_FEATURES)
+    assert wrong.verdict == "WARN" and "probe ended" in wrong.summary
+
+
+def test_a_hypercall_that_never_completes_hides_the_features_linux_uses_it_for() -> None:
+    hung = ProbeRun("timeout")
+    offered = (KVM_PV_SEND_IPI,)
+    hidden = hypercall_verdict("VMMCALL", hung, done(reports=[0x1_0000]), offered)
+    assert hidden.verdict == "WARN"
+    assert hidden.cpuid_to_clear == ("KVM_FEATURE_PV_SEND_IPI",)
+    # The guest still sees the bit: hiding does not reach it, so SMP Linux hangs.
+    still_seen = hypercall_verdict("VMMCALL", hung, done(reports=[1 << 11]), offered)
+    assert still_seen.verdict == "FAIL" and not still_seen.cpuid_to_clear
+    nothing_offered = hypercall_verdict("VMMCALL", hung, done(reports=[0]), ())
+    assert nothing_offered.verdict == "WARN" and not nothing_offered.cpuid_to_clear
+
+
+def test_the_hidden_hypercall_features_are_cleared_from_kvms_leaf() -> None:
+    report = HostReport(
+        {}, [Check("hypercall", "t", "WARN", "s", cpuid_to_clear=("KVM_FEATURE_PV_SEND_IPI",))], 0
+    )
+    assert report.cpuid_bits_to_clear() == [KVM_PV_SEND_IPI]
+    entries = [(0x4000_0001, 0, 0, 0x1007EFB, 0, 0, 0), (1, 0, 0, 0x800, 0, 0, 0)]
+    cleared = KVM_PV_SEND_IPI.cleared_in(entries)
+    assert cleared == [(0x4000_0001, 0, 0, 0x10076FB, 0, 0, 0), (1, 0, 0, 0x800, 0, 0, 0)]
 
 
 def test_linux_switches_are_merged_into_one_clearcpuid() -> None:
@@ -303,6 +339,32 @@ def test_a_hanging_probe_is_stopped_by_the_watchdog(guest: ProbeGuest) -> None:
     short = ProbeGuest(guest.kvm, guest.program, guest.cpuid, timeout=0.2)
     run = short.run("early_eoi", handlers={LEVEL_VECTOR: "level_handler"})
     assert run.ending == "timeout"
+
+
+@pytest.mark.kvm
+def test_the_hypercall_probe_agrees_with_a_guest_that_reads_its_answer(
+    host_checks: list[Check], guest: ProbeGuest
+) -> None:
+    """Whatever the host does, the check says it: a hypercall answered (PASS) or one
+    that never returns, with KVM's PV features hidden where hiding reaches the guest."""
+    check = next(check for check in host_checks if check.key == "hypercall")
+    vendor_amd = "VMMCALL" in check.title
+    entry = "hypercall_vmmcall" if vendor_amd else "hypercall_vmcall"
+    run = ProbeGuest(guest.kvm, guest.program, guest.cpuid, timeout=0.5).run(entry)
+    if run.passed:
+        assert run.reports == [KVM_ENOSYS_RESULT]
+        assert check.verdict == "PASS"
+    else:
+        assert run.ending == "timeout", run
+        assert check.verdict in ("WARN", "FAIL") and "never completes" in check.summary
+        if check.cpuid_to_clear:
+            hidden = guest.cpuid
+            for bit in HYPERCALL_FEATURES:
+                hidden = bit.cleared_in(hidden)
+            seen = guest.run("pv_features", cpuid=hidden)
+            assert seen.passed and not any(
+                seen.reports[0] >> bit.bit & 1 for bit in HYPERCALL_FEATURES
+            )
 
 
 @pytest.mark.kvm

@@ -45,6 +45,11 @@ LEVEL_GSI = 5
 LOOP_COUNT = 5000  # two instructions per iteration
 DEFERRED_LOOP = 1000  # iterations after STI in the deferred-injection probe
 NOT_TAKEN = 0xFFFF_FFFF  # the deferred-injection probe's "handler has not run"
+# KVM's paravirtual leaf, and a hypercall number KVM does not know: a hypercall that
+# completes returns -KVM_ENOSYS in RAX (Documentation/virt/kvm/x86/hypercalls.rst).
+KVM_CPUID_FEATURES = 0x4000_0001
+UNKNOWN_HYPERCALL = 0xDEAD
+KVM_ENOSYS_RESULT = (-1000) & 0xFFFF_FFFF
 
 PROBE_RAM = 2 << 20
 GDT_ADDRESS = 0x1000
@@ -111,6 +116,30 @@ cpuid_leaves:
         REPORT ebx
         REPORT ecx
         REPORT edx
+        PASS
+
+        .global pv_features
+pv_features:                    /* KVM's paravirtual features, as the guest sees them */
+        mov eax, {KVM_CPUID_FEATURES}
+        xor ecx, ecx
+        cpuid
+        REPORT eax
+        PASS
+
+        .global hypercall_vmcall
+hypercall_vmcall:               /* Intel's hypercall instruction (Linux: kvm_hypercall1) */
+        mov eax, {UNKNOWN_HYPERCALL}
+        xor ebx, ebx
+        vmcall
+        REPORT eax
+        PASS
+
+        .global hypercall_vmmcall
+hypercall_vmmcall:              /* AMD's */
+        mov eax, {UNKNOWN_HYPERCALL}
+        xor ebx, ebx
+        vmmcall
+        REPORT eax
         PASS
 
 wrong_result:

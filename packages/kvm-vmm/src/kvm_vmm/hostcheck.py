@@ -27,7 +27,7 @@ import os
 import platform
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +37,8 @@ from kvm_vmm.host_probes import (
     DEFERRED_LOOP,
     EDGE_VECTOR,
     KERNEL_CS,
+    KVM_CPUID_FEATURES,
+    KVM_ENOSYS_RESULT,
     LEVEL_GSI,
     LEVEL_VECTOR,
     LOOP_COUNT,
@@ -56,7 +58,7 @@ from kvm_vmm.host_probes import (
 )
 from kvmfast.testing import AssemblerMissing, AssemblyError
 
-PROBE_VERSION = 4  # bump when a probe changes meaning: cached reports are then ignored
+PROBE_VERSION = 5  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
 KVM_CAP_SPLIT_IRQCHIP = 121
 
@@ -67,7 +69,8 @@ Verdict = Literal["PASS", "WARN", "FAIL"]
 
 @dataclass(frozen=True)
 class CpuidBit:
-    """A feature flag, named as Linux's /proc/cpuinfo and clearcpuid= name it."""
+    """A feature flag, named as Linux's /proc/cpuinfo and clearcpuid= name it (KVM's
+    own paravirtual flags, which have no such name, as KVM_FEATURE_* in <asm/kvm_para.h>)."""
 
     name: str
     leaf: int
@@ -106,6 +109,14 @@ AVX = CpuidBit("avx", 1, 0, "ecx", 28)
 AVX2 = CpuidBit("avx2", 7, 0, "ebx", 5)
 SMAP = CpuidBit("smap", 7, 0, "ebx", 20)
 CPUID_BITS_TRIED = (SSSE3, CX16, POPCNT, XSAVE, AVX, AVX2, SMAP)
+# KVM's paravirtual features that make Linux issue hypercalls (arch/x86/kernel/kvm.c):
+# kicking a halted lock waiter, IPIs to several CPUs, yielding to a preempted vCPU.
+KVM_PV_UNHALT = CpuidBit("KVM_FEATURE_PV_UNHALT", KVM_CPUID_FEATURES, 0, "eax", 7)
+KVM_PV_SEND_IPI = CpuidBit("KVM_FEATURE_PV_SEND_IPI", KVM_CPUID_FEATURES, 0, "eax", 11)
+KVM_PV_SCHED_YIELD = CpuidBit("KVM_FEATURE_PV_SCHED_YIELD", KVM_CPUID_FEATURES, 0, "eax", 13)
+HYPERCALL_FEATURES = (KVM_PV_UNHALT, KVM_PV_SEND_IPI, KVM_PV_SCHED_YIELD)
+HYPERCALL_TIMEOUT = 0.5  # seconds: a hypercall that works takes microseconds
+AMD_VENDOR_EBX = 0x6874_7541  # "Auth" of "AuthenticAMD", CPUID leaf 0 EBX
 # Bits the CPU sets from its own state, not from the CPUID table.
 _DYNAMIC_BITS = {(1, "ecx", 27), (1, "edx", 9), (7, "ecx", 4)}  # OSXSAVE, APIC, OSPKE
 _REPORTED_REGISTERS: tuple[tuple[int, Register], ...] = (
@@ -400,6 +411,56 @@ def syscall_verdict(run: ProbeRun) -> Check:
     return Check(key, title, "WARN", f"probe ended with {run.ending} {run.detail}".strip())
 
 
+def _hypercall_check(guest: ProbeGuest) -> Check:
+    # Linux issues VMMCALL on AMD and VMCALL elsewhere (X86_FEATURE_VMMCALL).
+    amd = any(entry[0] == 0 and entry[4] == AMD_VENDOR_EBX for entry in guest.cpuid)
+    mnemonic, entry = ("VMMCALL", "hypercall_vmmcall") if amd else ("VMCALL", "hypercall_vmcall")
+    call = replace(guest, timeout=HYPERCALL_TIMEOUT).run(entry)
+    hidden = guest.cpuid
+    for bit in HYPERCALL_FEATURES:
+        hidden = bit.cleared_in(hidden)
+    seen = guest.run("pv_features", cpuid=hidden)
+    offered = tuple(bit for bit in HYPERCALL_FEATURES if bit.test(guest.cpuid))
+    return hypercall_verdict(mnemonic, call, seen, offered)
+
+
+def hypercall_verdict(
+    mnemonic: str, call: ProbeRun, seen: ProbeRun, offered: tuple[CpuidBit, ...]
+) -> Check:
+    """``call``: an unknown hypercall (reports RAX); ``seen``: KVM's PV feature word as
+    the guest reads it with ``HYPERCALL_FEATURES`` cleared; ``offered``: those of them
+    KVM offers."""
+    key, title = "hypercall", f"hypercall ({mnemonic})"
+    if call.passed and call.reports == [KVM_ENOSYS_RESULT]:
+        return Check(key, title, "PASS", "completes (KVM answers -KVM_ENOSYS to an unknown one)")
+    if call.ending != "timeout":
+        detail = f"exception {call.exception}" if call.exception is not None else call.ending
+        return Check(key, title, "WARN", f"probe ended with {detail} {call.detail}".strip())
+    never = f"never completes (the vCPU stays on {mnemonic})"
+    names = tuple(bit.name for bit in offered)
+    if not offered:
+        return Check(key, title, "WARN", f"{never}; KVM offers no feature that makes Linux use it")
+    if (
+        seen.passed
+        and len(seen.reports) == 1
+        and not any(seen.reports[0] >> bit.bit & 1 for bit in offered)
+    ):
+        return Check(
+            key,
+            title,
+            "WARN",
+            f"{never}; the VMM hides {', '.join(names)} so that Linux makes none",
+            cpuid_to_clear=names,
+        )
+    return Check(
+        key,
+        title,
+        "FAIL",
+        f"{never} and hiding {', '.join(names)} does not reach the guest: a Linux guest "
+        "with two vCPUs or more stops at its first paravirtual IPI",
+    )
+
+
 def _kvm_check(kvm: kvmfast.Kvm) -> Check:
     split = kvm.check_extension(KVM_CAP_SPLIT_IRQCHIP)
     if not split:
@@ -444,6 +505,7 @@ def probe_host(kvm: kvmfast.Kvm | None = None) -> list[Check]:
         _early_eoi_check(guest),
         _deferred_injection_check(guest),
         _syscall_check(guest, SMAP.name in seen),
+        _hypercall_check(guest),
     ]
     return checks
 
@@ -477,7 +539,7 @@ class HostReport:
 
     def cpuid_bits_to_clear(self) -> list[CpuidBit]:
         names = {name for check in self.checks for name in check.cpuid_to_clear}
-        return [bit for bit in CPUID_BITS_TRIED if bit.name in names]
+        return [bit for bit in (*CPUID_BITS_TRIED, *HYPERCALL_FEATURES) if bit.name in names]
 
     def lines(self) -> list[str]:
         return [check.line() for check in self.checks]
