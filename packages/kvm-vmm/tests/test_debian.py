@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from kvm_vmm.debian import (
     MANIFEST_NAME,
@@ -107,7 +108,6 @@ def test_the_kernel_is_found_in_data_tar(compression: str) -> None:
 
 
 def test_zstd_data_tar_as_newer_dpkg_writes_it() -> None:
-    zstandard = pytest.importorskip("zstandard")
     raw = data_tar(KERNEL_FILES, "")
     package = ar_archive([("debian-binary", b"2.0\n"), ("data.tar.zst", zstandard.compress(raw))])
     assert extract_from_deb(package, KERNEL_MEMBER)[1] == b"MZ kernel bytes"

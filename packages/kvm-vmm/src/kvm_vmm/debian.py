@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+import zstandard
+
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MANIFEST_NAME = "assets.json"
@@ -93,13 +95,6 @@ def ar_members(archive: bytes) -> Iterator[tuple[str, bytes]]:
 def _open_data_tar(name: str, data: bytes) -> tarfile.TarFile:
     stream: IO[bytes] = io.BytesIO(data)
     if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as error:
-            raise DebFormatError(
-                f"{name} is zstd-compressed: install the 'zstandard' package "
-                "(pip install 'kvm-vmm[linux]')"
-            ) from error
         reader = zstandard.ZstdDecompressor().stream_reader(stream)
         return tarfile.open(fileobj=reader, mode="r|")
     modes = {".xz": "r|xz", ".gz": "r|gz", ".bz2": "r|bz2", ".tar": "r|"}

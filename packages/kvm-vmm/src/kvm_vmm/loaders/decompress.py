@@ -6,9 +6,10 @@ zstd, or nothing; every format but gzip gets the uncompressed size appended
 as 4 little-endian bytes, which a decoder here leaves unread. The format is
 told by the payload's leading magic bytes, as lib/decompress.c does.
 
-gzip, bzip2, lzma and xz use the standard library; lz4, zstd and lzo need
-the PyPI packages ``lz4``, ``zstandard`` and ``python-lzo``, imported only
-when such a payload is met.
+gzip, bzip2, lzma and xz use the standard library; lz4 and zstd the PyPI
+packages ``lz4`` and ``zstandard`` (dependencies: Debian's kernels use them);
+lzo the optional ``python-lzo``. Each is imported only when such a payload is
+met.
 """
 
 from __future__ import annotations
