@@ -14,8 +14,12 @@ and EOI through the in-kernel LAPIC.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from guests import GuestMachine, passed
+
+from kvm_devices.ioapic import Ioapic
 
 pytestmark = pytest.mark.kvm
 
@@ -24,17 +28,23 @@ REMOTE_IRR = 1 << 14
 MASKED = 1 << 16
 
 
-def eoi_recording(guest: GuestMachine) -> list[int]:
-    """Record every KVM_EXIT_IOAPIC_EOI vector on its way to our IOAPIC."""
+@pytest.fixture
+def eoi_vectors(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every vector that reaches our IOAPIC's EOI, through the VMM's own wiring.
+
+    The Machine hands ``platform.ioapic.eoi`` to each vCPU when it is built, so
+    the spy wraps the method on the class before any GuestMachine exists and
+    calls the real one: the tests see what the VMM delivers, and without the
+    VMM's wiring they see nothing and the guest's Remote IRR stays set.
+    """
     vectors: list[int] = []
-    ioapic = guest.machine.platform.ioapic
+    real_eoi: Callable[[Ioapic, int], None] = Ioapic.eoi
 
-    def on_eoi(vector: int) -> None:
+    def spying_eoi(ioapic: Ioapic, vector: int) -> None:
         vectors.append(vector)
-        ioapic.eoi(vector)
+        real_eoi(ioapic, vector)
 
-    for vcpu in guest.machine.vcpus:
-        vcpu.set_eoi_handler(on_eoi)
+    monkeypatch.setattr(Ioapic, "eoi", spying_eoi)
     return vectors
 
 
@@ -90,61 +100,101 @@ served: .long 0
 """
 
 
-def test_a_level_pin_is_redelivered_while_asserted_and_not_after_it_drops() -> None:
+def test_a_level_pin_is_redelivered_while_asserted_and_not_after_it_drops(
+    eoi_vectors: list[int],
+) -> None:
     guest = GuestMachine(LEVEL_GUEST, devices=["pc-testdev"])
     try:
-        vectors = eoi_recording(guest)
-        outcome = guest.run()
+        # Without redelivery on EOI the guest waits in HLT for ever: bound it.
+        outcome = guest.run(timeout=15.0)
         assert passed(outcome), (outcome, guest.report.values)
         assert guest.report.values == [REMOTE_IRR, REMOTE_IRR, 3, 0]
-        assert vectors == [0x5A, 0x5A, 0x5A]
+        assert eoi_vectors == [0x5A, 0x5A, 0x5A]
         assert guest.machine.vcpus[0].counters()["exits"]["ioapic_eoi"] == 3
     finally:
         guest.close()
 
 
-EDGE_GUEST = """
-        .set PIN, 11
-        .set VECTOR, 0x5B
+EDGE_GUEST = f"""
+        .set EDGE_PIN, 11
+        .set EDGE_VECTOR, 0x5B
+        .set LEVEL_PIN, 12
+        .set LEVEL_VECTOR, 0x5D
 main:
         call lapic_enable
-        SET_GATE VECTOR, on_edge
-        mov ecx, PIN
-        mov eax, VECTOR             /* edge, active high, fixed, physical */
+        SET_GATE EDGE_VECTOR, on_edge
+        SET_GATE LEVEL_VECTOR, on_level
+        mov ecx, EDGE_PIN
+        mov eax, EDGE_VECTOR        /* edge, active high, fixed, physical */
         xor edx, edx
         call ioapic_set_entry
-        mov dx, 0x2000 + PIN
+        mov dx, 0x2000 + EDGE_PIN
         mov al, 1
         out dx, al
         xor al, al
         out dx, al
         sti
-wait:   hlt
-        cmp dword ptr [served], 1
-        jb wait
-        mov eax, [served]
+wait_edge:
+        hlt
+        cmp dword ptr [edge_served], 1
+        jb wait_edge
+        /* The control: one level interrupt after the edge one, so the test can
+           tell "no EOI exit for an edge pin" from "no EOI reaches the IOAPIC". */
+        cli
+        mov ecx, LEVEL_PIN
+        mov eax, {LEVEL} | LEVEL_VECTOR
+        xor edx, edx
+        call ioapic_set_entry
+        mov dx, 0x2000 + LEVEL_PIN
+        mov al, 1
+        out dx, al
+        sti
+wait_level:
+        hlt
+        cmp dword ptr [level_served], 1
+        jb wait_level
+        cli
+        mov eax, [edge_served]
         REPORT eax
+        mov eax, [level_served]
+        REPORT eax
+        REPORT_REMOTE_IRR LEVEL_PIN
         xor eax, eax
         ret
 
 on_edge:
-        inc dword ptr [served]
+        inc dword ptr [edge_served]
         call lapic_eoi
         iretq
 
+on_level:
+        push rax
+        push rdx
+        inc dword ptr [level_served]
+        mov dx, 0x2000 + LEVEL_PIN
+        xor al, al
+        out dx, al                  /* drop the line: the EOI must not redeliver */
+        call lapic_eoi
+        pop rdx
+        pop rax
+        iretq
+
         .data
-served: .long 0
+edge_served: .long 0
+level_served: .long 0
 """
 
 
-def test_an_edge_pin_produces_no_eoi_exit() -> None:
+def test_an_edge_pin_produces_no_eoi_exit(eoi_vectors: list[int]) -> None:
     guest = GuestMachine(EDGE_GUEST, devices=["pc-testdev"])
     try:
-        vectors = eoi_recording(guest)
-        assert passed(guest.run())
-        assert guest.report.values == [1]
-        assert vectors == []
-        assert guest.machine.vcpus[0].counters()["exits"].get("ioapic_eoi", 0) == 0
+        outcome = guest.run(timeout=15.0)
+        assert passed(outcome), (outcome, guest.report.values)
+        # One edge and one level interrupt served; the level pin's Remote IRR
+        # was cleared by its EOI.
+        assert guest.report.values == [1, 1, 0]
+        assert eoi_vectors == [0x5D]
+        assert guest.machine.vcpus[0].counters()["exits"].get("ioapic_eoi", 0) == 1
     finally:
         guest.close()
 
@@ -193,12 +243,13 @@ served: .long 0
 """
 
 
-def test_one_eoi_clears_remote_irr_of_both_pins_sharing_its_vector() -> None:
+def test_one_eoi_clears_remote_irr_of_both_pins_sharing_its_vector(
+    eoi_vectors: list[int],
+) -> None:
     guest = GuestMachine(SHARED_VECTOR_GUEST, devices=["pc-testdev"])
     try:
-        vectors = eoi_recording(guest)
         assert passed(guest.run()), guest.report.values
         assert guest.report.values == [REMOTE_IRR, REMOTE_IRR, 0, 0]
-        assert vectors == [0x5C]
+        assert eoi_vectors == [0x5C]
     finally:
         guest.close()
