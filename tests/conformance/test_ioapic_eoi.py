@@ -14,38 +14,14 @@ and EOI through the in-kernel LAPIC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 from guests import GuestMachine, passed
-
-from kvm_devices.ioapic import Ioapic
 
 pytestmark = pytest.mark.kvm
 
 LEVEL = 1 << 15
 REMOTE_IRR = 1 << 14
 MASKED = 1 << 16
-
-
-@pytest.fixture
-def eoi_vectors(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every vector that reaches our IOAPIC's EOI, through the VMM's own wiring.
-
-    The Machine hands ``platform.ioapic.eoi`` to each vCPU when it is built, so
-    the spy wraps the method on the class before any GuestMachine exists and
-    calls the real one: the tests see what the VMM delivers, and without the
-    VMM's wiring they see nothing and the guest's Remote IRR stays set.
-    """
-    vectors: list[int] = []
-    real_eoi: Callable[[Ioapic, int], None] = Ioapic.eoi
-
-    def spying_eoi(ioapic: Ioapic, vector: int) -> None:
-        vectors.append(vector)
-        real_eoi(ioapic, vector)
-
-    monkeypatch.setattr(Ioapic, "eoi", spying_eoi)
-    return vectors
 
 
 LEVEL_GUEST = f"""

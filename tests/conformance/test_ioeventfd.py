@@ -14,6 +14,7 @@ from guests import EXIT_PORT, GuestMachine, passed
 
 import kvm_abi
 import kvmfast
+from kvm_abi.ioctl import KvmSystem, ioctl
 from kvm_vmm.cpu_setup import enter
 from kvm_vmm.doorbell import Doorbell
 from kvm_vmm.loaders.image import EntryState
@@ -25,8 +26,27 @@ DOORBELL = 0xD000_0000  # in the PCI hole: no RAM, no device
 CODE_AT = 0x10_0000
 
 
+def kernel_accepts_a_zero_length_mmio_ioeventfd() -> bool:
+    """What the capability promises, found without asking KVM_CHECK_EXTENSION: a raw
+    KVM_IOEVENTFD with len 0 on a fresh VM is accepted (EINVAL where it is not)."""
+    with KvmSystem.open() as kvm, kvm.create_vm() as vm, kvmfast.EventFd() as eventfd:
+        request = kvm_abi.kvm_ioeventfd(addr=DOORBELL, len=0, fd=eventfd.fd)
+        try:
+            ioctl(vm.fd, kvm_abi.KVM_IOEVENTFD, request)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+
 def test_the_capability_is_reported() -> None:
-    assert kvmfast.Kvm().check_extension(kvm_abi.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
+    """virt/kvm/kvm_main.c reports KVM_CAP_IOEVENTFD_ANY_LENGTH as exactly 1, on the
+    system fd and on a VM fd alike, and the kernel does take a zero-length ioeventfd."""
+    kvm = kvmfast.Kvm()
+    assert kvm.check_extension(kvm_abi.KVM_CAP_IOEVENTFD_ANY_LENGTH) == 1
+    assert kvm.create_vm("split", 24).check_extension(kvm_abi.KVM_CAP_IOEVENTFD_ANY_LENGTH) == 1
+    assert kernel_accepts_a_zero_length_mmio_ioeventfd()
 
 
 class LongModeGuest:
@@ -165,11 +185,24 @@ def test_our_doorbell_uses_zero_length_ioeventfds_where_it_can_and_exits_elsewhe
 
 
 def test_doorbell_detects_the_capability_by_default() -> None:
+    """The default follows what the kernel does (probed with a raw ioctl), and the guest's
+    ten stores then exit or not accordingly."""
+    expected = kernel_accepts_a_zero_length_mmio_ioeventfd()
     guest = GuestMachine(DOORBELL_GUEST)
+    rung = threading.Semaphore(0)
+
+    def on_ring(count: int) -> None:
+        for _ in range(count):
+            rung.release()
+
+    doorbell = Doorbell(guest.machine, DOORBELL, on_ring)
     try:
-        doorbell = Doorbell(guest.machine, DOORBELL, lambda count: None)
-        expected = guest.machine.vm.check_extension(kvm_abi.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0
         assert doorbell.uses_ioeventfd is expected
-        doorbell.close()
+        assert passed(guest.run())
+        for _ in range(10):
+            assert rung.acquire(timeout=5)
+        mmio_exits = guest.machine.vm.counters()["exits"].get("mmio", 0)
+        assert mmio_exits == (0 if expected else 10)
     finally:
+        doorbell.close()
         guest.close()

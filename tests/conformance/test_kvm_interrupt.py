@@ -17,7 +17,7 @@ from guests import GuestMachine, passed
 
 import kvm_abi
 import kvmfast
-from kvm_abi.ioctl import KvmSystem
+from kvm_abi.ioctl import KvmSystem, ioctl
 
 pytestmark = pytest.mark.kvm
 
@@ -27,15 +27,75 @@ def split_vcpu() -> kvmfast.Vcpu:
     return kvmfast.Kvm().create_vm("split", 24).create_vcpu(0)
 
 
-def test_returns_0_when_the_vector_is_queued(split_vcpu: kvmfast.Vcpu) -> None:
-    split_vcpu.interrupt(0x30)
+QUEUED_VECTOR_GUEST = """
+main:
+        SET_GATE 0x30, on_30
+        SET_GATE 0x31, on_31
+        REPORT 0x1000               /* IF is still 0: nothing can have been delivered yet */
+wait:   sti
+        hlt
+        cmp dword ptr [served], 0
+        je wait
+        cli
+        xor eax, eax
+        ret
+
+on_30:
+        REPORT 0x30
+        mov dword ptr [served], 1
+        iretq
+
+on_31:
+        REPORT 0x31
+        mov dword ptr [served], 1
+        iretq
+
+        .data
+served: .long 0
+"""
 
 
-def test_eexist_when_an_interrupt_is_already_enqueued(split_vcpu: kvmfast.Vcpu) -> None:
-    split_vcpu.interrupt(0x30)
-    with pytest.raises(kvmfast.InterruptAlreadyQueued, match="already enqueued") as raised:
-        split_vcpu.interrupt(0x31)
-    assert raised.value.errno == errno.EEXIST
+def test_returns_0_when_the_vector_is_queued() -> None:
+    """The raw ioctl returns 0, and the vector it queued is held: a second one is refused."""
+    with KvmSystem.open() as kvm, kvm.create_vm() as vm:
+        assert vm.enable_cap(kvm_abi.KVM_CAP_SPLIT_IRQCHIP, 24) == 0
+        with vm.create_vcpu(0) as vcpu:
+            assert ioctl(vcpu.fd, kvm_abi.KVM_INTERRUPT, kvm_abi.kvm_interrupt(irq=0x30)) == 0
+            with pytest.raises(OSError) as raised:
+                ioctl(vcpu.fd, kvm_abi.KVM_INTERRUPT, kvm_abi.kvm_interrupt(irq=0x31))
+            assert raised.value.errno == errno.EEXIST
+
+
+def test_the_queued_vector_is_injected_into_the_guest() -> None:
+    """Queued before the first KVM_RUN, the vector reaches the guest's gate once IF is set.
+
+    The Machine leaves the BSP's LINT0 as ExtINT, which KVM requires before it
+    injects a KVM_INTERRUPT vector.
+    """
+    guest = GuestMachine(QUEUED_VECTOR_GUEST)
+    try:
+        guest.machine.vcpus[0].interrupt(0x30)
+        outcome = guest.run(timeout=15.0)
+        assert passed(outcome), (outcome, guest.report.values)
+        assert guest.report.values == [0x1000, 0x30]
+    finally:
+        guest.close()
+
+
+def test_eexist_when_an_interrupt_is_already_enqueued() -> None:
+    """The refused vector is dropped; the one already enqueued is the one the guest gets."""
+    guest = GuestMachine(QUEUED_VECTOR_GUEST)
+    try:
+        vcpu = guest.machine.vcpus[0]
+        vcpu.interrupt(0x30)
+        with pytest.raises(kvmfast.InterruptAlreadyQueued, match="already enqueued") as raised:
+            vcpu.interrupt(0x31)
+        assert raised.value.errno == errno.EEXIST
+        outcome = guest.run(timeout=15.0)
+        assert passed(outcome), (outcome, guest.report.values)
+        assert guest.report.values == [0x1000, 0x30]
+    finally:
+        guest.close()
 
 
 def test_einval_for_an_irq_number_that_is_not_a_vector(split_vcpu: kvmfast.Vcpu) -> None:
@@ -46,8 +106,9 @@ def test_einval_for_an_irq_number_that_is_not_a_vector(split_vcpu: kvmfast.Vcpu)
 
 def test_einval_is_checked_before_eexist(split_vcpu: kvmfast.Vcpu) -> None:
     split_vcpu.interrupt(0x30)
-    with pytest.raises(kvmfast.InvalidInterrupt):
+    with pytest.raises(kvmfast.InvalidInterrupt) as raised:
         split_vcpu.interrupt(300)
+    assert raised.value.errno == errno.EINVAL
 
 
 def test_enxio_when_the_pic_is_in_the_kernel() -> None:
@@ -129,6 +190,10 @@ def test_a_pic_line_reaches_the_guest_as_icw2_base_plus_line_through_kvm_interru
         thread.join(30)
         assert outcome and passed(outcome[0]), outcome
         assert guest.report.values == [0x1000, PIC_BASE + PIC_LINE, 0]
-        assert guest.machine.platform.pic.save() is not None
+        # The guest's ICW2 and EOI went to our 8259 model (no PIC in the kernel).
+        master = guest.machine.platform.pic.save()["master"]
+        assert isinstance(master, dict)
+        assert master["vector_base"] == PIC_BASE
+        assert master["isr"] == 0
     finally:
         guest.close()

@@ -12,6 +12,7 @@ the kernel (i.e. KVM_CREATE_IRQCHIP has already been called)."
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import threading
 
@@ -20,15 +21,93 @@ from guests import GuestMachine, passed
 
 import kvm_abi
 import kvmfast
+from kvm_abi.ioctl import KvmSystem, ioctl
 
 pytestmark = pytest.mark.kvm
 
 LEVEL = 1 << 15
 
 
-def test_enabling_on_a_fresh_vm_succeeds() -> None:
-    vm = kvmfast.Kvm().create_vm("none")
-    vm.enable_cap(kvm_abi.KVM_CAP_SPLIT_IRQCHIP, [24])  # raises KvmError unless it returned 0
+KVM_LAPIC_VERSION = 0x14  # arch/x86/kvm/lapic.c APIC_VERSION: an integrated xAPIC
+LAPIC_VERSION_REGISTER = 0x30  # Intel SDM Vol. 3A 11.4.8, Local APIC Version Register
+
+
+def lapic_page(vcpu_fd: int) -> bytes:
+    """KVM_GET_LAPIC: the in-kernel LAPIC's register page; OSError where there is none."""
+    state = kvm_abi.kvm_lapic_state()
+    ioctl(vcpu_fd, kvm_abi.KVM_GET_LAPIC, state)
+    return ctypes.string_at(ctypes.addressof(state), ctypes.sizeof(state))
+
+
+def get_irqchip_errno(vm_fd: int, chip_id: int) -> int:
+    """KVM_GET_IRQCHIP for one chip: 0, or the errno it failed with."""
+    try:
+        ioctl(vm_fd, kvm_abi.KVM_GET_IRQCHIP, kvm_abi.kvm_irqchip(chip_id=chip_id))
+    except OSError as error:
+        assert error.errno is not None
+        return error.errno
+    return 0
+
+
+def test_enabling_on_a_fresh_vm_creates_a_kernel_lapic_and_no_kernel_pic_or_ioapic() -> None:
+    """ "Create a local apic for each processor in the kernel": KVM_GET_LAPIC answers with
+    KVM's LAPIC. The PIC and IOAPIC are not in the kernel: KVM_GET_IRQCHIP, which
+    "reads the state of a kernel interrupt controller created with KVM_CREATE_IRQCHIP",
+    fails with ENXIO (arch/x86/kvm/x86.c: !irqchip_kernel)."""
+    with KvmSystem.open() as kvm, kvm.create_vm() as vm:
+        assert vm.enable_cap(kvm_abi.KVM_CAP_SPLIT_IRQCHIP, 24) == 0
+        with vm.create_vcpu(0) as vcpu:
+            page = lapic_page(vcpu.fd)
+        version = int.from_bytes(
+            page[LAPIC_VERSION_REGISTER : LAPIC_VERSION_REGISTER + 4], "little"
+        )
+        assert version & 0xFF == KVM_LAPIC_VERSION
+        for chip in (
+            kvm_abi.KVM_IRQCHIP_PIC_MASTER,
+            kvm_abi.KVM_IRQCHIP_PIC_SLAVE,
+            kvm_abi.KVM_IRQCHIP_IOAPIC,
+        ):
+            assert get_irqchip_errno(vm.fd, chip) == errno.ENXIO
+
+
+def test_controls_no_kernel_lapic_without_the_cap_and_a_kernel_pic_with_create_irqchip() -> None:
+    """The controls of the test above: the same two ioctls tell the three set-ups apart."""
+    with KvmSystem.open() as kvm:
+        with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+            with pytest.raises(OSError) as raised:
+                lapic_page(vcpu.fd)
+            assert raised.value.errno == errno.EINVAL  # x86.c: !lapic_in_kernel
+        with kvm.create_vm() as vm:
+            ioctl(vm.fd, kvm_abi.KVM_CREATE_IRQCHIP)
+            assert get_irqchip_errno(vm.fd, kvm_abi.KVM_IRQCHIP_PIC_MASTER) == 0
+
+
+LAPIC_GUEST = """
+main:
+        mov ebx, 0xFEE00030         /* LAPIC version register */
+        mov eax, [rbx]
+        REPORT eax
+        xor eax, eax
+        ret
+"""
+
+
+def test_the_guest_sees_the_kernel_lapic_without_an_exit() -> None:
+    guest = GuestMachine(LAPIC_GUEST)
+    try:
+        assert passed(guest.run())
+        page = guest.machine.vcpus[0].get_lapic()
+        version = int.from_bytes(
+            page[LAPIC_VERSION_REGISTER : LAPIC_VERSION_REGISTER + 4], "little"
+        )
+        assert guest.report.values == [version]
+        assert version & 0xFF == KVM_LAPIC_VERSION
+        # The kernel answered: the read never left it.
+        counters = guest.machine.vm.counters()
+        assert counters["exits"].get("mmio", 0) == 0
+        assert counters["unmapped_mmio"] == 0
+    finally:
+        guest.close()
 
 
 def test_fails_once_a_vcpu_has_been_created() -> None:
@@ -76,13 +155,11 @@ served: .long 0
 """
 
 
-def test_reserved_routes_deliver_and_only_they_produce_eoi_exits() -> None:
+def test_reserved_routes_deliver_and_only_they_produce_eoi_exits(eoi_vectors: list[int]) -> None:
     """A level MSI route on a reserved GSI (< args[0]) brings the EOI back; one above does not."""
     guest = GuestMachine(ROUTES_GUEST)
     try:
         vm = guest.machine.vm
-        vectors: list[int] = []
-        guest.machine.vcpus[0].set_eoi_handler(vectors.append)
         # GSI 20 is reserved for IOAPIC pin 20; the guest left that pin masked, so we
         # may borrow its route here. GSI 30 lies above args[0] = 24.
         vm.set_msi_route(20, 0xFEE0_0000, LEVEL | 0x61)
@@ -95,7 +172,8 @@ def test_reserved_routes_deliver_and_only_they_produce_eoi_exits() -> None:
         thread.join(30)
         assert outcome and passed(outcome[0]), outcome
         assert guest.report.values == [0x1000, 0x61, 0x62]
-        assert vectors == [0x61]
+        assert eoi_vectors == [0x61]
+        assert guest.machine.vcpus[0].counters()["exits"]["ioapic_eoi"] == 1
     finally:
         guest.close()
 
@@ -131,7 +209,10 @@ def test_no_in_kernel_pit_or_pic_answers_the_legacy_ports() -> None:
         assert passed(guest.run())
         # Read-back status: OUT high, null count clear, RW lobyte/hibyte, mode 2, binary.
         assert guest.report.values == [0b1011_0100, 0xA5]
-        assert guest.machine.platform.pit.save() is not None
+        # The guest's count reached our PIT model.
+        counters = guest.machine.platform.pit.save()["counters"]
+        assert isinstance(counters, list)
+        assert counters[0]["count_register"] == 0x1234
         pio = guest.machine.vm.counters()["pio"]
         assert pio[0x40] >= 3 and pio[0x20] >= 2  # the exits reached our models
         assert guest.machine.platform.pic.master_ports.read(1, 1) == 0xA5
