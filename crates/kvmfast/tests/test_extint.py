@@ -5,7 +5,8 @@ halted vCPU on the split irqchip stays in KVM_RUN until a kick or an interrupt."
 
 from __future__ import annotations
 
-import time
+import threading
+from dataclasses import dataclass
 
 import pytest
 from kvmfast_guest_support import (
@@ -15,7 +16,7 @@ from kvmfast_guest_support import (
     RecordingDevice,
     VcpuThread,
     boot_guest,
-    wait_until_in_kvm_run,
+    wait_until,
 )
 
 from kvmfast import Kvm, Vcpu, VcpuKicker, Vm
@@ -103,16 +104,44 @@ def test_injection_waits_for_the_interrupt_window(kvm: Kvm) -> None:
     assert not vcpu.request_interrupt_window
 
 
-def halted_guest(kvm: Kvm, *, enable_svr: bool) -> tuple[Vcpu, RecordingDevice, Vm]:
+READY_PORT = 0x82
+
+
+class ReadyPort:
+    """The guest writes here just before STI; HLT: the test waits for it, not for a time."""
+
+    def __init__(self) -> None:
+        self.written = threading.Event()
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.written.set()
+
+
+@dataclass
+class HaltedGuest:
+    vcpu: Vcpu
+    vm: Vm
+    vectors: RecordingDevice
+    ready: ReadyPort
+    halted_at: int
+    """The RIP of a vCPU halted at the guest's HLT: KVM has already moved past it."""
+
+
+def halted_guest(kvm: Kvm, *, enable_svr: bool) -> HaltedGuest:
     svr = LAPIC_SOFTWARE_ENABLE if enable_svr else ""
     guest = boot_guest(
         kvm,
         f"""
-    .global entry, handler32, handler41
+    .global entry, halted, handler32, handler41
     entry:
         {svr}
+        out {READY_PORT:#x}, al
         sti
         hlt
+    halted:
         {EXIT_SEQUENCE}
     handler32:
         mov al, 0x32
@@ -127,37 +156,54 @@ def halted_guest(kvm: Kvm, *, enable_svr: bool) -> tuple[Vcpu, RecordingDevice, 
         vectors={0x32: "handler32", 0x41: "handler41"},
     )
     vectors = RecordingDevice()
+    ready = ReadyPort()
     guest.vm.add_pio(0x81, 1, vectors)
-    return guest.vcpu, vectors, guest.vm
+    guest.vm.add_pio(READY_PORT, 1, ready)
+    return HaltedGuest(guest.vcpu, guest.vm, vectors, ready, guest.program.symbols["halted"])
+
+
+def wait_until_halted(guest: HaltedGuest, timeout: float = 10.0) -> None:
+    """Once the guest said it is ready, sample its RIP until it sits past its HLT.
+
+    Each sample kicks the vCPU out of KVM_RUN and back in; a halted vCPU stays
+    halted across that, so this observes the halt without ending it.
+    """
+    assert guest.ready.written.wait(timeout), "the guest never reported ready"
+    kicker = guest.vcpu.kicker()
+
+    def sampled_at_the_halt() -> bool:
+        kicker.request_sample()
+        return guest.halted_at in guest.vm.rip_samples()
+
+    assert wait_until(sampled_at_the_halt, timeout), guest.vm.rip_samples()
 
 
 def test_hlt_waits_in_kvm_until_the_pic_raises_intr(kvm: Kvm) -> None:
-    vcpu, vectors, _ = halted_guest(kvm, enable_svr=False)
-    set_lint0_extint(vcpu)
-    pic = FakePic(vcpu.kicker(), vector=0x32)
-    vcpu.set_extint_controller(pic)
-    running = VcpuThread(vcpu)
-    wait_until_in_kvm_run(vcpu)
-    time.sleep(0.2)
+    guest = halted_guest(kvm, enable_svr=False)
+    set_lint0_extint(guest.vcpu)
+    pic = FakePic(guest.vcpu.kicker(), vector=0x32)
+    guest.vcpu.set_extint_controller(pic)
+    running = VcpuThread(guest.vcpu)
+    wait_until_halted(guest)
     # HLT does not leave KVM_RUN with the split irqchip (../shared/HOST-KVM.md).
     assert running.alive
-    assert vectors.log == []
+    assert guest.vectors.log == []
+    assert pic.acknowledged == 0
     pic.request()
     assert running.join().reason == "device_exit"
-    assert [value for _, _, _, value in vectors.log] == [0x32]
+    assert [value for _, _, _, value in guest.vectors.log] == [0x32]
     assert pic.acknowledged == 1
 
 
 def test_hlt_wakes_on_an_msi(kvm: Kvm) -> None:
-    vcpu, vectors, vm = halted_guest(kvm, enable_svr=True)
-    running = VcpuThread(vcpu)
-    wait_until_in_kvm_run(vcpu)
-    time.sleep(0.2)  # the guest enables its LAPIC, then halts
+    guest = halted_guest(kvm, enable_svr=True)
+    running = VcpuThread(guest.vcpu)
+    wait_until_halted(guest)
     assert running.alive
     # Fixed delivery, physical destination APIC 0, vector 0x41 (SDM Vol. 3A 11.11).
-    assert vm.signal_msi(0xFEE0_0000, 0x41) == 1
+    assert guest.vm.signal_msi(0xFEE0_0000, 0x41) == 1
     assert running.join().reason == "device_exit"
-    assert [value for _, _, _, value in vectors.log] == [0x41]
+    assert [value for _, _, _, value in guest.vectors.log] == [0x41]
 
 
 def test_falling_intr_withdraws_the_window_request(kvm: Kvm) -> None:
