@@ -1,15 +1,21 @@
-"""The kvm-vmm command: the demo guest end to end, and clear errors for bad input."""
+"""The kvm-vmm command: the demo guest end to end, clear errors for bad input, and the
+console escape (Ctrl-A x, Ctrl-A Ctrl-A) typed on a pseudo-terminal."""
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
 
 from kvm_vmm.cli import UsageError, parse_size
-from kvm_vmm.console import open_serial_sink
+from kvm_vmm.console import FileSink, open_serial_sink
 from kvmfast.testing import require_kvm
 
 
@@ -149,6 +155,110 @@ def test_serial_file_starts_empty(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_bytes(b"an earlier run\n")
     sink = open_serial_sink(f"file:{log}")
+    assert isinstance(sink, FileSink)
     sink.write_bytes(b"this run\n")
     sink.close()
     assert log.read_bytes() == b"this run\n"
+
+
+# --- the console escape, typed on a terminal ------------------------------------------
+
+# Polls COM1 and prints each received byte as two hex digits and a space, after "ready".
+ECHO_HEX_BODY = """
+        movl $0x90000, %esp
+        movw $0x3f8, %dx
+        movl $ready, %esi
+print:  lodsb
+        testb %al, %al
+        jz poll
+        outb %al, %dx
+        jmp print
+poll:   movw $0x3fd, %dx            # LSR: bit 0, data ready
+        inb %dx, %al
+        testb $1, %al
+        jz poll
+        movw $0x3f8, %dx
+        inb %dx, %al
+        movb %al, %bl
+        shrb $4, %al
+        call hex
+        movb %bl, %al
+        andb $0xf, %al
+        call hex
+        movb $0x20, %al
+        outb %al, %dx
+        jmp poll
+hex:    addb $0x30, %al
+        cmpb $0x3a, %al
+        jb 1f
+        addb $0x27, %al             # 'a' - '0' - 10
+1:      outb %al, %dx
+        ret
+ready:  .asciz "ready\\n"
+"""
+
+
+class Terminal:
+    """kvm-vmm on a pseudo-terminal, as a user runs it: stdin and stdout are the tty."""
+
+    def __init__(self, kernel: Path) -> None:
+        self.master, self.slave = pty.openpty()
+        self.before = termios.tcgetattr(self.slave)
+        options = ["--memory", "32M", "--serial", "stdio", "--stats", "--timeout", "60"]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kvm_vmm.cli", "run", "--kernel", str(kernel), *options],
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.output = bytearray()
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait_for(self, text: bytes, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.process.poll() is None, (text, bytes(self.output))
+            if select.select([self.master], [], [], min(left, 0.5))[0]:
+                self.output += os.read(self.master, 4096)
+
+    def drain(self) -> None:
+        while select.select([self.master], [], [], 0)[0]:
+            self.output += os.read(self.master, 4096)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.mark.kvm
+def test_ctrl_a_x_quits_with_status_0_and_restores_the_terminal(tmp_path: Path) -> None:
+    """QEMU's escape: Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A x ends the run."""
+    require_kvm()
+    terminal = Terminal(_multiboot_kernel(tmp_path, ECHO_HEX_BODY))
+    try:
+        terminal.wait_for(b"ready")
+        # Raw mode while the guest owns the console: no line buffering, no echo.
+        assert not termios.tcgetattr(terminal.slave)[3] & (termios.ICANON | termios.ECHO)
+        terminal.type(b"a\x01\x01b\x01")
+        terminal.wait_for(b"61 01 62 ")
+        # The guest has had the b, so the reader holds the Ctrl-A: the c comes in a
+        # later read, and an escape split across reads must still pair up.
+        terminal.type(b"c")
+        terminal.wait_for(b"61 01 62 01 63 ")
+        terminal.type(b"\x01x")
+        _, stderr = terminal.process.communicate(timeout=30)
+        assert terminal.process.returncode == 0, stderr
+        assert '"outcome": "quit from the console (Ctrl-A x)"' in stderr
+        assert "Traceback" not in stderr
+        assert termios.tcgetattr(terminal.slave) == terminal.before
+        terminal.drain()
+        assert bytes(terminal.output).endswith(b"61 01 62 01 63 "), bytes(terminal.output)
+    finally:
+        terminal.close()
