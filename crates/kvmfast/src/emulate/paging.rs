@@ -72,11 +72,40 @@ pub struct PagingMode {
     pub physical_bits: u32,
 }
 
-/// One page-table entry read through RAM, so that the walk can set its A/D bits.
+/// Where the walk finds the paging structures: guest RAM, or a plain buffer in the unit
+/// tests. Entries are read, and their A/D bits set, atomically as the CPU does: another
+/// vCPU may be changing the same tables.
+pub trait PageTables {
+    /// The naturally aligned entry at `address`; None where there is no RAM.
+    fn load(&self, address: u64, size: EntrySize) -> Option<u64>;
+    /// ORs `bits` into that entry (nothing where there is no RAM).
+    fn set_bits(&self, address: u64, size: EntrySize, bits: u64);
+}
+
+/// 4-byte entries of 32-bit paging, 8-byte entries of every other mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntrySize {
+    Four,
+    Eight,
+}
+
+impl EntrySize {
+    fn bytes(self) -> usize {
+        match self {
+            Self::Four => 4,
+            Self::Eight => 8,
+        }
+    }
+}
+
+/// One entry the walk used, with what it may set in it afterwards.
 struct Entry {
     address: u64,
     value: u64,
-    wide: bool,
+    size: EntrySize,
+    /// False for a PAE PDPTE: it has no A bit (bit 5 is reserved, SDM Vol. 3A Table 4-8;
+    /// AMD APM Vol. 2 5.4.1), and setting it would make every later walk fault.
+    has_accessed: bool,
 }
 
 impl PagingMode {
@@ -85,17 +114,30 @@ impl PagingMode {
     }
 
     /// The physical address of `linear`, or the #PF the access raises.
-    pub fn translate(&self, ram: &GuestRam, linear: u64, access: Access) -> Result<u64, Fault> {
+    pub fn translate<M: PageTables + ?Sized>(
+        &self,
+        ram: &M,
+        linear: u64,
+        access: Access,
+    ) -> Result<u64, Fault> {
         if !self.enabled() {
             return Ok(linear & 0xffff_ffff);
         }
         let nxe = self.efer & EFER_NXE != 0;
+        let long = self.efer & EFER_LMA != 0;
+        let pae = self.cr4 & CR4_PAE != 0;
         let address_mask = ((1u64 << self.physical_bits) - 1) & !0xfff;
-        let reserved_high = if self.physical_bits >= 52 {
-            0
+        let above_maxphyaddr = !((1u64 << self.physical_bits) - 1);
+        // Physical-address bits from MAXPHYADDR up are reserved: through bit 51 in the
+        // 4/5-level formats (62:52 are ignored or protection keys there), through bit 62
+        // in PAE PDEs and PTEs, through bit 63 in PAE PDPTEs (SDM Vol. 3A 4.4.2, 4.5.4).
+        let reserved_high = if long {
+            above_maxphyaddr & ((1u64 << 52) - 1)
         } else {
-            ((1u64 << 52) - 1) & !((1u64 << self.physical_bits) - 1)
+            above_maxphyaddr & !XD
         };
+        // The I/D bit is reported only where fetches can be refused (SDM Vol. 3A 4.7).
+        let reports_fetch = self.cr4 & CR4_SMEP != 0 || (pae && nxe);
         let fault_code = |present: bool, reserved: bool| {
             let mut code = 0;
             if present {
@@ -110,7 +152,7 @@ impl PagingMode {
             if access.user {
                 code |= PF_USER;
             }
-            if access.fetch && (nxe || self.cr4 & CR4_SMEP != 0) {
+            if access.fetch && reports_fetch {
                 code |= PF_FETCH;
             }
             Fault::PageFault {
@@ -123,8 +165,7 @@ impl PagingMode {
         let (mut writable, mut user, mut executable) = (true, true, true);
         let physical;
 
-        if self.efer & EFER_LMA != 0 || self.cr4 & CR4_PAE != 0 {
-            let long = self.efer & EFER_LMA != 0;
+        if long || pae {
             let levels: u32 = if !long {
                 3
             } else if self.cr4 & CR4_LA57 != 0 {
@@ -140,27 +181,31 @@ impl PagingMode {
             let mut level = levels;
             loop {
                 let shift = 12 + 9 * (level - 1);
-                let index = if !long && level == 3 {
+                // PAE paging's top level is the four PDPTEs that bits 31:30 select.
+                let pae_pdpte = !long && level == 3;
+                let index = if pae_pdpte {
                     (linear >> 30) & 3
                 } else {
                     (linear >> shift) & 0x1ff
                 };
                 let address = table + index * 8;
-                let value = read_u64(ram, address).ok_or_else(|| fault_code(false, false))?;
+                let value = ram
+                    .load(address, EntrySize::Eight)
+                    .ok_or_else(|| fault_code(false, false))?;
                 if value & P == 0 {
                     return Err(fault_code(false, false));
                 }
                 let mut reserved = value & reserved_high != 0 || (!nxe && value & XD != 0);
-                // PAE PDPTEs have no R/W, U/S or XD: their bits 1, 2, 5-8 and 63 are
-                // reserved (SDM Vol. 3A Table 4-8).
-                let pae_pdpte = !long && level == 3;
+                // PAE PDPTEs have no R/W, U/S, A, PS or XD: their bits 2:1, 8:5 and 63
+                // are reserved (SDM Vol. 3A Table 4-8).
                 if pae_pdpte {
                     reserved |= value & (RW | US | 0x1e0 | XD) != 0;
                 }
-                if (long && level >= 4 && value & PS != 0) || (pae_pdpte && value & PS != 0) {
+                // PS is reserved in PML5Es and PML4Es (SDM Vol. 3A Tables 4-14, 4-15).
+                if long && level >= 4 && value & PS != 0 {
                     reserved = true;
                 }
-                let large = level > 1 && level <= 3 && value & PS != 0;
+                let large = !pae_pdpte && level > 1 && level <= 3 && value & PS != 0;
                 if large {
                     // Bits 12 (PAT) .. shift-1 of a large page's address must be zero
                     // apart from PAT itself.
@@ -170,6 +215,7 @@ impl PagingMode {
                 if reserved {
                     return Err(fault_code(true, true));
                 }
+                // PAE PDPTEs do not take part in access rights (SDM Vol. 3A 4.6).
                 if !pae_pdpte {
                     writable &= value & RW != 0;
                     user &= value & US != 0;
@@ -178,7 +224,8 @@ impl PagingMode {
                 walked.push(Entry {
                     address,
                     value,
-                    wide: true,
+                    size: EntrySize::Eight,
+                    has_accessed: !pae_pdpte,
                 });
                 if level == 1 || large {
                     let page_mask = (1u64 << shift) - 1;
@@ -192,26 +239,35 @@ impl PagingMode {
             // 32-bit paging: two levels of 4-byte entries, 4 MiB pages with CR4.PSE.
             let directory = self.cr3 & 0xffff_f000;
             let pde_address = directory + ((linear >> 22) & 0x3ff) * 4;
-            let pde =
-                u64::from(read_u32(ram, pde_address).ok_or_else(|| fault_code(false, false))?);
+            let pde = ram
+                .load(pde_address, EntrySize::Four)
+                .ok_or_else(|| fault_code(false, false))?;
             if pde & P == 0 {
                 return Err(fault_code(false, false));
+            }
+            let large = pde & PS != 0 && self.cr4 & CR4_PSE != 0;
+            // A 4 MiB PDE holds physical-address bits 39:32 in its bits 20:13; bit 21
+            // and the bits for addresses from min(MAXPHYADDR, 40) up are reserved
+            // (SDM Vol. 3A 4.3, Table 4-4).
+            if large && pde & pse_reserved(self.physical_bits) != 0 {
+                return Err(fault_code(true, true));
             }
             writable &= pde & RW != 0;
             user &= pde & US != 0;
             walked.push(Entry {
                 address: pde_address,
                 value: pde,
-                wide: false,
+                size: EntrySize::Four,
+                has_accessed: true,
             });
-            if pde & PS != 0 && self.cr4 & CR4_PSE != 0 {
-                // PSE-36: bits 20:13 give physical-address bits 39:32.
+            if large {
                 let high = ((pde >> 13) & 0xff) << 32;
                 physical = (pde & 0xffc0_0000) | high | (linear & 0x3f_ffff);
             } else {
                 let pte_address = (pde & 0xffff_f000) + ((linear >> 12) & 0x3ff) * 4;
-                let pte =
-                    u64::from(read_u32(ram, pte_address).ok_or_else(|| fault_code(false, false))?);
+                let pte = ram
+                    .load(pte_address, EntrySize::Four)
+                    .ok_or_else(|| fault_code(false, false))?;
                 if pte & P == 0 {
                     return Err(fault_code(false, false));
                 }
@@ -220,7 +276,8 @@ impl PagingMode {
                 walked.push(Entry {
                     address: pte_address,
                     value: pte,
-                    wide: false,
+                    size: EntrySize::Four,
+                    has_accessed: true,
                 });
                 physical = (pte & 0xffff_f000) | (linear & 0xfff);
             }
@@ -243,27 +300,58 @@ impl PagingMode {
     }
 }
 
-/// The walk's side effects: A in every entry used, D in the last one for a write
-/// (SDM Vol. 3A 4.8), set atomically as the CPU does (other vCPUs share the tables).
-fn set_accessed_dirty(ram: &GuestRam, walked: &[Entry], write: bool) {
+/// The reserved bits of a 4 MiB PDE of 32-bit paging with CR4.PSE (PSE-36: physical
+/// bits 39:32 in PDE bits 20:13).
+fn pse_reserved(physical_bits: u32) -> u64 {
+    let limit = physical_bits.clamp(32, 40);
+    let unused_high = ((1u64 << 21) - 1) & !((1u64 << (limit - 19)) - 1);
+    (1 << 21) | unused_high
+}
+
+/// The walk's side effects: A in every entry used that has one, D in the one that maps
+/// the page for a write (SDM Vol. 3A 4.8; AMD APM Vol. 2 5.4.2).
+fn set_accessed_dirty<M: PageTables + ?Sized>(ram: &M, walked: &[Entry], write: bool) {
     let last = walked.len().saturating_sub(1);
     for (i, entry) in walked.iter().enumerate() {
-        let mut bits = A;
+        let mut bits = if entry.has_accessed { A } else { 0 };
         if write && i == last {
             bits |= D;
         }
-        if entry.value & bits == bits {
-            continue;
+        if entry.value & bits != bits {
+            ram.set_bits(entry.address, entry.size, bits);
         }
-        if entry.wide {
-            if let Some(pointer) = aligned(ram, entry.address, 8) {
-                // SAFETY: an 8-byte aligned location inside guest RAM, which stays mapped
-                // while the caller holds the RAM lock.
-                unsafe { AtomicU64::from_ptr(pointer.cast()) }.fetch_or(bits, Ordering::SeqCst);
+    }
+}
+
+impl PageTables for GuestRam {
+    fn load(&self, address: u64, size: EntrySize) -> Option<u64> {
+        let pointer = aligned(self, address, size.bytes())?;
+        // SAFETY: a naturally aligned location inside guest RAM, which stays mapped while
+        // the caller holds the RAM lock.
+        Some(unsafe {
+            match size {
+                EntrySize::Four => {
+                    u64::from(AtomicU32::from_ptr(pointer.cast()).load(Ordering::SeqCst))
+                }
+                EntrySize::Eight => AtomicU64::from_ptr(pointer.cast()).load(Ordering::SeqCst),
             }
-        } else if let Some(pointer) = aligned(ram, entry.address, 4) {
-            // SAFETY: as above, 4-byte aligned.
-            unsafe { AtomicU32::from_ptr(pointer.cast()) }.fetch_or(bits as u32, Ordering::SeqCst);
+        })
+    }
+
+    fn set_bits(&self, address: u64, size: EntrySize, bits: u64) {
+        let Some(pointer) = aligned(self, address, size.bytes()) else {
+            return;
+        };
+        // SAFETY: as in load.
+        unsafe {
+            match size {
+                EntrySize::Four => {
+                    AtomicU32::from_ptr(pointer.cast()).fetch_or(bits as u32, Ordering::SeqCst);
+                }
+                EntrySize::Eight => {
+                    AtomicU64::from_ptr(pointer.cast()).fetch_or(bits, Ordering::SeqCst);
+                }
+            }
         }
     }
 }
@@ -273,19 +361,6 @@ fn aligned(ram: &GuestRam, address: u64, size: usize) -> Option<*mut u8> {
         return None;
     }
     ram.host_range(address, size).map(|p| p.as_ptr())
-}
-
-/// Page-table entries are read atomically: another vCPU may be changing them.
-fn read_u64(ram: &GuestRam, address: u64) -> Option<u64> {
-    let pointer = aligned(ram, address, 8)?;
-    // SAFETY: see set_accessed_dirty.
-    Some(unsafe { AtomicU64::from_ptr(pointer.cast()) }.load(Ordering::SeqCst))
-}
-
-fn read_u32(ram: &GuestRam, address: u64) -> Option<u32> {
-    let pointer = aligned(ram, address, 4)?;
-    // SAFETY: see set_accessed_dirty.
-    Some(unsafe { AtomicU32::from_ptr(pointer.cast()) }.load(Ordering::SeqCst))
 }
 
 /// The host's MAXPHYADDR (CPUID 8000_0008h EAX[7:0]); the guest sees the host's CPUID.
@@ -299,156 +374,4 @@ pub fn host_physical_bits() -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::memory::{Mapping, RamRegion};
-    use std::sync::Arc;
-
-    fn ram() -> GuestRam {
-        let mut ram = GuestRam::default();
-        ram.insert(RamRegion {
-            guest_phys_addr: 0,
-            slot: 0,
-            mapping: Arc::new(Mapping::anonymous(1 << 22, false).unwrap()),
-        });
-        ram
-    }
-
-    fn put(ram: &GuestRam, address: u64, value: u64) {
-        assert!(ram.write_from(address, &value.to_le_bytes()));
-    }
-
-    fn long_mode(cr4: u64) -> PagingMode {
-        PagingMode {
-            cr0: CR0_PG | CR0_WP | 1,
-            cr3: 0x1000,
-            cr4: CR4_PAE | cr4,
-            efer: EFER_LMA | EFER_NXE,
-            physical_bits: 46,
-        }
-    }
-
-    /// PML4[0] -> PDPT 0x2000 -> PD 0x3000; PD[0] -> PT 0x4000; PD[1] is a 2 MiB page.
-    fn tables(ram: &GuestRam, pte: u64) {
-        put(ram, 0x1000, 0x2000 | 7);
-        put(ram, 0x2000, 0x3000 | 7);
-        put(ram, 0x3000, 0x4000 | 7);
-        put(ram, 0x3008, 0x20_0000 | PS | 3);
-        put(ram, 0x4000 + 5 * 8, pte);
-    }
-
-    #[test]
-    fn four_level_4k_and_2m_pages() {
-        let ram = ram();
-        tables(&ram, 0x9000 | 7);
-        let mode = long_mode(0);
-        assert_eq!(
-            mode.translate(&ram, 0x5123, Access::read(false, false)),
-            Ok(0x9123)
-        );
-        assert_eq!(
-            mode.translate(&ram, 0x20_1234, Access::read(false, false)),
-            Ok(0x20_1234)
-        );
-        // The walk set A everywhere and D in the PTE of a write.
-        mode.translate(&ram, 0x5000, Access::write(false, false))
-            .unwrap();
-        let mut pte = [0u8; 8];
-        ram.read_into(0x4028, &mut pte);
-        assert_eq!(u64::from_le_bytes(pte) & (A | D), A | D);
-    }
-
-    #[test]
-    fn not_present_and_protection_error_codes() {
-        let ram = ram();
-        tables(&ram, 0x9000 | 1); // present, read-only, supervisor
-        let mode = long_mode(CR4_SMAP | CR4_SMEP);
-        let missing = mode.translate(&ram, 0x6000, Access::write(true, false));
-        assert_eq!(
-            missing,
-            Err(Fault::PageFault {
-                address: 0x6000,
-                error_code: PF_WRITE | PF_USER
-            })
-        );
-        let user_on_supervisor = mode.translate(&ram, 0x5000, Access::read(true, false));
-        assert_eq!(
-            user_on_supervisor,
-            Err(Fault::PageFault {
-                address: 0x5000,
-                error_code: PF_PRESENT | PF_USER
-            })
-        );
-        let wp = mode.translate(&ram, 0x5008, Access::write(false, false));
-        assert_eq!(
-            wp,
-            Err(Fault::PageFault {
-                address: 0x5008,
-                error_code: PF_PRESENT | PF_WRITE
-            })
-        );
-    }
-
-    #[test]
-    fn smap_and_smep_follow_ac_and_access_kind() {
-        let ram = ram();
-        tables(&ram, 0x9000 | 7);
-        let mode = long_mode(CR4_SMAP | CR4_SMEP);
-        assert!(
-            mode.translate(&ram, 0x5000, Access::read(false, false))
-                .is_err()
-        );
-        assert_eq!(
-            mode.translate(&ram, 0x5000, Access::read(false, true)),
-            Ok(0x9000)
-        );
-        let fetch = Access {
-            fetch: true,
-            ..Access::default()
-        };
-        assert_eq!(
-            mode.translate(&ram, 0x5000, fetch),
-            Err(Fault::PageFault {
-                address: 0x5000,
-                error_code: PF_PRESENT | PF_FETCH
-            })
-        );
-    }
-
-    #[test]
-    fn reserved_bits_report_rsvd() {
-        let ram = ram();
-        tables(&ram, (1 << 50) | 0x9000 | 7);
-        let mode = long_mode(0);
-        assert_eq!(
-            mode.translate(&ram, 0x5000, Access::read(false, false)),
-            Err(Fault::PageFault {
-                address: 0x5000,
-                error_code: PF_PRESENT | PF_RESERVED
-            })
-        );
-    }
-
-    #[test]
-    fn thirty_two_bit_paging_with_4m_pages() {
-        let ram = ram();
-        assert!(ram.write_from(0x1000 + 4, &(0x40_0000u32 | 0x83).to_le_bytes()));
-        assert!(ram.write_from(0x1000, &(0x2000u32 | 3).to_le_bytes()));
-        assert!(ram.write_from(0x2000 + 4, &(0x7000u32 | 3).to_le_bytes()));
-        let mode = PagingMode {
-            cr0: CR0_PG | 1,
-            cr3: 0x1000,
-            cr4: CR4_PSE,
-            efer: 0,
-            physical_bits: 36,
-        };
-        assert_eq!(
-            mode.translate(&ram, 0x41_2345, Access::read(false, false)),
-            Ok(0x41_2345)
-        );
-        assert_eq!(
-            mode.translate(&ram, 0x1abc, Access::read(false, false)),
-            Ok(0x7abc)
-        );
-    }
-}
+mod tests;
