@@ -8,6 +8,7 @@ use kvm_bindings::{
     kvm_vcpu_events,
 };
 use kvm_ioctls::VcpuFd;
+use std::ops::{Deref, DerefMut};
 
 use super::Stop;
 use crate::run_page::RunPage;
@@ -55,15 +56,47 @@ pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LMA: u64 = 1 << 10;
 pub const EFER_NXE: u64 = 1 << 11;
 
-/// Registers of one exit, with what changed.
+/// Registers of one exit, with what changed, and the vCPU they go back to.
 pub struct Cpu<'a> {
     pub fd: &'a VcpuFd,
     /// The run page when KVM syncs registers through it (KVM_CAP_SYNC_REGS).
     page: Option<&'a RunPage>,
+    state: CpuState,
+}
+
+/// The registers alone: what the architectural views and most completions need, so
+/// that unit tests can build one without a vCPU.
+#[derive(Debug, Clone)]
+pub struct CpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
     regs_changed: bool,
     sregs_changed: bool,
+}
+
+impl CpuState {
+    pub fn new(regs: kvm_regs, sregs: kvm_sregs) -> Self {
+        Self {
+            regs,
+            sregs,
+            regs_changed: false,
+            sregs_changed: false,
+        }
+    }
+}
+
+impl Deref for Cpu<'_> {
+    type Target = CpuState;
+
+    fn deref(&self) -> &CpuState {
+        &self.state
+    }
+}
+
+impl DerefMut for Cpu<'_> {
+    fn deref_mut(&mut self) -> &mut CpuState {
+        &mut self.state
+    }
 }
 
 impl<'a> Cpu<'a> {
@@ -83,10 +116,7 @@ impl<'a> Cpu<'a> {
         Ok(Self {
             fd,
             page,
-            regs,
-            sregs,
-            regs_changed: false,
-            sregs_changed: false,
+            state: CpuState::new(regs, sregs),
         })
     }
 
@@ -95,10 +125,7 @@ impl<'a> Cpu<'a> {
         Self {
             fd: self.fd,
             page: self.page,
-            regs,
-            sregs,
-            regs_changed: false,
-            sregs_changed: false,
+            state: CpuState::new(regs, sregs),
         }
     }
 
@@ -154,7 +181,9 @@ impl<'a> Cpu<'a> {
                 .map_err(|e| Stop::ioctl("KVM_SET_VCPU_EVENTS", e)),
         }
     }
+}
 
+impl CpuState {
     pub fn regs_mut(&mut self) -> &mut kvm_regs {
         self.regs_changed = true;
         &mut self.regs

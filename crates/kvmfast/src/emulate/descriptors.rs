@@ -4,7 +4,7 @@
 use kvm_bindings::kvm_segment;
 
 use super::Stop;
-use super::cpu::Cpu;
+use super::cpu::CpuState;
 use super::exceptions::Fault;
 use super::linear::GuestMemory;
 use super::paging::Access;
@@ -64,7 +64,7 @@ pub fn segment_from_raw(raw: u64, selector: u16) -> kvm_segment {
 /// Reads the descriptor a non-null selector names; #GP(selector) when it lies beyond the
 /// table's limit.
 pub fn read_descriptor(
-    cpu: &Cpu<'_>,
+    cpu: &CpuState,
     memory: &GuestMemory<'_>,
     selector: u16,
 ) -> Result<Descriptor, Stop> {
@@ -103,7 +103,7 @@ pub fn null_segment(selector: u16) -> kvm_segment {
 
 /// Sets the accessed bit of a descriptor that is being loaded (SDM Vol. 3A 3.4.5.1).
 pub fn mark_accessed(
-    cpu: &Cpu<'_>,
+    cpu: &CpuState,
     memory: &GuestMemory<'_>,
     selector: u16,
     descriptor: &Descriptor,

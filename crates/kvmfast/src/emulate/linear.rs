@@ -11,7 +11,7 @@ use kvm_bindings::kvm_segment;
 use pyo3::prelude::*;
 
 use super::Stop;
-use super::cpu::{CR0_AM, Cpu, RFLAGS_AC};
+use super::cpu::{CR0_AM, Cpu, CpuState, RFLAGS_AC};
 use super::exceptions::Fault;
 use super::paging::{Access, PagingMode};
 use crate::address_map::RangeMap;
@@ -266,7 +266,7 @@ fn check_segment(
 }
 
 /// Bits 63:47 (63:56 with 5-level paging) must equal bit 47 (56).
-pub fn canonical(cpu: &Cpu<'_>, address: u64) -> bool {
+pub fn canonical(cpu: &CpuState, address: u64) -> bool {
     let bits = if cpu.sregs.cr4 & super::cpu::CR4_LA57 != 0 {
         57
     } else {

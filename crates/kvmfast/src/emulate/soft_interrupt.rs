@@ -6,7 +6,7 @@
 use iced_x86::Mnemonic;
 
 use super::cpu::{
-    Cpu, RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM,
+    CpuState, RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM,
 };
 use super::descriptors::{mark_accessed, null_segment, read_descriptor};
 use super::exceptions::Fault;
@@ -46,7 +46,7 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
 
 /// Delivers `vector` in protected or IA-32e mode with `return_rip` in the frame.
 pub fn deliver(
-    cpu: &mut Cpu<'_>,
+    cpu: &mut CpuState,
     memory: &GuestMemory<'_>,
     vector: u8,
     software: bool,
@@ -227,7 +227,7 @@ pub fn deliver(
     Ok(())
 }
 
-fn tss_check(cpu: &Cpu<'_>, offset: u64, size: u64) -> Result<u64, Stop> {
+fn tss_check(cpu: &CpuState, offset: u64, size: u64) -> Result<u64, Stop> {
     let tr = &cpu.sregs.tr;
     if tr.unusable != 0 || offset + size - 1 > u64::from(tr.limit) {
         return Err(Stop::Fault(Fault::InvalidTss(u32::from(tr.selector & !3))));
@@ -235,19 +235,19 @@ fn tss_check(cpu: &Cpu<'_>, offset: u64, size: u64) -> Result<u64, Stop> {
     Ok(tr.base.wrapping_add(offset))
 }
 
-fn tss_u64(cpu: &Cpu<'_>, memory: &GuestMemory<'_>, offset: u64) -> Result<u64, Stop> {
+fn tss_u64(cpu: &CpuState, memory: &GuestMemory<'_>, offset: u64) -> Result<u64, Stop> {
     let address = tss_check(cpu, offset, 8)?;
     memory.read_u64(address, Access::supervisor(false))
 }
 
-fn tss_u32(cpu: &Cpu<'_>, memory: &GuestMemory<'_>, offset: u64) -> Result<u32, Stop> {
+fn tss_u32(cpu: &CpuState, memory: &GuestMemory<'_>, offset: u64) -> Result<u32, Stop> {
     let address = tss_check(cpu, offset, 4)?;
     Ok(memory.read_value(address, 4, Access::supervisor(false))? as u32)
 }
 
 /// Real-address mode (SDM Vol. 3A 20.1.4): FLAGS, CS, IP pushed; CS:IP from the IVT.
 fn deliver_real_mode(
-    cpu: &mut Cpu<'_>,
+    cpu: &mut CpuState,
     memory: &GuestMemory<'_>,
     vector: u8,
     return_rip: u64,
@@ -287,3 +287,6 @@ fn deliver_real_mode(
     regs.rip = vector_entry & 0xffff;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
