@@ -227,7 +227,7 @@ fn pae_pdpte_reserved_bits() {
     }
 }
 
-/// SDM Vol. 3A 4.4.2 and Tables 4-10 to 4-12: in PAE PDEs and PTEs bits 62:MAXPHYADDR
+/// SDM Vol. 3A 4.4.2 and Tables 4-9 to 4-11: in PAE PDEs and PTEs bits 62:MAXPHYADDR
 /// are reserved (in the 4-level formats only 51:MAXPHYADDR: 62:52 are ignored there).
 #[test]
 fn pae_entries_reserve_bits_up_to_62() {
