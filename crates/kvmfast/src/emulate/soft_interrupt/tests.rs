@@ -92,12 +92,26 @@ impl Machine {
     }
 
     fn memory(&self) -> GuestMemory<'_> {
+        self.memory_with(paging())
+    }
+
+    fn memory_with(&self, paging: PagingMode) -> GuestMemory<'_> {
         GuestMemory {
             ram: &self.ram,
             mmio: &self.mmio,
-            paging: paging(),
+            paging,
             device_exit: Cell::new(None),
         }
+    }
+
+    fn put32(&self, address: u64, value: u32) {
+        assert!(self.ram.write_from(address, &value.to_le_bytes()));
+    }
+
+    fn get32(&self, address: u64) -> u32 {
+        let mut bytes = [0u8; 4];
+        assert!(self.ram.read_into(address, &mut bytes));
+        u32::from_le_bytes(bytes)
     }
 }
 
@@ -381,4 +395,140 @@ fn unmapped_rsp0_stack_raises_pf() {
             error_code: PF_WRITE
         }
     );
+}
+
+/// Flat 32-bit protected mode, paging off: kernel code/data at 0x08/0x10, user
+/// code/data at 0x1b/0x23, a 32-bit TSS with SS0:ESP0 = 0x10:ESP0_32.
+const ESP0_32: u32 = 0x20_0ffa;
+const HANDLER_32: u32 = 0x0012_3456;
+
+fn protected_mode_machine() -> Machine {
+    let machine = Machine::new();
+    machine.put(GDT + 0x08, 0x00cf_9a00_0000_ffff);
+    machine.put(GDT + 0x10, 0x00cf_9300_0000_ffff);
+    machine.put(GDT + 0x18, 0x00cf_fb00_0000_ffff);
+    machine.put(GDT + 0x20, 0x00cf_f300_0000_ffff);
+    machine.put32(TSS + 4, ESP0_32);
+    machine.put32(TSS + 8, 0x10);
+    machine
+}
+
+/// An 8-byte 32-bit gate (SDM Vol. 3A Figure 6-2).
+fn gate32(machine: &Machine, vector: u8, kind: u64, dpl: u64) {
+    let handler = u64::from(HANDLER_32);
+    let gate = (handler & 0xffff)
+        | (u64::from(KERNEL_CS) << 16)
+        | ((0x80 | (dpl << 5) | kind) << 40)
+        | ((handler >> 16) << 48);
+    machine.put(IDT + u64::from(vector) * 8, gate);
+}
+
+fn protected_mode() -> PagingMode {
+    PagingMode {
+        cr0: CR0_PE,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+        physical_bits: 46,
+    }
+}
+
+fn user_cpu_32() -> CpuState {
+    let mut cpu = user_cpu();
+    cpu.sregs.cs = segment_from_raw(0x00cf_fb00_0000_ffff, 0x1b);
+    cpu.sregs.ss = segment_from_raw(0x00cf_f300_0000_ffff, 0x23);
+    cpu.sregs.idt = table(IDT, 0x7ff);
+    cpu.sregs.cr0 = CR0_PE;
+    cpu.sregs.cr4 = 0;
+    cpu.sregs.efer = 0;
+    cpu.regs.rflags = RFLAGS_IF | RFLAGS_TF | 2;
+    cpu
+}
+
+/// SDM Vol. 3A 6.12.1, Figure 6-4: INT n from CPL 3 in 32-bit protected mode loads
+/// SS0:ESP0 from the TSS and pushes SS, ESP, EFLAGS, CS, EIP as doublewords.
+#[test]
+fn int_from_cpl3_in_protected_mode_switches_to_ss0_esp0() {
+    let machine = protected_mode_machine();
+    gate32(&machine, 0x80, GATE_INTERRUPT, 3);
+    let mut cpu = user_cpu_32();
+    let memory = machine.memory_with(protected_mode());
+    delivered(deliver(&mut cpu, &memory, 0x80, true, RETURN_RIP));
+
+    let esp = u64::from(ESP0_32) - 20;
+    assert_eq!(cpu.regs.rsp, esp);
+    assert_eq!(
+        [0, 4, 8, 12, 16].map(|offset| machine.get32(esp + offset)),
+        [
+            RETURN_RIP as u32,
+            0x1b,
+            (RFLAGS_IF | RFLAGS_TF | 2) as u32,
+            USER_RSP as u32,
+            0x23
+        ]
+    );
+    assert_eq!(cpu.regs.rip, u64::from(HANDLER_32));
+    assert_eq!(cpu.regs.rflags, 2);
+    assert_eq!((cpu.sregs.cs.selector, cpu.sregs.ss.selector), (0x08, 0x10));
+    assert_eq!(cpu.cpl(), 0);
+}
+
+/// SDM Vol. 2A INT n: an SS0 whose RPL is not the new CPL, or that is not a writable
+/// data segment, is #TS(SS0 selector).
+#[test]
+fn bad_ss0_in_the_tss_raises_ts() {
+    let machine = protected_mode_machine();
+    gate32(&machine, 0x80, GATE_INTERRUPT, 3);
+    let memory = machine.memory_with(protected_mode());
+    machine.put32(TSS + 8, 0x13);
+    assert_eq!(
+        fault(deliver(&mut user_cpu_32(), &memory, 0x80, true, RETURN_RIP)),
+        Fault::InvalidTss(0x10)
+    );
+    machine.put32(TSS + 8, 0x08);
+    assert_eq!(
+        fault(deliver(&mut user_cpu_32(), &memory, 0x80, true, RETURN_RIP)),
+        Fault::InvalidTss(0x08)
+    );
+}
+
+/// SDM Vol. 3A 20.1.4: in real-address mode INT n pushes FLAGS, CS and IP and loads
+/// CS:IP from the 4-byte IVT entry, clearing IF, TF and AC.
+#[test]
+fn int_in_real_mode_goes_through_the_ivt() {
+    let machine = Machine::new();
+    machine.put32(0x10 * 4, 0x1234_5678);
+    let mut cpu = user_cpu();
+    cpu.sregs.cr0 = 0;
+    cpu.sregs.efer = 0;
+    cpu.sregs.idt = table(0, 0x3ff);
+    cpu.sregs.cs = kvm_segment {
+        selector: 0x100,
+        base: 0x1000,
+        limit: 0xffff,
+        ..Default::default()
+    };
+    cpu.sregs.ss = kvm_segment {
+        selector: 0x2000,
+        base: 0x2_0000,
+        limit: 0xffff,
+        ..Default::default()
+    };
+    cpu.regs.rsp = 0x1000;
+    cpu.regs.rflags = RFLAGS_IF | RFLAGS_TF | RFLAGS_AC | 2;
+    let memory = machine.memory_with(PagingMode {
+        cr0: 0,
+        ..protected_mode()
+    });
+    delivered(deliver_real_mode(&mut cpu, &memory, 0x10, 0x0234));
+    assert_eq!(cpu.regs.rsp, 0x1000 - 6);
+    let mut frame = [0u8; 6];
+    assert!(machine.ram.read_into(0x2_0000 + 0x1000 - 6, &mut frame));
+    let words = [0, 2, 4].map(|i| u16::from_le_bytes([frame[i], frame[i + 1]]));
+    assert_eq!(words, [0x0234, 0x100, (RFLAGS_IF | RFLAGS_TF | 2) as u16]);
+    assert_eq!(
+        (cpu.sregs.cs.selector, cpu.sregs.cs.base, cpu.regs.rip),
+        (0x1234, 0x12340, 0x5678)
+    );
+    assert_eq!(cpu.regs.rflags, 2);
 }
