@@ -1,6 +1,7 @@
-//! INT n delivered in IA-32e mode (SDM Vol. 2A "INT n/INTO/INT3/INT1" pseudo-code,
-//! Vol. 3A 6.12 and 6.14) on registers and guest RAM built here, without a vCPU: what
-//! this host's KVM cannot show us, since it raises #UD for a user-mode INT n itself.
+//! INT n delivered in IA-32e mode, 32-bit protected mode and real mode (SDM Vol. 2A
+//! "INT n/INTO/INT3/INT1" pseudo-code, Vol. 3A 6.12, 6.14 and 20.1.4) on registers and
+//! guest RAM built here, without a vCPU: what this host's KVM cannot show us, since it
+//! raises #UD for a user-mode INT n itself.
 
 use std::cell::Cell;
 use std::sync::{Arc, RwLock};
