@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvm_vmm import acpi, layout
+from kvm_vmm import acpi, board, layout
+from kvm_vmm.platform_table import pc_board
 
 BASE = layout.ACPI_TABLES.start
 
@@ -53,12 +54,12 @@ def parse(blob: bytes, rsdp_address: int) -> dict[bytes, Table]:
 
 @pytest.fixture
 def two_cpu_tables() -> tuple[bytes, int, dict[bytes, Table]]:
-    blob, rsdp = acpi.build_acpi_tables(2)
+    blob, rsdp = acpi.build_acpi_tables(pc_board(), 2)
     return blob, rsdp, parse(blob, rsdp)
 
 
 def test_rsdp_5_2_5_3_is_revision_2_with_both_checksums_in_legacy_scan_window() -> None:
-    blob, rsdp = acpi.build_acpi_tables(1)
+    blob, rsdp = acpi.build_acpi_tables(pc_board(), 1)
     assert rsdp == BASE
     assert rsdp % 16 == 0 and 0xE0000 <= rsdp < 0x100000  # section 5.2.5.1
     table = blob[:36]
@@ -153,7 +154,7 @@ def test_dsdt_aml_20_declares_s5_with_the_documented_sleep_type(
     aml = tables[b"DSDT"].data[36:]
     # NameOp "_S5_" PackageOp PkgLength NumElements=4 BytePrefix 5 BytePrefix 5 Zero Zero
     assert aml == bytes([0x08]) + b"_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 5, 0x0A, 5, 0, 0])
-    assert acpi.SLP_TYP_S5 == 5
+    assert board.SLP_TYP_S5 == 5
 
 
 def test_madt_5_2_12_entries(two_cpu_tables: tuple[bytes, int, dict[bytes, Table]]) -> None:
@@ -184,20 +185,20 @@ def test_madt_5_2_12_entries(two_cpu_tables: tuple[bytes, int, dict[bytes, Table
 @pytest.mark.parametrize("ncpus", [0, 255])
 def test_vcpu_count_outside_the_xapic_range_is_refused(ncpus: int) -> None:
     with pytest.raises(acpi.AcpiError, match="vCPUs"):
-        acpi.build_acpi_tables(ncpus)
+        acpi.build_acpi_tables(pc_board(), ncpus)
 
 
 def test_misaligned_base_is_refused() -> None:
     with pytest.raises(acpi.AcpiError, match="16-byte aligned"):
-        acpi.build_acpi_tables(1, base=0xE0008)
+        acpi.build_acpi_tables(pc_board(), 1, base=0xE0008)
 
 
 def test_madt_scales_to_many_vcpus() -> None:
-    blob, rsdp = acpi.build_acpi_tables(acpi.MAX_VCPUS)
+    blob, rsdp = acpi.build_acpi_tables(pc_board(), board.MAX_CPUS)
     tables = parse(blob, rsdp)
     madt = tables[b"APIC"].data
     assert sum(madt) % 256 == 0
-    assert len(madt) == 44 + 8 * acpi.MAX_VCPUS + 12 + 10 + 10 + 6
+    assert len(madt) == 44 + 8 * board.MAX_CPUS + 12 + 10 + 10 + 6
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ Reference: ACPI Specification 6.5, §4.8.3 "Fixed Hardware Registers":
 §4.8.3.1.1 PM1 Status Registers (table 4.11), §4.8.3.1.2 PM1 Enable Registers
 (table 4.12), §4.8.3.2.1 PM1 Control Registers (table 4.13), §4.8.3.3 Power Management
 Timer (PM_TMR). The FADT that describes this block must say PM1_EVT_LEN=4, PM1_CNT_LEN=2,
-PM_TMR_LEN=4, SCI_INT=9, TMR_VAL_EXT=0 (24-bit timer) and SMI_CMD=0.
+PM_TMR_LEN=4, TMR_VAL_EXT=0 (24-bit timer) and SMI_CMD=0. Where the three blocks sit and
+which line the SCI is are the platform's: the device sees offsets within each block and
+drives the ``sci`` line it is given.
 
 Choices where the specification leaves them to the platform:
 
@@ -21,7 +23,7 @@ Choices where the specification leaves them to the platform:
   The SCI level is updated once, after the whole access. PM_TMR is read-only.
 * Writing SLP_EN=1 calls ``on_sleep(SLP_TYPx)`` with the SLP_TYPx value of the same
   write, whatever that value is: its meaning comes from the DSDT's ``\\_Sx`` packages,
-  which the VMM owns (ours announces only ``\\_S5`` = :data:`SLP_TYP_S5`). Linux waits for
+  which the VMM owns. Linux waits for
   WAK_STS after entering S1-S4, so a VMM that resumes the guest calls :meth:`AcpiPm.wake`.
 * The PM timer is ``floor(elapsed_ns * 3579545 / 10**9) mod 2**24`` of the Clock,
   counted exactly (the sub-tick phase is kept as an integer). It starts at 0 when the
@@ -47,15 +49,9 @@ from typing import Protocol, TypeVar
 
 from kvm_devices.interfaces import Clock, InterruptLine, Timer, TimerHandle
 
-PM1A_EVT_BLK = 0x600
-PM1A_CNT_BLK = 0x604
-PM_TMR_BLK = 0x608
 PM1_EVT_LEN = 4
 PM1_CNT_LEN = 2
 PM_TMR_LEN = 4
-SCI_IRQ = 9
-SLP_TYP_S5 = 5
-"""The SLP_TYPx value of the soft-off state; the DSDT's ``\\_S5`` package announces it."""
 
 PM_TIMER_HZ = 3_579_545
 PM_TIMER_BITS = 24
@@ -166,14 +162,9 @@ class _RegisterBlock:
 class AcpiPm:
     """PM1a_EVT_BLK, PM1a_CNT_BLK and PM_TMR_BLK of an ACPI (non-reduced) PC platform."""
 
-    PM1A_EVT_BLK = PM1A_EVT_BLK
     PM1_EVT_LEN = PM1_EVT_LEN
-    PM1A_CNT_BLK = PM1A_CNT_BLK
     PM1_CNT_LEN = PM1_CNT_LEN
-    PM_TMR_BLK = PM_TMR_BLK
     PM_TMR_LEN = PM_TMR_LEN
-    SCI_IRQ = SCI_IRQ
-    SLP_TYP_S5 = SLP_TYP_S5
 
     def __init__(
         self,

@@ -75,6 +75,8 @@ RTE_WRITABLE = (
 )
 RTE_RESET = RTE_MASKED
 
+# The MSI address format (Intel SDM vol. 3A §11.11.1): bits 31-20 are 0xFEE whatever the
+# platform, so this is no board address.
 MSI_ADDRESS_BASE = 0xFEE0_0000
 MSI_DEST_SHIFT = 12
 MSI_DEST_MODE_SHIFT = 2
@@ -124,7 +126,6 @@ class IoapicState:
 class Ioapic:
     """An 82093AA-compatible IOAPIC with ``pins`` inputs, version 0x20 (with EOI register)."""
 
-    BASE = 0xFEC0_0000
     SIZE = 0x1000
 
     IOREGSEL = 0x00

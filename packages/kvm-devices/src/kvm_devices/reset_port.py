@@ -1,4 +1,4 @@
-"""The PIIX/ICH reset control register at I/O port 0xCF9.
+"""The PIIX/ICH reset control register (I/O port 0xCF9 on those chips; the platform places it).
 
 References: Intel 82371AB PIIX4 datasheet (290562-001), "RC—Reset Control Register"
 (I/O 0CF9h): bit 1 SRST/SYS_RST selects a hard (1) or soft (0) reset, bit 2 RCPU/RST_CPU
@@ -52,7 +52,6 @@ class ResetPortState:
 class ResetPort:
     """Reset control register: writing bit 2 (RST_CPU) resets the machine."""
 
-    BASE = 0xCF9
     SIZE = 1
     RESET_VALUE = SYS_RST | RST_CPU
     """What the FADT's RESET_VALUE holds for RESET_REG = this port (0x06, a hard reset)."""

@@ -4,24 +4,32 @@ The blob holds, in order: RSDP (first, so that a blob at 0xE0000 puts it on
 the 16-byte boundary the legacy scan of section 5.2.5.1 finds), FACS (64-byte
 aligned, section 5.2.10), DSDT, FADT, MADT, XSDT and RSDT.
 
-What the tables promise the rest of the VMM (the PM device model and the
-wiring must match):
+Every address, port and line the tables name comes from the platform table
+(:mod:`kvm_vmm.platform_table`), the same one the machine maps into its bus; the
+numbers themselves are in :mod:`kvm_vmm.board`. What the tables promise the rest of
+the VMM:
 
 - The machine is always in ACPI mode: SMI_CMD is 0, so PM1a_CNT.SCI_EN
   (bit 0) must read 1 from reset.
-- PM1a event block at I/O 0x600 (4 bytes: PM1_STS, PM1_EN), PM1a control at
-  0x604 (2 bytes), the 24-bit PM timer at 0x608 (4 bytes; TMR_VAL_EXT clear).
+- PM1a event block (4 bytes: PM1_STS, PM1_EN), PM1a control block (2 bytes)
+  and the 24-bit PM timer (4 bytes; TMR_VAL_EXT clear): the acpi-pm device's
+  three windows.
 - The power button is a fixed feature (FADT PWR_BUTTON clear): the VMM asks
   the guest to power off by setting PM1_STS.PWRBTN_STS (bit 8) and raising
   the SCI if PM1_EN.PWRBTN_EN is set. There is no sleep button.
-- Soft-off: the DSDT's \\_S5_ gives SLP_TYPa = :data:`SLP_TYP_S5` (5). The
-  guest writes PM1a_CNT with SLP_TYP (bits 10-12) = 5 and SLP_EN (bit 13).
-- Reset: FADT RESET_REG is I/O port 0xCF9, written with 0x06.
-- The SCI is ISA IRQ 9, level-triggered active high (an interrupt source
-  override says so), on IOAPIC pin 9.
+- Soft-off: the DSDT's \\_S5_ gives SLP_TYPa = ``board.SLP_TYP_S5``. The guest
+  writes PM1a_CNT with that SLP_TYP (bits 10-12) and SLP_EN (bit 13).
+- Reset: FADT RESET_REG is the reset device's I/O port, written with
+  ``ResetPort.RESET_VALUE``.
+- The SCI is the acpi-pm device's ISA IRQ, level-triggered active high (an
+  interrupt source override says so), on the IOAPIC pin of the same number.
 - MADT: one enabled local APIC per vCPU, APIC ID = ACPI processor UID = the
-  vCPU index; one IOAPIC with ID ``ncpus`` at 0xFEC00000, GSI base 0; IRQ 0
-  is on GSI 2; LINT1 of every local APIC is the NMI input.
+  vCPU index; one IOAPIC with ID ``board.ioapic_id(ncpus)`` at the ioapic
+  device's window, GSI base ``board.IOAPIC_GSI_BASE``; each ISA IRQ wired to
+  another pin (IRQ0 to GSI 2) has an override; LINT1 of every local APIC is
+  the NMI input.
+- FADT IAPC_BOOT_ARCH: LEGACY_DEVICES and 8042 are set exactly when the table
+  holds devices described that way.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from kvm_vmm import layout
+from kvm_devices.reset_port import ResetPort
+from kvm_vmm import board, layout
+from kvm_vmm.interrupts import ISA_IRQ_TO_IOAPIC_PIN
+from kvm_vmm.platform_table import Description, PlatformTable
 
 OEM_ID = b"KVMVMM"
 OEM_TABLE_ID = b"KVMVMM  "
@@ -37,23 +48,7 @@ OEM_REVISION = 1
 CREATOR_ID = b"KVMV"
 CREATOR_REVISION = 1
 
-PM_BASE = 0x600
-PM1A_EVT_BLK = PM_BASE
-PM1_EVT_LEN = 4
-PM1A_CNT_BLK = PM_BASE + 4
-PM1_CNT_LEN = 2
-PM_TMR_BLK = PM_BASE + 8
-PM_TMR_LEN = 4
-SCI_IRQ = 9
-RESET_PORT = 0xCF9
-RESET_VALUE = 0x06
 RTC_CENTURY_INDEX = 0x32
-
-SLP_TYP_S5 = 5
-PM1_CNT_SLP_TYP_SHIFT = 10
-PM1_CNT_SLP_EN = 1 << 13
-
-MAX_VCPUS = 254  # 8-bit xAPIC IDs, 0xFF is the broadcast ID, and the IOAPIC takes ncpus
 
 HEADER_SIZE = 36
 RSDP_SIZE = 36
@@ -88,8 +83,6 @@ MPS_POLARITY_ACTIVE_HIGH = 0b01
 MPS_TRIGGER_EDGE = 0b01 << 2
 MPS_TRIGGER_LEVEL = 0b11 << 2
 ALL_PROCESSORS = 0xFF
-TIMER_IRQ = 0
-TIMER_GSI = 2
 
 # AML opcodes (section 20.3)
 AML_ZERO = 0x00
@@ -238,66 +231,91 @@ def build_facs() -> bytes:
 def build_dsdt() -> bytes:
     """DSDT revision 2 (64-bit integers) holding only the \\_S5_ sleep package."""
     sleep_types = aml_package(
-        [aml_integer(SLP_TYP_S5), aml_integer(SLP_TYP_S5), aml_integer(0), aml_integer(0)]
+        [
+            aml_integer(board.SLP_TYP_S5),
+            aml_integer(board.SLP_TYP_S5),
+            aml_integer(0),
+            aml_integer(0),
+        ]
     )
     return sdt(b"DSDT", 2, aml_name("_S5_", sleep_types))
 
 
-def build_fadt(facs_address: int, dsdt_address: int) -> bytes:
-    """FADT revision 6.5 (section 5.2.9, table 5.9)."""
+def _iapc_boot_arch(table: PlatformTable) -> int:
+    flags = IAPC_VGA_NOT_PRESENT
+    if table.described_by(Description.LEGACY):
+        flags |= IAPC_LEGACY_DEVICES
+    if table.described_by(Description.I8042):
+        flags |= IAPC_8042
+    return flags
+
+
+def build_fadt(table: PlatformTable, facs_address: int, dsdt_address: int) -> bytes:
+    """FADT revision 6.5 (section 5.2.9, table 5.9) for the table's acpi-pm and reset devices."""
     body = bytearray(FADT_SIZE - HEADER_SIZE)
 
     def put(fmt: str, offset: int, *values: int | bytes) -> None:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
+    acpi_pm = table.entry("acpi-pm")
+    (sci,) = acpi_pm.irqs
+    event = acpi_pm.window("pm1a-evt")
+    control = acpi_pm.window("pm1a-cnt")
+    timer = acpi_pm.window("pm-tmr")
+    reset = table.entry("reset").window("reset")
     # FIRMWARE_CTRL (36) stays 0: with X_FIRMWARE_CTRL set it must be (table 5.9), and
     # Linux lists a FACS named in both twice.
     put("<I", 40, dsdt_address)
-    put("<H", 46, SCI_IRQ)  # SMI_CMD (48) stays 0: always in ACPI mode
-    put("<IIII", 56, PM1A_EVT_BLK, 0, PM1A_CNT_BLK, 0)
-    put("<I", 76, PM_TMR_BLK)
-    put("<BBBB", 88, PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
+    put("<H", 46, sci)  # SMI_CMD (48) stays 0: always in ACPI mode
+    put("<IIII", 56, event.base, 0, control.base, 0)
+    put("<I", 76, timer.base)
+    put("<BBBB", 88, event.length, control.length, 0, timer.length)
     # C2/C3 latencies above 100/1000 µs say those states are not supported.
     put("<HH", 96, 101, 1001)
     put("<B", 108, RTC_CENTURY_INDEX)
-    put("<H", 109, IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT)
+    put("<H", 109, _iapc_boot_arch(table))
     put("<I", 112, FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
-    put("<12s", 116, gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, RESET_PORT))
-    put("<B", 128, RESET_VALUE)
+    put("<12s", 116, gas(GAS_SYSTEM_IO, 8 * reset.length, GAS_ACCESS_BYTE, reset.base))
+    put("<B", 128, ResetPort.RESET_VALUE)
     put("<B", 131, FADT_MINOR_REVISION)
     put("<QQ", 132, facs_address, dsdt_address)
-    put("<12s", 148, gas(GAS_SYSTEM_IO, 8 * PM1_EVT_LEN, GAS_ACCESS_WORD, PM1A_EVT_BLK))
-    put("<12s", 172, gas(GAS_SYSTEM_IO, 8 * PM1_CNT_LEN, GAS_ACCESS_WORD, PM1A_CNT_BLK))
-    put("<12s", 208, gas(GAS_SYSTEM_IO, 8 * PM_TMR_LEN, GAS_ACCESS_DWORD, PM_TMR_BLK))
+    put("<12s", 148, gas(GAS_SYSTEM_IO, 8 * event.length, GAS_ACCESS_WORD, event.base))
+    put("<12s", 172, gas(GAS_SYSTEM_IO, 8 * control.length, GAS_ACCESS_WORD, control.base))
+    put("<12s", 208, gas(GAS_SYSTEM_IO, 8 * timer.length, GAS_ACCESS_DWORD, timer.base))
     put("<8s", 268, b"KVMVMM\0\0")
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
-def build_madt(ncpus: int) -> bytes:
-    """MADT revision 5 (section 5.2.12)."""
+def _override(irq: int, gsi: int, flags: int) -> bytes:
+    """An ISA interrupt source override (section 5.2.12.5)."""
+    return struct.pack("<BBBBIH", MADT_INTERRUPT_SOURCE_OVERRIDE, 10, 0, irq, gsi, flags)
+
+
+def build_madt(table: PlatformTable, ncpus: int) -> bytes:
+    """MADT revision 5 (section 5.2.12) for ``ncpus`` local APICs and the table's IOAPIC."""
     entries = [
         struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, LOCAL_APIC_ENABLED)
         for cpu in range(ncpus)
     ]
-    entries.append(struct.pack("<BBBBII", MADT_IO_APIC, 12, ncpus, 0, layout.IOAPIC_ADDRESS, 0))
+    ioapic = table.entry("ioapic").window("ioapic")
     entries.append(
         struct.pack(
-            "<BBBBIH", MADT_INTERRUPT_SOURCE_OVERRIDE, 10, 0, TIMER_IRQ, TIMER_GSI, MPS_TRIGGER_EDGE
-        )
-    )
-    entries.append(
-        struct.pack(
-            "<BBBBIH",
-            MADT_INTERRUPT_SOURCE_OVERRIDE,
-            10,
+            "<BBBBII",
+            MADT_IO_APIC,
+            12,
+            board.ioapic_id(ncpus),
             0,
-            SCI_IRQ,
-            SCI_IRQ,
-            MPS_POLARITY_ACTIVE_HIGH | MPS_TRIGGER_LEVEL,
+            ioapic.base,
+            board.IOAPIC_GSI_BASE,
         )
     )
+    # ISA IRQs are edge-triggered, active high: the bus default, said only where moved.
+    for irq, gsi in sorted(ISA_IRQ_TO_IOAPIC_PIN.items()):
+        entries.append(_override(irq, gsi, MPS_TRIGGER_EDGE))
+    (sci,) = table.entry("acpi-pm").irqs
+    entries.append(_override(sci, sci, MPS_POLARITY_ACTIVE_HIGH | MPS_TRIGGER_LEVEL))
     entries.append(struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 1))
-    body = struct.pack("<II", layout.LAPIC_ADDRESS, MADT_PCAT_COMPAT) + b"".join(entries)
+    body = struct.pack("<II", board.LAPIC_ADDRESS, MADT_PCAT_COMPAT) + b"".join(entries)
     return sdt(b"APIC", 5, body)
 
 
@@ -320,21 +338,23 @@ class _Blob:
         return self.base + offset
 
 
-def build_acpi_tables(ncpus: int, base: int = layout.ACPI_TABLES.start) -> tuple[bytes, int]:
-    """All tables for ``ncpus`` vCPUs as one blob to be written at ``base``.
+def build_acpi_tables(
+    table: PlatformTable, ncpus: int, base: int = layout.ACPI_TABLES.start
+) -> tuple[bytes, int]:
+    """All tables for ``ncpus`` vCPUs and the devices of ``table``, as one blob for ``base``.
 
     Returns the blob and the RSDP's address (``base`` itself).
     """
-    if not 1 <= ncpus <= MAX_VCPUS:
-        raise AcpiError(f"{ncpus} vCPUs: the MADT's xAPIC entries describe 1 to {MAX_VCPUS}")
+    if not 1 <= ncpus <= board.MAX_CPUS:
+        raise AcpiError(f"{ncpus} vCPUs: the MADT's xAPIC entries describe 1 to {board.MAX_CPUS}")
     if base % 16:
         raise AcpiError(f"ACPI tables base 0x{base:x} is not 16-byte aligned (RSDP)")
     rsdp_offset = 0
     blob = _Blob(base, bytearray(RSDP_SIZE))
     facs = blob.place(build_facs(), alignment=64)
     dsdt = blob.place(build_dsdt())
-    fadt = blob.place(build_fadt(facs, dsdt))
-    madt = blob.place(build_madt(ncpus))
+    fadt = blob.place(build_fadt(table, facs, dsdt))
+    madt = blob.place(build_madt(table, ncpus))
     xsdt = blob.place(build_xsdt([fadt, madt]))
     rsdt = blob.place(build_rsdt([fadt, madt]))
     if base + len(blob.data) > 1 << 32:

@@ -13,7 +13,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
-ISA_IRQ_TO_IOAPIC_PIN = {0: 2}
+from kvm_vmm import board
+
+ISA_IRQ_TO_IOAPIC_PIN = {board.PIT_IRQ: board.PIT_GSI}
 
 
 class PicInput(Protocol):

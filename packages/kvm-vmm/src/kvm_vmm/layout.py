@@ -15,9 +15,8 @@ RAM that would fall in the 32-bit PCI/MMIO hole (3 GiB-4 GiB) is moved above
     0x000A_0000  VGA window and option ROMs              (reserved)
     0x000E_0000  ACPI tables, RSDP first (legacy scan)   (0x20000, up to 1 MiB)
     0x0010_0000  high memory: kernels load here and above
-    0xC000_0000  32-bit PCI/MMIO hole: no RAM
-    0xFEC0_0000  IOAPIC
-    0xFEE0_0000  local APICs
+    0xC000_0000  32-bit PCI/MMIO hole: no RAM; the PCI windows, the IOAPIC
+                 and the local APICs (kvm_vmm.board)
     0x1_0000_0000 RAM beyond 3 GiB continues here
 
 Every boot area lies below 0x9FC00 so that the e820 map can call all of them
@@ -70,8 +69,6 @@ HIGH_MEMORY_START = 0x100000
 
 PCI_HOLE_START = 0xC000_0000
 FOUR_GIB = 0x1_0000_0000
-IOAPIC_ADDRESS = 0xFEC0_0000
-LAPIC_ADDRESS = 0xFEE0_0000
 
 # What a loaded kernel image must never overwrite: the VMM fills these itself.
 VMM_AREAS: tuple[Region, ...] = (

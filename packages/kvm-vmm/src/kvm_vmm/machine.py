@@ -18,7 +18,7 @@ import kvmfast
 from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.pc_testdev import PcTestdev
-from kvm_vmm import cpu_setup, layout
+from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi import build_acpi_tables
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
@@ -27,12 +27,11 @@ from kvm_vmm.devices import add_device
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
+from kvm_vmm.platform_table import Window
 
 if TYPE_CHECKING:
     from kvmfast._native import Counters
 
-IOAPIC_PINS = 24
-MAX_CPUS = 254  # APIC IDs 0..253; the IOAPIC takes the next ID in the MADT
 MIN_MEMORY = 2 * layout.MIB
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
@@ -91,11 +90,11 @@ class Machine:
             raise MachineConfigError(
                 f"memory {config.memory_size} bytes is too small: at least {MIN_MEMORY >> 20} MiB"
             )
-        if not 1 <= config.cpus <= MAX_CPUS:
-            raise MachineConfigError(f"--cpus {config.cpus}: between 1 and {MAX_CPUS}")
+        if not 1 <= config.cpus <= board.MAX_CPUS:
+            raise MachineConfigError(f"--cpus {config.cpus}: between 1 and {board.MAX_CPUS}")
         self.config = config
         self.kvm = kvm if kvm is not None else kvmfast.Kvm()
-        self.vm = self.kvm.create_vm("split", IOAPIC_PINS)
+        self.vm = self.kvm.create_vm("split", board.IOAPIC_PINS)
         self.vm.emulation_fallback = config.emulation_fallback  # vCPUs inherit it
         self.ram = [
             self.vm.add_memory(region.start, region.size)
@@ -142,10 +141,15 @@ class Machine:
             self.vm.add_mmio(mapping.base, mapping.length, mapping.device)
 
     def add_pio_device(self, base: int, length: int, device: Device, name: str) -> None:
-        self.map_device(Mapping("pio", base, length, device, name))
+        self._add_device(Window("pio", base, length, name), device)
 
     def add_mmio_device(self, base: int, length: int, device: Device, name: str) -> None:
-        self.map_device(Mapping("mmio", base, length, device, name))
+        self._add_device(Window("mmio", base, length, name), device)
+
+    def _add_device(self, window: Window, device: Device) -> None:
+        """Register the window in the platform table (which refuses overlaps), then map it."""
+        self.platform.table.add(self.platform.table.unused_name(window.name), (window,))
+        self.map_device(Mapping(window.space, window.base, window.length, device, window.name))
 
     def add_device(self, spec: str) -> DebugExit | PcTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.devices)."""
@@ -173,7 +177,9 @@ class Machine:
 
     def install_acpi_tables(self) -> int:
         """Write the ACPI tables (RSDP first, where a legacy scan finds it); return the RSDP."""
-        blob, rsdp = build_acpi_tables(self.config.cpus, layout.ACPI_TABLES.start)
+        blob, rsdp = build_acpi_tables(
+            self.platform.table, self.config.cpus, layout.ACPI_TABLES.start
+        )
         self.write_memory(layout.ACPI_TABLES.start, blob)
         return rsdp
 

@@ -1,14 +1,15 @@
-"""The legacy PC platform of the machine: which device answers where, on which IRQ.
+"""The legacy PC platform of the machine: the device models, wired to each other.
 
-This module only builds the devices and says where they go; the machine maps
-them into kvmfast's address map and owns their lifetimes.
+Where each device answers and on which IRQ is the platform table's
+(:mod:`kvm_vmm.platform_table`); this module builds the models and pairs each window
+of the table with the model behind it. The machine maps those pairs into kvmfast's
+address map and owns the devices' lifetimes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from kvm_devices.acpi_pm import AcpiPm
 from kvm_devices.fw_cfg import FwCfg
@@ -21,15 +22,10 @@ from kvm_devices.port61 import Port61
 from kvm_devices.reset_port import ResetPort
 from kvm_devices.rtc import Rtc
 from kvm_devices.uart import Uart16550
+from kvm_vmm import board
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.interrupts import IsaIrqLine, KvmIoapicSink, RoutingVm
-
-SCI_IRQ = 9
-RTC_IRQ = 8
-KEYBOARD_IRQ = 1
-MOUSE_IRQ = 12
-
-AddressSpace = Literal["pio", "mmio"]
+from kvm_vmm.platform_table import AddressSpace, PlatformTable, pc_board
 
 
 @dataclass(frozen=True)
@@ -66,6 +62,7 @@ class Platform:
     acpi_pm: AcpiPm
     reset_port: ResetPort
     fw_cfg: FwCfg
+    table: PlatformTable
     mappings: list[Mapping] = field(default_factory=list)
 
     def isa_line(self, irq: int) -> IsaIrqLine:
@@ -81,44 +78,55 @@ def build_platform(
     ram_size: int,
     cpus: int,
 ) -> Platform:
+    table = pc_board()
     pic = PicPair(intr=events.extint)
-    ioapic = Ioapic(KvmIoapicSink(vm), timer=timers, clock=timers)
+    ioapic = Ioapic(KvmIoapicSink(vm), timer=timers, clock=timers, pins=board.IOAPIC_PINS)
 
-    def isa_line(irq: int) -> IsaIrqLine:
-        return IsaIrqLine(irq, pic, ioapic)
+    def line_of(device: str, index: int = 0) -> IsaIrqLine:
+        return IsaIrqLine(table.entry(device).irqs[index], pic, ioapic)
 
-    pit = Pit(timers, timers, isa_line(0))
+    pit = Pit(timers, timers, line_of("pit"))
     port61 = pit.port61
-    uart = Uart16550(isa_line(Uart16550.COM1_IRQ), console)
-    rtc = Rtc(timers, timers, isa_line(RTC_IRQ), cmos=cmos_memory_size_bytes(ram_size))
-    i8042 = I8042(
-        reset_request=events.reset, irq1=isa_line(KEYBOARD_IRQ), irq12=isa_line(MOUSE_IRQ)
-    )
+    uart = Uart16550(line_of("com1"), console)
+    rtc = Rtc(timers, timers, line_of("rtc"), cmos=cmos_memory_size_bytes(ram_size))
+    i8042 = I8042(reset_request=events.reset, irq1=line_of("i8042"), irq12=line_of("i8042", 1))
 
     def on_sleep(sleep_type: int) -> None:
-        if sleep_type == AcpiPm.SLP_TYP_S5:
+        if sleep_type == board.SLP_TYP_S5:
             events.power_off()
 
-    acpi_pm = AcpiPm(timers, timers, isa_line(SCI_IRQ), on_sleep)
+    acpi_pm = AcpiPm(timers, timers, line_of("acpi-pm"), on_sleep)
     reset_port = ResetPort(events.reset)
     fw_cfg = FwCfg(ram_size, cpus)
-    platform = Platform(pic, ioapic, pit, port61, uart, rtc, i8042, acpi_pm, reset_port, fw_cfg)
+    platform = Platform(
+        pic, ioapic, pit, port61, uart, rtc, i8042, acpi_pm, reset_port, fw_cfg, table
+    )
+    models: dict[str, Device] = {
+        "pic-master": pic.master_ports,
+        "pic-slave": pic.slave_ports,
+        "elcr": pic.elcr_ports,
+        "pit": pit,
+        "port61": port61,
+        "com1": uart,
+        "rtc": rtc,
+        "i8042-data": i8042.data_port,
+        "i8042-cmd": i8042.command_port,
+        "pm1a-evt": acpi_pm.pm1_event_ports,
+        "pm1a-cnt": acpi_pm.pm1_control_ports,
+        "pm-tmr": acpi_pm.pm_timer_ports,
+        "reset": reset_port,
+        "fw_cfg": fw_cfg,
+        "ioapic": ioapic,
+    }
+    windows = table.windows()
+    if {window.name for window in windows} != set(models):
+        raise AssertionError(
+            f"platform table windows {sorted(w.name for w in windows)}"
+            f" != device models {sorted(models)}"
+        )
     platform.mappings = [
-        Mapping("pio", PicPair.MASTER_BASE, PicPair.MASTER_LENGTH, pic.master_ports, "pic-master"),
-        Mapping("pio", PicPair.SLAVE_BASE, PicPair.SLAVE_LENGTH, pic.slave_ports, "pic-slave"),
-        Mapping("pio", PicPair.ELCR_BASE, PicPair.ELCR_LENGTH, pic.elcr_ports, "elcr"),
-        Mapping("pio", Pit.BASE, Pit.LENGTH, pit, "pit"),
-        Mapping("pio", Port61.BASE, Port61.LENGTH, port61, "port61"),
-        Mapping("pio", Uart16550.COM1, Uart16550.SIZE, uart, "com1"),
-        Mapping("pio", Rtc.BASE, Rtc.LENGTH, rtc, "rtc"),
-        Mapping("pio", I8042.DATA_BASE, I8042.DATA_LENGTH, i8042.data_port, "i8042-data"),
-        Mapping("pio", I8042.COMMAND_BASE, I8042.COMMAND_LENGTH, i8042.command_port, "i8042-cmd"),
-        Mapping("pio", AcpiPm.PM1A_EVT_BLK, 4, acpi_pm.pm1_event_ports, "pm1a-evt"),
-        Mapping("pio", AcpiPm.PM1A_CNT_BLK, 2, acpi_pm.pm1_control_ports, "pm1a-cnt"),
-        Mapping("pio", AcpiPm.PM_TMR_BLK, 4, acpi_pm.pm_timer_ports, "pm-tmr"),
-        Mapping("pio", ResetPort.BASE, 1, reset_port, "reset"),
-        Mapping("pio", FwCfg.BASE, FwCfg.LENGTH, fw_cfg, "fw_cfg"),
-        Mapping("mmio", Ioapic.BASE, Ioapic.SIZE, ioapic, "ioapic"),
+        Mapping(window.space, window.base, window.length, models[window.name], window.name)
+        for window in windows
     ]
     return platform
 

@@ -1,0 +1,63 @@
+"""The board's fixed facts, each defined once: what the bus decodes and the ACPI tables say.
+
+:mod:`kvm_vmm.platform_table` builds the device registry from these, the machine maps
+that registry into kvmfast's address map, and :mod:`kvm_vmm.acpi` describes the same
+registry to the guest. Nothing else spells these numbers.
+
+The legacy ISA devices keep the ports and IRQs every PC has (the device models carry
+those as class constants: ``Uart16550.COM1``, ``Pit.BASE``...); what is ours to choose
+is here.
+"""
+
+from __future__ import annotations
+
+from kvm_vmm.layout import PCI_HOLE_START, Region
+
+# Local APICs: in the kernel (split irqchip), at the architectural default base
+# (Intel SDM vol. 3A §11.4.1, IA32_APIC_BASE reset value).
+LAPIC_ADDRESS = 0xFEE0_0000
+IOAPIC_ADDRESS = 0xFEC0_0000
+IOAPIC_GSI_BASE = 0
+IOAPIC_PINS = 24
+# 8-bit xAPIC IDs, 0xFF is the broadcast ID, and the MADT gives the IOAPIC the ID
+# after the last vCPU's: APIC IDs 0..253 for vCPUs.
+MAX_CPUS = 254
+
+# ISA interrupt lines, 0-15. IRQ0 reaches IOAPIC pin 2 (the MADT says so with an
+# interrupt source override); every other ISA IRQ n is pin n.
+ISA_IRQS = 16
+PIT_IRQ = 0
+PIT_GSI = 2
+KEYBOARD_IRQ = 1
+CASCADE_IRQ = 2  # the slave PIC's INTR on master input 2: no device may take it
+RTC_IRQ = 8
+SCI_IRQ = 9
+MOUSE_IRQ = 12
+# Lines a PC reserves though no device of ours drives them: the FPU error (13) and the
+# two IDE channels (14, 15), which guests probe for.
+RESERVED_ISA_IRQS = (13, 14, 15)
+# IOAPIC pins above the ISA range, for PCI INTx (one per pin: 16-23).
+PCI_INTX_GSIS = range(ISA_IRQS, IOAPIC_PINS)
+
+# ACPI fixed hardware (ACPI 6.5 §4.8.3): the PM1a event, PM1a control and PM timer
+# blocks, one after the other from PM_BASE, as PIIX4/ICH place them at 0x600.
+PM_BASE = 0x600
+PM1A_EVT_BLK = PM_BASE
+PM1A_CNT_BLK = PM_BASE + 4
+PM_TMR_BLK = PM_BASE + 8
+# SLP_TYPx of soft-off, announced by the DSDT's \_S5 and acted on by the machine.
+SLP_TYP_S5 = 5
+# The PIIX/ICH reset control register; the FADT's RESET_REG names it.
+RESET_PORT = 0xCF9
+
+# Reserved for the PCI bus: the 32-bit window its memory BARs are allocated from, the
+# enhanced configuration (ECAM) window (PCI Firmware Spec 3.2 §4.1.2: 1 MiB per bus,
+# buses 0-255), and the port range for I/O BARs (above every legacy port).
+PCI_MMIO_WINDOW = Region("PCI memory BARs", PCI_HOLE_START, 0x2000_0000)
+PCI_ECAM_WINDOW = Region("PCI ECAM", PCI_MMIO_WINDOW.end, 256 << 20)
+PCI_IO_WINDOW = Region("PCI I/O BARs", 0xC000, 0x4000)
+
+
+def ioapic_id(cpus: int) -> int:
+    """The IOAPIC's ID in the MADT: the first APIC ID after the vCPUs'."""
+    return cpus

@@ -1,0 +1,340 @@
+"""The ACPI tables and the bus agree: one platform table, read back from both sides.
+
+The tables are parsed back from their bytes (ACPI 6.5 §5.2: FADT table 5.9, MADT
+§5.2.12, DSDT AML §20) and each resource they name is looked up among the windows the
+machine maps into kvmfast's bus; the device found there is then driven the way the
+tables tell an OS to (S5 through PM1a_CNT, RESET_VALUE to RESET_REG, the SCI on its
+GSI). The other way round, every window on the bus belongs to a device the tables
+describe, or to one a guest finds without them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+
+from kvm_devices.acpi_pm import PWRBTN_EN
+from kvm_devices.interfaces import Device
+from kvm_devices.ioapic import Ioapic
+from kvm_vmm import acpi, board, layout
+from kvm_vmm.clock import TimerThread
+from kvm_vmm.console import DiscardSink
+from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
+from kvm_vmm.platform_table import AddressSpace, Description, PlatformTable, Window, pio
+
+GAS_SYSTEM_IO = 1
+IAPC_LEGACY_DEVICES = 1 << 0
+IAPC_8042 = 1 << 1
+
+
+@dataclass
+class Fadt:
+    sci: int
+    pm1a_event: tuple[int, int]  # address, length in bytes
+    pm1a_control: tuple[int, int]
+    pm_timer: tuple[int, int]
+    reset_register: tuple[int, int, int]  # address space, address, bit width
+    reset_value: int
+    iapc_boot_arch: int
+    dsdt: int
+
+
+@dataclass
+class Madt:
+    lapic_address: int
+    ioapics: list[tuple[int, int, int]] = field(default_factory=list)  # id, address, GSI base
+    overrides: list[tuple[int, int, int]] = field(default_factory=list)  # IRQ, GSI, flags
+    lapic_ids: list[int] = field(default_factory=list)
+
+
+def _table(blob: bytes, address: int, signature: bytes) -> bytes:
+    offset = address - layout.ACPI_TABLES.start
+    found, length = struct.unpack_from("<4sI", blob, offset)
+    assert found == signature
+    data = blob[offset : offset + length]
+    assert sum(data) % 256 == 0
+    return data
+
+
+def _rsdt_tables(blob: bytes, rsdp: int) -> dict[bytes, bytes]:
+    (rsdt,) = struct.unpack_from("<I", blob, rsdp - layout.ACPI_TABLES.start + 16)
+    data = _table(blob, rsdt, b"RSDT")
+    tables = {}
+    for offset in range(36, len(data), 4):
+        (address,) = struct.unpack_from("<I", data, offset)
+        signature = blob[address - layout.ACPI_TABLES.start :][:4]
+        tables[signature] = _table(blob, address, signature)
+    return tables
+
+
+def parse_fadt(data: bytes) -> Fadt:
+    (dsdt,) = struct.unpack_from("<I", data, 40)
+    (sci,) = struct.unpack_from("<H", data, 46)
+    evt, _, cnt, _, _, tmr = struct.unpack_from("<6I", data, 56)
+    evt_len, cnt_len, _, tmr_len = data[88:92]
+    (iapc,) = struct.unpack_from("<H", data, 109)
+    space, width, _, _, reset_address = struct.unpack_from("<BBBBQ", data, 116)
+    for offset, address, length in ((148, evt, evt_len), (172, cnt, cnt_len), (208, tmr, tmr_len)):
+        x_space, x_width, _, _, x_address = struct.unpack_from("<BBBBQ", data, offset)
+        assert (x_space, x_width, x_address) == (GAS_SYSTEM_IO, 8 * length, address)
+    return Fadt(
+        sci,
+        (evt, evt_len),
+        (cnt, cnt_len),
+        (tmr, tmr_len),
+        (space, reset_address, width),
+        data[128],
+        iapc,
+        dsdt,
+    )
+
+
+def parse_madt(data: bytes) -> Madt:
+    lapic_address, _ = struct.unpack_from("<II", data, 36)
+    madt = Madt(lapic_address)
+    offset = 44
+    while offset < len(data):
+        kind, length = data[offset], data[offset + 1]
+        entry = data[offset : offset + length]
+        if kind == 0:
+            madt.lapic_ids.append(entry[3])
+        elif kind == 1:
+            _, _, ioapic_id, _, address, gsi_base = struct.unpack("<BBBBII", entry)
+            madt.ioapics.append((ioapic_id, address, gsi_base))
+        elif kind == 2:
+            _, _, bus, irq, gsi, flags = struct.unpack("<BBBBIH", entry)
+            assert bus == 0  # ISA
+            madt.overrides.append((irq, gsi, flags))
+        offset += length
+    return madt
+
+
+def s5_sleep_type(dsdt: bytes) -> int:
+    """SLP_TYPa of the DSDT's Name(_S5_, Package(){a, b, ...}) (AML §20.2.5)."""
+    aml = dsdt[36:]
+    at = aml.index(b"\x08_S5_\x12")
+    package = aml[at + 6 :]
+    lead = package[0]
+    elements = package[1 + (lead >> 6) :]
+    assert elements[0] >= 2
+    if elements[1] == 0x0A:  # BytePrefix
+        return elements[2]
+    assert elements[1] in (0x00, 0x01)  # ZeroOp, OneOp
+    return elements[1]
+
+
+@dataclass
+class Rig:
+    platform: Platform
+    fadt: Fadt
+    madt: Madt
+    dsdt: bytes
+    events: list[str]
+    routed: list[tuple[int, bool]]
+
+    def decode(self, space: AddressSpace, address: int, size: int) -> Mapping:
+        """The one window of the bus that decodes every byte of the access."""
+        hits = [
+            m
+            for m in self.platform.mappings
+            if m.space == space and m.base <= address and address + size <= m.base + m.length
+        ]
+        assert len(hits) == 1, f"{space} {address:#x}+{size}: decoded by {hits}"
+        return hits[0]
+
+    def read(self, space: AddressSpace, address: int, size: int) -> int:
+        mapping = self.decode(space, address, size)
+        return mapping.device.read(address - mapping.base, size)
+
+    def write(self, space: AddressSpace, address: int, size: int, value: int) -> None:
+        mapping = self.decode(space, address, size)
+        mapping.device.write(address - mapping.base, size, value)
+
+
+@dataclass
+class RecordingVm:
+    lines: list[tuple[int, bool]]
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        pass
+
+    def irq_line(self, gsi: int, level: bool) -> int:
+        self.lines.append((gsi, level))
+        return 1
+
+
+def make_rig(cpus: int) -> Rig:
+    events: list[str] = []
+    routed: list[tuple[int, bool]] = []
+    platform = build_platform(
+        RecordingVm(routed),
+        TimerThread(),
+        DiscardSink(),
+        PlatformEvents(
+            power_off=lambda: events.append("power off"),
+            reset=lambda: events.append("reset"),
+            extint=lambda level: None,
+        ),
+        ram_size=64 * layout.MIB,
+        cpus=cpus,
+    )
+    blob, rsdp = acpi.build_acpi_tables(platform.table, cpus)
+    tables = _rsdt_tables(blob, rsdp)
+    fadt = parse_fadt(tables[b"FACP"])
+    return Rig(
+        platform,
+        fadt,
+        parse_madt(tables[b"APIC"]),
+        _table(blob, fadt.dsdt, b"DSDT"),
+        events,
+        routed,
+    )
+
+
+@pytest.fixture(params=[1, 3])
+def rig(request: pytest.FixtureRequest) -> Rig:
+    cpus: int = request.param
+    return make_rig(cpus)
+
+
+def test_fadt_pm_blocks_are_the_acpi_pm_device_on_the_bus(rig: Rig) -> None:
+    pm = rig.platform.acpi_pm
+    blocks = (rig.fadt.pm1a_event, rig.fadt.pm1a_control, rig.fadt.pm_timer)
+    expected: tuple[Device, ...] = (pm.pm1_event_ports, pm.pm1_control_ports, pm.pm_timer_ports)
+    for (address, length), device in zip(blocks, expected, strict=True):
+        mapping = rig.decode("pio", address, length)
+        assert mapping.device is device and mapping.base == address
+    # SMI_CMD is 0, so the OS expects SCI_EN already set (ACPI 6.5 §4.8.2.1).
+    assert rig.read("pio", rig.fadt.pm1a_control[0], 2) & 1
+
+
+def test_the_s5_of_the_dsdt_written_where_the_fadt_says_powers_off(rig: Rig) -> None:
+    """Linux's acpi_hw_legacy_sleep: SLP_TYPa from \\_S5, then SLP_EN, to PM1a_CNT."""
+    sleep_type = s5_sleep_type(rig.dsdt)
+    control = rig.fadt.pm1a_control[0]
+    rig.write("pio", control, 2, 1 | sleep_type << 10)
+    assert rig.events == []
+    rig.write("pio", control, 2, 1 | sleep_type << 10 | 1 << 13)
+    assert rig.events == ["power off"]
+
+
+def test_the_reset_register_of_the_fadt_resets(rig: Rig) -> None:
+    space, address, width = rig.fadt.reset_register
+    assert space == GAS_SYSTEM_IO and width == 8
+    assert rig.decode("pio", address, 1).device is rig.platform.reset_port
+    rig.write("pio", address, 1, rig.fadt.reset_value)
+    assert rig.events == ["reset"]
+
+
+def test_the_sci_arrives_on_the_gsi_the_fadt_and_madt_name(rig: Rig) -> None:
+    """SCI_INT is an ISA IRQ; an override (level, active high) maps it to its GSI."""
+    sci = rig.fadt.sci
+    ((gsi, flags),) = [(g, f) for irq, g, f in rig.madt.overrides if irq == sci]
+    assert flags == 0b1101  # level-triggered, active high (MPS INTI flags)
+    ioapic = rig.platform.ioapic
+    _unmask_level(rig, gsi, vector=0x41)
+    event_block = rig.fadt.pm1a_event[0]
+    rig.write("pio", event_block + 2, 2, PWRBTN_EN)
+    rig.platform.acpi_pm.press_power_button()
+    assert (gsi, True) in rig.routed
+    assert asserted_pins(ioapic) == [pin == gsi for pin in range(board.IOAPIC_PINS)]
+
+
+def test_isa_irq0_reaches_the_gsi_the_madt_override_names(rig: Rig) -> None:
+    ((gsi, flags),) = [(g, f) for irq, g, f in rig.madt.overrides if irq == 0]
+    assert flags == 0b0100  # edge
+    rig.platform.isa_line(0).set_level(True)
+    assert asserted_pins(rig.platform.ioapic)[gsi]
+
+
+def asserted_pins(ioapic: Ioapic) -> list[bool]:
+    asserted = ioapic.save()["line_asserted"]
+    assert isinstance(asserted, list)
+    return [bool(level) for level in asserted]
+
+
+def _unmask_level(rig: Rig, pin: int, vector: int) -> None:
+    (_, address, _) = rig.madt.ioapics[0]
+    rig.write("mmio", address + Ioapic.IOREGSEL, 4, 0x10 + 2 * pin)
+    rig.write("mmio", address + Ioapic.IOWIN, 4, vector | 1 << 15)
+
+
+def test_madt_ioapic_is_the_ioapic_on_the_bus_with_every_gsi_it_claims(rig: Rig) -> None:
+    ((ioapic_id, address, gsi_base),) = rig.madt.ioapics
+    mapping = rig.decode("mmio", address, Ioapic.SIZE)
+    assert mapping.device is rig.platform.ioapic and mapping.base == address
+    rig.write("mmio", address + Ioapic.IOREGSEL, 4, 0x01)  # IOAPICVER
+    version = rig.read("mmio", address + Ioapic.IOWIN, 4)
+    pins = (version >> 16 & 0xFF) + 1
+    assert gsi_base == board.IOAPIC_GSI_BASE
+    for _, gsi, _ in rig.madt.overrides:
+        assert gsi_base <= gsi < gsi_base + pins
+    assert ioapic_id not in rig.madt.lapic_ids
+
+
+def test_the_lapic_page_is_left_to_the_kernel(rig: Rig) -> None:
+    """The split irqchip's LAPICs are KVM's: none of our windows may shadow them."""
+    assert rig.madt.lapic_address == board.LAPIC_ADDRESS
+    for mapping in rig.platform.mappings:
+        if mapping.space == "mmio":
+            end = mapping.base + mapping.length
+            assert end <= rig.madt.lapic_address or mapping.base >= rig.madt.lapic_address + 0x1000
+
+
+def test_every_window_on_the_bus_is_described_or_found_without_tables(rig: Rig) -> None:
+    fadt, madt = rig.fadt, rig.madt
+    described: set[tuple[AddressSpace, int]] = {
+        ("pio", fadt.pm1a_event[0]),
+        ("pio", fadt.pm1a_control[0]),
+        ("pio", fadt.pm_timer[0]),
+        ("pio", fadt.reset_register[1]),
+        *(("mmio", address) for _, address, _ in madt.ioapics),
+    }
+    table = rig.platform.table
+    for mapping in rig.platform.mappings:
+        window = table.decoder(mapping.space, mapping.base, mapping.length)
+        assert window is not None and (window.base, window.length) == (
+            mapping.base,
+            mapping.length,
+        ), f"{mapping.name} is on the bus but not in the platform table"
+        (entry,) = [e for e in table.entries.values() if window in e.windows]
+        if entry.description in (Description.FADT, Description.MADT):
+            assert (mapping.space, mapping.base) in described, mapping.name
+        elif entry.description is Description.LEGACY:
+            assert fadt.iapc_boot_arch & IAPC_LEGACY_DEVICES, mapping.name
+        elif entry.description is Description.I8042:
+            assert fadt.iapc_boot_arch & IAPC_8042, mapping.name
+        else:
+            assert entry.name == "fw_cfg", f"{entry.name}: nothing tells the guest of it"
+    # And nothing the tables name is missing from the bus.
+    for space, address in described:
+        rig.decode(space, address, 1)
+
+
+def test_the_tables_follow_the_platform_table_not_fixed_numbers() -> None:
+    """Move the PM block, SCI, reset port and IOAPIC in a table: FADT and MADT follow."""
+    table = PlatformTable()
+    table.add(
+        "acpi-pm",
+        (pio(0xB000, 4, "pm1a-evt"), pio(0xB004, 2, "pm1a-cnt"), pio(0xB008, 4, "pm-tmr")),
+        (10,),
+        Description.FADT,
+    )
+    table.add("reset", (pio(0x92, 1, "reset"),), (), Description.FADT)
+    ioapic = Window("mmio", 0xFEC1_0000, 0x1000, "ioapic")
+    table.add("ioapic", (ioapic,), (), Description.MADT)
+    blob, rsdp = acpi.build_acpi_tables(table, 1)
+    tables = _rsdt_tables(blob, rsdp)
+    fadt, madt = parse_fadt(tables[b"FACP"]), parse_madt(tables[b"APIC"])
+    assert (fadt.pm1a_event, fadt.pm1a_control, fadt.pm_timer) == (
+        (0xB000, 4),
+        (0xB004, 2),
+        (0xB008, 4),
+    )
+    assert fadt.sci == 10 and fadt.reset_register == (GAS_SYSTEM_IO, 0x92, 8)
+    assert madt.ioapics == [(board.ioapic_id(1), ioapic.base, board.IOAPIC_GSI_BASE)]
+    assert (10, 10, 0b1101) in madt.overrides
+    # No legacy device and no 8042 in this table: the boot architecture flags say so.
+    assert fadt.iapc_boot_arch & (IAPC_LEGACY_DEVICES | IAPC_8042) == 0
