@@ -11,6 +11,7 @@ from kvm_vmm import cpu_setup
 from kvm_vmm.cpuid import HYPERVISOR_BIT, cpuid_for_vcpu
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, lint1_queues_nmi, read_register, with_lvt
 from kvm_vmm.loaders.image import EntryState
+from kvmfast import x86
 
 
 @dataclass
@@ -43,11 +44,34 @@ def test_protected_mode_entry_uses_boot_cs_and_ds_with_paging_off() -> None:
     cs = vcpu.sregs["cs"]
     assert isinstance(cs, dict)
     assert cs["selector"] == cpu_setup.BOOT_CS and cs["db"] == 1 and cs["l"] == 0
-    assert vcpu.sregs["cr0"] == cpu_setup.CR0_PE | cpu_setup.CR0_ET | cpu_setup.CR0_NE
+    assert vcpu.sregs["cr0"] == x86.CR0_PE | x86.CR0_ET | x86.CR0_NE
     assert vcpu.regs == {"rflags": 2, "rip": 0x100000, "rax": 0x2BADB002, "rbx": 0x8000}
     assert 0x9000 not in memory.writes
     gdt = memory.writes[0x500]
-    assert struct.unpack_from("<Q", gdt, cpu_setup.BOOT_CS)[0] == 0x00CF9A000000FFFF
+    assert struct.unpack_from("<Q", gdt, cpu_setup.BOOT_CS)[0] == 0x00CF9B000000FFFF
+    assert_gdt_matches_loaded_segments(gdt, vcpu.sregs)
+
+
+def assert_gdt_matches_loaded_segments(gdt: bytes, sregs: dict[str, object]) -> None:
+    """What CS and DS hold is what a far jump and a MOV would load from the GDT
+    (Intel SDM vol. 3A §3.4.5: type, S, DPL, P, L, D/B, G in the descriptor)."""
+    for name, selector in (("cs", cpu_setup.BOOT_CS), ("ds", cpu_setup.BOOT_DS)):
+        segment = sregs[name]
+        assert isinstance(segment, dict)
+        (descriptor,) = struct.unpack_from("<Q", gdt, selector)
+        access, flags = descriptor >> 40 & 0xFF, descriptor >> 52 & 0xF
+        assert segment["selector"] == selector
+        assert segment["type"] == access & 0xF, name
+        assert (segment["s"], segment["dpl"], segment["present"]) == (
+            access >> 4 & 1,
+            access >> 5 & 3,
+            access >> 7,
+        )
+        assert (segment["l"], segment["db"], segment["g"]) == (
+            flags >> 1 & 1,
+            flags >> 2 & 1,
+            flags >> 3,
+        ), name
 
 
 def test_long_mode_entry_identity_maps_four_gib_with_2mib_pages() -> None:
@@ -59,7 +83,8 @@ def test_long_mode_entry_identity_maps_four_gib_with_2mib_pages() -> None:
         gdt_address=0x500,
         page_tables_address=0x9000,
     )
-    assert vcpu.sregs["efer"] == cpu_setup.EFER_LME | cpu_setup.EFER_LMA
+    assert vcpu.sregs["efer"] == x86.EFER_LME | x86.EFER_LMA
+    assert_gdt_matches_loaded_segments(memory.writes[0x500], vcpu.sregs)
     tables = memory.writes[0x9000]
     assert len(tables) == cpu_setup.PAGE_TABLES_SIZE
     assert struct.unpack_from("<Q", tables, 0)[0] == 0xA000 | 3

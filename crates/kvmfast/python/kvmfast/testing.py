@@ -19,29 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvmfast import x86
 from kvmfast._native import GuestMemory, Vcpu, Vm
 
 if TYPE_CHECKING:
-    from kvmfast._native import Segment, Sregs
+    from kvmfast._native import Sregs
 
 REQUIRE_KVM_ENV = "KVM_SPLIT_REQUIRE_KVM"
 
-# Flat descriptors (base 0, limit 4 GiB, granularity 4 KiB), present, DPL 0.
-_GDT_NULL = 0
-_GDT_CODE64 = 0x00AF_9B00_0000_FFFF
-_GDT_CODE32 = 0x00CF_9B00_0000_FFFF
-_GDT_DATA = 0x00CF_9300_0000_FFFF
+# The flat test GDT: null, code (64-bit or 32-bit), data (kvmfast.x86's descriptors).
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
-
-_CR0_PE = 1 << 0
-_CR0_ET = 1 << 4
-_CR0_PG = 1 << 31
-_CR4_PAE = 1 << 5
-_EFER_LME = 1 << 8
-_EFER_LMA = 1 << 10
-_PAGE_PRESENT_WRITABLE = 0x3
-_PAGE_LARGE = 0x80
 # Present, DPL 0, 32/64-bit interrupt gate (type 0xE).
 _GATE_INTERRUPT = 0x8E
 
@@ -139,27 +127,10 @@ def _check_inside(memory: GuestMemory, address: int, what: str) -> None:
         raise ValueError(f"{what} {address:#x} is outside the guest memory slot")
 
 
-def _flat_segment(*, code: bool, long_mode: bool) -> Segment:
-    return {
-        "base": 0,
-        "limit": 0xFFFF_FFFF,
-        "selector": CODE_SELECTOR if code else DATA_SELECTOR,
-        "type": 11 if code else 3,  # execute/read accessed, read/write accessed
-        "present": 1,
-        "dpl": 0,
-        "db": 0 if (code and long_mode) else 1,
-        "s": 1,
-        "l": 1 if (code and long_mode) else 0,
-        "g": 1,
-        "avl": 0,
-        "unusable": 0,
-    }
-
-
 def _flat_sregs(*, long_mode: bool, gdt_base: int, gdt_limit: int) -> Sregs:
-    data = _flat_segment(code=False, long_mode=long_mode)
+    data = x86.flat_segment(DATA_SELECTOR, code=False, long_mode=long_mode)
     return {
-        "cs": _flat_segment(code=True, long_mode=long_mode),
+        "cs": x86.flat_segment(CODE_SELECTOR, code=True, long_mode=long_mode),
         "ds": data,
         "es": data,
         "fs": data,
@@ -190,32 +161,19 @@ def setup_long_mode(
     if not 1 <= mapped_gib <= 512:
         raise ValueError(f"mapped_gib must be 1..512, not {mapped_gib}")
     pml4 = page_tables_at
-    pdpt = pml4 + 0x1000
-    directories = [pdpt + 0x1000 * (1 + gib) for gib in range(mapped_gib)]
-    gdt = directories[-1] + 0x1000
+    tables = x86.identity_page_tables(pml4, mapped_gib)
+    gdt = pml4 + len(tables)
     _check_inside(memory, entry, "entry")
     _check_inside(memory, pml4, "page tables")
     _check_inside(memory, gdt + 0xFFF, "page tables")
-    vm.write(pml4, struct.pack("<Q", pdpt | _PAGE_PRESENT_WRITABLE).ljust(0x1000, b"\0"))
-    pdpt_entries = b"".join(
-        struct.pack("<Q", directory | _PAGE_PRESENT_WRITABLE) for directory in directories
-    )
-    vm.write(pdpt, pdpt_entries.ljust(0x1000, b"\0"))
-    for gib, directory in enumerate(directories):
-        vm.write(
-            directory,
-            b"".join(
-                struct.pack("<Q", (gib << 30) | (i << 21) | _PAGE_LARGE | _PAGE_PRESENT_WRITABLE)
-                for i in range(512)
-            ),
-        )
-    descriptors = struct.pack("<3Q", _GDT_NULL, _GDT_CODE64, _GDT_DATA)
+    vm.write(pml4, tables)
+    descriptors = struct.pack("<3Q", x86.GDT_NULL, x86.GDT_CODE64, x86.GDT_DATA)
     vm.write(gdt, descriptors)
     sregs = _flat_sregs(long_mode=True, gdt_base=gdt, gdt_limit=len(descriptors) - 1)
     sregs["cr3"] = pml4
-    sregs["cr4"] = _CR4_PAE
-    sregs["cr0"] = _CR0_PG | _CR0_ET | _CR0_PE
-    sregs["efer"] = _EFER_LMA | _EFER_LME
+    sregs["cr4"] = x86.CR4_PAE
+    sregs["cr0"] = x86.CR0_PG | x86.CR0_ET | x86.CR0_PE
+    sregs["efer"] = x86.EFER_LMA | x86.EFER_LME
     vcpu.set_sregs(sregs)
     vcpu.set_regs({"rip": entry, "rsp": stack, "rflags": 2})
 
@@ -235,10 +193,10 @@ def setup_protected_mode(
     """
     for address, what in ((entry, "entry"), (gdt_at, "GDT")):
         _check_inside(memory, address, what)
-    descriptors = struct.pack("<3Q", _GDT_NULL, _GDT_CODE32, _GDT_DATA)
+    descriptors = struct.pack("<3Q", x86.GDT_NULL, x86.GDT_CODE32, x86.GDT_DATA)
     vm.write(gdt_at, descriptors)
     sregs = _flat_sregs(long_mode=False, gdt_base=gdt_at, gdt_limit=len(descriptors) - 1)
-    sregs["cr0"] = _CR0_ET | _CR0_PE
+    sregs["cr0"] = x86.CR0_ET | x86.CR0_PE
     sregs["cr3"] = 0
     sregs["cr4"] = 0
     sregs["efer"] = 0
@@ -253,7 +211,7 @@ def install_idt(vm: Vm, vcpu: Vcpu, *, base: int, handlers: Mapping[int, int]) -
     The gates are 16-byte long-mode gates when the vCPU is in long mode (EFER.LMA),
     8-byte protected-mode gates otherwise (Intel SDM Vol. 3A, 6.14.1 and 6.11).
     """
-    long_mode = bool(vcpu.get_sregs()["efer"] & _EFER_LMA)
+    long_mode = bool(vcpu.get_sregs()["efer"] & x86.EFER_LMA)
     gate_size = 16 if long_mode else 8
     table = bytearray(256 * gate_size)
     for vector, handler in handlers.items():
