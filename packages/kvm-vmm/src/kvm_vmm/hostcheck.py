@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import kvmfast
+from kvm_abi import KVM_CAP_SPLIT_IRQCHIP
 from kvm_vmm.cpuid import CpuidEntry, cpuid_for_vcpu
 from kvm_vmm.host_probes import (
     DEFERRED_LOOP,
@@ -60,7 +61,6 @@ from kvmfast.testing import AssemblerMissing, AssemblyError
 
 PROBE_VERSION = 5  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
-KVM_CAP_SPLIT_IRQCHIP = 121
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
 
