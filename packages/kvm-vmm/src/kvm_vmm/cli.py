@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 import kvmfast
+from kvm_vmm import board
 from kvm_vmm.console import (
     SerialSpecError,
     open_serial_sink,
@@ -474,7 +475,12 @@ def _print_implications(report: HostReport) -> None:
 
 def _load_demo(machine: Machine) -> None:
     source = resources.files("kvm_vmm.guests").joinpath("demo.S").read_text()
-    code = assemble(source, bits=64, origin=DEMO_LOAD_ADDRESS)
+    symbols = (
+        f".set IOAPIC_BASE, {board.IOAPIC_ADDRESS:#x}\n"
+        f".set PM1A_CNT_BLK, {board.PM1A_CNT_BLK:#x}\n"
+        f".set SLP_TYP_S5, {board.SLP_TYP_S5}\n"
+    )
+    code = assemble(symbols + source, bits=64, origin=DEMO_LOAD_ADDRESS)
     machine.write_memory(DEMO_LOAD_ADDRESS, code)
     machine.enter(EntryState("long64", DEMO_LOAD_ADDRESS))
 

@@ -9,6 +9,8 @@
  *  3. print that, then write SLP_TYP=S5 | SLP_EN to PM1a_CNT (our ACPI PM).
  *
  * Entered in long mode by kvm_vmm.cpu_setup (4 GiB identity-mapped).
+ * IOAPIC_BASE, PM1A_CNT_BLK and SLP_TYP_S5 are the board's (kvm_vmm.board),
+ * defined by the VMM when it assembles this file.
  */
         .intel_syntax noprefix
         .code64
@@ -46,7 +48,7 @@ _start:
         mov eax, 0xFEE000F0
         mov dword ptr [rax], 0x1FF
         /* IOAPIC pin 2 (IRQ0 after the MADT override): vector 0x30, edge, unmasked. */
-        mov ebx, 0xFEC00000
+        mov ebx, IOAPIC_BASE
         mov dword ptr [rbx], 0x10 + 2 * 2
         mov dword ptr [rbx + 0x10], 0x30
         mov dword ptr [rbx], 0x11 + 2 * 2
@@ -67,9 +69,9 @@ wait:   sti
         lea rsi, [rip + ticked]
         call puts
 
-        /* ACPI S5: SLP_TYP = 5 (bits 10-12), SLP_EN (bit 13), in PM1a_CNT. */
-        mov dx, 0x604
-        mov ax, (5 << 10) | (1 << 13)
+        /* ACPI S5: SLP_TYP (bits 10-12), SLP_EN (bit 13), in PM1a_CNT. */
+        mov dx, PM1A_CNT_BLK
+        mov ax, (SLP_TYP_S5 << 10) | (1 << 13)
         out dx, ax
 1:      hlt
         jmp 1b
