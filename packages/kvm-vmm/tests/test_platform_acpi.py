@@ -21,8 +21,10 @@ from kvm_devices.ioapic import Ioapic
 from kvm_vmm import acpi, board, layout
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
+from kvm_vmm.machine import Machine, MachineConfig
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Description, PlatformTable, Window, pio
+from kvmfast.testing import require_kvm
 
 GAS_SYSTEM_IO = 1
 IAPC_LEGACY_DEVICES = 1 << 0
@@ -338,3 +340,34 @@ def test_the_tables_follow_the_platform_table_not_fixed_numbers() -> None:
     assert (10, 10, 0b1101) in madt.overrides
     # No legacy device and no 8042 in this table: the boot architecture flags say so.
     assert fadt.iapc_boot_arch & (IAPC_LEGACY_DEVICES | IAPC_8042) == 0
+
+
+class Probe:
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def test_kvmfast_bus_of_a_machine_decodes_what_its_installed_tables_name() -> None:
+    """The tables as the guest reads them from RAM, against kvmfast's own address map:
+    a probe range over any byte a table names is refused as overlapping that window."""
+    require_kvm()
+    with Machine(MachineConfig(memory_size=4 * layout.MIB, cpus=2)) as machine:
+        rsdp = machine.install_acpi_tables()
+        blob = machine.read_memory(layout.ACPI_TABLES.start, layout.ACPI_TABLES.size)
+        tables = _rsdt_tables(blob, rsdp)
+        fadt, madt = parse_fadt(tables[b"FACP"]), parse_madt(tables[b"APIC"])
+        ((_, ioapic_address, _),) = madt.ioapics
+        named = [
+            (machine.vm.add_pio, *fadt.pm1a_event),
+            (machine.vm.add_pio, *fadt.pm1a_control),
+            (machine.vm.add_pio, *fadt.pm_timer),
+            (machine.vm.add_pio, fadt.reset_register[1], fadt.reset_register[2] // 8),
+            (machine.vm.add_mmio, ioapic_address, Ioapic.SIZE),
+        ]
+        for add, address, length in named:
+            for byte in (0, length - 1):
+                with pytest.raises(ValueError, match=rf"overlaps {address:#x}\+{length:#x}"):
+                    add(address + byte, 1, Probe())

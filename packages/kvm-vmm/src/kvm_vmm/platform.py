@@ -22,7 +22,7 @@ from kvm_devices.port61 import Port61
 from kvm_devices.reset_port import ResetPort
 from kvm_devices.rtc import Rtc
 from kvm_devices.uart import Uart16550
-from kvm_vmm import board
+from kvm_vmm import board, layout
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.interrupts import IsaIrqLine, KvmIoapicSink, RoutingVm
 from kvm_vmm.platform_table import AddressSpace, PlatformTable, pc_board
@@ -119,6 +119,8 @@ def build_platform(
         "ioapic": ioapic,
     }
     windows = table.windows()
+    # A window without its model, or a model without a window, is a bug here: fail
+    # while the machine is built, not at the guest's first access.
     if {window.name for window in windows} != set(models):
         raise AssertionError(
             f"platform table windows {sorted(w.name for w in windows)}"
@@ -135,7 +137,7 @@ def cmos_memory_size_bytes(ram_size: int) -> dict[int, int]:
     """The CMOS memory-size fields a PC BIOS fills (extended memory in KiB and 64 KiB units)."""
     mib = 1 << 20
     extended_kib = min(max(ram_size - mib, 0) // 1024, 0xFFFF)
-    above_16m = min(max(min(ram_size, 0xC000_0000) - 16 * mib, 0) // (64 * 1024), 0xFFFF)
+    above_16m = min(max(min(ram_size, layout.PCI_HOLE_START) - 16 * mib, 0) // (64 * 1024), 0xFFFF)
     return {
         0x15: 640 & 0xFF,
         0x16: 640 >> 8,
