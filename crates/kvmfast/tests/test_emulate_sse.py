@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 from emulation_support import (
     BUF_SIZE,
+    PAGE_TABLE_AT,
     XSAVE_MXCSR,
     CpuState,
     Guest,
@@ -27,6 +28,7 @@ from emulation_support import (
     run_in_guest,
     run_natively,
     run_until_exit,
+    split_second_2m_page,
 )
 
 from kvmfast import Kvm
@@ -260,3 +262,146 @@ def test_a_follower_that_faults_is_left_for_its_own_exit(kvm: Kvm) -> None:
     assert completions(guest) == {"paddd": 1, "pxor": 1}
     assert guest.vcpu.get_xsave()[160 + 32 : 160 + 48] == bytes(16)  # pxor's zero
     assert exceptions_raised(guest) == {"#GP": 1}
+
+
+# ---- memory operands: only the bytes the instruction reads or writes ------------------
+
+MMIO_BASE = 0x1000_0000
+PAGE_NOT_PRESENT = 0x205000
+PAGE_READ_ONLY = 0x206000
+CR0_WP = 1 << 16
+
+
+class _RecordingRegisters:
+    """An MMIO device whose reads are side effects the test can see."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads.append((offset, size))
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+ZMM0_ELEMENTS = [0x11111111 * (n + 1) & 0xFFFF_FFFF for n in range(16)]
+# ZMM0 loaded from buf (a completed EVEX load) before the store under test.
+LOAD_ZMM0 = "lea rdi, [rip + buf]\n vmovdqu64 zmm0, zmmword ptr [rdi]"
+
+
+def _load_zmm0(guest: Guest) -> list[int]:
+    guest.vm.write(
+        guest.symbols["buf"], b"".join(value.to_bytes(4, "little") for value in ZMM0_ELEMENTS)
+    )
+    return ZMM0_ELEMENTS
+
+
+def _store_to_device(kvm: Kvm, store: str, mask: int) -> tuple[_RecordingRegisters, list[int]]:
+    guest = make_guest(
+        kvm,
+        f".global entry\nentry:\n {LOAD_ZMM0}\n mov rbx, {MMIO_BASE:#x}\n"
+        f" mov eax, {mask:#x}\n kmovw k1, eax\n {store}\n out 0xf4, al\n",
+    )
+    device = _RecordingRegisters()
+    guest.vm.add_mmio(MMIO_BASE, 0x1000, device)
+    elements = _load_zmm0(guest)
+    run_until_exit(guest)
+    assert completions(guest)[store.split()[0]] >= 1
+    return device, elements
+
+
+def _requires_avx512() -> None:
+    if not _host_has("avx512f"):
+        pytest.skip("the host processor has no AVX-512")
+
+
+def test_a_masked_store_writes_only_the_selected_elements_and_reads_nothing(kvm: Kvm) -> None:
+    """SDM Vol. 2C VMOVDQU32: "elements ... not updated" where the mask bit is 0; the
+    device sees the two selected dwords and no read."""
+    _requires_avx512()
+    device, elements = _store_to_device(kvm, "vmovdqu32 zmmword ptr [rbx]{k1}, zmm0", 0b0101)
+    assert device.reads == []
+    assert device.writes == [(0, 4, elements[0]), (8, 4, elements[2])]
+
+
+def test_an_unmasked_store_is_written_whole_and_never_read(kvm: Kvm) -> None:
+    _requires_avx512()
+    device, elements = _store_to_device(kvm, "vmovdqu64 zmmword ptr [rbx], zmm0", 0)
+    assert device.reads == []
+    expected = [(8 * n, 8, elements[2 * n] | elements[2 * n + 1] << 32) for n in range(8)]
+    assert device.writes == expected
+
+
+def test_a_compress_store_writes_only_as_many_elements_as_selected(kvm: Kvm) -> None:
+    """SDM Vol. 2C VPCOMPRESSD: the selected elements stored contiguously, "the
+    upper elements ... are not written" in memory."""
+    _requires_avx512()
+    device, elements = _store_to_device(kvm, "vpcompressd zmmword ptr [rbx]{k1}, zmm0", 0b1010)
+    assert device.reads == []
+    assert device.writes == [(0, 8, elements[1] | elements[3] << 32)]
+
+
+def test_a_masked_load_reads_only_the_selected_elements(kvm: Kvm) -> None:
+    _requires_avx512()
+    guest = make_guest(
+        kvm,
+        f".global entry\nentry:\n mov rbx, {MMIO_BASE:#x}\n mov eax, 0b0101\n"
+        " kmovw k1, eax\n vmovdqu32 zmm1{k1}{z}, zmmword ptr [rbx]\n out 0xf4, al\n",
+    )
+    device = _RecordingRegisters()
+    guest.vm.add_mmio(MMIO_BASE, 0x1000, device)
+    run_until_exit(guest)
+    assert device.reads == [(0, 4), (8, 4)]
+    assert device.writes == []
+    assert completions(guest)["vmovdqu32"] == 1
+
+
+def _fault_on_pages(kvm: Kvm, body: str, *, read_only: bool = False) -> Guest:
+    guest = make_guest(
+        kvm, f".global entry, at\nentry:\n{body}\nat:\n out 0xf4, al\n{exception_handlers_asm()}"
+    )
+    split_second_2m_page(guest, not_present=(PAGE_NOT_PRESENT,))
+    if read_only:
+        # Present, not writable; CR0.WP makes that hold at CPL 0 (SDM Vol. 3A 4.6.1).
+        guest.vm.write(PAGE_TABLE_AT + 8 * 6, struct.pack("<Q", PAGE_READ_ONLY | 0x1))
+        guest.vcpu.set_sregs({"cr0": guest.vcpu.get_sregs()["cr0"] | CR0_WP})
+    install_exception_handlers(guest)
+    return guest
+
+
+@pytest.mark.parametrize(
+    ("address", "error_code"), [(PAGE_NOT_PRESENT + 8, 0x2), (PAGE_READ_ONLY + 8, 0x3)]
+)
+def test_a_store_only_operand_faults_as_a_write(kvm: Kvm, address: int, error_code: int) -> None:
+    """#PF error code bit 1 (W/R) set for a store (SDM Vol. 3A 4.7), whether the page is
+    not present or read-only: the operand is never read first."""
+    guest = _fault_on_pages(
+        kvm,
+        f" mov rsi, {address:#x}\n mov rbx, 0x5555\n pextrd dword ptr [rsi], xmm0, 1",
+        read_only=address >= PAGE_READ_ONLY,
+    )
+    assert run_until_exit(guest) == 14
+    regs = guest.vcpu.get_regs()
+    assert (regs["rbx"], regs["rcx"]) == (error_code, address)
+    assert exceptions_raised(guest) == {"#PF": 1}
+
+
+def test_masked_off_elements_on_a_not_present_page_do_not_fault(kvm: Kvm) -> None:
+    """Memory fault suppression (SDM Vol. 1 15.6.2): a masked store whose masked-off
+    elements lie on a not-present page stores the others and raises nothing."""
+    _requires_avx512()
+    start = PAGE_NOT_PRESENT - 32
+    guest = _fault_on_pages(
+        kvm,
+        f" {LOAD_ZMM0}\n mov rsi, {start:#x}\n mov eax, 0xff\n kmovw k1, eax\n"
+        " vmovdqu32 zmmword ptr [rsi]{k1}, zmm0",
+    )
+    elements = _load_zmm0(guest)
+    guest.vm.write(start - 4, b"\xaa" * 36)
+    assert run_until_exit(guest) == 0xFF  # AL from the body, not a handler's vector
+    stored = b"".join(value.to_bytes(4, "little") for value in elements[:8])
+    assert guest.vm.read(start - 4, 36) == b"\xaa" * 4 + stored
+    assert exceptions_raised(guest) == {}

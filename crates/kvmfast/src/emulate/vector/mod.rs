@@ -9,10 +9,11 @@
 //! without CR4.OSXMMEXCPT) with no register changed.
 
 pub mod allow_list;
+mod memory;
 pub mod state;
 pub mod stub;
 
-use iced_x86::{EncodingKind, InstructionInfoFactory, Mnemonic, OpAccess, Register};
+use iced_x86::{EncodingKind, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, Register};
 
 pub use allow_list::allowed;
 pub use stub::StubCache;
@@ -131,6 +132,14 @@ pub fn complete(c: &mut Completion<'_>, stubs: &mut StubCache) -> Result<(), Sto
     Ok(())
 }
 
+/// The value of the instruction's opmask (all ones without one: nothing masked).
+fn mask_value(instruction: &Instruction, exchange: &Exchange) -> u64 {
+    match instruction.op_mask() {
+        Register::None => u64::MAX,
+        k => exchange.k[(k as usize - Register::K0 as usize) % 8],
+    }
+}
+
 /// The instruction at RIP when it is one this module completes.
 fn next_vector_instruction(c: &Completion<'_>) -> Option<Decoded> {
     let decoded = decode::decode(&c.cpu, &c.memory, &[]).ok()?;
@@ -180,7 +189,12 @@ fn complete_one(
         .collect();
 
     let mut exchange = Exchange::default();
-    let mut memory_target = None;
+    let area = &mut guest.area;
+    state::load(area, width, &mut exchange);
+    for (slot, (_, guest)) in general.iter().enumerate() {
+        exchange.gprs[slot] = c.cpu.read_register(guest.full_register()).unwrap_or(0);
+    }
+    let mut store = None;
     if let Some(used) = used_memory {
         let size = used.memory_size().size();
         if size == 0 || size > exchange.bounce.len() {
@@ -189,42 +203,69 @@ fn complete_one(
             )));
         }
         let operand = memory_operand(&c.cpu, &c.decoded)?;
-        let intent = if writes(used.access()) {
-            Intent::Write
-        } else {
-            Intent::Read
-        };
+        let (loads, stores) = (reads(used.access()), writes(used.access()));
+        let intent = if stores { Intent::Write } else { Intent::Read };
         let linear = operand.linear(&c.cpu, 0, size, intent)?;
         if alignment_required(&instruction, size) && linear % size as u64 != 0 {
             return Err(Stop::Fault(Fault::GeneralProtection(0)));
         }
         alignment_check(&c.cpu, linear, 1).map_err(Stop::Fault)?;
-        // A masked store leaves the unselected elements as they were: the bounce
-        // buffer starts with them.
-        if reads(used.access()) || writes(used.access()) {
-            c.memory.read(
-                linear,
-                &mut exchange.bounce[..size],
-                data_access(&c.cpu, false),
-            )?;
-        }
-        if writes(used.access()) {
+        if loads && stores {
+            // Read-modify-write: a read-only page is a write fault (error code W=1).
             c.memory
                 .probe_write(linear, size, data_access(&c.cpu, true))?;
-            memory_target = Some((linear, size));
+        }
+        if loads {
+            let k = mask_value(&instruction, &exchange);
+            let selected =
+                memory::read_bytes(&instruction, size, used.memory_size().element_size(), k);
+            for run in memory::runs(&selected) {
+                c.memory.read(
+                    linear.wrapping_add(run.start as u64),
+                    &mut exchange.bounce[run],
+                    data_access(&c.cpu, false),
+                )?;
+            }
+        }
+        if stores {
+            store = Some((linear, size, loads));
         }
     }
 
-    let area = &mut guest.area;
-    state::load(area, width, &mut exchange);
-    for (slot, (_, guest)) in general.iter().enumerate() {
-        exchange.gprs[slot] = c.cpu.read_register(guest.full_register()).unwrap_or(0);
-    }
     let guest_mxcsr = area.mxcsr();
     // All exceptions masked on the host, flags cleared: what the instruction raises is
     // then exactly the flags it sets.
     exchange.mxcsr = (guest_mxcsr | 0x1f80) & !0x3f;
-    stubs.run(&instruction, width, &mut exchange)?;
+    let stored = match store {
+        Some((linear, size, false)) => {
+            let mut second = exchange.clone();
+            exchange.bounce[..size].fill(memory::FIRST_FILL);
+            second.bounce[..size].fill(memory::SECOND_FILL);
+            stubs.run(&instruction, width, &mut exchange)?;
+            stubs.run(&instruction, width, &mut second)?;
+            let written = memory::written_bytes(&exchange.bounce[..size], &second.bounce[..size]);
+            Some((linear, memory::runs(&written)))
+        }
+        Some((linear, size, true)) => {
+            stubs.run(&instruction, width, &mut exchange)?;
+            Some((linear, memory::runs(&vec![true; size])))
+        }
+        None => {
+            stubs.run(&instruction, width, &mut exchange)?;
+            None
+        }
+    };
+    if let Some((linear, runs)) = &stored {
+        // Memory faults come before the instruction's own SIMD exceptions, and only
+        // for the elements it writes (masked-off ones are suppressed).
+        for run in runs {
+            c.memory.probe_write(
+                linear.wrapping_add(run.start as u64),
+                run.len(),
+                data_access(&c.cpu, true),
+            )?;
+        }
+    }
 
     let raised = exchange.mxcsr & 0x3f;
     let unmasked = raised & !(guest_mxcsr >> 7) & 0x3f;
@@ -239,9 +280,14 @@ fn complete_one(
         };
         return Err(Stop::Fault(fault));
     }
-    if let Some((linear, size)) = memory_target {
-        c.memory
-            .write(linear, &exchange.bounce[..size], data_access(&c.cpu, true))?;
+    if let Some((linear, runs)) = stored {
+        for run in runs {
+            c.memory.write(
+                linear.wrapping_add(run.start as u64),
+                &exchange.bounce[run],
+                data_access(&c.cpu, true),
+            )?;
+        }
     }
     let new_mxcsr = guest_mxcsr | raised;
     let mut changed = state::store(area, width, &exchange);

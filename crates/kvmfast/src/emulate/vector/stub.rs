@@ -28,6 +28,7 @@ pub enum Width {
 
 /// What a stub exchanges with Rust. The bounce buffer is 64-byte aligned: the aligned
 /// moves fault on the host otherwise, and their guest operand was checked to be aligned.
+#[derive(Clone)]
 #[repr(C, align(64))]
 pub struct Exchange {
     pub zmm: [[u8; 64]; 32],
