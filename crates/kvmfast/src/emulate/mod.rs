@@ -17,6 +17,7 @@ pub mod descriptors;
 pub mod exceptions;
 pub mod fpu_state;
 pub mod fxsave;
+pub mod host_features;
 pub mod host_quirks;
 pub mod iret;
 pub mod linear;

@@ -163,39 +163,6 @@ pub fn is_vector(register: Register) -> bool {
     register.is_xmm() || register.is_ymm() || register.is_zmm()
 }
 
-/// Whether this processor has every feature the instruction needs: one it lacks would
-/// fault in the stub, so the guest (which sees this processor's CPUID) gets #UD.
-pub fn host_supports(features: &[CpuidFeature]) -> bool {
-    use std::arch::is_x86_feature_detected as has;
-    features.iter().all(|feature| match feature {
-        CpuidFeature::SSE | CpuidFeature::SSE2 => true,
-        CpuidFeature::SSE3 => has!("sse3"),
-        CpuidFeature::SSSE3 => has!("ssse3"),
-        CpuidFeature::SSE4_1 => has!("sse4.1"),
-        CpuidFeature::AES => has!("aes"),
-        CpuidFeature::PCLMULQDQ => has!("pclmulqdq"),
-        CpuidFeature::GFNI => has!("gfni"),
-        CpuidFeature::AVX => has!("avx"),
-        CpuidFeature::AVX2 => has!("avx2"),
-        CpuidFeature::FMA => has!("fma"),
-        CpuidFeature::F16C => has!("f16c"),
-        CpuidFeature::VAES => has!("vaes"),
-        CpuidFeature::VPCLMULQDQ => has!("vpclmulqdq"),
-        CpuidFeature::AVX512F => has!("avx512f"),
-        CpuidFeature::AVX512VL => has!("avx512vl"),
-        CpuidFeature::AVX512BW => has!("avx512bw"),
-        CpuidFeature::AVX512DQ => has!("avx512dq"),
-        CpuidFeature::AVX512CD => has!("avx512cd"),
-        CpuidFeature::AVX512_VBMI => has!("avx512vbmi"),
-        CpuidFeature::AVX512_VBMI2 => has!("avx512vbmi2"),
-        CpuidFeature::AVX512_IFMA => has!("avx512ifma"),
-        CpuidFeature::AVX512_VNNI => has!("avx512vnni"),
-        CpuidFeature::AVX512_BITALG => has!("avx512bitalg"),
-        CpuidFeature::AVX512_VPOPCNTDQ => has!("avx512vpopcntdq"),
-        _ => false,
-    })
-}
-
 /// Whether a misaligned memory operand raises #GP(0): legacy SSE 16-byte operands but
 /// the unaligned moves (SDM Vol. 1 11.4.1); VEX and EVEX only the explicitly aligned
 /// moves (Vol. 1 14.9, 15.7).

@@ -25,7 +25,7 @@ use super::fpu_state::{XsaveArea, check_device_available, xcr0};
 use super::linear::{Intent, alignment_check, data_access};
 use super::operands::memory_operand;
 use super::{Completion, Stop};
-use allow_list::{alignment_required, host_supports, is_vector, uses_avx512, writes_flags};
+use allow_list::{alignment_required, is_vector, uses_avx512, writes_flags};
 use stub::{Exchange, Width, gpr_operands};
 
 fn writes(access: OpAccess) -> bool {
@@ -154,9 +154,6 @@ fn complete_one(
     guest: &mut GuestVectorState,
 ) -> Result<(), Stop> {
     let instruction = c.decoded.instruction;
-    if !host_supports(instruction.cpuid_features()) {
-        return Err(Stop::Fault(Fault::InvalidOpcode));
-    }
     let width = if uses_avx512(&instruction) {
         Width::Zmm
     } else if instruction.encoding() == EncodingKind::VEX {
@@ -164,6 +161,9 @@ fn complete_one(
     } else {
         Width::Xmm
     };
+    if !stubs.host_can_run(&instruction, width)? {
+        return Err(Stop::Fault(Fault::InvalidOpcode));
+    }
     check_enabled(c, width, width == Width::Xmm, guest)?;
     let mut info_factory = InstructionInfoFactory::new();
     let info = info_factory.info(&instruction);

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::mem::offset_of;
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, Encoder, Instruction, MemoryOperand, OpKind, Register,
+    Code, CpuidFeature, Decoder, DecoderOptions, Encoder, Instruction, MemoryOperand, OpKind,
+    Register,
 };
 
 use super::super::Stop;
+use super::super::host_features::HostFeatures;
 
 /// How much of the vector state a stub moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,10 +225,10 @@ fn state_moves(width: Width, load: bool) -> Result<Vec<Instruction>, Stop> {
     Ok(moves)
 }
 
-/// The whole stub: host MXCSR saved, guest state in, the instruction, guest state and
-/// flags out, upper state cleared (VZEROUPPER), host MXCSR back, RET.
-/// RSI = &Exchange, RDI = &Exchange.bounce.
-fn stub_code(instruction_bytes: &[u8], width: Width) -> Result<Vec<u8>, Stop> {
+/// The stub's own instructions, before and after the guest's: host MXCSR saved, guest
+/// state in; guest state and flags out, upper state cleared (VZEROUPPER), host MXCSR
+/// back, RET. RSI = &Exchange, RDI = &Exchange.bounce.
+fn stub_frame(width: Width) -> Result<(Vec<Instruction>, Vec<Instruction>), Stop> {
     let mut before = vec![with_memory(Code::Stmxcsr_m32, HOST_MXCSR_AT)?];
     before.extend(state_moves(width, true)?);
     before.push(with_memory(Code::Ldmxcsr_m32, MXCSR_AT)?);
@@ -253,19 +255,47 @@ fn stub_code(instruction_bytes: &[u8], width: Width) -> Result<Vec<u8>, Stop> {
     }
     after.push(with_memory(Code::Ldmxcsr_m32, HOST_MXCSR_AT)?);
     after.push(Instruction::with(Code::Retnq));
+    Ok((before, after))
+}
+
+fn stub_code(instruction_bytes: &[u8], width: Width) -> Result<Vec<u8>, Stop> {
+    let (before, after) = stub_frame(width)?;
     let mut code = encode(&before)?;
     code.extend_from_slice(instruction_bytes);
     code.extend(encode(&after)?);
     Ok(code)
 }
 
+/// The processor features the stub of this width executes beyond the guest's
+/// instruction (KMOVQ of the opmask moves: AVX512BW, even for an AVX512F-only one).
+pub fn frame_features(width: Width) -> Result<Vec<CpuidFeature>, Stop> {
+    let (before, after) = stub_frame(width)?;
+    let mut features: Vec<CpuidFeature> = Vec::new();
+    for instruction in before.iter().chain(&after) {
+        for &feature in instruction.cpuid_features() {
+            if !features.contains(&feature) {
+                features.push(feature);
+            }
+        }
+    }
+    Ok(features)
+}
+
 const STUB_CACHE_LIMIT: usize = 4096;
 const PAGE: usize = 4096;
 
-/// Executable stubs, one page each, keyed by the re-encoded instruction and width.
-#[derive(Default)]
+/// Executable stubs, one page each, keyed by the re-encoded instruction and width,
+/// and what the host processor can run.
 pub struct StubCache {
     stubs: HashMap<(Vec<u8>, Width), ExecutablePage>,
+    host: HostFeatures,
+    frames: HashMap<Width, bool>,
+}
+
+impl Default for StubCache {
+    fn default() -> Self {
+        Self::for_host(HostFeatures::host().clone())
+    }
 }
 
 struct ExecutablePage {
@@ -315,6 +345,28 @@ impl ExecutablePage {
 }
 
 impl StubCache {
+    pub fn for_host(host: HostFeatures) -> Self {
+        Self {
+            stubs: HashMap::new(),
+            host,
+            frames: HashMap::new(),
+        }
+    }
+
+    /// Whether the host has every feature the stub for `instruction` executes: the
+    /// instruction's own and its frame's. The guest gets #UD where it has not.
+    pub fn host_can_run(&mut self, instruction: &Instruction, width: Width) -> Result<bool, Stop> {
+        let frame = match self.frames.get(&width) {
+            Some(&frame) => frame,
+            None => {
+                let frame = self.host.has_all(&frame_features(width)?);
+                self.frames.insert(width, frame);
+                frame
+            }
+        };
+        Ok(frame && self.host.has_all(instruction.cpuid_features()))
+    }
+
     /// Runs `instruction` on the host against `exchange`.
     pub fn run(
         &mut self,
@@ -375,6 +427,42 @@ mod tests {
             panic!("re-encoding failed");
         };
         assert_eq!(decode(&bytes).op1_register(), Register::EAX);
+    }
+
+    #[test]
+    fn the_zmm_frame_needs_avx512bw_for_its_opmask_moves() {
+        let Ok(features) = frame_features(Width::Zmm) else {
+            panic!("no frame");
+        };
+        assert!(features.contains(&CpuidFeature::AVX512F));
+        assert!(features.contains(&CpuidFeature::AVX512BW));
+        let Ok(ymm) = frame_features(Width::Ymm) else {
+            panic!("no frame");
+        };
+        assert!(ymm.contains(&CpuidFeature::AVX) && !ymm.contains(&CpuidFeature::AVX512F));
+    }
+
+    #[test]
+    fn a_host_without_a_frame_feature_cannot_run_the_stub() {
+        // vpaddd zmm0, zmm0, zmm1: AVX512F only, but its frame moves opmasks by KMOVQ.
+        let vpaddd = decode(&[0x62, 0xf1, 0x7d, 0x48, 0xfe, 0xc1]);
+        assert_eq!(vpaddd.cpuid_features(), &[CpuidFeature::AVX512F]);
+        let avx512f_only = [CpuidFeature::AVX, CpuidFeature::AVX512F];
+        let mut cache = StubCache::for_host(HostFeatures::with(&avx512f_only));
+        assert!(matches!(cache.host_can_run(&vpaddd, Width::Zmm), Ok(false)));
+        let with_bw = [
+            CpuidFeature::AVX,
+            CpuidFeature::AVX512F,
+            CpuidFeature::AVX512BW,
+        ];
+        let mut cache = StubCache::for_host(HostFeatures::with(&with_bw));
+        assert!(matches!(cache.host_can_run(&vpaddd, Width::Zmm), Ok(true)));
+        // paddb xmm0, xmm1 on a baseline processor; pshufb (SSSE3) not.
+        let mut bare = StubCache::for_host(HostFeatures::with(&[]));
+        let paddb = decode(&[0x66, 0x0f, 0xfc, 0xc1]);
+        assert!(matches!(bare.host_can_run(&paddb, Width::Xmm), Ok(true)));
+        let pshufb = decode(&[0x66, 0x0f, 0x38, 0x00, 0xc1]);
+        assert!(matches!(bare.host_can_run(&pshufb, Width::Xmm), Ok(false)));
     }
 
     #[test]
