@@ -29,6 +29,7 @@ from kvm_vmm.host_probes import (
     page_tables,
 )
 from kvm_vmm.hostcheck import (
+    BIT_COUNT_PROBES,
     CX16,
     HYPERCALL_FEATURES,
     INSTRUCTION_PROBES,
@@ -36,6 +37,7 @@ from kvm_vmm.hostcheck import (
     SMAP,
     Check,
     HostReport,
+    bit_count_verdict,
     deferred_injection_verdict,
     early_eoi_verdict,
     host_report,
@@ -47,6 +49,8 @@ from kvm_vmm.hostcheck import (
 from kvmfast.testing import require_kvm
 
 PROBES = {probe.key: probe for probe in INSTRUCTION_PROBES}
+BIT_COUNTS = {probe.key: probe for probe in BIT_COUNT_PROBES}
+LZCNT_BIT, BMI1_BIT = 1 << 5, 1 << 3  # CPUID 80000001H ECX[5], 07H EBX[3]
 
 
 def done(value: int = PASSED, reports: list[int] | None = None) -> ProbeRun:
@@ -86,6 +90,34 @@ def test_a_failing_instruction_nothing_avoids_fails_only_if_linux_needs_it() -> 
 
 def test_a_probe_that_hangs_is_inconclusive_not_a_failure() -> None:
     assert instruction_verdict(PROBES["clac"], ProbeRun("timeout"), set()).verdict == "WARN"
+
+
+def test_lzcnt_and_tzcnt_pass_with_the_sdm_results() -> None:
+    """SDM Vol. 2A LZCNT: LZCNT of 1 (64-bit) is 63; Vol. 2B TZCNT: TZCNT of 0 is 64."""
+    assert bit_count_verdict(BIT_COUNTS["lzcnt"], done(reports=[LZCNT_BIT, 63])).verdict == "PASS"
+    assert bit_count_verdict(BIT_COUNTS["tzcnt"], done(reports=[BMI1_BIT, 64])).verdict == "PASS"
+
+
+def test_lzcnt_run_as_bsr_is_a_silent_wrong_result_that_linux_is_told_about() -> None:
+    lzcnt = bit_count_verdict(BIT_COUNTS["lzcnt"], done(reports=[LZCNT_BIT, 0]))
+    assert lzcnt.verdict == "FAIL" and "silently wrong" in lzcnt.summary
+    assert lzcnt.linux_switches == ("clearcpuid=abm",)
+    tzcnt = bit_count_verdict(BIT_COUNTS["tzcnt"], done(reports=[BMI1_BIT, 0x5A5A]))
+    assert tzcnt.verdict == "FAIL" and tzcnt.linux_switches == ("clearcpuid=bmi1",)
+    report = report_of(lzcnt, tzcnt)
+    assert report.linux_switches() == ["clearcpuid=abm,bmi1"]
+    assert report.failures == [lzcnt, tzcnt]
+
+
+def test_bsr_where_the_guest_cpuid_has_no_lzcnt_is_what_the_sdm_says() -> None:
+    """SDM Vol. 2A LZCNT: without the feature the encoding executes as BSR."""
+    check = bit_count_verdict(BIT_COUNTS["lzcnt"], done(reports=[~LZCNT_BIT & 0xFFFF, 0]))
+    assert check.verdict == "PASS" and check.linux_switches == ()
+
+
+def test_a_bit_count_probe_that_did_not_finish_is_inconclusive() -> None:
+    assert bit_count_verdict(BIT_COUNTS["lzcnt"], ProbeRun("timeout")).verdict == "WARN"
+    assert bit_count_verdict(BIT_COUNTS["lzcnt"], done(reports=[LZCNT_BIT])).verdict == "WARN"
 
 
 def test_early_eoi_isr_bit_decides() -> None:
@@ -292,6 +324,19 @@ def test_probes_all_run_and_agree_with_each_other(host_checks: list[Check]) -> N
     for check in host_checks:
         if check.key.startswith("insn-"):
             assert "probe ended" not in check.summary, check
+
+
+@pytest.mark.kvm
+def test_bit_count_probes_report_the_guests_cpuid_and_result(guest: ProbeGuest) -> None:
+    """What the guest gets is either the SDM's result or the BSR/BSF one (0 for LZCNT of
+    1, the untouched 0x5A5A for TZCNT of 0); the verdict follows it."""
+    for probe, sdm, bsr_bsf in ((BIT_COUNTS["lzcnt"], 63, 0), (BIT_COUNTS["tzcnt"], 64, 0x5A5A)):
+        run = guest.run(probe.entry)
+        assert run.passed and len(run.reports) == 2, run
+        has_feature = bool(run.reports[0] >> probe.cpuid.bit & 1)
+        assert run.reports[1] in (sdm, bsr_bsf), run
+        wrong = has_feature and run.reports[1] != sdm
+        assert (bit_count_verdict(probe, run).verdict == "FAIL") == wrong
 
 
 @pytest.mark.kvm

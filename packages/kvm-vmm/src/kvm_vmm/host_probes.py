@@ -161,6 +161,28 @@ insn_popcnt:
         cmp rax, 8
         jne wrong_result
         PASS
+        .global insn_lzcnt
+insn_lzcnt:                     /* LZCNT of 1 is 63; BSR of 1 would be 0 */
+        mov eax, 0x80000001
+        xor ecx, ecx
+        cpuid
+        REPORT ecx              /* bit 5: LZCNT (Linux's "abm") */
+        mov rbx, 1
+        mov rax, 0x5a5a
+        lzcnt rax, rbx
+        REPORT eax
+        PASS
+        .global insn_tzcnt
+insn_tzcnt:                     /* TZCNT of 0 is 64; BSF of 0 leaves its destination */
+        mov eax, 7
+        xor ecx, ecx
+        cpuid
+        REPORT ebx              /* bit 3: BMI1 */
+        xor ebx, ebx
+        mov rax, 0x5a5a
+        tzcnt rax, rbx
+        REPORT eax
+        PASS
         .global insn_lsl
 insn_lsl:
         mov eax, {KERNEL_DS}

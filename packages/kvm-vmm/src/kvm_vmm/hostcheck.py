@@ -108,6 +108,8 @@ XSAVE = CpuidBit("xsave", 1, 0, "ecx", 26)
 AVX = CpuidBit("avx", 1, 0, "ecx", 28)
 AVX2 = CpuidBit("avx2", 7, 0, "ebx", 5)
 SMAP = CpuidBit("smap", 7, 0, "ebx", 20)
+ABM = CpuidBit("abm", 0x8000_0001, 0, "ecx", 5)  # LZCNT
+BMI1 = CpuidBit("bmi1", 7, 0, "ebx", 3)  # TZCNT among others
 CPUID_BITS_TRIED = (SSSE3, CX16, POPCNT, XSAVE, AVX, AVX2, SMAP)
 # KVM's paravirtual features that make Linux issue hypercalls (arch/x86/kernel/kvm.c):
 # kicking a halted lock waiter, IPIs to several CPUs, yielding to a preempted vCPU.
@@ -219,6 +221,54 @@ INSTRUCTION_PROBES = (
         "clearcpuid=cx16",
     ),
 )
+
+
+@dataclass(frozen=True)
+class BitCountProbe:
+    """LZCNT or TZCNT: F3-prefixed BSR/BSF encodings, which an emulator that ignores the
+    prefix runs as BSR/BSF without an exit (SDM Vol. 2A "LZCNT", Vol. 2B "TZCNT")."""
+
+    key: str
+    mnemonic: str
+    entry: str
+    cpuid: CpuidBit
+    expected: int  # the probe's result where the instruction runs as the SDM says
+    substitute: str
+
+
+BIT_COUNT_PROBES = (
+    BitCountProbe("lzcnt", "LZCNT", "insn_lzcnt", ABM, 63, "BSR"),
+    BitCountProbe("tzcnt", "TZCNT", "insn_tzcnt", BMI1, 64, "BSF"),
+)
+
+
+def bit_count_verdict(probe: BitCountProbe, run: ProbeRun) -> Check:
+    """``run.reports``: the CPUID register holding the feature bit, then the result."""
+    key, title = f"insn-{probe.key}", probe.mnemonic
+    if not run.passed or len(run.reports) != 2:
+        detail = f"exception {run.exception}" if run.exception is not None else run.ending
+        return Check(key, title, "WARN", f"probe ended with {detail}")
+    features, result = run.reports
+    if not features >> probe.cpuid.bit & 1:
+        return Check(
+            key,
+            title,
+            "PASS",
+            f"the guest's CPUID lacks it ({probe.cpuid.name}): it runs as "
+            f"{probe.substitute}, as the SDM says it then does",
+        )
+    if result == probe.expected:
+        return Check(key, title, "PASS", "runs (executed or completed)")
+    switch = f"clearcpuid={probe.cpuid.name}"
+    return Check(
+        key,
+        title,
+        "FAIL",
+        f"silently wrong results: KVM runs it as {probe.substitute} with no exit (gave "
+        f"{result}, not {probe.expected}); Linux is kept off it with {switch}",
+        linux_switches=(switch,),
+    )
+
 
 EMULATED_NS_PER_INSTRUCTION = 20.0  # native code runs at ~0.3 ns; KVM's emulator at ~250
 
@@ -501,6 +551,7 @@ def probe_host(kvm: kvmfast.Kvm | None = None) -> list[Check]:
     cpuid_check, ours, seen = _cpuid_check(guest)
     checks.append(cpuid_check)
     checks += [_instruction_check(guest, probe, ours) for probe in INSTRUCTION_PROBES]
+    checks += [bit_count_verdict(probe, guest.run(probe.entry)) for probe in BIT_COUNT_PROBES]
     checks += [
         _early_eoi_check(guest),
         _deferred_injection_check(guest),
