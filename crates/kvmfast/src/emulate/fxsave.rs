@@ -68,31 +68,57 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     };
     let mut area = XsaveArea::load(c.cpu.fd)?;
     if save {
-        let mut image = area.bytes[..xmm_end].to_vec();
-        image[28..32].copy_from_slice(&c.quirks.mxcsr_mask.to_le_bytes());
-        if !wide {
-            narrow_pointers(&mut image);
-        }
+        let image = save_image(&area.bytes[..xmm_end], c.quirks.mxcsr_mask, wide);
         c.memory.write(linear, &image, data_access(&c.cpu, true))?;
     } else {
         let mut image = vec![0u8; xmm_end];
         c.memory
             .read(linear, &mut image, data_access(&c.cpu, false))?;
-        let mxcsr = u32::from_le_bytes([image[24], image[25], image[26], image[27]]);
-        if mxcsr & !c.quirks.mxcsr_mask != 0 {
-            return Err(Stop::Fault(Fault::GeneralProtection(0)));
-        }
-        if !wide {
-            widen_pointers(&mut image);
-        }
-        // MXCSR_MASK is not loaded: the area keeps the processor's.
-        let mask = area.bytes[28..32].to_vec();
-        area.bytes[..xmm_end].copy_from_slice(&image);
-        area.bytes[28..32].copy_from_slice(&mask);
+        restore_image(
+            &mut area.bytes[..xmm_end],
+            &image,
+            c.quirks.mxcsr_mask,
+            wide,
+        )
+        .map_err(Stop::Fault)?;
         area.set_xstate_bv(area.xstate_bv() | FEATURE_X87 | FEATURE_SSE);
         area.store(c.cpu.fd)?;
     }
     c.advance();
+    Ok(())
+}
+
+/// The FXSAVE image of the area's legacy region (as far as the XMM registers the mode
+/// has): MXCSR_MASK the processor's, the x87 pointers narrowed for the form without
+/// REX.W.
+fn save_image(legacy: &[u8], mxcsr_mask: u32, wide: bool) -> Vec<u8> {
+    let mut image = legacy.to_vec();
+    image[28..32].copy_from_slice(&mxcsr_mask.to_le_bytes());
+    if !wide {
+        narrow_pointers(&mut image);
+    }
+    image
+}
+
+/// Loads an FXRSTOR image into the area's legacy region of the same length. "#GP(0)
+/// ... an attempt to set reserved bits in MXCSR" leaves it untouched; MXCSR_MASK is
+/// not loaded (the area keeps the processor's).
+fn restore_image(
+    legacy: &mut [u8],
+    image: &[u8],
+    mxcsr_mask: u32,
+    wide: bool,
+) -> Result<(), Fault> {
+    let mxcsr = u32::from_le_bytes([image[24], image[25], image[26], image[27]]);
+    if mxcsr & !mxcsr_mask != 0 {
+        return Err(Fault::GeneralProtection(0));
+    }
+    let mut image = image.to_vec();
+    if !wide {
+        widen_pointers(&mut image);
+    }
+    image[28..32].copy_from_slice(&legacy[28..32]);
+    legacy.copy_from_slice(&image);
     Ok(())
 }
 
@@ -113,4 +139,87 @@ fn widen_pointers(image: &mut [u8]) {
     let fdp = u32::from_le_bytes(image[16..20].try_into().unwrap_or([0; 4]));
     image[8..16].copy_from_slice(&u64::from(fip).to_le_bytes());
     image[16..24].copy_from_slice(&u64::from(fdp).to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK: u32 = 0xffff;
+
+    /// A legacy region with distinct bytes, MXCSR 0x1f80, FIP/FDP with upper halves set.
+    fn legacy(length: usize) -> Vec<u8> {
+        let mut bytes: Vec<u8> = (0..length).map(|i| (i * 7 + 3) as u8).collect();
+        bytes[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        bytes[16..24].copy_from_slice(&0x99aa_bbcc_ddee_ff00u64.to_le_bytes());
+        bytes[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn fxsave64_stores_the_region_with_the_processors_mxcsr_mask() {
+        let area = legacy(XMM_END_64);
+        let image = save_image(&area, MASK, true);
+        assert_eq!(image.len(), XMM_END_64);
+        assert_eq!(image[28..32], MASK.to_le_bytes());
+        assert_eq!(image[..28], area[..28]);
+        assert_eq!(image[32..], area[32..]);
+    }
+
+    #[test]
+    fn fxsave_without_rex_w_stores_32_bit_pointers_and_no_selectors() {
+        // SDM Vol. 1 Table 10-2: FPU IP at 8, FCS at 12, FPU DP at 16, FDS at 20.
+        let image = save_image(&legacy(XMM_END_32), MASK, false);
+        assert_eq!(image.len(), XMM_END_32);
+        assert_eq!(image[8..12], 0x5566_7788u32.to_le_bytes());
+        assert_eq!(image[12..16], [0; 4]);
+        assert_eq!(image[16..20], 0xddee_ff00u32.to_le_bytes());
+        assert_eq!(image[20..24], [0; 4]);
+    }
+
+    #[test]
+    fn fxrstor64_loads_all_but_mxcsr_mask() {
+        let mut area = legacy(XMM_END_64);
+        area[28..32].copy_from_slice(&MASK.to_le_bytes());
+        let mut image = vec![0x5a; XMM_END_64];
+        image[24..28].copy_from_slice(&0x7f80u32.to_le_bytes());
+        image[28..32].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(restore_image(&mut area, &image, MASK, true), Ok(()));
+        assert_eq!(area[..28], image[..28]);
+        assert_eq!(area[28..32], MASK.to_le_bytes());
+        assert_eq!(area[32..], image[32..]);
+    }
+
+    #[test]
+    fn fxrstor_without_rex_w_zero_extends_the_pointers() {
+        let mut area = legacy(XMM_END_32);
+        let image = save_image(&legacy(XMM_END_32), MASK, false);
+        assert_eq!(restore_image(&mut area, &image, MASK, false), Ok(()));
+        assert_eq!(area[8..16], 0x5566_7788u64.to_le_bytes());
+        assert_eq!(area[16..24], 0xddee_ff00u64.to_le_bytes());
+    }
+
+    #[test]
+    fn fxrstor_with_reserved_mxcsr_bits_is_gp_and_loads_nothing() {
+        let mut area = legacy(XMM_END_64);
+        let before = area.clone();
+        let mut image = vec![0; XMM_END_64];
+        image[24..28].copy_from_slice(&0x1_0000u32.to_le_bytes());
+        assert_eq!(
+            restore_image(&mut area, &image, MASK, true),
+            Err(Fault::GeneralProtection(0))
+        );
+        assert_eq!(area, before);
+    }
+
+    #[test]
+    fn fxsave64_then_fxrstor64_gives_the_region_back() {
+        let mut area = legacy(XMM_END_64);
+        area[28..32].copy_from_slice(&MASK.to_le_bytes());
+        let image = save_image(&area, MASK, true);
+        let mut restored = vec![0; XMM_END_64];
+        restored[28..32].copy_from_slice(&MASK.to_le_bytes());
+        assert_eq!(restore_image(&mut restored, &image, MASK, true), Ok(()));
+        assert_eq!(restored, area);
+    }
 }
