@@ -259,11 +259,14 @@ def bit_count_verdict(probe: BitCountProbe, run: ProbeRun) -> Check:
         )
     if result == probe.expected:
         return Check(key, title, "PASS", "runs (executed or completed)")
+    # WARN, as every gap a Linux switch avoids: FAIL means a stock Linux stops here
+    # (host-check's exit status, the boot tests' precondition), and with the switch
+    # Linux does not use the instruction.
     switch = f"clearcpuid={probe.cpuid.name}"
     return Check(
         key,
         title,
-        "FAIL",
+        "WARN",
         f"silently wrong results: KVM runs it as {probe.substitute} with no exit (gave "
         f"{result}, not {probe.expected}); Linux is kept off it with {switch}",
         linux_switches=(switch,),
