@@ -59,7 +59,7 @@ from kvm_vmm.host_probes import (
 )
 from kvmfast.testing import AssemblerMissing, AssemblyError
 
-PROBE_VERSION = 5  # bump when a probe changes meaning: cached reports are then ignored
+PROBE_VERSION = 6  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
