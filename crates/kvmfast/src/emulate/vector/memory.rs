@@ -118,6 +118,31 @@ mod tests {
     }
 
     #[test]
+    fn two_runs_of_a_masked_store_find_its_selected_elements() {
+        use super::super::stub::{Exchange, StubCache, Width};
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
+            return; // the ZMM stub cannot run here; the selection is tested above
+        }
+        // vmovdqu32 [rax]{k1}, zmm0 with k1 = elements 0 and 2
+        let store = decode(&[0x62, 0xf1, 0x7e, 0x49, 0x7f, 0x00]);
+        let mut first = Exchange {
+            mxcsr: 0x1f80,
+            ..Exchange::default()
+        };
+        first.zmm[0] = [0x11; 64];
+        first.k[1] = 0b101;
+        let mut second = first.clone();
+        first.bounce.fill(FIRST_FILL);
+        second.bounce.fill(SECOND_FILL);
+        let mut stubs = StubCache::default();
+        assert!(stubs.run(&store, Width::Zmm, &mut first).is_ok());
+        assert!(stubs.run(&store, Width::Zmm, &mut second).is_ok());
+        let written = written_bytes(&first.bounce, &second.bounce);
+        assert_eq!(runs(&written), vec![0..4, 8..12]);
+        assert_eq!(first.bounce[..4], [0x11; 4]);
+    }
+
+    #[test]
     fn a_masked_load_reads_its_selected_elements_only() {
         // vmovdqu32 zmm1{k1}, [rax]
         let load = decode(&[0x62, 0xf1, 0x7e, 0x49, 0x6f, 0x08]);
