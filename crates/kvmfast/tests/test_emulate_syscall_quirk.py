@@ -14,6 +14,8 @@ import time
 import pytest
 from emulation_support import (
     GDT_AT,
+    KERNEL_CS64,
+    USER_CS64,
     USER_STACK,
     Guest,
     enter_user_mode64,
@@ -247,3 +249,154 @@ trap:
     ticks = struct.unpack("<Q", guest.vm.read(guest.symbols["ticks"], 8))[0]
     assert ticks > 0
     assert sum(guest.vm.rip_samples().values()) > 0  # the kicks did land
+
+
+# ---- a user-mode jump to LSTAR is not a SYSCALL ------------------------------------------
+
+RFLAGS_IF = 1 << 9
+RFLAGS_IOPL = 3 << 12
+RFLAGS_VM = 1 << 17
+RFLAGS_RF = 1 << 16
+PF_USER = 1 << 2
+LINUX_FMASK = 0x47700  # TF, IF, DF, IOPL, NT, AC
+USER_FLAGS = 0x202  # what a Linux process runs with: IF, IOPL 0
+UNMAPPED = 0x7FFF_FFFF_F000  # PML4[255]: nothing mapped there
+DONE_SYSCALL = 0x5C
+
+# The #PF handler reports the fault (error code in RBX, saved RIP in RDX, saved CS in
+# RSI, saved RFLAGS in RDI, CR2 in RCX; AL = 14), then, when run again, sends the user to
+# `resume_at`. The SYSCALL entry reports RFLAGS (RBP), RCX (R12), R11 (R13) and CS (R14).
+# `kernel_syscall` is a SYSCALL on a supervisor-only page, for an RCX the user may not
+# fetch from.
+FAKE_KERNEL = f"""
+.global entry, page_fault, syscall_entry, kernel_syscall_end, resume_at
+entry:
+    hlt
+page_fault:
+    clac
+    mov rbx, [rsp]
+    mov rdx, [rsp + 8]
+    mov rsi, [rsp + 16]
+    mov rdi, [rsp + 24]
+    mov rcx, cr2
+    mov al, 14
+    out 0xf4, al
+    add rsp, 8
+    mov rax, [rip + resume_at]
+    mov [rsp], rax
+    iretq
+syscall_entry:
+    pushfq
+    pop rbp
+    mov r12, rcx
+    mov r13, r11
+    mov r14, cs
+    mov al, {DONE_SYSCALL}
+    out 0xf4, al
+    syscall
+kernel_syscall_end:
+    hlt
+    .balign 8
+resume_at: .quad 0
+{exception_handlers_asm()}
+"""
+
+
+def _fake_syscall_guest(
+    kvm: Kvm, *, r11: str, rcx: str, fmask: int
+) -> tuple[Guest, dict[str, int]]:
+    """A CPL-3 program that loads R11 and RCX (assembly operands, or ``flags`` for its
+    own RFLAGS; ``{name}`` in ``rcx`` is a kernel symbol) and jumps to LSTAR; at
+    `resume` it makes a real SYSCALL."""
+    guest = make_guest(kvm, FAKE_KERNEL)
+    rcx = rcx.format(**guest.symbols)
+    setup_tss64(guest)
+    install_exception_handlers(guest, {14: gate64(guest.symbols["page_fault"])})
+    load_r11 = "pushfq\n    pop r11" if r11 == "flags" else f"mov r11, {r11}"
+    user = enter_user_mode64(
+        guest,
+        f"""
+.global user_entry, resume, after_syscall, no_syscall_here
+user_entry:
+    mov rcx, {rcx}
+    {load_r11}
+    jmp [rip + lstar]
+resume:
+    syscall
+after_syscall:
+    ud2
+    nop
+    nop
+no_syscall_here:
+    ud2
+    .balign 8
+lstar: .quad {guest.symbols["syscall_entry"]}
+""",
+    )
+    guest.vcpu.set_regs({"rflags": USER_FLAGS})
+    guest.vcpu.set_sregs({"efer": guest.vcpu.get_sregs()["efer"] | EFER_SCE})
+    guest.vcpu.set_msrs(
+        {
+            MSR_STAR: (0x20 << 48) | (0x08 << 32),
+            MSR_LSTAR: guest.symbols["syscall_entry"],
+            MSR_FMASK: fmask,
+        }
+    )
+    return guest, user
+
+
+def _assert_ordinary_user_fault_then_real_syscall(guest: Guest, user: dict[str, int]) -> None:
+    lstar = guest.symbols["syscall_entry"]
+    vector = run_until_exit(guest)
+    regs = guest.vcpu.get_regs()
+    assert vector == 14, f"the jump to LSTAR was taken for a SYSCALL: {vector}, {regs}"
+    assert regs["rcx"] == lstar and regs["rdx"] == lstar
+    assert regs["rbx"] & PF_USER and regs["rsi"] == USER_CS64
+    assert regs["rdi"] & RFLAGS_IF  # the user's own RFLAGS, as a jump leaves them
+    assert guest.vcpu.counters()["quirk_repairs"] == {}
+    # The guest runs on: its handler returns to the user, whose real SYSCALL still works.
+    guest.vm.write(guest.symbols["resume_at"], struct.pack("<Q", user["resume"]))
+    guest.vcpu.set_msrs({MSR_FMASK: LINUX_FMASK})
+    vector = run_until_exit(guest)
+    regs = guest.vcpu.get_regs()
+    assert vector == DONE_SYSCALL, (vector, regs)
+    assert regs["r14"] == KERNEL_CS64 and regs["r12"] == user["after_syscall"]
+    assert regs["r13"] & ~(RFLAGS_RF | 0xFF) == USER_FLAGS & ~0xFF  # R11: the user's RFLAGS
+    # SDM Vol. 2B "SYSCALL": RFLAGS AND NOT FMASK (RF clear): IOPL 0, IF clear.
+    assert regs["rbp"] == (regs["r13"] & ~(LINUX_FMASK | RFLAGS_RF)) | 2
+    assert regs["rbp"] & (RFLAGS_IOPL | RFLAGS_IF) == 0
+    quirk = guest.vm.host_quirks()["syscall_keeps_user_cs"]
+    assert guest.vcpu.counters()["quirk_repairs"] == ({"syscall_keeps_user_cs": 1} if quirk else {})
+
+
+HOSTILE_R11 = {
+    "reserved-bits": (1 << 63) | (1 << 22) | (1 << 15) | (1 << 3) | USER_FLAGS,
+    "vm": RFLAGS_VM | USER_FLAGS,
+    "iopl3": RFLAGS_IOPL | USER_FLAGS,
+}
+
+
+@pytest.mark.parametrize("fmask", [LINUX_FMASK, 0], ids=["linux-fmask", "no-fmask"])
+@pytest.mark.parametrize("r11", list(HOSTILE_R11.values()), ids=list(HOSTILE_R11))
+def test_a_user_jump_to_lstar_with_hostile_r11_is_an_ordinary_fault(
+    kvm: Kvm, r11: int, fmask: int
+) -> None:
+    """RCX points just past a real SYSCALL in the user's code: only the flags give the
+    jump away. Before, the repair built the kernel's RFLAGS from this R11: reserved
+    bits or VM stopped the VM at entry, IOPL 3 went back to the process."""
+    guest, user = _fake_syscall_guest(kvm, r11=hex(r11), rcx="offset after_syscall", fmask=fmask)
+    _assert_ordinary_user_fault_then_real_syscall(guest, user)
+
+
+@pytest.mark.parametrize(
+    "rcx",
+    ["offset no_syscall_here", hex(UNMAPPED + 1), "{kernel_syscall_end}"],
+    ids=["not-syscall-bytes", "unmapped", "supervisor-page"],
+)
+def test_a_user_jump_to_lstar_without_a_syscall_at_rcx_is_an_ordinary_fault(
+    kvm: Kvm, rcx: str
+) -> None:
+    """R11 holds the user's own RFLAGS and FMASK is 0, so the flags match a SYSCALL's;
+    RCX - 2 is not a SYSCALL the user could have executed."""
+    guest, user = _fake_syscall_guest(kvm, r11="flags", rcx=rcx, fmask=0)
+    _assert_ordinary_user_fault_then_real_syscall(guest, user)
