@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmfast import Exit, ExitSink, GuestMemory, Kvm, KvmError, Vcpu, Vm
-from kvmfast.testing import assemble_program, setup_long_mode, setup_protected_mode
+from kvmfast.testing import (
+    assemble_program,
+    set_lint0_extint,
+    setup_long_mode,
+    setup_protected_mode,
+)
 
 if TYPE_CHECKING:
     from kvmfast._native import Segment
@@ -486,3 +491,57 @@ def split_second_2m_page(guest: Guest, *, not_present: tuple[int, ...] = ()) -> 
         entries.append(struct.pack("<Q", address | flags))
     guest.vm.write(PAGE_TABLE_AT, b"".join(entries))
     guest.vm.write(PD0_AT + 8, struct.pack("<Q", PAGE_TABLE_AT | 0x3))
+
+
+@dataclass
+class InterruptInFlightAtAnExit:
+    """Makes, once, the state a kick leaves when it ends KVM_RUN in the middle of an
+    interrupt's injection: an exit with ``vector`` in flight (KVM_GET_VCPU_EVENTS
+    ``interrupt.injected``). A kick does that at random; this does it once.
+
+    The only Python code the run loop calls between clearing ``immediate_exit`` and the
+    next KVM_RUN is the ExtINT controller's acknowledge(): so a trace hook raises the
+    ExtINT line at the first completed CLAC from the ``after_exits``-th emulation exit on
+    with the interrupt window open (the guest must run one with IF set), and
+    acknowledge() lowers it, marks ``vector`` as in
+    flight with KVM_SET_VCPU_EVENTS and kicks (``immediate_exit``), so that KVM_RUN
+    returns EINTR at once with the interrupt still in flight. It returns ``vector`` as
+    the PIC's answer, which KVM delivers later as an ordinary ExtINT (LVT LINT0 is set
+    to ExtINT). The guest sees ``vector`` twice, both times with IF set."""
+
+    vcpu: Vcpu
+    vector: int
+    after_exits: int
+    exits: int = 0
+    clacs: int = 0
+    fired: bool = False
+
+    def install(self) -> None:
+        set_lint0_extint(self.vcpu)
+        self.vcpu.set_extint_controller(self)
+        self.vcpu.set_trace(self.trace)
+
+    def trace(self, name: str, address: int, size: int, is_write: bool, value: int) -> None:
+        if name != "internal_error" or self.fired:
+            return
+        self.exits += 1
+        if self.exits < self.after_exits:
+            return
+        # A CLAC leaves IF and the window as the exit reported them (a completed INT3
+        # or SYSCALL repair does not: an interrupt in flight after it would be this
+        # helper's doing). And with the window open at the exit, the run loop
+        # acknowledges before its next KVM_RUN; later, on an IRQ-window exit, the
+        # kick's immediate_exit would be cleared before the KVM_RUN it is meant for.
+        clacs = self.vcpu.counters()["completions"].get("clac", 0)
+        after_clac, self.clacs = clacs > self.clacs, clacs
+        window_open = self.vcpu.if_flag and self.vcpu.ready_for_interrupt_injection
+        if after_clac and window_open:
+            self.vcpu.kicker().set_extint(True)
+
+    def acknowledge(self) -> int:
+        kicker = self.vcpu.kicker()
+        kicker.set_extint(False)
+        self.vcpu.set_vcpu_events({"interrupt": {"injected": 1, "nr": self.vector}})
+        kicker.kick()
+        self.fired = True
+        return self.vector

@@ -18,6 +18,7 @@ from emulation_support import (
     USER_CS64,
     USER_STACK,
     Guest,
+    InterruptInFlightAtAnExit,
     enter_user_mode64,
     exception_handlers_asm,
     gate64,
@@ -400,3 +401,102 @@ def test_a_user_jump_to_lstar_without_a_syscall_at_rcx_is_an_ordinary_fault(
     RCX - 2 is not a SYSCALL the user could have executed."""
     guest, user = _fake_syscall_guest(kvm, r11="flags", rcx=rcx, fmask=0)
     _assert_ordinary_user_fault_then_real_syscall(guest, user)
+
+
+def test_no_interrupt_lands_on_a_repaired_syscall_with_if_clear(kvm: Kvm) -> None:
+    """A repair writes CS and SS back through the run page, whose interrupt_bitmap KVM
+    never clears (docs/emulation.md, test_emulate_completion_interrupts.py): after one
+    exit with an interrupt in flight, every later repair made KVM inject that vector
+    again at LSTAR, at CPL 0 with IF clear and the user's RSP. The frame went onto the
+    user stack, and with SMAP a Linux guest double-faulted there (the failure seen
+    under --profile). The kernel here enables interrupts around a CLAC (an exit with
+    the window open, for InterruptInFlightAtAnExit); the interrupt handler counts
+    entries with IF clear and entries at LSTAR."""
+    syscalls = 2000
+    guest = make_guest(
+        kvm,
+        f"""
+.global entry, page_fault, syscall_entry, timer, ticks, timer_with_if_clear, timer_at_lstar
+entry:
+    hlt
+{PAGE_FAULT_HANDLER}syscall_entry:
+    sti
+    nop
+    clac
+    cli
+    sysretq
+timer:
+    push rax
+    test qword ptr [rsp + 24], 0x200
+    jnz 1f
+    inc qword ptr [rip + timer_with_if_clear]
+1:  lea rax, [rip + syscall_entry]
+    cmp [rsp + 8], rax
+    jne 2f
+    inc qword ptr [rip + timer_at_lstar]
+2:  mov rax, 0xfee000b0
+    mov dword ptr [rax], 0
+    inc qword ptr [rip + ticks]
+    pop rax
+    iretq
+    .balign 8
+ticks: .quad 0
+timer_with_if_clear: .quad 0
+timer_at_lstar: .quad 0
+{exception_handlers_asm()}
+""",
+    )
+    setup_tss64(guest)
+    _linux_gdt(guest)
+    install_exception_handlers(
+        guest,
+        {14: gate64(guest.symbols["page_fault"]), TIMER_VECTOR: gate64(guest.symbols["timer"])},
+    )
+    user = enter_user_mode64(
+        guest,
+        f"""
+.global user_entry, trap
+user_entry:
+    mov r15d, {syscalls}
+again:
+    syscall
+    dec r15d
+    jnz again
+trap:
+    ud2
+""",
+    )
+    data = user_segment(LINUX_USER_DS, code=False)
+    guest.vcpu.set_sregs(
+        {
+            "cs": user_segment(LINUX_USER_CS, code=True),
+            "ss": data,
+            "ds": data,
+            "es": data,
+            "efer": guest.vcpu.get_sregs()["efer"] | EFER_SCE,
+        }
+    )
+    guest.vcpu.set_regs({"rflags": USER_FLAGS})
+    guest.vcpu.set_msrs(
+        {
+            MSR_STAR: (0x23 << 48) | (0x08 << 32),
+            MSR_LSTAR: guest.symbols["syscall_entry"],
+            MSR_FMASK: LINUX_FMASK,
+        }
+    )
+    in_flight = InterruptInFlightAtAnExit(guest.vcpu, TIMER_VECTOR, after_exits=100)
+    in_flight.install()
+    vector = run_until_exit(guest)
+    regs = guest.vcpu.get_regs()
+    assert vector == 6 and regs["rdx"] == user["trap"], (vector, regs)
+
+    def counter(name: str) -> int:
+        value: int = struct.unpack("<Q", guest.vm.read(guest.symbols[name], 8))[0]
+        return value
+
+    assert in_flight.fired and guest.vcpu.counters()["exits"].get("intr") == 1
+    assert (counter("timer_with_if_clear"), counter("timer_at_lstar")) == (0, 0)
+    # The interrupt in flight, then the same vector as the PIC's ExtINT: nothing more.
+    assert counter("ticks") == 2
+    if guest.vm.host_quirks()["syscall_keeps_user_cs"]:
+        assert guest.vcpu.counters()["quirk_repairs"]["syscall_keeps_user_cs"] == syscalls

@@ -106,7 +106,11 @@ impl<'a> Cpu<'a> {
         let synced = u64::from(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS);
         let page = page.filter(|page| page.valid_regs() & synced == synced);
         let (regs, sregs) = match page {
-            Some(page) => (page.sync_regs(), page.sync_sregs()),
+            Some(page) => {
+                let mut sregs = page.sync_sregs();
+                sregs.interrupt_bitmap = in_flight_interrupt_bitmap(&page.sync_events());
+                (page.sync_regs(), sregs)
+            }
             None => (
                 fd.get_regs().map_err(|e| Stop::ioctl("KVM_GET_REGS", e))?,
                 fd.get_sregs()
@@ -336,6 +340,26 @@ impl CpuState {
     }
 }
 
+/// `interrupt_bitmap` as KVM_GET_SREGS gives it: the vector of the external interrupt
+/// KVM has in flight, else nothing.
+///
+/// The run page's copy cannot be used: KVM's store_regs fills it without clearing it
+/// first (found on this host, kernel 6.18: the vector of a timer interrupt in flight at
+/// one exit stays set at every later exit), and KVM_SET_SREGS -- a completion's write
+/// back -- queues the vector it finds there as injected (KVM API document: "pending
+/// external interrupts ... acknowledged by the APIC but not yet injected"), delivered
+/// at the next entry whatever RFLAGS.IF says: a spurious interrupt on the first
+/// instruction of the #BP handler a completed INT3 entered with IF clear, or at LSTAR
+/// after a SYSCALL repair, at CPL 0 on the user's stack (docs/emulation.md).
+fn in_flight_interrupt_bitmap(events: &kvm_vcpu_events) -> [u64; 4] {
+    let mut bitmap = [0u64; 4];
+    if events.interrupt.injected != 0 && events.interrupt.soft == 0 {
+        let vector = usize::from(events.interrupt.nr);
+        bitmap[vector / 64] |= 1 << (vector % 64);
+    }
+    bitmap
+}
+
 /// AH, CH, DH, BH: the register number whose bits 15:8 they name.
 fn high_byte_register(register: Register) -> Option<usize> {
     match register {
@@ -357,5 +381,24 @@ pub fn truncate(value: u64, bytes: usize) -> u64 {
         2 => value & 0xffff,
         4 => value & 0xffff_ffff,
         _ => value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interrupt_bitmap_holds_only_the_interrupt_in_flight() {
+        let mut events = kvm_vcpu_events::default();
+        events.interrupt.nr = 0x30;
+        assert_eq!(in_flight_interrupt_bitmap(&events), [0; 4]);
+        events.interrupt.injected = 1;
+        assert_eq!(in_flight_interrupt_bitmap(&events), [1 << 48, 0, 0, 0]);
+        events.interrupt.nr = 0xff;
+        assert_eq!(in_flight_interrupt_bitmap(&events), [0, 0, 0, 1 << 63]);
+        // A software interrupt is re-executed, not re-injected (KVM reports none).
+        events.interrupt.soft = 1;
+        assert_eq!(in_flight_interrupt_bitmap(&events), [0; 4]);
     }
 }
