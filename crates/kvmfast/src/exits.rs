@@ -13,7 +13,7 @@ use crate::regs::{regs_to_dict, sregs_to_dict};
 #[pyclass(frozen, module = "kvmfast")]
 #[derive(Debug, Clone)]
 pub struct Exit {
-    /// "hlt", "system_event", "stopped", "device_exit", or (run_once) the exit's name.
+    /// "hlt", "system_event", "stopped", "paused", "device_exit", or (run_once) the exit's name.
     #[pyo3(get)]
     reason: String,
     /// device_exit: the value written; system_event: the type; io/mmio: the address;

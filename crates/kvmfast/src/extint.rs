@@ -71,6 +71,11 @@ impl ExtintInjector {
         self.request_window(port, level())
     }
 
+    /// A vector acknowledged at the PIC that KVM has not accepted yet.
+    pub fn holds_acknowledged(&self) -> bool {
+        self.acknowledged.is_some()
+    }
+
     fn can_queue(&self, port: &impl InjectionPort) -> bool {
         !self.queued_since_exit && port.window_open()
     }
@@ -204,6 +209,7 @@ mod tests {
             .service(&mut port, || true, ack_counter(&acks, 0x40))
             .unwrap();
         assert!(port.window);
+        assert!(injector.holds_acknowledged());
         injector.exited();
         port.refuse_with_eexist = false;
         // INTR dropped meanwhile: the acknowledged vector is still owed to the CPU.
@@ -213,6 +219,7 @@ mod tests {
         assert_eq!(acks.get(), 1);
         assert_eq!(port.queued, vec![0x40]);
         assert!(!port.window);
+        assert!(!injector.holds_acknowledged());
     }
 
     #[test]

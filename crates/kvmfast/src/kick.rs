@@ -25,6 +25,40 @@ pub const REQUEST_NMI: u32 = 1 << 2;
 pub const REQUEST_LINT1: u32 = 1 << 3;
 /// Record the guest's RIP in the vCPU's samples (a profiler's tick).
 pub const REQUEST_SAMPLE: u32 = 1 << 4;
+/// Return Exit("paused") from run() at the next clean point (see [`before_entry`]).
+pub const REQUEST_PAUSE: u32 = 1 << 5;
+
+/// What the run loop does, before an entry, with the requests it took.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BeforeEntry {
+    /// Return Exit("stopped").
+    Stop,
+    /// Return Exit("paused"): nothing is in flight, run() can continue from here.
+    Pause,
+    /// A pause was asked for but something is in flight: enter the guest and ask again
+    /// after the next exit.
+    DeferPause,
+    /// Enter the guest.
+    Enter,
+}
+
+/// The decision, apart from KVM. A pause is honoured only where the vCPU's state is all
+/// in KVM and the devices: not while a SYSCALL-quirk repair waits for the guest to run
+/// from it (a return would leave the entry that must not be cut short to a later run(),
+/// emulate::syscall_quirk::PendingRepair), nor while an ExtINT vector acknowledged at
+/// the PIC has not been accepted by KVM_INTERRUPT (it would exist only in the injector).
+/// A stop is honoured at once, as before.
+pub fn before_entry(requests: u32, repair_pending: bool, extint_in_flight: bool) -> BeforeEntry {
+    if requests & REQUEST_STOP != 0 {
+        BeforeEntry::Stop
+    } else if requests & REQUEST_PAUSE == 0 {
+        BeforeEntry::Enter
+    } else if repair_pending || extint_in_flight {
+        BeforeEntry::DeferPause
+    } else {
+        BeforeEntry::Pause
+    }
+}
 
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
@@ -130,6 +164,12 @@ impl KickState {
         self.extint_level.load(Ordering::SeqCst)
     }
 
+    /// Keeps request bits for the next look without forcing an exit: a deferred pause
+    /// waits for the guest's next exit.
+    pub fn defer(&self, bits: u32) {
+        self.requests.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// Run loop, before each KVM_RUN: clear `immediate_exit`, then take the requests.
     pub fn take_requests(&self) -> u32 {
         self.run_page.set_immediate_exit(false);
@@ -181,6 +221,14 @@ impl VcpuKicker {
         self.state.post(REQUEST_STOP);
     }
 
+    /// Makes run() return Exit("paused") at the next clean point: no SYSCALL-quirk
+    /// repair pending and no acknowledged ExtINT vector waiting for KVM, synced
+    /// registers flushed to KVM. A later run() continues from there. Returns at once;
+    /// the caller learns of the pause from run()'s return.
+    fn pause(&self) {
+        self.state.post(REQUEST_PAUSE);
+    }
+
     /// Drives the PIC's INTR line into the vCPU's ExtINT injector.
     fn set_extint(&self, level: bool) {
         self.state.set_extint(level);
@@ -212,5 +260,48 @@ impl VcpuKicker {
 
     fn __repr__(&self) -> String {
         format!("VcpuKicker(extint={})", self.state.extint_level())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_waits_for_a_pending_repair_and_an_extint_in_flight() {
+        assert_eq!(
+            before_entry(REQUEST_PAUSE, false, false),
+            BeforeEntry::Pause
+        );
+        assert_eq!(
+            before_entry(REQUEST_PAUSE, true, false),
+            BeforeEntry::DeferPause
+        );
+        assert_eq!(
+            before_entry(REQUEST_PAUSE, false, true),
+            BeforeEntry::DeferPause
+        );
+        assert_eq!(
+            before_entry(REQUEST_PAUSE | REQUEST_KICK, true, true),
+            BeforeEntry::DeferPause
+        );
+    }
+
+    #[test]
+    fn a_stop_is_honoured_at_once_and_wins_over_a_pause() {
+        assert_eq!(before_entry(REQUEST_STOP, true, true), BeforeEntry::Stop);
+        assert_eq!(
+            before_entry(REQUEST_STOP | REQUEST_PAUSE, false, false),
+            BeforeEntry::Stop
+        );
+    }
+
+    #[test]
+    fn other_requests_enter_the_guest() {
+        assert_eq!(before_entry(0, true, true), BeforeEntry::Enter);
+        assert_eq!(
+            before_entry(REQUEST_KICK | REQUEST_NMI | REQUEST_SAMPLE, false, false),
+            BeforeEntry::Enter
+        );
     }
 }

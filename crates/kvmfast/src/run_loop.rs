@@ -25,7 +25,8 @@ use crate::exits::{ExitInfo, GuestFailure, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
 use crate::ioctls;
 use crate::kick::{
-    REQUEST_LINT1, REQUEST_NMI, REQUEST_SAMPLE, REQUEST_STOP, with_kick_signal_blocked,
+    BeforeEntry, REQUEST_LINT1, REQUEST_NMI, REQUEST_PAUSE, REQUEST_SAMPLE, before_entry,
+    with_kick_signal_blocked,
 };
 use crate::lapic;
 use crate::locks;
@@ -127,8 +128,16 @@ impl VcpuCore {
             if requests & REQUEST_SAMPLE != 0 {
                 self.sample_rip()?;
             }
-            if requests & REQUEST_STOP != 0 {
-                return Ok(ExitInfo::new("stopped", 0));
+            // Before service_extint: a pause must not acknowledge the PIC.
+            match before_entry(
+                requests,
+                self.repair_pending.load(Ordering::Relaxed),
+                injector.holds_acknowledged(),
+            ) {
+                BeforeEntry::Stop => return Ok(ExitInfo::new("stopped", 0)),
+                BeforeEntry::Pause => return Ok(ExitInfo::new("paused", 0)),
+                BeforeEntry::DeferPause => self.kick.defer(REQUEST_PAUSE),
+                BeforeEntry::Enter => {}
             }
             self.service_extint(injector)?;
 
