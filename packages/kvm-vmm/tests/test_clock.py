@@ -73,3 +73,39 @@ def test_stop_is_idempotent_and_an_idle_thread_stops_at_once() -> None:
     timers.stop()
     timers.stop()
     assert time.monotonic() - start < 1
+
+
+def test_a_paused_clock_stands_still_and_fires_nothing_until_resumed() -> None:
+    timers = TimerThread()
+    timers.start()
+    fired = threading.Event()
+    start = timers.now_ns()
+    timers.schedule(start + 300_000_000, fired.set)
+    timers.pause()
+    frozen = timers.now_ns()
+    time.sleep(0.4)  # past the deadline in host time
+    assert timers.now_ns() == frozen
+    assert not fired.is_set()
+    timers.resume()
+    assert fired.wait(5)
+    assert timers.now_ns() - start >= 300_000_000
+    timers.stop()
+
+
+def test_pause_waits_for_a_callback_in_flight() -> None:
+    timers = TimerThread()
+    timers.start()
+    entered = threading.Event()
+    finished: list[bool] = []
+
+    def slow() -> None:
+        entered.set()
+        time.sleep(0.1)
+        finished.append(True)
+
+    timers.schedule(timers.now_ns(), slow)
+    assert entered.wait(5)
+    timers.pause()
+    assert finished == [True]
+    timers.resume()
+    timers.stop()

@@ -5,10 +5,15 @@ models. Guests are loaded by :mod:`kvm_vmm.loaders` (or written raw by tests),
 entered with :mod:`kvm_vmm.cpu_setup`, and run with one thread per vCPU until
 the first event that ends the run: power-off, reset, a debug-exit write, a
 triple fault, an instruction nobody can complete, or a stop from the host.
+
+Lifecycle: ``created --start()--> running --pause()--> paused --resume()-->
+running``; ``stop()`` (or the guest) ends the run: ``finished``; ``close()``:
+``closed``. A call in another state raises :class:`MachineStateError`.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import threading
 from dataclasses import dataclass, field
@@ -57,8 +62,21 @@ class MachineConfigError(ValueError):
     """A machine that cannot be built as asked (memory too small, no vCPU...)."""
 
 
+class MachineStateError(RuntimeError):
+    """A lifecycle call the machine's state does not allow (pause() before start()...)."""
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    CLOSED = "closed"
+
+
 STATUS_TIMED_OUT = 124  # timeout(1)'s status
 STATUS_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -104,9 +122,14 @@ class Machine:
         self.vcpus = [self.vm.create_vcpu(index) for index in range(config.cpus)]
         self.kickers = [vcpu.kicker() for vcpu in self.vcpus]
         self._outcome: Outcome | None = None
-        self._outcome_lock = threading.Lock()
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Guards the state, the outcome and the vCPU threads' parking.
+        self._cond = threading.Condition()
+        self._state = MachineState.CREATED
+        self._parked: set[int] = set()  # vCPU threads out of run() after a pause
+        self._ended: set[int] = set()  # vCPU threads that have returned
+        self._resumes = 0  # bumped by resume(): a parked thread runs again
         self._event_loop: kvmfast.EventLoop | None = None
         self.platform: Platform = build_platform(
             self.vm,
@@ -205,11 +228,27 @@ class Machine:
 
     # -- running ------------------------------------------------------------------
 
+    @property
+    def state(self) -> MachineState:
+        with self._cond:
+            return self._state
+
+    def _require(self, call: str, *allowed: MachineState) -> None:
+        """Raise unless the state (the caller holds _cond) is one of ``allowed``."""
+        if self._state not in allowed:
+            wanted = " or ".join(state.value for state in allowed)
+            raise MachineStateError(
+                f"{call} on a machine that is not {wanted} (it is {self._state.value})"
+            )
+
     def finish(self, outcome: Outcome) -> None:
         """End the run (thread-safe; the first outcome wins)."""
-        with self._outcome_lock:
+        with self._cond:
             if self._outcome is None:
                 self._outcome = outcome
+            if self._state in (MachineState.RUNNING, MachineState.PAUSED):
+                self._state = MachineState.FINISHED
+            self._cond.notify_all()  # parked vCPU threads leave
         self._finished.set()
         for kicker in self.kickers:
             kicker.stop()
@@ -223,8 +262,11 @@ class Machine:
         for kicker in self.kickers:
             kicker.request_lint1()
 
-    def run(self, timeout: float | None = None) -> Outcome:
-        """Run every vCPU until the machine finishes (or ``timeout`` seconds pass)."""
+    def start(self) -> None:
+        """Start the device timers and one thread per vCPU; returns at once."""
+        with self._cond:
+            self._require("start()", MachineState.CREATED)
+            self._state = MachineState.RUNNING
         self.timers.start()
         self._threads = [
             threading.Thread(target=self._vcpu_main, args=(index,), name=f"vcpu{index}")
@@ -232,8 +274,67 @@ class Machine:
         ]
         for thread in self._threads:
             thread.start()
+
+    def pause(self) -> None:
+        """Stop every vCPU and the device timers; returns when every vCPU is out of
+        KVM_RUN at a clean point (kvmfast's VcpuKicker.pause: no SYSCALL repair and no
+        acknowledged ExtINT vector in flight), registers readable and settable.
+
+        The devices' clock stands still meanwhile (kvm_vmm.clock); the guest's TSC
+        and in-kernel LAPIC timer do not. If the run ends while the vCPUs are being
+        paused (the guest powered off), pause() returns and the state is finished."""
+        with self._cond:
+            self._require("pause()", MachineState.RUNNING)
+            self._state = MachineState.PAUSED
+        self.timers.pause()
+        for kicker in self.kickers:
+            kicker.pause()
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (
+                    len(self._parked | self._ended) == len(self.vcpus)
+                    or self._state is MachineState.FINISHED
+                )
+            )
+
+    def resume(self) -> None:
+        """Continue every vCPU exactly where pause() left it, and the timers."""
+        with self._cond:
+            self._require("resume()", MachineState.PAUSED)
+            self._state = MachineState.RUNNING
+            self._parked.clear()
+            self._resumes += 1
+            self._cond.notify_all()
+        self.timers.resume()
+
+    def stop(self) -> Outcome:
+        """End the run (running or paused) with Outcome "stopped", unless the guest
+        ended it first; returns the outcome once every vCPU thread has returned. On a
+        finished machine it returns the outcome: a script need not race the guest."""
+        with self._cond:
+            self._require(
+                "stop()", MachineState.RUNNING, MachineState.PAUSED, MachineState.FINISHED
+            )
+        self.finish(Outcome(0, STOPPED, stopped_from_outside=True))
+        return self._join()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The run's outcome once it has ended, or None if it is still running (or
+        paused) after ``timeout`` seconds (None: wait as long as it takes)."""
+        with self._cond:
+            self._require(
+                "wait()", MachineState.RUNNING, MachineState.PAUSED, MachineState.FINISHED
+            )
+        if not self._finished.wait(timeout):
+            return None
+        return self._join()
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """start() and wait(): run every vCPU until the machine finishes (or ``timeout``
+        seconds pass: Outcome status 124, or Ctrl-C: status 130)."""
+        self.start()
         try:
-            if not self._finished.wait(timeout):
+            if self.wait(timeout) is None:
                 self.finish(
                     Outcome(
                         STATUS_TIMED_OUT, f"timed out after {timeout} s", stopped_from_outside=True
@@ -241,35 +342,68 @@ class Machine:
                 )
         except KeyboardInterrupt:
             self.finish(Outcome(STATUS_INTERRUPTED, "interrupted", stopped_from_outside=True))
-        finally:
-            for kicker in self.kickers:
-                kicker.stop()
-            for thread in self._threads:
+        return self._join()
+
+    def _join(self) -> Outcome:
+        """After finish(): wait for the vCPU threads, stop the timers, the outcome."""
+        for kicker in self.kickers:
+            kicker.stop()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
                 thread.join()
-            self.timers.stop()
-        assert self._outcome is not None
-        if self.timers.errors and self._outcome.error is None:
+        self.timers.stop()
+        with self._cond:
+            outcome = self._outcome
+        assert outcome is not None
+        if self.timers.errors and outcome.error is None:
             error = self.timers.errors[0]
             return Outcome(1, f"device timer failed: {error!r}", error)
-        return self._outcome
+        return outcome
 
     def _vcpu_main(self, index: int) -> None:
-        vcpu = self.vcpus[index]
         try:
-            result = run_until_exit(vcpu)
-        except kvmfast.TripleFault as error:
-            self.finish(Outcome(1, f"vCPU {index}: triple fault", error))
-            return
-        except kvmfast.GuestStop as error:
-            self.finish(Outcome(1, f"vCPU {index}: {error}", error))
-            return
-        except Exception as error:
-            self.finish(Outcome(1, f"vCPU {index}: {type(error).__name__}: {error}", error))
-            return
-        self._vcpu_exit(index, result)
+            self._run_vcpu(index)
+        finally:
+            with self._cond:
+                self._ended.add(index)
+                self._cond.notify_all()
+
+    def _run_vcpu(self, index: int) -> None:
+        vcpu = self.vcpus[index]
+        while True:
+            try:
+                result = run_until_exit(vcpu)
+            except kvmfast.TripleFault as error:
+                self.finish(Outcome(1, f"vCPU {index}: triple fault", error))
+                return
+            except kvmfast.GuestStop as error:
+                self.finish(Outcome(1, f"vCPU {index}: {error}", error))
+                return
+            except Exception as error:
+                self.finish(Outcome(1, f"vCPU {index}: {type(error).__name__}: {error}", error))
+                return
+            if result.reason != "paused" or not self._park(index):
+                self._vcpu_exit(index, result)
+                return
+
+    def _park(self, index: int) -> bool:
+        """A paused vCPU's thread waits here; True when it is to run again.
+
+        One "paused" return answers one pause(): pause() waits for every vCPU to
+        park before it returns, so a later pause() posts a request of its own, which
+        the next run() of a thread woken by resume() returns at once."""
+        ended = (MachineState.FINISHED, MachineState.CLOSED)
+        with self._cond:
+            if self._state is not MachineState.PAUSED:
+                return self._state not in ended
+            resumes = self._resumes
+            self._parked.add(index)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._resumes != resumes or self._state in ended)
+            return self._state not in ended
 
     def _vcpu_exit(self, index: int, result: kvmfast.Exit) -> None:
-        if result.reason == "stopped":
+        if result.reason in ("stopped", "paused"):
             return
         if result.reason == "device_exit":
             self.finish(Outcome(result.value, f"debug exit 0x{result.value:x}"))
@@ -301,6 +435,15 @@ class Machine:
         return self.vm.counters()
 
     def close(self) -> None:
+        """Stop a run still going, then free the VM (a second close does nothing)."""
+        with self._cond:
+            state = self._state
+            self._state = MachineState.CLOSED
+        if state is MachineState.CLOSED:
+            return
+        if state in (MachineState.RUNNING, MachineState.PAUSED):
+            self.finish(Outcome(0, STOPPED, stopped_from_outside=True))
+            self._join()
         self.timers.stop()
         if self._event_loop is not None:
             self._event_loop.stop()
