@@ -23,51 +23,40 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
 import kvmfast
-from kvm_vmm import board
+from kvm_vmm.boot import (
+    BootDescription,
+    BootReport,
+    DemoBoot,
+    default_guest,
+    describe_kernel,
+)
 from kvm_vmm.console import (
     SerialSpecError,
     open_serial_sink,
     raw_terminal,
     start_stdin_reader,
 )
-from kvm_vmm.debian import AssetsUnavailable, default_progress, fetch_guest_assets
+from kvm_vmm.debian import AssetsUnavailable, default_progress
 from kvm_vmm.devices import DeviceSpecError
-from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot, with_switches
+from kvm_vmm.fast_boot import with_switches
 from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
-from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
-from kvm_vmm.kernel_symbols import KallsymsNotFound, read_kallsyms, system_map
-from kvm_vmm.loaders import (
-    LoaderError,
-    default_cache_dir,
-    kernel_elf,
-    load_kernel,
-    load_linux_image,
-)
-from kvm_vmm.loaders.elf import ELFCLASS64, elf_class, is_elf
+from kvm_vmm.loaders import LoaderError, default_cache_dir
 from kvm_vmm.loaders.files import read_boot_file
-from kvm_vmm.loaders.image import EntryState
-from kvm_vmm.loaders.linux_header import is_bzimage
-from kvm_vmm.loaders.multiboot_header import find_multiboot_header
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
-from kvmfast.testing import AssemblerMissing, assemble
+from kvmfast.testing import AssemblerMissing
 
 USAGE_ERROR = 2
 HOST_CHECK_FAILED = 1
-DEMO_LOAD_ADDRESS = 0x100000
 DEMO_MEMORY = "64M"
 LINUX_MEMORY = "512M"
-# panic=-1: a guest panic resets, which ends kvm-vmm, instead of leaving it hanging.
-DEFAULT_GUEST_CMDLINE = "console=ttyS0 panic=-1"
 _SIZE = re.compile(r"(?i)^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -241,19 +230,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.symbols is not None:
             try:
-                count = machine.vm.load_symbols(str(args.symbols))
+                count = machine.load_symbols(args.symbols)
             except OSError as error:
                 raise UsageError(f"--symbols {args.symbols}: {error.strerror}") from None
             _say(args, f"{count} symbols from {args.symbols}")
         for spec in args.device:
             machine.add_device(spec)
         # Only input that is known good is worth a download.
-        boot = None if tiny else _prepare_boot(args, cache_dir)
-        rsdp = machine.install_acpi_tables()
-        if boot is None:
-            _load_demo(machine)
-        else:
-            _load_boot(args, machine, boot, memory, rsdp, cache_dir)
+        description = DemoBoot() if tiny else _describe_boot(args, cache_dir)
+        _tell_boot(args, machine.boot(description, cache_dir=cache_dir))
         _say(args, f"{cpus} vCPU(s), {memory >> 20} MiB, serial {args.serial}")
         interactive = args.serial == "stdio" and sys.stdin.isatty()
         if args.serial == "stdio":
@@ -302,88 +287,41 @@ def _signals_end(machine: Machine) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-@dataclass(frozen=True)
-class _Boot:
-    """A kernel to boot (its bytes, read once), its initrd and, for Linux, its plan."""
-
-    kernel_path: Path
-    image: bytes
-    initrd: bytes | None
-    plan: LinuxBootPlan | None
-
-
-def is_linux_image(image: bytes) -> bool:
-    """What load_kernel boots as Linux: a bzImage, or an ELF64 without a Multiboot header."""
-    if is_bzimage(image):
-        return True
-    return find_multiboot_header(image) is None and is_elf(image) and elf_class(image) == ELFCLASS64
-
-
-def multiboot_command_line(kernel_path: Path, cmdline: str) -> str:
-    """The command line a Multiboot kernel gets: its own path, a space, then ``--cmdline``.
-
-    GRUB and QEMU's ``-kernel`` both put the kernel's path first, and kernels
-    built for them (kvm-unit-tests among them) take that first word as argv[0]
-    and their arguments after it.
-    """
-    return f"{kernel_path} {cmdline}"
-
-
-def _prepare_boot(args: argparse.Namespace, cache_dir: Path | None) -> _Boot:
-    kernel_path: Path | None = getattr(args, "kernel", None)
+def _describe_boot(args: argparse.Namespace, cache_dir: Path | None) -> BootDescription:
+    kernel: Path | None = getattr(args, "kernel", None)
+    initrd: Path | None = getattr(args, "initrd", None)
     cmdline: str = getattr(args, "cmdline", "")
-    initrd_path: Path | None = getattr(args, "initrd", None)
-    initrd = None if initrd_path is None else read_boot_file(initrd_path, "initrd")
-    if kernel_path is None:
-        kernel_path, shell_initrd = _default_guest(args, cache_dir)
-        initrd = shell_initrd if initrd is None else initrd  # an --initrd of one's own wins
-        cmdline = f"{DEFAULT_GUEST_CMDLINE} {cmdline}".strip()
-    image = read_boot_file(kernel_path, "kernel")
-    if not is_linux_image(image):
-        return _Boot(kernel_path, image, initrd, None)
-    host = host_report(cache_dir)
-    plan = plan_linux_boot(
-        cmdline,
-        fast_boot=args.command == "demo" or getattr(args, "fast_boot", False),
-        host=host,
-        host_workarounds=not args.no_host_workarounds,
-    )
-    if plan.fast_boot:
-        print(
-            f"kvm-vmm: fast boot: adding {with_switches('', plan.fast_boot)} (docs/linux-boot.md)",
-            file=sys.stderr,
+    fast_boot = args.command == "demo" or getattr(args, "fast_boot", False)
+    host_workarounds = not args.no_host_workarounds
+    if kernel is not None:
+        return describe_kernel(
+            kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            boot_path=getattr(args, "boot_path", "vmlinux"),
+            fast_boot=fast_boot,
+            host_workarounds=host_workarounds,
         )
-    if plan.host_switches or plan.hidden_cpuid:
-        hidden = " ".join(bit.name for bit in plan.hidden_cpuid) or "none"
-        _say(
-            args,
-            f"host workarounds (kvm-vmm host-check; off with --no-host-workarounds): "
-            f"Linux switches {' '.join(plan.host_switches) or 'none'}; CPUID hidden: {hidden}",
-        )
-    for note in plan.notes:
-        print(f"kvm-vmm: note: {note}", file=sys.stderr)
-    _say(args, f"kernel command line: {plan.cmdline}")
-    return _Boot(kernel_path, image, initrd, plan)
-
-
-def _default_guest(args: argparse.Namespace, cache_dir: Path | None) -> tuple[Path, bytes]:
-    if cache_dir is None:
-        raise AssetsUnavailable(
-            "the default guest is kept in the user's cache directory, and neither $HOME nor "
-            "$XDG_CACHE_HOME is set: pass --kernel PATH (and --initrd PATH)"
-        )
+    if initrd is not None:
+        read_boot_file(initrd, "initrd")  # a bad --initrd is worth no download
     progress = default_progress()
     try:
-        assets = fetch_guest_assets(cache_dir, _announcing(progress, cache_dir))
+        guest = default_guest(
+            cache_dir, fast_boot=fast_boot, progress=_announcing(progress, cache_dir)
+        )
     finally:
         progress.finish()
-    _say(args, f"default guest: {assets.kernel_package}, {assets.busybox_package}")
-    initrd = busybox_initramfs(read_boot_file(assets.busybox, "busybox"), DEMO_INIT)
-    return assets.kernel, initrd
+    _say(args, f"default guest: {guest.kernel.name}")
+    return replace(
+        guest,
+        initrd=guest.initrd if initrd is None else initrd,  # an --initrd of one's own wins
+        cmdline=f"{guest.cmdline} {cmdline}".strip(),
+        host_workarounds=host_workarounds,
+    )
 
 
 def _announcing(
-    progress: Callable[[float, str], None], cache_dir: Path
+    progress: Callable[[float, str], None], cache_dir: Path | None
 ) -> Callable[[float, str], None]:
     announced = False
 
@@ -401,52 +339,29 @@ def _announcing(
     return report
 
 
-def _load_boot(
-    args: argparse.Namespace,
-    machine: Machine,
-    boot: _Boot,
-    memory: int,
-    rsdp: int,
-    cache_dir: Path | None,
-) -> None:
-    if boot.plan is None:
-        cmdline = multiboot_command_line(boot.kernel_path, getattr(args, "cmdline", ""))
-        image = load_kernel(boot.kernel_path, memory, cmdline, args.initrd, args.boot_path, rsdp)
-    else:
-        if boot.plan.hidden_cpuid:
-            hide_cpuid_flags(machine.vcpus, machine.kvm.supported_cpuid(), boot.plan.hidden_cpuid)
-        image = load_linux_image(
-            boot.image,
-            memory,
-            boot.plan.cmdline,
-            boot.initrd,
-            getattr(args, "boot_path", "vmlinux"),
-            rsdp,
-            cache_dir,
-        )
-        if args.symbols is None:
-            _load_kernel_symbols(args, machine, boot.image, memory, cache_dir)
-    for note in image.notes:
+def _tell_boot(args: argparse.Namespace, report: BootReport) -> None:
+    plan = report.plan
+    if plan is not None:
+        if plan.fast_boot:
+            print(
+                f"kvm-vmm: fast boot: adding {with_switches('', plan.fast_boot)} "
+                "(docs/linux-boot.md)",
+                file=sys.stderr,
+            )
+        if plan.host_switches or plan.hidden_cpuid:
+            hidden = " ".join(bit.name for bit in plan.hidden_cpuid) or "none"
+            _say(
+                args,
+                f"host workarounds (kvm-vmm host-check; off with --no-host-workarounds): "
+                f"Linux switches {' '.join(plan.host_switches) or 'none'}; CPUID hidden: {hidden}",
+            )
+        for note in plan.notes:
+            print(f"kvm-vmm: note: {note}", file=sys.stderr)
+        _say(args, f"kernel command line: {plan.cmdline}")
+    for note in report.notes:
         print(f"kvm-vmm: note: {note}", file=sys.stderr)
-    machine.load(image)
-
-
-def _load_kernel_symbols(
-    args: argparse.Namespace, machine: Machine, image: bytes, memory: int, cache_dir: Path | None
-) -> None:
-    """Without --symbols, the kernel's own kallsyms name functions in failure reports,
-    stopped vCPUs and --profile (docs/linux-boot.md); a kernel whose tables are not
-    found boots all the same."""
-    try:
-        symbols = read_kallsyms(kernel_elf(image, memory, cache_dir))
-    except (KallsymsNotFound, LoaderError) as reason:
-        _say(args, f"no symbols from the kernel image ({reason}); --symbols FILE names them")
-        return
-    with tempfile.NamedTemporaryFile("w", prefix="kvm-vmm-kallsyms-", suffix=".map") as table:
-        table.write(system_map(symbols))
-        table.flush()
-        count = machine.vm.load_symbols(table.name)
-    _say(args, f"{count} symbols from the kernel image's kallsyms")
+    if report.symbols:
+        _say(args, report.symbols)
 
 
 def _host_check(args: argparse.Namespace) -> int:
@@ -471,18 +386,6 @@ def _print_implications(report: HostReport) -> None:
     print(f"Linux switches the VMM adds on this host: {switches}")
     print(f"CPUID flags the VMM hides on this host: {hidden}")
     print("(kvm-vmm run/demo --no-host-workarounds boots without them)")
-
-
-def _load_demo(machine: Machine) -> None:
-    source = resources.files("kvm_vmm.guests").joinpath("demo.S").read_text()
-    symbols = (
-        f".set IOAPIC_BASE, {board.IOAPIC_ADDRESS:#x}\n"
-        f".set PM1A_CNT_BLK, {board.PM1A_CNT_BLK:#x}\n"
-        f".set SLP_TYP_S5, {board.SLP_TYP_S5}\n"
-    )
-    code = assemble(symbols + source, bits=64, origin=DEMO_LOAD_ADDRESS)
-    machine.write_memory(DEMO_LOAD_ADDRESS, code)
-    machine.enter(EntryState("long64", DEMO_LOAD_ADDRESS))
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

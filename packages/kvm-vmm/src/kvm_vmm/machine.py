@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import kvmfast
@@ -25,11 +27,13 @@ from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi import build_acpi_tables
+from kvm_vmm.boot import BootDescription, BootReport, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
 from kvm_vmm.cpuid import cpuid_for_vcpu
 from kvm_vmm.devices import add_device
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
+from kvm_vmm.loaders import default_cache_dir
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import Window
@@ -130,6 +134,7 @@ class Machine:
         self._parked: set[int] = set()  # vCPU threads out of run() after a pause
         self._ended: set[int] = set()  # vCPU threads that have returned
         self._resumes = 0  # bumped by resume(): a parked thread runs again
+        self._symbols_loaded = False
         self._event_loop: kvmfast.EventLoop | None = None
         self.platform: Platform = build_platform(
             self.vm,
@@ -225,6 +230,30 @@ class Machine:
     def write(self, gpa: int, data: bytes) -> None:
         """cpu_setup's memory interface."""
         self.write_memory(gpa, data)
+
+    def load_symbols(self, path: Path) -> int:
+        """Name guest functions from a System.map or /proc/kallsyms-format file (failure
+        reports, vcpu_positions(), profiles); a Linux boot then keeps these."""
+        count = self.vm.load_symbols(str(path))
+        self._symbols_loaded = True
+        return count
+
+    def boot(self, description: BootDescription, *, cache_dir: Path | None = None) -> BootReport:
+        """Load a kernel (kvm_vmm.boot) before start(). ``cache_dir`` keeps the host
+        check and host-decompressed kernels (None: $XDG_CACHE_HOME/kvm-vmm or
+        ~/.cache/kvm-vmm). A Linux kernel's own kallsyms name its functions unless
+        load_symbols() was called."""
+        with self._cond:
+            self._require("boot()", MachineState.CREATED)
+        if cache_dir is None:
+            cache_dir = default_cache_dir(os.environ)
+        return load_boot(
+            self,
+            description,
+            self.config.memory_size,
+            cache_dir=cache_dir,
+            kernel_symbols=not self._symbols_loaded,
+        )
 
     # -- running ------------------------------------------------------------------
 
