@@ -49,7 +49,6 @@ from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
 from kvm_vmm.loaders import LoaderError, default_cache_dir
 from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
-from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvmfast.testing import AssemblerMissing
 
@@ -218,12 +217,11 @@ def _run(args: argparse.Namespace) -> int:
     memory = parse_size(getattr(args, "memory", None) or default_memory)
     cpus: int = args.cpus
     cache_dir = default_cache_dir(os.environ)
-    console = MilestoneSink(open_serial_sink(args.serial))
     machine = Machine(
         MachineConfig(
             memory_size=memory,
             cpus=cpus,
-            console=console,
+            console=open_serial_sink(args.serial),
             emulation_fallback=not args.no_emulation_fallback,
         )
     )
@@ -250,10 +248,7 @@ def _run(args: argparse.Namespace) -> int:
         profiler = GuestProfiler(machine.kickers, args.profile) if args.profile else None
         with raw_terminal(interactive), _signals_end(machine), _profiling(profiler):
             outcome = machine.run(args.timeout)
-        elapsed = time.monotonic() - started
-        if outcome.status == 0 and "powered off" in outcome.reason:
-            console.mark(POWER_OFF)
-        _report(args, machine, outcome, elapsed, console, started)
+        _report(args, machine, outcome, time.monotonic() - started)
         return outcome.status
     finally:
         machine.close()
@@ -393,14 +388,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"kvm-vmm: {message}", file=sys.stderr)
 
 
-def _report(
-    args: argparse.Namespace,
-    machine: Machine,
-    outcome: Outcome,
-    elapsed: float,
-    console: MilestoneSink,
-    started: float,
-) -> None:
+def _report(args: argparse.Namespace, machine: Machine, outcome: Outcome, elapsed: float) -> None:
     if outcome.error is not None or (outcome.status != 0 and args.verbose):
         print(f"\nkvm-vmm: {outcome.reason} (status {outcome.status})", file=sys.stderr)
     else:
@@ -415,8 +403,7 @@ def _report(
     if args.profile:
         _print_profile(machine)
     if args.stats:
-        stats = run_statistics(machine, outcome, elapsed, console, started)
-        print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+        print(json.dumps(machine.stats(), indent=2, default=str), file=sys.stderr)
 
 
 def _print_profile(machine: Machine) -> None:
@@ -424,29 +411,6 @@ def _print_profile(machine: Machine) -> None:
     print(f"kvm-vmm: profile: {sum(samples.values())} samples", file=sys.stderr)
     for line in summarize(samples, machine.vm.describe_address):
         print(f"  {line.share:6.1%} {line.samples:8d}  {line.where}", file=sys.stderr)
-
-
-def run_statistics(
-    machine: Machine, outcome: Outcome, elapsed: float, console: MilestoneSink, started: float
-) -> dict[str, object]:
-    """--stats: exits by reason and by device, other kvmfast counters, milestones."""
-    counters: dict[str, object] = dict(machine.counters())
-    names = {(m.space, m.base): m.name for m in machine.platform.mappings}
-    by_device: dict[str, int] = {}
-    for space in ("pio", "mmio"):
-        per_base = counters.pop(space, {})
-        assert isinstance(per_base, dict)
-        for base, count in per_base.items():
-            name = names.get((space, base), f"{space} {base:#x}")
-            by_device[name] = by_device.get(name, 0) + count
-    return {
-        "seconds": round(elapsed, 3),
-        "outcome": outcome.reason,
-        "exits": counters.pop("exits", {}),
-        "exits_by_device": dict(sorted(by_device.items(), key=lambda item: -item[1])),
-        **counters,
-        "milestones": [{"name": m.name, "seconds": m.seconds} for m in console.milestones(started)],
-    }
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import enum
 import errno
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,8 +36,11 @@ from kvm_vmm.devices import add_device
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
 from kvm_vmm.loaders import default_cache_dir
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
+from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import Window
+from kvm_vmm.serial_console import SerialConsole
+from kvm_vmm.statistics import run_statistics
 
 if TYPE_CHECKING:
     from kvmfast._native import Counters
@@ -81,6 +85,7 @@ class MachineState(enum.Enum):
 STATUS_TIMED_OUT = 124  # timeout(1)'s status
 STATUS_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 STOPPED = "stopped"
+POWERED_OFF = "guest powered off"
 
 
 @dataclass(frozen=True)
@@ -135,19 +140,24 @@ class Machine:
         self._ended: set[int] = set()  # vCPU threads that have returned
         self._resumes = 0  # bumped by resume(): a parked thread runs again
         self._symbols_loaded = False
+        self._started_at: float | None = None  # time.monotonic() at start()
+        self._finished_at: float | None = None
+        # COM1's output passes through it on its way to config.console.
+        self.serial = SerialConsole(MilestoneSink(config.console))
         self._event_loop: kvmfast.EventLoop | None = None
         self.platform: Platform = build_platform(
             self.vm,
             self.timers,
-            config.console,
+            self.serial,
             PlatformEvents(
-                power_off=lambda: self.finish(Outcome(0, "guest powered off")),
+                power_off=lambda: self.finish(Outcome(0, POWERED_OFF)),
                 reset=lambda: self.finish(Outcome(0, "guest requested a reset")),
                 extint=self.kickers[0].set_extint,
             ),
             ram_size=config.memory_size,
             cpus=config.cpus,
         )
+        self.serial.connect(self.platform.uart.receive)
         for mapping in self.platform.mappings:
             self.map_device(mapping)
         supported = self.kvm.supported_cpuid()
@@ -273,11 +283,17 @@ class Machine:
     def finish(self, outcome: Outcome) -> None:
         """End the run (thread-safe; the first outcome wins)."""
         with self._cond:
-            if self._outcome is None:
+            first = self._outcome is None
+            if first:
                 self._outcome = outcome
+                self._finished_at = time.monotonic()
             if self._state in (MachineState.RUNNING, MachineState.PAUSED):
                 self._state = MachineState.FINISHED
             self._cond.notify_all()  # parked vCPU threads leave
+        if first:
+            if outcome.reason == POWERED_OFF:
+                self.serial.mark(POWER_OFF)
+            self.serial.end(outcome.reason)
         self._finished.set()
         for kicker in self.kickers:
             kicker.stop()
@@ -296,6 +312,7 @@ class Machine:
         with self._cond:
             self._require("start()", MachineState.CREATED)
             self._state = MachineState.RUNNING
+            self._started_at = time.monotonic()
         self.timers.start()
         self._threads = [
             threading.Thread(target=self._vcpu_main, args=(index,), name=f"vcpu{index}")
@@ -381,9 +398,18 @@ class Machine:
             if thread is not threading.current_thread():
                 thread.join()
         self.timers.stop()
+        outcome = self.outcome
+        assert outcome is not None
+        return outcome
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the run ended (None while it has not): a device timer's failure
+        overrides an outcome that carries no error of its own."""
         with self._cond:
             outcome = self._outcome
-        assert outcome is not None
+        if outcome is None:
+            return None
         if self.timers.errors and outcome.error is None:
             error = self.timers.errors[0]
             return Outcome(1, f"device timer failed: {error!r}", error)
@@ -437,7 +463,7 @@ class Machine:
         if result.reason == "device_exit":
             self.finish(Outcome(result.value, f"debug exit 0x{result.value:x}"))
         elif result.reason == "system_event" and result.value == KVM_SYSTEM_EVENT_SHUTDOWN:
-            self.finish(Outcome(0, "guest powered off"))
+            self.finish(Outcome(0, POWERED_OFF))
         elif result.reason == "system_event" and result.value == KVM_SYSTEM_EVENT_RESET:
             self.finish(Outcome(0, "guest requested a reset"))
         else:
@@ -462,6 +488,23 @@ class Machine:
 
     def counters(self) -> Counters:
         return self.vm.counters()
+
+    def stats(self) -> dict[str, object]:
+        """The run as data (``kvm-vmm --stats``): seconds since start() (to the end of
+        the run once it has ended), the outcome's reason (None while running), exits by
+        reason and by device, kvmfast's other counters, the console's milestones."""
+        with self._cond:
+            started, finished = self._started_at, self._finished_at
+        now = time.monotonic()
+        started = now if started is None else started
+        outcome = self.outcome
+        return run_statistics(
+            self.counters(),
+            {(m.space, m.base): m.name for m in self.platform.mappings},
+            None if outcome is None else outcome.reason,
+            (now if finished is None else finished) - started,
+            self.serial.milestones(started),
+        )
 
     def close(self) -> None:
         """Stop a run still going, then free the VM (a second close does nothing)."""
