@@ -1,3 +1,49 @@
-"""A split-irqchip virtual machine monitor assembled from kvm-devices and kvmfast."""
+"""A split-irqchip virtual machine monitor assembled from kvm-devices and kvmfast.
+
+The library first: build a :class:`Machine` from a :class:`MachineConfig`, boot a
+description (:class:`LinuxBoot`, :class:`MultibootBoot`, :func:`default_guest`),
+then start, pause, resume, stop and wait; talk to the guest through
+``machine.serial``; read ``machine.stats()``. The ``kvm-vmm`` command is a front
+end to the same calls (kvm_vmm.cli).
+"""
+
+from kvm_vmm.boot import (
+    BootDescription,
+    BootReport,
+    DemoBoot,
+    LinuxBoot,
+    MultibootBoot,
+    default_guest,
+    describe_kernel,
+)
+from kvm_vmm.machine import (
+    Machine,
+    MachineConfig,
+    MachineConfigError,
+    MachineState,
+    MachineStateError,
+    Outcome,
+)
+from kvm_vmm.milestones import Milestone
+from kvm_vmm.serial_console import ConsoleTimeout, SerialConsole
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BootDescription",
+    "BootReport",
+    "ConsoleTimeout",
+    "DemoBoot",
+    "LinuxBoot",
+    "Machine",
+    "MachineConfig",
+    "MachineConfigError",
+    "MachineState",
+    "MachineStateError",
+    "Milestone",
+    "MultibootBoot",
+    "Outcome",
+    "SerialConsole",
+    "default_guest",
+    "describe_kernel",
+]
