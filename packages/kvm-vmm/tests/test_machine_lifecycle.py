@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -229,3 +230,62 @@ def test_the_context_manager_stops_and_closes(program: GuestProgram) -> None:
         machine.start()
     assert machine.state is MachineState.CLOSED
     assert not any(thread.is_alive() for thread in machine._threads)
+
+
+@dataclass
+class SlowExitDevice:
+    """Ends the run from the vCPU's thread, then keeps that thread a while."""
+
+    machine: Machine | None = None
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        assert self.machine is not None
+        self.machine.finish(Outcome(7, "done"))
+        time.sleep(0.3)
+
+
+def test_close_right_after_the_guest_ended_the_run_waits_for_the_vcpu_threads(
+    machines: list[Machine], program: GuestProgram
+) -> None:
+    guest = assemble_program(".global entry\nentry:\n    out 0x80, al\n    hlt\n", origin=0x200000)
+    machine = _machine(machines, program)
+    machine.write_memory(0x200000, guest.code)
+    machine.enter(EntryState("long64", guest.symbols["entry"]))
+    machine.add_pio_device(0x80, 1, SlowExitDevice(machine), "slow-exit")
+    machine.start()
+    deadline = time.monotonic() + 60
+    while machine.state is MachineState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert machine.state is MachineState.FINISHED
+    machine.close()
+    assert not any(thread.is_alive() for thread in machine._threads)
+
+
+@dataclass
+class PausingDevice:
+    """A device model that asks its machine to pause, from the vCPU's thread."""
+
+    machine: Machine | None = None
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        assert self.machine is not None
+        self.machine.pause()
+
+
+def test_pause_from_a_vcpu_thread_is_an_error_not_a_hang(
+    machines: list[Machine], program: GuestProgram
+) -> None:
+    guest = assemble_program(".global entry\nentry:\n    out 0x80, al\n    hlt\n", origin=0x200000)
+    machine = _machine(machines, program)
+    machine.write_memory(0x200000, guest.code)
+    machine.enter(EntryState("long64", guest.symbols["entry"]))
+    machine.add_pio_device(0x80, 1, PausingDevice(machine), "pausing")
+    outcome = machine.run(30)
+    assert isinstance(outcome.error, MachineStateError), outcome
+    assert "from a vCPU's thread" in outcome.reason

@@ -329,6 +329,8 @@ class Machine:
         The devices' clock stands still meanwhile (kvm_vmm.clock); the guest's TSC
         and in-kernel LAPIC timer do not. If the run ends while the vCPUs are being
         paused (the guest powered off), pause() returns and the state is finished."""
+        if threading.current_thread() in self._threads:
+            raise MachineStateError("pause() from a vCPU's thread would wait for itself")
         with self._cond:
             self._require("pause()", MachineState.RUNNING)
             self._state = MachineState.PAUSED
@@ -515,7 +517,8 @@ class Machine:
             return
         if state in (MachineState.RUNNING, MachineState.PAUSED):
             self.finish(Outcome(0, STOPPED, stopped_from_outside=True))
-            self._join()
+        if state is not MachineState.CREATED:
+            self._join()  # the vCPU threads leave KVM_RUN before the VM goes
         self.timers.stop()
         if self._event_loop is not None:
             self._event_loop.stop()
