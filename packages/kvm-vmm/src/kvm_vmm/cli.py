@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         interactive = args.serial == "stdio" and sys.stdin.isatty()
         if args.serial == "stdio":
             start_stdin_reader(
-                machine.platform.uart.receive,
+                machine.serial.write,
                 lambda: machine.finish(Outcome(0, "quit from the console (Ctrl-A x)")),
             )
         started = time.monotonic()
