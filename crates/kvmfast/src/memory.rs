@@ -9,6 +9,8 @@ use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::locks;
+
 /// An anonymous private read-write mapping, unmapped when the last owner drops it.
 #[derive(Debug)]
 pub struct Mapping {
@@ -190,10 +192,30 @@ impl RamRegion {
 
 /// The RAM a VM and its vCPUs share: the vCPU thread reads guest memory through it when
 /// it completes an instruction KVM could not.
-pub type SharedRam = Arc<RwLock<GuestRam>>;
+///
+/// Readers take a snapshot and hold the lock only to clone an Arc: a vCPU completing an
+/// instruction may wait for the GIL (an MMIO device call) while it uses guest RAM, and
+/// must then hold no lock that a thread with the GIL (close(), add_memory()) can wait
+/// for. A snapshot also keeps its mappings alive until the completion ends, whatever
+/// close() does meanwhile.
+#[derive(Debug, Default)]
+pub struct SharedRam {
+    current: RwLock<Arc<GuestRam>>,
+}
+
+impl SharedRam {
+    pub fn snapshot(&self) -> Arc<GuestRam> {
+        locks::read(&self.current).clone()
+    }
+
+    /// Installs `ram` and returns what it replaces.
+    pub fn replace(&self, ram: GuestRam) -> Arc<GuestRam> {
+        std::mem::replace(&mut *locks::write(&self.current), Arc::new(ram))
+    }
+}
 
 /// The VM's RAM slots, sorted by guest-physical address.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct GuestRam {
     regions: Vec<RamRegion>,
 }
@@ -218,8 +240,8 @@ impl GuestRam {
         self.regions.iter().map(|region| region.slot)
     }
 
-    pub fn clear(&mut self) {
-        self.regions.clear();
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
     }
 
     /// Splits [gpa, gpa+len) into (region, offset, length) pieces, or None when any byte

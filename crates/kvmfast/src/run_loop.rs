@@ -139,6 +139,9 @@ impl VcpuCore {
                 BeforeEntry::DeferPause => self.kick.defer(REQUEST_PAUSE),
                 BeforeEntry::Enter => {}
             }
+            // After take_requests: close() sets the flag before its kick, so a flag not
+            // seen here means the kick's immediate_exit ends the next KVM_RUN at once.
+            self.check_vm_open()?;
             self.service_extint(injector)?;
 
             let entered = if self.repair_pending.load(Ordering::Relaxed) {
@@ -349,18 +352,20 @@ impl VcpuCore {
         data: Vec<u64>,
         bytes: &[u8],
     ) -> Result<Option<ExitInfo>, RunError> {
+        // A snapshot, not a lock: the completion may wait for the GIL in a device call.
+        let ram = self.ram.snapshot();
         if !self.emulation_fallback.load(Ordering::Relaxed) {
             let report = emulator.describe(
                 &self.fd,
                 page,
-                &self.ram,
+                &ram,
                 &self.map.mmio,
                 bytes,
                 "the emulation fallback is off",
             );
             return Err(self.emulation_failure(suberror, data, report.map(Box::new)));
         }
-        match emulator.complete(&self.fd, page, &self.ram, &self.map.mmio, bytes) {
+        match emulator.complete(&self.fd, page, &ram, &self.map.mmio, bytes) {
             Ok(Outcome::Completed {
                 mnemonic,
                 device_exit,

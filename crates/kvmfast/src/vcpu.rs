@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError, Weak};
 
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -56,7 +56,10 @@ pub struct VcpuCore {
     /// threads running one vCPU.
     pub injector: Mutex<ExtintInjector>,
     /// Guest RAM, read and written when an instruction is completed here.
-    pub ram: SharedRam,
+    pub ram: Arc<SharedRam>,
+    /// Set when the VM is closed: its RAM is no longer guest memory, so the vCPU must
+    /// not run again (checked before every KVM_RUN; close() kicks it out of one).
+    pub vm_closed: Arc<AtomicBool>,
     /// Whether emulation failures are completed here (else they end the run).
     pub emulation_fallback: AtomicBool,
     pub emulator: Mutex<Emulator>,
@@ -75,13 +78,25 @@ impl VcpuCore {
     pub fn hooks(&self) -> MutexGuard<'_, Hooks> {
         locks::lock(&self.hooks)
     }
+
+    /// ValueError once the VM is closed (as Vm's own methods raise).
+    pub fn check_vm_open(&self) -> PyResult<()> {
+        if self.vm_closed.load(Ordering::SeqCst) {
+            return Err(PyValueError::new_err(format!(
+                "vCPU {} cannot run: its VM is closed",
+                self.id
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What a vCPU shares with its VM.
 pub struct VcpuShared {
     pub map: Arc<AddressMap<Handler>>,
     pub counters: Arc<Mutex<Counters>>,
-    pub ram: SharedRam,
+    pub ram: Arc<SharedRam>,
+    pub vm_closed: Arc<AtomicBool>,
     pub symbols: SharedSymbols,
     pub quirks: HostQuirks,
     pub emulation_fallback: bool,
@@ -106,6 +121,7 @@ impl Vcpu {
             map,
             counters,
             ram,
+            vm_closed,
             symbols,
             quirks,
             emulation_fallback,
@@ -125,6 +141,7 @@ impl Vcpu {
                 trace_enabled: AtomicBool::new(false),
                 injector: Mutex::new(ExtintInjector::default()),
                 ram,
+                vm_closed,
                 emulation_fallback: AtomicBool::new(emulation_fallback),
                 sync_regs,
                 emulator: Mutex::new(Emulator::new(quirks)),
@@ -135,8 +152,15 @@ impl Vcpu {
         }
     }
 
+    /// What close() kicks.
+    pub fn kick_state(&self) -> Weak<KickState> {
+        Arc::downgrade(&self.core.kick)
+    }
+
     fn run_with(&self, py: Python<'_>, single: bool) -> PyResult<Exit> {
         let core = &self.core;
+        // Refused before the injector is taken too: a closed VM has nothing to run.
+        core.check_vm_open()?;
         let mut guard = match core.injector.try_lock() {
             Ok(guard) => guard,
             // A panic in an earlier run left the lock poisoned; the injector's state is

@@ -2,7 +2,7 @@
 //! vCPU creation and the VM-wide counters.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_bindings::{
     KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE, kvm_enable_cap, kvm_ioeventfd, kvm_irqfd,
@@ -21,6 +21,7 @@ use crate::emulate::host_quirks::HostQuirks;
 use crate::errors::{errno_error, kvm_error};
 use crate::handlers::Handler;
 use crate::ioctls;
+use crate::kick::{KickState, REQUEST_KICK};
 use crate::locks;
 use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion, SharedRam};
 use crate::routing::{MsiRoute, RoutingTable};
@@ -44,10 +45,14 @@ struct VmState {
 struct VmResources {
     routes: RoutingTable,
     vcpu_counters: Vec<Arc<Mutex<Counters>>>,
+    /// Weak: close() kicks the vCPUs that still exist out of KVM_RUN.
+    vcpu_kicks: Vec<Weak<KickState>>,
 }
 
-/// A virtual machine. close() (or dropping it) closes the VM fd and releases its RAM
-/// unless a GuestMemory or an exported buffer still holds a slot's mapping.
+/// A virtual machine. close() (or dropping it) deletes its memory slots from KVM, stops
+/// its vCPUs, closes the VM fd and releases its RAM unless a GuestMemory, an exported
+/// buffer or a completion in progress still holds a slot's mapping (as plain memory:
+/// KVM no longer reaches it).
 #[pyclass(frozen, module = "kvmfast")]
 pub struct Vm {
     irqchip: String,
@@ -56,7 +61,9 @@ pub struct Vm {
     max_slots: usize,
     map: Arc<AddressMap<Handler>>,
     /// Shared with the vCPUs, which read guest memory when they complete an instruction.
-    ram: SharedRam,
+    ram: Arc<SharedRam>,
+    /// Set by close(); the vCPUs' run loops read it before every KVM_RUN.
+    closed: Arc<AtomicBool>,
     symbols: SharedSymbols,
     quirks: HostQuirks,
     /// The emulation_fallback setting new vCPUs start with.
@@ -78,7 +85,8 @@ impl Vm {
             run_size: fd.run_size(),
             max_slots,
             map: Arc::new(AddressMap::default()),
-            ram: SharedRam::default(),
+            ram: Arc::default(),
+            closed: Arc::new(AtomicBool::new(false)),
             symbols: SharedSymbols::default(),
             quirks,
             emulation_fallback: AtomicBool::new(true),
@@ -101,6 +109,52 @@ impl Vm {
             .as_ref()
             .ok_or_else(|| PyValueError::new_err("the VM is closed"))?;
         call(fd, resources)
+    }
+
+    /// Takes the VM out of KVM's hands; idempotent, needs no GIL and waits for no lock
+    /// a vCPU thread holds while it waits for the GIL.
+    ///
+    /// Order: `closed` first and then the kicks (kick.rs), so that every vCPU leaves
+    /// KVM_RUN and its run loop sees `closed` before it could enter again; then each
+    /// slot is deleted (size 0, KVM API document 4.35), after which neither the VM fd
+    /// nor any vCPU fd reaches the memory; only then may the mappings go.
+    fn shut_down(&self) {
+        let (fd, kicks) = {
+            let mut state = self.state();
+            self.closed.store(true, Ordering::SeqCst);
+            let mut resources = std::mem::take(&mut state.resources);
+            // Counters outlive close(): the vCPUs may still report.
+            state.resources.vcpu_counters = std::mem::take(&mut resources.vcpu_counters);
+            (state.fd.take(), resources.vcpu_kicks)
+        };
+        for kick in kicks.iter().filter_map(Weak::upgrade) {
+            kick.post(REQUEST_KICK);
+        }
+        let Some(fd) = fd else {
+            return;
+        };
+        for region in self.ram.snapshot().regions() {
+            let delete = kvm_userspace_memory_region {
+                slot: region.slot,
+                flags: 0,
+                guest_phys_addr: region.guest_phys_addr,
+                memory_size: 0,
+                userspace_addr: region.mapping.as_ptr() as u64,
+            };
+            // SAFETY: deleting a slot only makes KVM forget the memory.
+            if unsafe { fd.set_user_memory_region(delete) }.is_err() {
+                // KVM may still reach this memory: it must never be unmapped.
+                std::mem::forget(region.mapping.clone());
+            }
+        }
+        drop(fd);
+        drop(self.ram.replace(GuestRam::default()));
+    }
+
+    /// Empties the address map; the handlers are returned so that they are dropped
+    /// outside its locks.
+    fn take_handlers(&self) -> [Vec<crate::address_map::Range<Handler>>; 2] {
+        [self.take_ranges(true), self.take_ranges(false)]
     }
 
     fn add_range(
@@ -189,7 +243,7 @@ impl Vm {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.state().fd.is_none()
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// KVM_CHECK_EXTENSION on the VM fd.
@@ -251,7 +305,9 @@ impl Vm {
         let length =
             usize::try_from(size).map_err(|_| PyOverflowError::new_err("size too large"))?;
         self.with_fd(|fd, _| {
-            let mut ram = locks::write(&self.ram);
+            // A copy, installed whole once KVM has the slot: the vCPUs never see a slot
+            // KVM does not know, nor wait for this to finish.
+            let mut ram = GuestRam::clone(&self.ram.snapshot());
             if ram.overlaps(guest_phys_addr, size) {
                 return Err(PyValueError::new_err(format!(
                     "guest memory {guest_phys_addr:#x}+{size:#x} overlaps an existing slot"
@@ -273,8 +329,9 @@ impl Vm {
                 userspace_addr: mapping.as_ptr() as u64,
             };
             // SAFETY: the mapping is ours, `size` bytes long, and stays mapped while KVM
-            // can use it: the VM's RamRegion holds it until close(), which closes the VM
-            // fd (and with it the slot) before letting go.
+            // can reach it: the VM's RamRegion holds it until shut_down() has deleted the
+            // slot from KVM (or leaks it if KVM refuses); the vCPU fds, which outlive the
+            // VM fd, reach guest memory only through the slots.
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(|e| kvm_error("KVM_SET_USER_MEMORY_REGION", e))?;
             ram.insert(RamRegion {
@@ -282,6 +339,7 @@ impl Vm {
                 slot,
                 mapping: mapping.clone(),
             });
+            self.ram.replace(ram);
             Ok(GuestMemory::new(mapping, guest_phys_addr, slot))
         })
     }
@@ -292,11 +350,11 @@ impl Vm {
         guest_phys_addr: u64,
         length: usize,
     ) -> PyResult<std::borrow::Cow<'static, [u8]>> {
-        Ok(locks::read(&self.ram).read(guest_phys_addr, length)?.into())
+        Ok(self.ram.snapshot().read(guest_phys_addr, length)?.into())
     }
 
     fn write(&self, guest_phys_addr: u64, data: &[u8]) -> PyResult<()> {
-        locks::read(&self.ram).write(guest_phys_addr, data)
+        self.ram.snapshot().write(guest_phys_addr, data)
     }
 
     /// Gives ports [base, base+length) to `handler` (a device, NullSink or ExitSink).
@@ -438,12 +496,16 @@ impl Vm {
                 map: this.map.clone(),
                 counters,
                 ram: this.ram.clone(),
+                vm_closed: this.closed.clone(),
                 symbols: this.symbols.clone(),
                 quirks: this.quirks,
                 emulation_fallback: this.emulation_fallback.load(Ordering::Relaxed),
                 sync_regs,
             };
-            Ok(Vcpu::new(vcpu_id, vcpu, page, slf.clone().unbind(), shared))
+            let vcpu = Vcpu::new(vcpu_id, vcpu, page, slf.clone().unbind(), shared);
+            resources.vcpu_kicks.retain(|kick| kick.strong_count() > 0);
+            resources.vcpu_kicks.push(vcpu.kick_state());
+            Ok(vcpu)
         })
     }
 
@@ -500,23 +562,15 @@ impl Vm {
         total.samples_dict(py)
     }
 
-    /// Closes the VM fd and lets go of RAM and handlers. Idempotent. vCPUs keep their
-    /// own fds until they are dropped.
-    fn close(&self) {
-        let (fd, resources) = {
-            let mut state = self.state();
-            let mut resources = std::mem::take(&mut state.resources);
-            // Counters outlive close(): the vCPUs may still run and report.
-            state.resources.vcpu_counters = std::mem::take(&mut resources.vcpu_counters);
-            (state.fd.take(), resources)
-        };
-        let handlers = (self.take_ranges(true), self.take_ranges(false));
-        // The fd first, so that KVM lets go of the slots before they are unmapped.
-        drop(fd);
-        let ram: GuestRam = std::mem::take(&mut *locks::write(&self.ram));
-        drop(ram);
-        drop(resources);
-        drop(handlers);
+    /// Deletes the memory slots from KVM, stops the vCPUs (a run() in progress, or any
+    /// later one, raises ValueError), closes the VM fd and lets go of RAM and handlers.
+    /// Idempotent. The vCPUs keep their own fds (and their state ioctls) until dropped.
+    fn close(&self, py: Python<'_>) {
+        // Without the GIL: KVM_SET_USER_MEMORY_REGION waits for the vCPUs inside KVM_RUN
+        // to leave their read-side sections, and a vCPU thread may want the GIL first.
+        py.detach(|| self.shut_down());
+        // With the GIL: the handlers are mostly Python objects.
+        drop(self.take_handlers());
     }
 
     /// The garbage collector sees the Python devices in the address map, so that a
@@ -536,7 +590,8 @@ impl Vm {
     }
 
     fn __clear__(&self) {
-        self.close();
+        self.shut_down();
+        drop(self.take_handlers());
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -545,14 +600,23 @@ impl Vm {
 
     fn __exit__(
         &self,
+        py: Python<'_>,
         _exc_type: Option<Bound<'_, PyAny>>,
         _exc_value: Option<Bound<'_, PyAny>>,
         _traceback: Option<Bound<'_, PyAny>>,
     ) {
-        self.close();
+        self.close(py);
     }
 
     fn __repr__(&self) -> String {
         format!("Vm(irqchip={:?}, closed={})", self.irqchip, self.closed())
+    }
+}
+
+impl Drop for Vm {
+    /// A VM dropped without close(): its vCPU fds may live on (a VcpuKicker keeps one's
+    /// run page mapped), so the slots are deleted before the RAM goes here too.
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }

@@ -30,8 +30,8 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     let (rbx, rcx) = (regs.rbx, regs.rcx);
     let equal: u8;
     // SAFETY: pointer is 16-byte aligned (linear and physical addresses share their low
-    // 12 bits) and lies in one page of guest RAM that stays mapped while the RAM lock is
-    // held; the guest owns the memory's contents, which may change concurrently: that
+    // 12 bits) and lies in one page of guest RAM that stays mapped while the completion
+    // holds its RAM snapshot (memory::SharedRam); the guest owns the memory's contents, which may change concurrently: that
     // is what the locked instruction is for.
     unsafe {
         asm!(

@@ -138,13 +138,12 @@ impl Emulator {
         &mut self,
         fd: &VcpuFd,
         page: Option<&RunPage>,
-        ram: &RwLock<GuestRam>,
+        ram: &GuestRam,
         mmio: &RwLock<RangeMap<Handler>>,
         exit_bytes: &[u8],
     ) -> Result<Outcome, Failure> {
-        let ram = crate::locks::read(ram);
         let mut cpu = Cpu::load(fd, page).map_err(host_failure)?;
-        let memory = self.memory(&cpu, &ram, mmio);
+        let memory = self.memory(&cpu, ram, mmio);
         if self.quirks.syscall_keeps_user_cs {
             match syscall_quirk::repair(&mut cpu, &memory) {
                 Ok(true) => return Ok(Outcome::Repaired(syscall_quirk::NAME)),
@@ -218,14 +217,13 @@ impl Emulator {
         &self,
         fd: &VcpuFd,
         page: Option<&RunPage>,
-        ram: &RwLock<GuestRam>,
+        ram: &GuestRam,
         mmio: &RwLock<RangeMap<Handler>>,
         exit_bytes: &[u8],
         reason: &str,
     ) -> Option<Report> {
-        let ram = crate::locks::read(ram);
         let cpu = Cpu::load(fd, page).ok()?;
-        let memory = self.memory(&cpu, &ram, mmio);
+        let memory = self.memory(&cpu, ram, mmio);
         let decoded = decode::decode(&cpu, &memory, exit_bytes).ok();
         Some(Report::new(
             &cpu,
