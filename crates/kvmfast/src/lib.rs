@@ -5,7 +5,7 @@
 //! follows), `address_map` (who owns a port or MMIO range), `kick` (leaving KVM_RUN from
 //! other threads), `extint` (PIC interrupts through KVM_INTERRUPT), `ioevent_loop` (the
 //! eventfd thread), `emulate` (instructions KVM cannot complete), `symbols`, `memory`,
-//! `counters`, `errors`.
+//! `volatile_copy` (bytes to and from guest RAM and the run page), `counters`, `errors`.
 
 use pyo3::prelude::*;
 
@@ -32,6 +32,7 @@ pub mod run_page;
 pub mod symbols;
 pub mod vcpu;
 pub mod vm;
+pub mod volatile_copy;
 
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -10,6 +10,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::locks;
+use crate::volatile_copy;
 
 /// An anonymous private read-write mapping, unmapped when the last owner drops it.
 #[derive(Debug)]
@@ -19,7 +20,8 @@ pub struct Mapping {
 }
 
 // SAFETY: the mapping is plain memory owned by this value; concurrent guest and host
-// accesses to guest RAM are the guest's business, as on real hardware.
+// accesses to guest RAM are the guest's business, as on real hardware, and the host's
+// go through volatile_copy or atomics, never Rust references.
 unsafe impl Send for Mapping {}
 // SAFETY: as above; nothing in Mapping itself is mutated after creation.
 unsafe impl Sync for Mapping {}
@@ -64,22 +66,27 @@ impl Mapping {
     }
 
     /// Copies out of the mapping; the range must lie inside it.
-    fn read_into(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset + out.len() <= self.size);
-        // SAFETY: the range was checked against the mapping, which lives as long as self;
-        // the source and destination cannot overlap (out is a Rust buffer).
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
-        };
+    pub fn read_into(&self, offset: usize, out: &mut [u8]) {
+        assert!(
+            offset
+                .checked_add(out.len())
+                .is_some_and(|end| end <= self.size)
+        );
+        // SAFETY: the range was checked against the mapping, which lives as long as self.
+        // vCPUs (and the page walker's atomics) may change it meanwhile: volatile_copy
+        // never makes a Rust reference to it and reads aligned words whole.
+        unsafe { volatile_copy::read(self.as_ptr().add(offset), out) };
     }
 
     /// Copies into the mapping; the range must lie inside it.
-    fn write_from(&self, offset: usize, data: &[u8]) {
-        assert!(offset + data.len() <= self.size);
+    pub fn write_from(&self, offset: usize, data: &[u8]) {
+        assert!(
+            offset
+                .checked_add(data.len())
+                .is_some_and(|end| end <= self.size)
+        );
         // SAFETY: as in read_into, in the other direction.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
-        };
+        unsafe { volatile_copy::write(self.as_ptr().add(offset), data) };
     }
 }
 

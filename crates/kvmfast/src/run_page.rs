@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events};
 
+use crate::volatile_copy;
+
 /// An I/O exit as KVM describes it.
 #[derive(Debug, Clone, Copy)]
 pub struct IoExit {
@@ -135,9 +137,9 @@ impl RunPage {
     pub fn io_value(&self, io: &IoExit, index: usize) -> u64 {
         let mut bytes = [0u8; 8];
         if let Some(element) = self.io_element(io, index) {
-            // SAFETY: io_element checked the range; the kernel does not write the page
-            // while this thread is out of KVM_RUN.
-            unsafe { std::ptr::copy_nonoverlapping(element, bytes.as_mut_ptr(), io.size) };
+            // SAFETY: io_element checked the range inside the live mapping; the page is
+            // the kernel's too, so it is read as shared memory.
+            unsafe { volatile_copy::read(element, &mut bytes[..io.size]) };
         }
         u64::from_le_bytes(bytes)
     }
@@ -146,9 +148,7 @@ impl RunPage {
     pub fn set_io_value(&self, io: &IoExit, index: usize, value: u64) {
         if let Some(element) = self.io_element(io, index) {
             // SAFETY: as in io_value, in the other direction.
-            unsafe {
-                std::ptr::copy_nonoverlapping(value.to_le_bytes().as_ptr(), element, io.size)
-            };
+            unsafe { volatile_copy::write(element, &value.to_le_bytes()[..io.size]) };
         }
     }
 

@@ -52,22 +52,12 @@ fn syscall_keeps_user_cs(kvm: &Kvm) -> Option<bool> {
     };
     // SAFETY: the mapping outlives the VM fd (declared before it, dropped after it).
     unsafe { vm.set_user_memory_region(region) }.ok()?;
-    let write = |address: u64, bytes: &[u8]| {
-        // SAFETY: every address used below lies inside the 4 MiB mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                ram.as_ptr().add(address as usize),
-                bytes.len(),
-            )
-        }
-    };
+    // Every address used below lies inside the 4 MiB mapping (else a panic, not a stray
+    // access: Mapping checks).
+    let write = |address: u64, bytes: &[u8]| ram.write_from(address as usize, bytes);
     let read_u64 = |address: u64| -> u64 {
         let mut bytes = [0u8; 8];
-        // SAFETY: as above.
-        unsafe {
-            std::ptr::copy_nonoverlapping(ram.as_ptr().add(address as usize), bytes.as_mut_ptr(), 8)
-        };
+        ram.read_into(address as usize, &mut bytes);
         u64::from_le_bytes(bytes)
     };
     // Page tables: the first 2 MiB supervisor-only, the second user-accessible.
