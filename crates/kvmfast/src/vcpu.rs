@@ -110,7 +110,8 @@ pub type SharedSymbols = Arc<RwLock<Option<Arc<SymbolTable>>>>;
 /// One virtual CPU. Created on any thread, run on the thread that calls run().
 #[pyclass(frozen, module = "kvmfast")]
 pub struct Vcpu {
-    /// The VM this vCPU belongs to: its RAM must stay mapped while the vCPU can run.
+    /// The VM this vCPU belongs to, kept open (slots and RAM) while the vCPU exists,
+    /// unless it is closed: run() is refused from then on.
     vm: Py<Vm>,
     core: VcpuCore,
 }
