@@ -566,8 +566,9 @@ impl Vm {
     /// later one, raises ValueError), closes the VM fd and lets go of RAM and handlers.
     /// Idempotent. The vCPUs keep their own fds (and their state ioctls) until dropped.
     fn close(&self, py: Python<'_>) {
-        // Without the GIL: KVM_SET_USER_MEMORY_REGION waits for the vCPUs inside KVM_RUN
-        // to leave their read-side sections, and a vCPU thread may want the GIL first.
+        // Without the GIL: deleting a slot waits for the vCPUs inside KVM_RUN to leave
+        // KVM's read-side sections (an SRCU grace period), which other Python threads
+        // (devices, vCPUs in device calls) need not wait for.
         py.detach(|| self.shut_down());
         // With the GIL: the handlers are mostly Python objects.
         drop(self.take_handlers());
