@@ -32,22 +32,23 @@ Choices where the specification leaves them to the platform:
   TMR_EN is set and TMR_STS is clear, so the SCI rises on time. Without a Timer the SCI
   from the PM timer rises at the guest's next access to any of the three blocks.
 
-Thread-safety: one re-entrant lock guards the state. The SCI line is driven with the
-lock held (so it sees levels in order) and may call back into this device from the same
-thread; it must not wait for another thread that is itself calling into this device.
-``on_sleep`` is called with no lock held, so it may do anything, including tearing the VM
-down or calling :meth:`AcpiPm.wake`.
+Thread-safety: one lock guards the state. The SCI line and ``on_sleep`` are called after
+it is released, in the order the state changed (:mod:`kvm_devices.outbox`), so the line
+sees levels in order, and either may call back into this device or do anything else,
+including tearing the VM down or calling :meth:`AcpiPm.wake`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 from kvm_devices.interfaces import Clock, InterruptLine, Timer, TimerHandle
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import Mask, Range, Snapshotting, detached, state_from_data
 
 PM1_EVT_LEN = 4
 PM1_CNT_LEN = 2
@@ -108,12 +109,12 @@ class AcpiPmState:
     up to date with the clock (every access, and every save).
     """
 
-    pm1_status: int = 0
-    pm1_enable: int = 0
+    pm1_status: Annotated[int, Mask(PM1_STS_BITS)] = 0
+    pm1_enable: Annotated[int, Mask(PM1_EN_BITS)] = 0
     # The stored read/write bits only (BM_RLD, SLP_TYPx): SCI_EN always reads 1.
-    pm1_control: int = 0
-    timer_ticks: int = 0
-    timer_phase: int = 0
+    pm1_control: Annotated[int, Mask(PM1_CNT_STORED_BITS)] = 0
+    timer_ticks: Annotated[int, Range(0, PM_TIMER_MASK)] = 0
+    timer_phase: Annotated[int, Range(0, _NS_PER_S - 1)] = 0
 
 
 class _RegisterBlock:
@@ -159,7 +160,7 @@ class _RegisterBlock:
         self._access(write_bytes)
 
 
-class AcpiPm:
+class AcpiPm(Snapshotting[AcpiPmState]):
     """PM1a_EVT_BLK, PM1a_CNT_BLK and PM_TMR_BLK of an ACPI (non-reduced) PC platform."""
 
     PM1_EVT_LEN = PM1_EVT_LEN
@@ -177,7 +178,8 @@ class AcpiPm:
         self._timer = timer
         self._sci = sci
         self._on_sleep = on_sleep
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._state = AcpiPmState()
         # Host clock reading at which timer_ticks/timer_phase were exact.
         self._timer_base_ns = clock.now_ns()
@@ -186,7 +188,7 @@ class AcpiPm:
         self._timer_deadline_ns: int | None = None
         # Identifies the live timer, so that a callback already past cancel() does nothing.
         self._timer_generation = 0
-        # SLP_TYPx of a SLP_EN write, handed to on_sleep once the lock is released.
+        # SLP_TYPx of a SLP_EN write, handed to on_sleep after the SCI is settled.
         self._sleep_request: int | None = None
         self.pm1_event_ports = _RegisterBlock(
             PM1_EVT_LEN, self._read_event_byte, self._write_event_byte, self._access
@@ -215,6 +217,7 @@ class AcpiPm:
             self._timer_base_ns = self._clock.now_ns()
             self._sleep_request = None
             self._settle()
+        self._outbox.flush()
 
     def _set_status(self, bits: int) -> None:
         self._state.pm1_status |= bits
@@ -228,8 +231,9 @@ class AcpiPm:
             result = operation()
             self._settle()
             sleep_type, self._sleep_request = self._sleep_request, None
-        if sleep_type is not None:
-            self._on_sleep(sleep_type)
+            if sleep_type is not None:
+                self._outbox.post(functools.partial(self._on_sleep, sleep_type))
+        self._outbox.flush()
         return result
 
     def _read_event_byte(self, offset: int) -> int:
@@ -286,7 +290,7 @@ class AcpiPm:
         level = bool(state.pm1_status & state.pm1_enable)
         if level != self._sci_level:
             self._sci_level = level
-            self._sci.set_level(level)
+            self._outbox.post(functools.partial(self._sci.set_level, level))
 
     def _rearm_timer(self) -> None:
         state = self._state
@@ -325,53 +329,33 @@ class AcpiPm:
             self._timer_deadline_ns = None
             self._sync_timer()
             self._settle()
+        self._outbox.flush()
 
     # -------------------------------------------------------------- snapshot
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> AcpiPmState:
         with self._lock:
             self._sync_timer()
             self._settle()
-            return dataclasses.asdict(self._state)
+            state = detached(self._state)
+        self._outbox.flush()
+        return state
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        restored = _validated_state(state)
+    def check_state(self, data: object) -> AcpiPmState:
+        return state_from_data(AcpiPmState, data, "ACPI PM")
+
+    def restore_state(self, state: AcpiPmState) -> None:
         with self._lock:
             self._cancel_timer()
-            self._state = restored
+            self._state = detached(state)
             self._timer_base_ns = self._clock.now_ns()
             self._sleep_request = None
             # The line may be anywhere after a restore: drive it whatever we last drove.
-            self._sci_level = bool(restored.pm1_status & restored.pm1_enable)
-            self._sci.set_level(self._sci_level)
+            self._sci_level = bool(state.pm1_status & state.pm1_enable)
+            self._outbox.post(functools.partial(self._sci.set_level, self._sci_level))
             self._settle()
+        self._outbox.flush()
 
 
 def _ignore_write(offset: int, byte: int) -> None:
     """PM_TMR is read-only (§4.8.3.3)."""
-
-
-def _validated_state(state: Mapping[str, object]) -> AcpiPmState:
-    names = {f.name for f in dataclasses.fields(AcpiPmState)}
-    if set(state) != names:
-        raise ValueError(f"ACPI PM snapshot fields {sorted(state)} != {sorted(names)}")
-
-    def bits(name: str, allowed: int) -> int:
-        value = state[name]
-        if type(value) is not int or value < 0 or value & ~allowed:
-            raise ValueError(f"ACPI PM snapshot: {name}={value!r} outside mask {allowed:#x}")
-        return value
-
-    def integer(name: str, high: int) -> int:
-        value = state[name]
-        if type(value) is not int or not 0 <= value <= high:
-            raise ValueError(f"ACPI PM snapshot: {name}={value!r} not in 0..{high}")
-        return value
-
-    return AcpiPmState(
-        pm1_status=bits("pm1_status", PM1_STS_BITS),
-        pm1_enable=bits("pm1_enable", PM1_EN_BITS),
-        pm1_control=bits("pm1_control", PM1_CNT_STORED_BITS),
-        timer_ticks=integer("timer_ticks", PM_TIMER_MASK),
-        timer_phase=integer("timer_phase", _NS_PER_S - 1),
-    )

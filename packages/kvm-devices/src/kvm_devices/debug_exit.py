@@ -19,9 +19,10 @@ anything, including tearing the VM down.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from kvm_devices.snapshot import Snapshotting, state_from_data
 
 
 @dataclass
@@ -29,7 +30,7 @@ class DebugExitState:
     """The port has no state of its own."""
 
 
-class DebugExit:
+class DebugExit(Snapshotting[DebugExitState]):
     """The ``isa-debug-exit`` port: writes end the VM with status ``(v << 1) | 1``."""
 
     BASE = 0xF4
@@ -51,12 +52,14 @@ class DebugExit:
             return
         self._on_exit(((value & _all_ones(size)) << 1) | 1)
 
-    def save(self) -> dict[str, object]:
-        return dataclasses.asdict(DebugExitState())
+    def save_state(self) -> DebugExitState:
+        return DebugExitState()
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        if dict(state):
-            raise ValueError(f"debug-exit snapshot has unknown fields {sorted(state)}")
+    def check_state(self, data: object) -> DebugExitState:
+        return state_from_data(DebugExitState, data, "debug-exit")
+
+    def restore_state(self, state: DebugExitState) -> None:
+        """Nothing to restore: the port has no state."""
 
 
 def _all_ones(size: int) -> int:

@@ -33,11 +33,13 @@ empty slots up to its slot count; guests read ``count`` entries either way).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Annotated
+
+from kvm_devices.snapshot import Range, Snapshotting, StateError, bits, detached, state_from_data
 
 
 class FwCfgItem(IntEnum):
@@ -104,11 +106,11 @@ def le64(value: int) -> bytes:
 class FwCfgState:
     """The guest-visible cursor: which item is selected and how far it has been read."""
 
-    selector: int = FwCfgItem.SIGNATURE.value
-    offset: int = 0
+    selector: Annotated[int, bits(16)] = FwCfgItem.SIGNATURE.value
+    offset: Annotated[int, Range(0)] = 0
 
 
-class FwCfg:
+class FwCfg(Snapshotting[FwCfgState]):
     """The fw_cfg selector/data window at I/O 0x510."""
 
     BASE = 0x510
@@ -188,21 +190,23 @@ class FwCfg:
 
     # ---------------------------------------------------------------- snapshot
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> FwCfgState:
         with self._lock:
-            return dataclasses.asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        names = {f.name for f in dataclasses.fields(FwCfgState)}
-        if set(state) != names:
-            raise ValueError(f"fw_cfg snapshot fields {sorted(state)} != {sorted(names)}")
-        selector, offset = state["selector"], state["offset"]
-        if type(selector) is not int or not 0 <= selector <= 0xFFFF:
-            raise ValueError(f"fw_cfg snapshot: selector={selector!r} is not 16-bit")
-        if type(offset) is not int or not 0 <= offset <= len(self.item(selector)):
-            raise ValueError(f"fw_cfg snapshot: offset={offset!r} outside the selected item")
+    def check_state(self, data: object) -> FwCfgState:
+        state = state_from_data(FwCfgState, data, "fw_cfg")
+        # Items are configuration: the state must fit the items this device was built with.
+        length = len(self.item(state.selector))
+        if state.offset > length:
+            raise StateError(
+                "offset", f"{state.offset} is past the selected item's {length} bytes", "fw_cfg"
+            )
+        return state
+
+    def restore_state(self, state: FwCfgState) -> None:
         with self._lock:
-            self._state = FwCfgState(selector=selector, offset=offset)
+            self._state = detached(state)
 
 
 def _table_key(selector: int) -> int:

@@ -31,21 +31,32 @@ Model:
 * The reset line: output-port bit 0 written as 0 (command 0xD1) or pulsed low (0xF0-0xFF
   with bit 0 clear, 0xFE being the usual one) calls ``reset_request``.
 
-Thread-safety: one re-entrant lock guards the state. The interrupt lines are driven with
-it held, so that two vCPUs racing on the ports cannot leave a line at a stale level; a
-line may call back into this controller from the same thread, but must not wait for
-another thread that is calling into it. ``reset_request`` is called after the lock is
-released, so it may do anything.
+Thread-safety: one lock guards the state. The interrupt lines and ``reset_request`` are
+called after it is released, in the order the state changed (:mod:`kvm_devices.outbox`),
+so two vCPUs racing on the ports cannot leave a line at a stale level, and a line or
+``reset_request`` may call back into this controller or do anything else.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from kvm_devices.interfaces import InterruptLine
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import (
+    Length,
+    OneOf,
+    Range,
+    Snapshotting,
+    StateError,
+    bits,
+    detached,
+    state_from_data,
+)
 
 # Status register (IBM PS/2 TR, "Status Register").
 STATUS_OBF = 0x01
@@ -149,39 +160,58 @@ def translate_set2(byte: int) -> int:
     return _TRANSLATE_HIGH.get(byte, byte)
 
 
+_Byte = Annotated[int, bits(8)]
+_Bit = Annotated[int, Range(0, 1)]
+
+
 @dataclass
 class I8042State:
     """Controller and keyboard state, all guest-visible."""
 
-    ram: list[int] = field(default_factory=lambda: [CTR_AFTER_POST] + [0] * (RAM_BYTES - 1))
+    ram: Annotated[list[_Byte], Length(RAM_BYTES)] = field(
+        default_factory=lambda: [CTR_AFTER_POST] + [0] * (RAM_BYTES - 1)
+    )
     """The 8042's 32 RAM bytes; byte 0 is the command byte (CTR)."""
-    output_port: int = OUT_AT_POWER_ON
+    output_port: _Byte = OUT_AT_POWER_ON
     last_write_was_command: bool = True
     """Status bit 3: the last byte written went to 0x64."""
-    pending_command: int | None = None
+    pending_command: _Byte | None = None
     """A controller command waiting for its data byte on 0x60."""
     obf: bool = False
-    out_byte: int = 0
+    out_byte: _Byte = 0
     """The output buffer; it keeps its last byte after being read, as the chip does."""
     out_aux: bool = False
     out_timeout: bool = False
-    controller_queue: list[list[int]] = field(default_factory=list)
-    """Controller replies not yet in the output buffer: [byte, aux (0/1), timeout (0/1)]."""
-    keyboard_queue: list[int] = field(default_factory=list)
+    controller_queue: Annotated[
+        list[tuple[_Byte, _Bit, _Bit]], Length(most=CONTROLLER_QUEUE_LIMIT)
+    ] = field(default_factory=list)
+    """Controller replies not yet in the output buffer: (byte, aux (0/1), timeout (0/1))."""
+    keyboard_queue: Annotated[list[_Byte], Length(most=KEYBOARD_QUEUE_LIMIT)] = field(
+        default_factory=list
+    )
     """Bytes the keyboard has to send, in its own code set."""
     break_prefix_seen: bool = False
     """Translation swallowed a 0xF0; the next translated byte gets bit 7."""
     keyboard_scanning: bool = True
-    keyboard_pending_command: int | None = None
+    keyboard_pending_command: (
+        Annotated[int, OneOf((KBD_SET_LEDS, KBD_TYPEMATIC, KBD_SCAN_SET))] | None
+    ) = None
     """A keyboard command waiting for its parameter byte."""
-    keyboard_leds: int = 0
-    keyboard_typematic: int = DEFAULT_TYPEMATIC
-    keyboard_scan_set: int = 2
+    keyboard_leds: Annotated[int, bits(3)] = 0
+    keyboard_typematic: Annotated[int, bits(7)] = DEFAULT_TYPEMATIC
+    keyboard_scan_set: Annotated[int, OneOf((1, 2, 3))] = 2
     irq1_level: bool = False
     irq12_level: bool = False
 
+    def check_invariants(self) -> None:
+        command = self.pending_command
+        if command is not None and not (
+            CMD_WRITE_RAM <= command < CMD_WRITE_RAM + RAM_BYTES or command in _COMMANDS_WITH_DATA
+        ):
+            raise StateError("pending_command", f"{command:#x} takes no data byte")
 
-class I8042:
+
+class I8042(Snapshotting[I8042State]):
     """The 8042 keyboard controller; ``data_port`` and ``command_port`` are its two ports."""
 
     DATA_BASE = 0x60
@@ -198,7 +228,8 @@ class I8042:
         self._reset_request = reset_request
         self._irq1 = irq1
         self._irq12 = irq12
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._state = I8042State()
         self.data_port = _Port(self._read_data, self._write_data)
         self.command_port = _Port(self._read_status, self._write_command)
@@ -219,6 +250,7 @@ class I8042:
                         break
                     state.keyboard_queue.append(byte & 0xFF)
                 self._refill_locked()
+        self._outbox.flush()
 
     @property
     def a20_enabled(self) -> bool:
@@ -258,14 +290,15 @@ class I8042:
                 # Drop the line before the next byte raises it: one edge per byte.
                 self._update_lines_locked()
                 self._refill_locked()
-            return byte
+        self._outbox.flush()
+        return byte
 
     def _write_command(self, value: int) -> None:
         with self._lock:
             self._state.last_write_was_command = True
-            reset = self._command_locked(value & 0xFF)
-        if reset:
-            self._reset_request()
+            if self._command_locked(value & 0xFF):
+                self._outbox.post(self._reset_request)
+        self._outbox.flush()
 
     def _write_data(self, value: int) -> None:
         with self._lock:
@@ -281,8 +314,9 @@ class I8042:
             else:
                 reset = self._command_data_locked(command, value & 0xFF)
             self._refill_locked()
-        if reset:
-            self._reset_request()
+            if reset:
+                self._outbox.post(self._reset_request)
+        self._outbox.flush()
 
     # -------------------------------------------------------------- controller
 
@@ -349,7 +383,7 @@ class I8042:
     def _reply_locked(self, byte: int, aux: bool = False, timeout: bool = False) -> None:
         queue = self._state.controller_queue
         if len(queue) < CONTROLLER_QUEUE_LIMIT:
-            queue.append([byte & 0xFF, int(aux), int(timeout)])
+            queue.append((byte & 0xFF, int(aux), int(timeout)))
 
     # ---------------------------------------------------------------- keyboard
 
@@ -439,28 +473,30 @@ class I8042:
         if irq1 != state.irq1_level:
             state.irq1_level = irq1
             if self._irq1 is not None:
-                self._irq1.set_level(irq1)
+                self._outbox.post(functools.partial(self._irq1.set_level, irq1))
         if irq12 != state.irq12_level:
             state.irq12_level = irq12
             if self._irq12 is not None:
-                self._irq12.set_level(irq12)
+                self._outbox.post(functools.partial(self._irq12.set_level, irq12))
 
     # ---------------------------------------------------------------- snapshot
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> I8042State:
         with self._lock:
-            return dataclasses.asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        restored = _validated_state(state)
+    def check_state(self, data: object) -> I8042State:
+        return state_from_data(I8042State, data, "i8042")
+
+    def restore_state(self, state: I8042State) -> None:
         with self._lock:
-            self._state = restored
+            self._state = detached(state)
             # Drive the lines to the snapshot's levels; a controller already there
             # ignores it.
-            if self._irq1 is not None:
-                self._irq1.set_level(restored.irq1_level)
-            if self._irq12 is not None:
-                self._irq12.set_level(restored.irq12_level)
+            for line, level in ((self._irq1, state.irq1_level), (self._irq12, state.irq12_level)):
+                if line is not None:
+                    self._outbox.post(functools.partial(line.set_level, level))
+        self._outbox.flush()
 
 
 class _Port:
@@ -479,83 +515,3 @@ class _Port:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size >= 1:
             self._write_byte(value & 0xFF)
-
-
-def _validated_state(state: Mapping[str, object]) -> I8042State:
-    fields = {f.name: f for f in dataclasses.fields(I8042State)}
-    if set(state) != set(fields):
-        raise ValueError(f"i8042 snapshot fields {sorted(state)} != {sorted(fields)}")
-
-    def byte(name: str, high: int = 0xFF) -> int:
-        value = state[name]
-        if type(value) is not int or not 0 <= value <= high:
-            raise ValueError(f"i8042 snapshot: {name}={value!r} not in 0..{high:#x}")
-        return value
-
-    def optional_byte(name: str) -> int | None:
-        return None if state[name] is None else byte(name)
-
-    def flag(name: str) -> bool:
-        value = state[name]
-        if type(value) is not bool:
-            raise ValueError(f"i8042 snapshot: {name}={value!r} is not a bool")
-        return value
-
-    def byte_list(name: str, length: int | None, limit: int) -> list[int]:
-        value = state[name]
-        if (
-            not isinstance(value, list)
-            or (length is not None and len(value) != length)
-            or len(value) > limit
-            or not all(type(x) is int and 0 <= x <= 0xFF for x in value)
-        ):
-            raise ValueError(f"i8042 snapshot: {name} must be a list of bytes")
-        return list(value)
-
-    replies = state["controller_queue"]
-    if (
-        not isinstance(replies, list)
-        or len(replies) > CONTROLLER_QUEUE_LIMIT
-        or not all(
-            isinstance(r, list)
-            and len(r) == 3
-            and all(type(x) is int for x in r)
-            and 0 <= r[0] <= 0xFF
-            and r[1] in (0, 1)
-            and r[2] in (0, 1)
-            for r in replies
-        )
-    ):
-        raise ValueError("i8042 snapshot: controller_queue must hold [byte, 0/1, 0/1]")
-    scan_set = byte("keyboard_scan_set")
-    if scan_set not in (1, 2, 3):
-        raise ValueError(f"i8042 snapshot: keyboard_scan_set={scan_set} not 1..3")
-    controller_command = optional_byte("pending_command")
-    if controller_command is not None and not (
-        CMD_WRITE_RAM <= controller_command < CMD_WRITE_RAM + RAM_BYTES
-        or controller_command in _COMMANDS_WITH_DATA
-    ):
-        raise ValueError("i8042 snapshot: pending_command takes no data byte")
-    keyboard_command = optional_byte("keyboard_pending_command")
-    if keyboard_command not in (None, KBD_SET_LEDS, KBD_TYPEMATIC, KBD_SCAN_SET):
-        raise ValueError("i8042 snapshot: keyboard_pending_command takes no parameter")
-    return I8042State(
-        ram=byte_list("ram", RAM_BYTES, RAM_BYTES),
-        output_port=byte("output_port"),
-        last_write_was_command=flag("last_write_was_command"),
-        pending_command=controller_command,
-        obf=flag("obf"),
-        out_byte=byte("out_byte"),
-        out_aux=flag("out_aux"),
-        out_timeout=flag("out_timeout"),
-        controller_queue=[list(r) for r in replies],
-        keyboard_queue=byte_list("keyboard_queue", None, KEYBOARD_QUEUE_LIMIT),
-        break_prefix_seen=flag("break_prefix_seen"),
-        keyboard_scanning=flag("keyboard_scanning"),
-        keyboard_pending_command=keyboard_command,
-        keyboard_leds=byte("keyboard_leds", 0x07),
-        keyboard_typematic=byte("keyboard_typematic", 0x7F),
-        keyboard_scan_set=scan_set,
-        irq1_level=flag("irq1_level"),
-        irq12_level=flag("irq12_level"),
-    )

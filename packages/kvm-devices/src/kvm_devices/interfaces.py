@@ -8,7 +8,9 @@ A device never imports KVM: it only sees these protocols.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+StateT = TypeVar("StateT")
 
 
 @runtime_checkable
@@ -85,3 +87,29 @@ class IoapicSink(Protocol):
 
     def deliver(self, pin: int) -> None:
         """Send the pin's current MSI message once (edge), to the LAPICs."""
+
+
+class Snapshottable(Protocol[StateT]):
+    """A device whose state can be saved in one process and restored in another.
+
+    ``StateT`` is a dataclass (see :mod:`kvm_devices.snapshot`). Restoring is two steps
+    so that a machine can check every device's part of a state file before it changes
+    any: :meth:`check_state` only reads (it raises
+    :class:`~kvm_devices.snapshot.StateError`), and :meth:`restore_state` of a state
+    that passed it never fails.
+    """
+
+    def save_state(self) -> StateT:
+        """A copy of the state, detached from the device."""
+
+    def check_state(self, data: object) -> StateT:
+        """The state in ``data`` (the JSON form that :meth:`save` gives), checked
+        against this device's configuration too."""
+
+    def restore_state(self, state: StateT) -> None: ...
+
+    def save(self) -> dict[str, object]:
+        """``save_state()`` in its JSON form."""
+
+    def restore(self, data: object) -> None:
+        """``restore_state(check_state(data))``."""

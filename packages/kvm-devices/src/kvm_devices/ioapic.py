@@ -32,20 +32,29 @@ Choices where the datasheet is silent or the brief asked to choose:
   (10 ms, the delay QEMU and KVM use). Without a timer and clock the pin instead keeps
   Remote IRR set until its line changes level or its entry is rewritten.
 
-Thread-safety: one re-entrant lock guards the state, and sink callbacks run with it held,
-so the sink sees routes and deliveries in the order they happened. The sink may call back
-into this IOAPIC from the same thread; it must not wait for another thread that is itself
-calling into this IOAPIC.
+Thread-safety: one lock guards the state. Sink calls are made after it is released, in
+the order the state changed (:mod:`kvm_devices.outbox`), so the sink sees routes and
+deliveries in the order they happened and may call back into this IOAPIC.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from kvm_devices.interfaces import Clock, IoapicSink, Timer, TimerHandle
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import (
+    Mask,
+    Range,
+    Snapshotting,
+    StateError,
+    bits,
+    detached,
+    state_from_data,
+)
 
 REG_ID = 0x00
 REG_VERSION = 0x01
@@ -87,6 +96,7 @@ ID_SHIFT = 24
 ID_MASK = 0xF
 
 _DWORD = 0xFFFF_FFFF
+STORM_LIMIT = 10_000
 
 
 def _all_ones(size: int) -> int:
@@ -111,19 +121,30 @@ def msi_message(entry: int) -> tuple[int, int]:
 class IoapicState:
     """Everything the guest can observe, plus the storm guard's bookkeeping."""
 
-    ioregsel: int = 0
-    apic_id: int = 0
-    redirection: list[int] = field(default_factory=list)
+    ioregsel: Annotated[int, bits(8)] = 0
+    apic_id: Annotated[int, Range(0, ID_MASK)] = 0
+    redirection: list[Annotated[int, Mask(RTE_WRITABLE | RTE_REMOTE_IRR)]] = field(
+        default_factory=list
+    )
     line_asserted: list[bool] = field(default_factory=list)
     # Back-to-back re-deliveries on EOI of a still-asserted level pin.
-    storm_counts: list[int] = field(default_factory=list)
+    storm_counts: list[Annotated[int, Range(0, STORM_LIMIT - 1)]] = field(default_factory=list)
     # Pins whose Remote IRR is held set by the storm guard (no timer available).
     storm_held: list[bool] = field(default_factory=list)
     # Absolute deadline of the delayed re-delivery, if one is pending.
     retry_deadline_ns: int | None = None
 
+    def check_invariants(self) -> None:
+        for pin, entry in enumerate(self.redirection):
+            if entry & RTE_REMOTE_IRR and not entry & RTE_TRIGGER_LEVEL:
+                raise StateError(f"redirection[{pin}]", "Remote IRR set on an edge-triggered entry")
+        pins = len(self.redirection)
+        for name in ("line_asserted", "storm_counts", "storm_held"):
+            if len(getattr(self, name)) != pins:
+                raise StateError(name, f"must have one item per pin ({pins})")
 
-class Ioapic:
+
+class Ioapic(Snapshotting[IoapicState]):
     """An 82093AA-compatible IOAPIC with ``pins`` inputs, version 0x20 (with EOI register)."""
 
     SIZE = 0x1000
@@ -135,7 +156,7 @@ class Ioapic:
     VERSION = 0x20
     MAX_PINS = 120  # redirection registers 0x10..0xFF
 
-    STORM_LIMIT = 10_000
+    STORM_LIMIT = STORM_LIMIT
     STORM_RETRY_DELAY_NS = 10_000_000
 
     def __init__(
@@ -151,7 +172,8 @@ class Ioapic:
         self._timer = timer
         self._clock = clock
         self._pins = pins
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._state = self._reset_state(pins)
         self._retry_handle: TimerHandle | None = None
         # Identifies the live retry timer, so that a callback already past
@@ -178,10 +200,13 @@ class Ioapic:
     def read(self, offset: int, size: int) -> int:
         with self._lock:
             if size == 8:
-                return self._read32(offset, 4) | (self._read32(offset + 4, 4) << 32)
-            if size not in (1, 2, 4):
-                return _all_ones(size)
-            return self._read32(offset, size)
+                value = self._read32(offset, 4) | (self._read32(offset + 4, 4) << 32)
+            elif size not in (1, 2, 4):
+                value = _all_ones(size)
+            else:
+                value = self._read32(offset, size)
+        self._outbox.flush()
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
@@ -190,6 +215,7 @@ class Ioapic:
                 self._write32(offset + 4, 4, (value >> 32) & _DWORD)
             elif size in (1, 2, 4):
                 self._write32(offset, size, value & _all_ones(size))
+        self._outbox.flush()
 
     def _read32(self, offset: int, size: int) -> int:
         if offset == self.IOREGSEL:
@@ -264,12 +290,14 @@ class Ioapic:
             if entry & RTE_TRIGGER_LEVEL:
                 self._service_level(pin)
             elif level and not entry & RTE_MASKED:
-                self._sink.deliver(pin)
+                self._outbox.post(functools.partial(self._sink.deliver, pin))
+        self._outbox.flush()
 
     def eoi(self, vector: int) -> None:
         """An EOI broadcast for ``vector`` (KVM_EXIT_IOAPIC_EOI or the EOI register)."""
         with self._lock:
             self._eoi_locked(vector & 0xFF)
+        self._outbox.flush()
 
     def _eoi_locked(self, vector: int) -> None:
         state = self._state
@@ -306,7 +334,7 @@ class Ioapic:
 
     def _deliver_level(self, pin: int) -> None:
         self._state.redirection[pin] |= RTE_REMOTE_IRR
-        self._sink.deliver(pin)
+        self._outbox.post(functools.partial(self._sink.deliver, pin))
 
     # ------------------------------------------------------------ storm timer
 
@@ -324,20 +352,27 @@ class Ioapic:
 
     def _retry_due(self, generation: int) -> None:
         with self._lock:
-            if generation != self._retry_generation:
-                return
-            self._retry_handle = None
-            self._state.retry_deadline_ns = None
-            for pin in range(self._pins):
-                self._service_level(pin)
+            if generation == self._retry_generation:
+                self._retry_due_locked()
+        self._outbox.flush()
+
+    def _retry_due_locked(self) -> None:
+        self._retry_handle = None
+        self._state.retry_deadline_ns = None
+        for pin in range(self._pins):
+            self._service_level(pin)
 
     # ----------------------------------------------------------------- routes
 
     def report_all_routes(self) -> None:
         """Report every pin's MSI route to the sink, changed or not (VMM re-sync)."""
         with self._lock:
-            for pin in range(self._pins):
-                self._report_route(pin, force=True)
+            self._report_all_routes_locked()
+        self._outbox.flush()
+
+    def _report_all_routes_locked(self) -> None:
+        for pin in range(self._pins):
+            self._report_route(pin, force=True)
 
     def _report_route(self, pin: int, force: bool) -> None:
         entry = self._state.redirection[pin]
@@ -345,22 +380,33 @@ class Ioapic:
         route = (address, data, bool(entry & RTE_MASKED))
         if force or self._reported[pin] != route:
             self._reported[pin] = route
-            self._sink.route_changed(pin, *route)
+            self._outbox.post(functools.partial(self._sink.route_changed, pin, *route))
 
     # --------------------------------------------------------------- snapshot
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> IoapicState:
         with self._lock:
-            return dataclasses.asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        restored = _validated_state(state, self._pins)
+    def check_state(self, data: object) -> IoapicState:
+        state = state_from_data(IoapicState, data, "IOAPIC")
+        if len(state.redirection) != self._pins:
+            raise StateError(
+                "redirection", f"has {len(state.redirection)} pins, not {self._pins}", "IOAPIC"
+            )
+        return state
+
+    def restore_state(self, state: IoapicState) -> None:
+        """Restore, then report every pin's route: the routes live outside (in KVM)."""
+        restored = detached(state)
         with self._lock:
             if self._retry_handle is not None and self._timer is not None:
                 self._timer.cancel(self._retry_handle)
             self._retry_handle = None
             self._retry_generation += 1
             self._state = restored
+            # Routes first: a delivery fires the pin's route, which must be the restored one.
+            self._report_all_routes_locked()
             deadline = restored.retry_deadline_ns
             if deadline is not None:
                 if self._timer is not None and self._clock is not None:
@@ -368,58 +414,5 @@ class Ioapic:
                     self._schedule_retry(deadline)
                 else:
                     # No timer to wait on: retry now rather than leave the pin stuck.
-                    self._retry_due(self._retry_generation)
-            self.report_all_routes()
-
-
-def _validated_state(state: Mapping[str, object], pins: int) -> IoapicState:
-    names = {f.name for f in dataclasses.fields(IoapicState)}
-    if set(state) != names:
-        raise ValueError(f"IOAPIC snapshot fields {sorted(state)} != {sorted(names)}")
-
-    def integer(name: str, low: int, high: int) -> int:
-        value = state[name]
-        if type(value) is not int or not low <= value <= high:
-            raise ValueError(f"IOAPIC snapshot: {name}={value!r} not in {low}..{high}")
-        return value
-
-    def per_pin(name: str) -> list[object]:
-        value = state[name]
-        if not isinstance(value, list) or len(value) != pins:
-            raise ValueError(f"IOAPIC snapshot: {name} must be a list of {pins} items")
-        return value
-
-    def per_pin_ints(name: str) -> list[int]:
-        values = per_pin(name)
-        ints = [x for x in values if type(x) is int]
-        if len(ints) != pins:
-            raise ValueError(f"IOAPIC snapshot: {name} must hold ints")
-        return ints
-
-    def per_pin_bools(name: str) -> list[bool]:
-        values = per_pin(name)
-        bools = [x for x in values if type(x) is bool]
-        if len(bools) != pins:
-            raise ValueError(f"IOAPIC snapshot: {name} must hold bools")
-        return bools
-
-    redirection = per_pin_ints("redirection")
-    if any(x < 0 or x & ~(RTE_WRITABLE | RTE_REMOTE_IRR) for x in redirection):
-        raise ValueError("IOAPIC snapshot: redirection entry with reserved bits set")
-    if any(x & RTE_REMOTE_IRR and not x & RTE_TRIGGER_LEVEL for x in redirection):
-        raise ValueError("IOAPIC snapshot: Remote IRR set on an edge-triggered entry")
-    storm_counts = per_pin_ints("storm_counts")
-    if any(not 0 <= x < Ioapic.STORM_LIMIT for x in storm_counts):
-        raise ValueError("IOAPIC snapshot: storm count out of range")
-    deadline = state["retry_deadline_ns"]
-    if deadline is not None and type(deadline) is not int:
-        raise ValueError(f"IOAPIC snapshot: retry_deadline_ns={deadline!r}")
-    return IoapicState(
-        ioregsel=integer("ioregsel", 0, 0xFF),
-        apic_id=integer("apic_id", 0, ID_MASK),
-        redirection=redirection,
-        line_asserted=per_pin_bools("line_asserted"),
-        storm_counts=storm_counts,
-        storm_held=per_pin_bools("storm_held"),
-        retry_deadline_ns=deadline,
-    )
+                    self._retry_due_locked()
+        self._outbox.flush()

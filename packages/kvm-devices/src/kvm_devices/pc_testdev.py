@@ -33,17 +33,23 @@ Access rules, as QEMU's memory core applies them to this device's regions:
   not drive the lines again (the interrupt controllers snapshot their own input
   levels).
 
-Thread-safety: one re-entrant lock guards the state. ``set_irq`` is called with it held,
-so that vCPUs racing on one line leave it at the level of the last write; it may call
-back into this device from the same thread. ``flush_page`` is called with no lock held.
+Thread-safety: one lock guards the state. ``set_irq`` is called after it is released, in
+the order of the writes (:mod:`kvm_devices.outbox`), so that vCPUs racing on one line
+leave it at the level of the last write; it may call back into this device.
+``flush_page`` is called with no lock held.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import Length, Snapshotting, bits, detached, state_from_data
 
 SCRATCH_BYTES = 4
 IRQ_LINES = 24
@@ -55,15 +61,17 @@ PAGE_MASK = ~0xFFF & 0xFFFF_FFFF
 class PcTestdevState:
     """Everything the guest can observe through the device."""
 
-    scratch: int = 0
+    scratch: Annotated[int, bits(32)] = 0
     """The 32-bit register behind 0xE0 and 0xE8."""
-    irq_levels: list[bool] = field(default_factory=lambda: [False] * IRQ_LINES)
+    irq_levels: Annotated[list[bool], Length(IRQ_LINES)] = field(
+        default_factory=lambda: [False] * IRQ_LINES
+    )
     """The last level written for each interrupt line."""
-    iomem: bytes = bytes(IOMEM_SIZE)
+    iomem: Annotated[bytes, Length(IOMEM_SIZE)] = bytes(IOMEM_SIZE)
     """The 64 KiB MMIO scratch window (live in a bytearray; copied here by save())."""
 
 
-class PcTestdev:
+class PcTestdev(Snapshotting[PcTestdevState]):
     """kvm-unit-tests' helper device; see the module documentation for its windows."""
 
     BASE_SCRATCH = 0xE0
@@ -84,7 +92,8 @@ class PcTestdev:
     ) -> None:
         self._set_irq = set_irq
         self._flush_page = flush_page
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._state = PcTestdevState()
         self._iomem = bytearray(IOMEM_SIZE)
         self.scratch_port = _ScratchPort(self)
@@ -122,7 +131,8 @@ class PcTestdev:
             self._state.irq_levels[offset] = level
             # Every write drives the line, as QEMU's qemu_set_irq does: a controller
             # that sees the same level twice ignores it.
-            self._set_irq(offset, level)
+            self._outbox.post(functools.partial(self._set_irq, offset, level))
+        self._outbox.flush()
 
     # -------------------------------------------------------------------- iomem
 
@@ -142,16 +152,17 @@ class PcTestdev:
         with self._lock:
             return list(self._state.irq_levels)
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> PcTestdevState:
         with self._lock:
-            current = dataclasses.replace(self._state, iomem=bytes(self._iomem))
-            return dataclasses.asdict(current)
+            return detached(dataclasses.replace(self._state, iomem=bytes(self._iomem)))
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        restored = _validated_state(state)
+    def check_state(self, data: object) -> PcTestdevState:
+        return state_from_data(PcTestdevState, data, "pc-testdev")
+
+    def restore_state(self, state: PcTestdevState) -> None:
         with self._lock:
-            self._state = restored
-            self._iomem = bytearray(restored.iomem)
+            self._state = detached(state)
+            self._iomem = bytearray(state.iomem)
 
 
 class _ScratchPort:
@@ -218,23 +229,3 @@ def _write_bytes(memory: bytearray, offset: int, size: int, value: int) -> None:
         at = offset + i
         if 0 <= at < len(memory):
             memory[at] = (value >> (8 * i)) & 0xFF
-
-
-def _validated_state(state: Mapping[str, object]) -> PcTestdevState:
-    names = {f.name for f in dataclasses.fields(PcTestdevState)}
-    if set(state) != names:
-        raise ValueError(f"pc-testdev snapshot fields {sorted(state)} != {sorted(names)}")
-    scratch = state["scratch"]
-    if type(scratch) is not int or not 0 <= scratch <= 0xFFFF_FFFF:
-        raise ValueError(f"pc-testdev snapshot: scratch={scratch!r} is not a 32-bit value")
-    levels = state["irq_levels"]
-    if (
-        not isinstance(levels, list)
-        or len(levels) != IRQ_LINES
-        or not all(type(x) is bool for x in levels)
-    ):
-        raise ValueError(f"pc-testdev snapshot: irq_levels must be {IRQ_LINES} bools")
-    iomem = state["iomem"]
-    if not isinstance(iomem, bytes | bytearray) or len(iomem) != IOMEM_SIZE:
-        raise ValueError(f"pc-testdev snapshot: iomem must be {IOMEM_SIZE} bytes")
-    return PcTestdevState(scratch=scratch, irq_levels=list(levels), iomem=bytes(iomem))

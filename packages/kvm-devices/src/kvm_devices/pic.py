@@ -18,11 +18,23 @@ Where the model deliberately leaves the datasheet:
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
 
-from kvm_devices.snapshot import bool_field, fields_of, int_field
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import (
+    Mask,
+    OneOf,
+    Range,
+    Snapshotting,
+    StateError,
+    bits,
+    detached,
+    state_from_data,
+)
 
 ICW1_IC4 = 0x01
 ICW1_SNGL = 0x02
@@ -40,23 +52,28 @@ SPURIOUS_LEVEL = 7
 class PicChipState:
     """Guest-visible state of one 8259A (bit n of a mask is IRn)."""
 
-    irr: int = 0
-    isr: int = 0
-    imr: int = 0xFF
-    lines: int = 0
-    vector_base: int = 0
-    lowest_priority: int = 7
+    irr: Annotated[int, bits(8)] = 0
+    isr: Annotated[int, bits(8)] = 0
+    imr: Annotated[int, bits(8)] = 0xFF
+    lines: Annotated[int, bits(8)] = 0
+    vector_base: Annotated[int, Mask(0xF8)] = 0
+    lowest_priority: Annotated[int, Range(0, 7)] = 7
     read_isr: bool = False
     poll: bool = False
     special_mask: bool = False
-    init_step: int = 0
+    init_step: Annotated[int, OneOf((0, 2, 3, 4))] = 0
     expect_icw4: bool = False
     single: bool = False
     level_triggered: bool = False
-    icw3: int = 0
-    icw4: int = 0
+    icw3: Annotated[int, bits(8)] = 0
+    icw4: Annotated[int, bits(5)] = 0
     rotate_on_aeoi: bool = False
-    elcr: int = 0
+    elcr: Annotated[int, bits(8)] = 0
+
+    def check_invariants(self) -> None:
+        level = 0xFF if self.level_triggered else self.elcr
+        if (self.irr ^ self.lines) & level:
+            raise StateError("irr", "irr of level-triggered inputs must follow their lines")
 
 
 def _power_on_master() -> PicChipState:
@@ -73,6 +90,14 @@ class PicPairState:
 
     master: PicChipState = field(default_factory=_power_on_master)
     slave: PicChipState = field(default_factory=_power_on_slave)
+
+    def check_invariants(self) -> None:
+        for name, chip, mask in (
+            ("master", self.master, PicPair.MASTER_ELCR_MASK),
+            ("slave", self.slave, PicPair.SLAVE_ELCR_MASK),
+        ):
+            if chip.elcr & ~mask:
+                raise StateError(f"{name}.elcr", f"{chip.elcr:#x} sets bits outside {mask:#x}")
 
 
 class _Chip:
@@ -299,13 +324,13 @@ def _all_ones(size: int) -> int:
     return (1 << (8 * size)) - 1 if size > 0 else 0
 
 
-class PicPair:
+class PicPair(Snapshotting[PicPairState]):
     """Master and slave 8259A, as wired on a PC.
 
     ``intr`` is called with the master's INTR level each time it changes. The
     VMM answers a high INTR with :meth:`acknowledge` (the INTA cycle) when the
-    CPU can take the interrupt. Callbacks run outside the lock; a callback may
-    call back into the pair (re-entrant calls only queue a re-check).
+    CPU can take the interrupt. ``intr`` is called outside the lock, in order (see
+    :mod:`kvm_devices.outbox`); it may call back into the pair.
     """
 
     MASTER_BASE = 0x20
@@ -322,9 +347,9 @@ class PicPair:
     def __init__(self, intr: Callable[[bool], None]) -> None:
         self._intr = intr
         self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._install(PicPairState())
         self._reported = False
-        self._notifying = False
         self.master_ports = _ChipPorts(self, slave=False)
         self.slave_ports = _ChipPorts(self, slave=True)
         self.elcr_ports = _ElcrPorts(self)
@@ -346,7 +371,8 @@ class PicPair:
             chip = self._slave if irq >= 8 else self._master
             chip.set_line(irq & 7, level)
             self._update_cascade()
-        self._notify()
+            self._report_intr_locked()
+        self._outbox.flush()
 
     def line(self, irq: int) -> PicInputLine:
         """IRQ ``irq`` as an interrupt line, for a device to drive."""
@@ -358,7 +384,8 @@ class PicPair:
         """The INTA cycle: return the vector and move the request into service."""
         with self._lock:
             vector = self._inta(commit=True)
-        self._notify()
+            self._report_intr_locked()
+        self._outbox.flush()
         return vector
 
     def pending_vector_peek(self) -> int | None:
@@ -411,25 +438,11 @@ class PicPair:
     def _update_cascade(self) -> None:
         self._master.set_line(self.CASCADE_IRQ, self._slave.resolve() is not None)
 
-    def _notify(self) -> None:
-        """Report INTR changes in order, from one thread at a time, outside the lock."""
-        with self._lock:
-            if self._notifying:
-                return
-            self._notifying = True
-        try:
-            while True:
-                with self._lock:
-                    level = self._master.resolve() is not None
-                    if level == self._reported:
-                        self._notifying = False
-                        return
-                    self._reported = level
-                self._intr(level)
-        except BaseException:
-            with self._lock:
-                self._notifying = False
-            raise
+    def _report_intr_locked(self) -> None:
+        level = self._master.resolve() is not None
+        if level != self._reported:
+            self._reported = level
+            self._outbox.post(functools.partial(self._intr, level))
 
     # -- ports ---------------------------------------------------------------------
 
@@ -440,7 +453,8 @@ class PicPair:
             chip = self._slave if slave else self._master
             value = chip.read(offset)
             self._update_cascade()
-        self._notify()
+            self._report_intr_locked()
+        self._outbox.flush()
         return _wide_result(value, size)
 
     def _port_write(self, slave: bool, offset: int, size: int, value: int) -> None:
@@ -450,7 +464,8 @@ class PicPair:
             chip = self._slave if slave else self._master
             chip.write(offset, value & 0xFF)
             self._update_cascade()
-        self._notify()
+            self._report_intr_locked()
+        self._outbox.flush()
 
     def _elcr_read(self, offset: int, size: int) -> int:
         if not 0 <= offset < 2:
@@ -466,53 +481,21 @@ class PicPair:
             chip = self._slave if offset else self._master
             chip.write_elcr(value & 0xFF)
             self._update_cascade()
-        self._notify()
+            self._report_intr_locked()
+        self._outbox.flush()
 
     # -- snapshots -----------------------------------------------------------------
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> PicPairState:
         with self._lock:
-            return asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        """Replace the whole state; raises ValueError on a malformed snapshot."""
-        parts = fields_of(state, PicPairState)
-        master = _chip_state(parts["master"], self.MASTER_ELCR_MASK)
-        slave = _chip_state(parts["slave"], self.SLAVE_ELCR_MASK)
+    def check_state(self, data: object) -> PicPairState:
+        return state_from_data(PicPairState, data, "PIC")
+
+    def restore_state(self, state: PicPairState) -> None:
         with self._lock:
-            self._install(PicPairState(master=master, slave=slave))
+            self._install(detached(state))
             self._update_cascade()
-        self._notify()
-
-
-def _chip_state(data: object, elcr_mask: int) -> PicChipState:
-    v = fields_of(data, PicChipState)
-    state = PicChipState(
-        irr=int_field(v, "irr", 0, 0xFF),
-        isr=int_field(v, "isr", 0, 0xFF),
-        imr=int_field(v, "imr", 0, 0xFF),
-        lines=int_field(v, "lines", 0, 0xFF),
-        vector_base=int_field(v, "vector_base", 0, 0xFF),
-        lowest_priority=int_field(v, "lowest_priority", 0, 7),
-        read_isr=bool_field(v, "read_isr"),
-        poll=bool_field(v, "poll"),
-        special_mask=bool_field(v, "special_mask"),
-        init_step=int_field(v, "init_step", 0, 4),
-        expect_icw4=bool_field(v, "expect_icw4"),
-        single=bool_field(v, "single"),
-        level_triggered=bool_field(v, "level_triggered"),
-        icw3=int_field(v, "icw3", 0, 0xFF),
-        icw4=int_field(v, "icw4", 0, 0x1F),
-        rotate_on_aeoi=bool_field(v, "rotate_on_aeoi"),
-        elcr=int_field(v, "elcr", 0, 0xFF),
-    )
-    if state.init_step == 1:
-        raise ValueError("init_step must be 0, 2, 3 or 4")
-    if state.vector_base & 7:
-        raise ValueError("vector_base must be a multiple of 8")
-    if state.elcr & ~elcr_mask:
-        raise ValueError(f"elcr {state.elcr:#x} sets bits outside {elcr_mask:#x}")
-    level = 0xFF if state.level_triggered else state.elcr
-    if (state.irr ^ state.lines) & level:
-        raise ValueError("irr of level-triggered inputs must follow their lines")
-    return state
+            self._report_intr_locked()
+        self._outbox.flush()

@@ -33,14 +33,22 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, NamedTuple
 
 from kvm_devices.interfaces import Clock, InterruptLine, Timer, TimerHandle
-from kvm_devices.port61 import Port61, Port61State, parse_port61_state
-from kvm_devices.snapshot import bool_field, fields_of, int_field
+from kvm_devices.outbox import Outbox
+from kvm_devices.port61 import Port61, Port61State
+from kvm_devices.snapshot import (
+    Length,
+    Range,
+    Snapshotting,
+    StateError,
+    bits,
+    detached,
+    state_from_data,
+)
 
 INPUT_HZ = 1_193_182
 NS_PER_S = 1_000_000_000
@@ -76,40 +84,46 @@ def _from_bcd(raw: int) -> int:
 class PitCounterState:
     """One counter. Ticks are CLK edge indices (see :func:`tick_at`)."""
 
-    mode_bits: int = 0
-    access: int = 3
+    mode_bits: Annotated[int, bits(3)] = 0
+    access: Annotated[int, Range(1, 3)] = 3
     bcd: bool = False
-    count_register: int = 0
+    count_register: Annotated[int, bits(16)] = 0
     count_written: bool = False
     write_high_next: bool = False
     read_high_next: bool = False
-    output_latch: list[int] = field(default_factory=list)
-    status_latch: int = NO_STATUS
+    output_latch: Annotated[list[Annotated[int, bits(8)]], Length(most=2)] = field(
+        default_factory=list
+    )
+    status_latch: Annotated[int, Range(NO_STATUS, 0xFF)] = NO_STATUS
     gate: bool = True
     # The counting element: loaded with `count` at `load_tick`, minus ticks its gate held it.
     armed: bool = False
     load_tick: int = 0
-    count: int = 0
+    count: Annotated[int, Range(0, 0x10000)] = 0
     held: bool = False
     hold_start_tick: int = 0
-    held_ticks: int = 0
+    held_ticks: Annotated[int, Range(0)] = 0
     # What it shows while not armed and before load_tick.
-    value_idle: int = 0
+    value_idle: Annotated[int, bits(16)] = 0
     out_idle: bool = False
     # Modes 2/3: a count written while counting, taken at the end of the (half) cycle.
-    next_count: int = 0
+    next_count: Annotated[int, Range(0, 0x10000)] = 0
     next_switch_tick: int = 0
     next_load_tick: int = 0
     null_count: bool = True
     cr_transfer_scheduled: bool = False
     cr_transfer_tick: int = 0
 
+    def check_invariants(self) -> None:
+        if self.armed and self.count == 0:
+            raise StateError("count", "an armed counter needs a count of at least 1")
+
 
 @dataclass
 class PitState:
     """The three counters, the IRQ0 line, and port 61h's latch."""
 
-    counters: list[PitCounterState]
+    counters: Annotated[list[PitCounterState], Length(CHANNELS)]
     port61: Port61State
     irq0_level: bool
     irq0_done_tick: int
@@ -395,7 +409,7 @@ class _Counter:
         return raw >> 8 if high else raw & 0xFF
 
 
-class Pit:
+class Pit(Snapshotting[PitState]):
     """The 8254 at ports 40h-43h (this object) with counter 2's gate on port 61h.
 
     ``irq0`` is counter 0's OUT (see the module docstring for how it is
@@ -421,7 +435,7 @@ class Pit:
         self._timer = timer
         self._irq0 = irq0
         self._min_irq0_interval_ns = min_irq0_interval_ns
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._counters = [_Counter(PitCounterState(gate=channel != 2)) for channel in range(3)]
         self._irq0_level = False
         # Rising edges up to this tick are delivered (or merged into a delivery).
@@ -430,8 +444,7 @@ class Pit:
         self._irq0_quiet_until_tick = self._irq0_done_tick
         self._irq0_handle: TimerHandle | None = None
         self._irq0_generation = 0
-        self._outbox: deque[Callable[[], None]] = deque()
-        self._draining = False
+        self._outbox = Outbox(self._lock)
         self.port61 = Port61(clock, self)
 
     # -- the Device at 40h-43h -----------------------------------------------------
@@ -456,7 +469,7 @@ class Pit:
             else:
                 counter = self._counters[offset]
                 self._change(offset, now, lambda: counter.write_data(byte, g))
-        self._drain()
+        self._outbox.flush()
 
     def _write_control(self, byte: int, now: int, g: int) -> None:
         select = byte >> 6
@@ -484,7 +497,7 @@ class Pit:
             now = self._clock.now_ns()
             g = tick_at(now)
             self._change(channel, now, lambda: counter.set_gate(level, g))
-        self._drain()
+        self._outbox.flush()
 
     def out(self, channel: int) -> bool:
         """Counter ``channel``'s OUT level now."""
@@ -523,14 +536,14 @@ class Pit:
     def _irq0_drive(self, level: bool) -> None:
         if level != self._irq0_level:
             self._irq0_level = level
-            self._outbox.append(functools.partial(self._irq0.set_level, level))
+            self._outbox.post(functools.partial(self._irq0.set_level, level))
 
     def _irq0_deliver(self) -> None:
         if self._counters[0].mode in LEVEL_OUTPUT_MODES:
             self._irq0_drive(True)
         else:
             self._irq0_drive(False)
-            self._outbox.append(self._irq0.pulse)
+            self._outbox.post(self._irq0.pulse)
 
     def _irq0_schedule(self) -> None:
         if self._irq0_handle is not None:
@@ -556,69 +569,46 @@ class Pit:
                 self._irq0_done_tick = max(self._irq0_done_tick, g)
                 self._irq0_quiet_until_tick = tick_at(now + self._min_irq0_interval_ns)
             self._irq0_schedule()
-        self._drain()
-
-    def _drain(self) -> None:
-        with self._lock:
-            if self._draining:
-                return
-            self._draining = True
-        try:
-            while True:
-                with self._lock:
-                    if not self._outbox:
-                        self._draining = False
-                        return
-                    action = self._outbox.popleft()
-                action()
-        except BaseException:
-            with self._lock:
-                self._draining = False
-            raise
+        self._outbox.flush()
 
     # -- snapshots -----------------------------------------------------------------
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> PitState:
         """The state; ticks are absolute, with the tick of the save in ``clock_tick``."""
-        port61 = parse_port61_state(self.port61.save())
+        port61 = self.port61.save_state()
         with self._lock:
-            state = PitState(
-                counters=[counter.s for counter in self._counters],
-                port61=port61,
-                irq0_level=self._irq0_level,
-                irq0_done_tick=self._irq0_done_tick,
-                irq0_quiet_until_tick=self._irq0_quiet_until_tick,
-                clock_tick=tick_at(self._clock.now_ns()),
+            return detached(
+                PitState(
+                    counters=[counter.s for counter in self._counters],
+                    port61=port61,
+                    irq0_level=self._irq0_level,
+                    irq0_done_tick=self._irq0_done_tick,
+                    irq0_quiet_until_tick=self._irq0_quiet_until_tick,
+                    clock_tick=tick_at(self._clock.now_ns()),
+                )
             )
-            return asdict(state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
+    def check_state(self, data: object) -> PitState:
+        return state_from_data(PitState, data, "PIT")
+
+    def restore_state(self, state: PitState) -> None:
         """Restore a snapshot as a paused machine: time between save and restore does not count.
 
-        Raises ValueError on a malformed snapshot. Does not drive ``irq0``: the
-        interrupt controllers restore their own view of the line.
+        Does not drive ``irq0``: the interrupt controllers restore their own view of
+        the line.
         """
-        data = fields_of(state, PitState)
-        counters_data = data["counters"]
-        if not isinstance(counters_data, list) or len(counters_data) != CHANNELS:
-            raise ValueError("counters must be a list of three counter snapshots")
-        counters = [_counter_state(item) for item in counters_data]
-        port61 = parse_port61_state(data["port61"])
-        irq0_level = bool_field(data, "irq0_level")
-        done_tick = int_field(data, "irq0_done_tick")
-        quiet_until_tick = int_field(data, "irq0_quiet_until_tick")
-        saved_tick = int_field(data, "clock_tick")
-        self.port61.restore(asdict(port61))
+        state = detached(state)
+        self.port61.restore_state(state.port61)
         with self._lock:
-            shift = tick_at(self._clock.now_ns()) - saved_tick
-            for counter in counters:
+            shift = tick_at(self._clock.now_ns()) - state.clock_tick
+            for counter in state.counters:
                 _shift_ticks(counter, shift)
-            self._counters = [_Counter(counter) for counter in counters]
-            self._irq0_level = irq0_level
-            self._irq0_done_tick = done_tick + shift
-            self._irq0_quiet_until_tick = quiet_until_tick + shift
+            self._counters = [_Counter(counter) for counter in state.counters]
+            self._irq0_level = state.irq0_level
+            self._irq0_done_tick = state.irq0_done_tick + shift
+            self._irq0_quiet_until_tick = state.irq0_quiet_until_tick + shift
             self._irq0_schedule()
-        self._drain()
+        self._outbox.flush()
 
 
 _TICK_FIELDS = (
@@ -633,43 +623,3 @@ _TICK_FIELDS = (
 def _shift_ticks(state: PitCounterState, shift: int) -> None:
     for name in _TICK_FIELDS:
         setattr(state, name, getattr(state, name) + shift)
-
-
-def _counter_state(data: object) -> PitCounterState:
-    v = fields_of(data, PitCounterState)
-    latch = v["output_latch"]
-    if (
-        not isinstance(latch, list)
-        or len(latch) > 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 0xFF for b in latch)
-    ):
-        raise ValueError(f"output_latch must be a list of up to two bytes, not {latch!r}")
-    state = PitCounterState(
-        mode_bits=int_field(v, "mode_bits", 0, 7),
-        access=int_field(v, "access", 1, 3),
-        bcd=bool_field(v, "bcd"),
-        count_register=int_field(v, "count_register", 0, 0xFFFF),
-        count_written=bool_field(v, "count_written"),
-        write_high_next=bool_field(v, "write_high_next"),
-        read_high_next=bool_field(v, "read_high_next"),
-        output_latch=list(latch),
-        status_latch=int_field(v, "status_latch", NO_STATUS, 0xFF),
-        gate=bool_field(v, "gate"),
-        armed=bool_field(v, "armed"),
-        load_tick=int_field(v, "load_tick"),
-        count=int_field(v, "count", 0, 0x10000),
-        held=bool_field(v, "held"),
-        hold_start_tick=int_field(v, "hold_start_tick"),
-        held_ticks=int_field(v, "held_ticks", 0),
-        value_idle=int_field(v, "value_idle", 0, 0xFFFF),
-        out_idle=bool_field(v, "out_idle"),
-        next_count=int_field(v, "next_count", 0, 0x10000),
-        next_switch_tick=int_field(v, "next_switch_tick"),
-        next_load_tick=int_field(v, "next_load_tick"),
-        null_count=bool_field(v, "null_count"),
-        cr_transfer_scheduled=bool_field(v, "cr_transfer_scheduled"),
-        cr_transfer_tick=int_field(v, "cr_transfer_tick"),
-    )
-    if state.armed and state.count == 0:
-        raise ValueError("an armed counter needs a count of at least 1")
-    return state

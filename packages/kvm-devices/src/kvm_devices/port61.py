@@ -9,12 +9,14 @@ one every ~15.09 µs, computed here from the clock), 5 is counter 2's OUT,
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Annotated, Protocol
 
 from kvm_devices.interfaces import Clock
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import Mask, Snapshotting, detached, state_from_data
 
 CONTROL_BITS = 0x0F
 GATE2 = 0x01
@@ -36,10 +38,10 @@ class Counter2Wiring(Protocol):
 class Port61State:
     """The written bits 0-3; the read-only bits are computed when read."""
 
-    control: int = 0
+    control: Annotated[int, Mask(CONTROL_BITS)] = 0
 
 
-class Port61:
+class Port61(Snapshotting[Port61State]):
     """The register at port 61h, one byte wide."""
 
     BASE = 0x61
@@ -48,9 +50,9 @@ class Port61:
     def __init__(self, clock: Clock, counters: Counter2Wiring) -> None:
         self._clock = clock
         self._counters = counters
-        # Held while driving the gate so that racing writers leave gate and bit 0 equal;
-        # the 8254 never calls back into this register.
         self._lock = threading.Lock()
+        # Gate changes leave in write order, so racing writers leave gate and bit 0 equal.
+        self._outbox = Outbox(self._lock)
         self._state = Port61State()
 
     def read(self, offset: int, size: int) -> int:
@@ -59,10 +61,10 @@ class Port61:
             return all_ones
         with self._lock:
             value = self._state.control
-            if (self._clock.now_ns() // REFRESH_PERIOD_NS) & 1:
-                value |= REFRESH_TOGGLE
-            if self._counters.out(2):
-                value |= OUT2
+        if (self._clock.now_ns() // REFRESH_PERIOD_NS) & 1:
+            value |= REFRESH_TOGGLE
+        if self._counters.out(2):
+            value |= OUT2
         return (all_ones & ~0xFF) | value
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -70,27 +72,17 @@ class Port61:
             return
         with self._lock:
             self._state.control = value & CONTROL_BITS
-            self._counters.set_gate(2, bool(value & GATE2))
+            self._outbox.post(functools.partial(self._counters.set_gate, 2, bool(value & GATE2)))
+        self._outbox.flush()
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> Port61State:
         with self._lock:
-            return asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        """Restore bit 0-3; the 8254's gate is part of the 8254's own snapshot."""
-        parsed = parse_port61_state(state)
+    def check_state(self, data: object) -> Port61State:
+        return state_from_data(Port61State, data, "port 61h")
+
+    def restore_state(self, state: Port61State) -> None:
+        """Restore bits 0-3; the 8254's gate is part of the 8254's own state."""
         with self._lock:
-            self._state = parsed
-
-
-def parse_port61_state(state: object) -> Port61State:
-    """Validate a snapshot made by :meth:`Port61.save`; ValueError if malformed."""
-    if not isinstance(state, Mapping):
-        raise ValueError("Port61State snapshot must be a mapping")
-    expected = {f.name for f in fields(Port61State)}
-    if set(state) != expected:
-        raise ValueError(f"Port61State snapshot fields {sorted(state)} != {sorted(expected)}")
-    control = state["control"]
-    if not isinstance(control, int) or isinstance(control, bool) or control & ~CONTROL_BITS:
-        raise ValueError(f"control must be an int in [0, 15], not {control!r}")
-    return Port61State(control=control)
+            self._state = detached(state)

@@ -27,10 +27,12 @@ so it may do anything, including tearing the VM down.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
+
+from kvm_devices.snapshot import Mask, Snapshotting, detached, state_from_data
 
 SYS_RST = 1 << 1
 RST_CPU = 1 << 2
@@ -46,10 +48,10 @@ def _all_ones(size: int) -> int:
 class ResetPortState:
     """The readable bits (SYS_RST, FULL_RST) of the last value written."""
 
-    value: int = 0
+    value: Annotated[int, Mask(READABLE_BITS)] = 0
 
 
-class ResetPort:
+class ResetPort(Snapshotting[ResetPortState]):
     """Reset control register: writing bit 2 (RST_CPU) resets the machine."""
 
     SIZE = 1
@@ -77,16 +79,13 @@ class ResetPort:
         if byte & RST_CPU:
             self._on_reset()
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> ResetPortState:
         with self._lock:
-            return dataclasses.asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        names = {f.name for f in dataclasses.fields(ResetPortState)}
-        if set(state) != names:
-            raise ValueError(f"reset port snapshot fields {sorted(state)} != {sorted(names)}")
-        value = state["value"]
-        if type(value) is not int or value < 0 or value & ~READABLE_BITS:
-            raise ValueError(f"reset port snapshot: value={value!r} outside {READABLE_BITS:#x}")
+    def check_state(self, data: object) -> ResetPortState:
+        return state_from_data(ResetPortState, data, "reset port")
+
+    def restore_state(self, state: ResetPortState) -> None:
         with self._lock:
-            self._state = ResetPortState(value=value)
+            self._state = detached(state)

@@ -48,22 +48,33 @@ Clock model:
 * Register D reads 0x80 (VRT: RAM and time valid). C and D ignore writes; A's UIP bit is
   read-only.
 
-Thread-safety: one re-entrant lock guards the state. IRQ8 is driven and timers are
-armed and cancelled with it held, so the line always ends at the level of the last
-change; the line may call back into the RTC from the same thread but must not wait for
-another thread that calls into it, and ``Timer.schedule`` must not run the callback
-before returning.
+Thread-safety: one lock guards the state. IRQ8 is driven after it is released, in the
+order the state changed (:mod:`kvm_devices.outbox`), so the line always ends at the level
+of the last change and may call back into the RTC. Timers are armed and cancelled with
+the lock held: ``Timer.schedule`` must not run the callback before returning.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from kvm_devices.interfaces import Clock, InterruptLine, Timer, TimerHandle
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import (
+    Length,
+    Mask,
+    Range,
+    Snapshotting,
+    StateError,
+    bits,
+    detached,
+    state_from_data,
+)
 
 NS_PER_SECOND = 1_000_000_000
 SECONDS_PER_DAY = 86_400
@@ -266,21 +277,32 @@ def _initial_cmos() -> list[int]:
 class RtcState:
     """Guest-visible RTC state; times are nanoseconds of the RTC's own clock."""
 
-    index: int = 0
+    index: Annotated[int, Range(0, CMOS_BYTES - 1)] = 0
     nmi_disabled: bool = False
-    cmos: list[int] = field(default_factory=_initial_cmos)
+    cmos: Annotated[list[Annotated[int, bits(8)]], Length(CMOS_BYTES)] = field(
+        default_factory=_initial_cmos
+    )
     """All 128 bytes. Time bytes here are only meaningful while the clock is frozen;
     register C and D slots are unused (0)."""
     offset_ns: int = 0
     """RTC time minus ``wall_time_ns()``."""
-    flags: int = 0
+    flags: Annotated[int, Mask(ENABLE_TO_FLAG_MASK)] = 0
     """PF/AF/UF accrued up to ``accrued_to_ns``."""
     accrued_to_ns: int = 0
     irq_level: bool = False
     """IRQ8 as last driven (= IRQF)."""
 
+    def check_invariants(self) -> None:
+        if self.cmos[REG_A] & A_UIP:
+            raise StateError(f"cmos[{REG_A}]", "register A holds UIP, which the chip computes")
+        if self.cmos[REG_B] & B_SET and self.cmos[REG_B] & B_UIE:
+            raise StateError(f"cmos[{REG_B}]", "register B holds SET and UIE together")
+        for register in (REG_C, REG_D):
+            if self.cmos[register]:
+                raise StateError(f"cmos[{register}]", "register C/D slots must be 0")
 
-class Rtc:
+
+class Rtc(Snapshotting[RtcState]):
     """The MC146818A RTC and CMOS RAM behind ports 0x70/0x71."""
 
     BASE = 0x70
@@ -300,7 +322,8 @@ class Rtc:
         self._timer = timer
         self._irq8 = irq8
         self._wall_time_ns = wall_time_ns
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._handle: TimerHandle | None = None
         self._generation = 0
         state = RtcState()
@@ -320,6 +343,7 @@ class Rtc:
         for i in range(max(size, 0)):
             byte = self._read_data() if offset + i == self.DATA_OFFSET else 0xFF
             value |= byte << (8 * i)
+        self._outbox.flush()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -331,6 +355,7 @@ class Rtc:
                     self._state.nmi_disabled = bool(byte & 0x80)
             elif offset + i == self.DATA_OFFSET:
                 self._write_data(byte)
+        self._outbox.flush()
 
     @property
     def nmi_disabled(self) -> bool:
@@ -477,7 +502,7 @@ class Rtc:
         if level != state.irq_level:
             state.irq_level = level
             if self._irq8 is not None:
-                self._irq8.set_level(level)
+                self._outbox.post(functools.partial(self._irq8.set_level, level))
         self._arm_locked(now)
 
     def _next_event_locked(self, now: int) -> int | None:
@@ -519,63 +544,22 @@ class Rtc:
             now = self._rtc_now_locked()
             self._accrue_locked(now)
             self._settle_locked(now)
+        self._outbox.flush()
 
     # ---------------------------------------------------------------- snapshot
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> RtcState:
         with self._lock:
-            return dataclasses.asdict(self._state)
+            return detached(self._state)
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        restored = _validated_state(state)
+    def check_state(self, data: object) -> RtcState:
+        return state_from_data(RtcState, data, "RTC")
+
+    def restore_state(self, state: RtcState) -> None:
         with self._lock:
-            self._state = restored
+            self._state = detached(state)
             if self._irq8 is not None:
                 # The line's own snapshot may differ; drive it to ours.
-                self._irq8.set_level(restored.irq_level)
+                self._outbox.post(functools.partial(self._irq8.set_level, state.irq_level))
             self._arm_locked(self._rtc_now_locked())
-
-
-def _validated_state(state: Mapping[str, object]) -> RtcState:
-    names = {f.name for f in dataclasses.fields(RtcState)}
-    if set(state) != names:
-        raise ValueError(f"RTC snapshot fields {sorted(state)} != {sorted(names)}")
-
-    def integer(name: str) -> int:
-        value = state[name]
-        if type(value) is not int:
-            raise ValueError(f"RTC snapshot: {name}={value!r} is not an int")
-        return value
-
-    def flag(name: str) -> bool:
-        value = state[name]
-        if type(value) is not bool:
-            raise ValueError(f"RTC snapshot: {name}={value!r} is not a bool")
-        return value
-
-    index = integer("index")
-    if not 0 <= index < CMOS_BYTES:
-        raise ValueError(f"RTC snapshot: index={index} outside the CMOS")
-    cmos = state["cmos"]
-    if (
-        not isinstance(cmos, list)
-        or len(cmos) != CMOS_BYTES
-        or not all(type(x) is int and 0 <= x <= 0xFF for x in cmos)
-    ):
-        raise ValueError(f"RTC snapshot: cmos must be {CMOS_BYTES} bytes")
-    if cmos[REG_A] & A_UIP or (cmos[REG_B] & B_SET and cmos[REG_B] & B_UIE):
-        raise ValueError("RTC snapshot: register A/B hold bits the chip never keeps")
-    if cmos[REG_C] or cmos[REG_D]:
-        raise ValueError("RTC snapshot: register C/D slots must be 0")
-    flags = integer("flags")
-    if flags & ~ENABLE_TO_FLAG_MASK:
-        raise ValueError(f"RTC snapshot: flags={flags:#x} is not PF/AF/UF")
-    return RtcState(
-        index=index,
-        nmi_disabled=flag("nmi_disabled"),
-        cmos=list(cmos),
-        offset_ns=integer("offset_ns"),
-        flags=flags,
-        accrued_to_ns=integer("accrued_to_ns"),
-        irq_level=flag("irq_level"),
-    )
+        self._outbox.flush()

@@ -27,20 +27,32 @@ What a virtual wire changes (as in QEMU's and crosvm's serial models):
 * Wider port accesses are split into byte accesses at consecutive offsets, as the ISA
   bridge does for an 8-bit device; bytes outside the 8-port range read 0xFF.
 
-Thread-safety: one re-entrant lock guards the state; the interrupt line and the byte
-sink are called with it held, so they see levels and bytes in order. They may call back
-into this UART from the same thread, and must not wait for another thread that is itself
-calling into this UART.
+Thread-safety: one lock guards the state. The interrupt line and the byte sink are called
+after it is released, in the order the state changed (:mod:`kvm_devices.outbox`), so they
+see levels and bytes in order and may call back into this UART. The byte source is read
+with the lock held: it never blocks and never calls into a device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from kvm_devices.interfaces import ByteSink, ByteSource, InterruptLine
+from kvm_devices.outbox import Outbox
+from kvm_devices.snapshot import (
+    Length,
+    Mask,
+    Range,
+    Snapshotting,
+    StateError,
+    bits,
+    detached,
+    state_from_data,
+)
 
 # Register offsets (DLAB = LCR bit 7 selects the divisor latch at 0 and 1).
 RBR_THR_DLL = 0
@@ -112,19 +124,25 @@ class UartState:
     queue with cheap pops from the front.
     """
 
-    ier: int = 0
-    lcr: int = 0
-    mcr: int = 0
-    scr: int = 0
-    divisor: int = 0
+    ier: Annotated[int, Mask(IER_WRITABLE)] = 0
+    lcr: Annotated[int, bits(8)] = 0
+    mcr: Annotated[int, Mask(MCR_WRITABLE)] = 0
+    scr: Annotated[int, bits(8)] = 0
+    divisor: Annotated[int, bits(16)] = 0
     fifo_enabled: bool = False
-    fifo_trigger_bits: int = 0
+    fifo_trigger_bits: Annotated[int, Range(0, len(RX_TRIGGER_LEVELS) - 1)] = 0
     dma_mode: bool = False
-    line_errors: int = 0
-    msr_deltas: int = 0
+    line_errors: Annotated[int, Mask(LSR_ERRORS)] = 0
+    msr_deltas: Annotated[int, Mask(MSR_DCTS | MSR_DDSR | MSR_TERI | MSR_DDCD)] = 0
     thre_pending: bool = False
-    rx_fifo: list[int] = field(default_factory=list)
+    rx_fifo: Annotated[list[Annotated[int, bits(8)]], Length(most=FIFO_DEPTH)] = field(
+        default_factory=list
+    )
     host_backlog: bytes = b""
+
+    def check_invariants(self) -> None:
+        if not self.fifo_enabled and len(self.rx_fifo) > 1:
+            raise StateError("rx_fifo", "holds more than one byte with the FIFOs off")
 
 
 class _ByteQueue:
@@ -152,7 +170,7 @@ class _ByteQueue:
         return bytes(self._buffer[self._head :])
 
 
-class Uart16550:
+class Uart16550(Snapshotting[UartState]):
     """One 16550A UART occupying eight I/O ports."""
 
     SIZE = 8
@@ -176,7 +194,8 @@ class Uart16550:
         self._irq = irq
         self._output = output
         self._input = input
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._outbox = Outbox(self._lock)
         self._state = UartState()
         self._backlog = _ByteQueue()
         self._irq_level = False
@@ -190,7 +209,8 @@ class Uart16550:
             value = 0
             for index in range(size):
                 value |= self._read_byte(offset + index) << (8 * index)
-            return value
+        self._outbox.flush()
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         if not 1 <= size <= 8:
@@ -198,6 +218,7 @@ class Uart16550:
         with self._lock:
             for index in range(size):
                 self._write_byte(offset + index, (value >> (8 * index)) & 0xFF)
+        self._outbox.flush()
 
     def _read_byte(self, offset: int) -> int:
         state = self._state
@@ -269,7 +290,7 @@ class Uart16550:
                 if not state.fifo_enabled:
                     state.rx_fifo[0] = character
         else:
-            self._output.write_bytes(bytes((character,)))
+            self._outbox.post(functools.partial(self._output.write_bytes, bytes((character,))))
         state.thre_pending = True
         self._update_irq()
 
@@ -383,7 +404,7 @@ class Uart16550:
         )
         if force or level != self._irq_level:
             self._irq_level = level
-            self._irq.set_level(level)
+            self._outbox.post(functools.partial(self._irq.set_level, level))
 
     # ----------------------------------------------------------------- input
 
@@ -395,6 +416,7 @@ class Uart16550:
             self._backlog.extend(data)
             self._refill_from_host()
             self._update_irq()
+        self._outbox.flush()
 
     def poll_input(self) -> int:
         """Take what the ByteSource has ready, up to what the receiver can hold now.
@@ -407,7 +429,8 @@ class Uart16550:
         with self._lock:
             taken = self._pull_source()
             self._update_irq()
-            return taken
+        self._outbox.flush()
+        return taken
 
     def _pull_source(self) -> int:
         assert self._input is not None
@@ -435,66 +458,18 @@ class Uart16550:
 
     # --------------------------------------------------------------- snapshot
 
-    def save(self) -> dict[str, object]:
+    def save_state(self) -> UartState:
         with self._lock:
-            snapshot = dataclasses.replace(
-                self._state,
-                rx_fifo=list(self._state.rx_fifo),
-                host_backlog=self._backlog.snapshot(),
-            )
-            return dataclasses.asdict(snapshot)
+            return detached(dataclasses.replace(self._state, host_backlog=self._backlog.snapshot()))
 
-    def restore(self, state: Mapping[str, object]) -> None:
-        restored = _validated_state(state)
+    def check_state(self, data: object) -> UartState:
+        return state_from_data(UartState, data, "UART")
+
+    def restore_state(self, state: UartState) -> None:
+        restored = detached(state)
         with self._lock:
             self._backlog = _ByteQueue(restored.host_backlog)
             restored.host_backlog = b""
             self._state = restored
             self._update_irq(force=True)
-
-
-def _validated_state(state: Mapping[str, object]) -> UartState:
-    names = {f.name for f in dataclasses.fields(UartState)}
-    if set(state) != names:
-        raise ValueError(f"UART snapshot fields {sorted(state)} != {sorted(names)}")
-
-    def integer(name: str, high: int) -> int:
-        value = state[name]
-        if type(value) is not int or not 0 <= value <= high:
-            raise ValueError(f"UART snapshot: {name}={value!r} not in 0..{high}")
-        return value
-
-    def flag(name: str) -> bool:
-        value = state[name]
-        if type(value) is not bool:
-            raise ValueError(f"UART snapshot: {name}={value!r} is not a bool")
-        return value
-
-    fifo_enabled = flag("fifo_enabled")
-    raw_fifo = state["rx_fifo"]
-    if not isinstance(raw_fifo, list):
-        raise ValueError("UART snapshot: rx_fifo must be a list")
-    rx_fifo = [x for x in raw_fifo if type(x) is int and 0 <= x <= 0xFF]
-    if len(rx_fifo) != len(raw_fifo) or len(rx_fifo) > (FIFO_DEPTH if fifo_enabled else 1):
-        raise ValueError("UART snapshot: rx_fifo must hold at most a FIFO of bytes")
-    backlog = state["host_backlog"]
-    if not isinstance(backlog, bytes | bytearray):
-        raise ValueError("UART snapshot: host_backlog must be bytes")
-    line_errors = integer("line_errors", 0xFF)
-    if line_errors & ~LSR_ERRORS:
-        raise ValueError(f"UART snapshot: line_errors={line_errors:#x}")
-    return UartState(
-        ier=integer("ier", IER_WRITABLE),
-        lcr=integer("lcr", 0xFF),
-        mcr=integer("mcr", MCR_WRITABLE),
-        scr=integer("scr", 0xFF),
-        divisor=integer("divisor", 0xFFFF),
-        fifo_enabled=fifo_enabled,
-        fifo_trigger_bits=integer("fifo_trigger_bits", 3),
-        dma_mode=flag("dma_mode"),
-        line_errors=line_errors,
-        msr_deltas=integer("msr_deltas", 0x0F),
-        thre_pending=flag("thre_pending"),
-        rx_fifo=rx_fifo,
-        host_backlog=bytes(backlog),
-    )
+        self._outbox.flush()
