@@ -386,6 +386,39 @@ def test_restore_reschedules_a_pending_storm_retry() -> None:
     assert sink.deliveries == [10]
 
 
+@dataclass
+class OrderSink:
+    """Routes and deliveries in the one order the IOAPIC made them."""
+
+    events: list[tuple[str, int]] = field(default_factory=list)
+
+    def route_changed(self, pin: int, msi_address: int, msi_data: int, masked: bool) -> None:
+        self.events.append(("route", pin))
+
+    def deliver(self, pin: int) -> None:
+        self.events.append(("deliver", pin))
+
+
+def test_restore_sends_the_routes_before_a_retry_delivers() -> None:
+    """A delivery fires the pin's route in KVM: after a restore it must be the restored
+    route, so the routes go out before the timerless storm retry delivers."""
+    ioapic, _ = make()
+    set_entry(ioapic, 6, LEVEL | 0x36)
+    ioapic.set_irq(6, True)
+    ioapic.eoi(0x36)
+    snapshot = {**ioapic.save(), "retry_deadline_ns": 5}
+    entries = snapshot["redirection"]
+    assert isinstance(entries, list)
+    entries[6] &= ~RTE_REMOTE_IRR
+
+    sink = OrderSink()
+    copy = Ioapic(sink)
+    sink.events.clear()
+    copy.restore(snapshot)
+    assert ("deliver", 6) in sink.events
+    assert sink.events.index(("route", 6)) < sink.events.index(("deliver", 6))
+
+
 @pytest.mark.parametrize(
     "change",
     [
