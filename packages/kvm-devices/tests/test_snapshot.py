@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvm_devices.acpi_pm import AcpiPm
 from kvm_devices.debug_exit import DebugExit
@@ -316,3 +318,54 @@ def test_a_refused_state_changes_nothing(
         device.restore({**before, "not_a_field": 0})
     assert "not_a_field" in str(caught.value)
     assert device.save() == before
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _paths(data: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every place inside a JSON value: dict keys and list indexes, outermost first."""
+    found = [prefix] if prefix else []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data[:40]):  # enough of the 64 KiB / 128-byte lists
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+def _replace(data: object, path: tuple[object, ...], value: object) -> None:
+    *parents, last = path
+    for step in parents:
+        data = data[step]  # type: ignore[index]
+    data[last] = value  # type: ignore[index]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_a_corrupt_state_is_refused_with_a_state_error_or_restores_cleanly(
+    data: st.DataObject,
+) -> None:
+    """A foreign file: any JSON value anywhere in any device's state gives a StateError
+    (never another exception), or a state that restores without raising."""
+    name, factory = data.draw(st.sampled_from(busy_devices()))
+    device = factory()
+    state = json.loads(json.dumps(device.save()))
+    places = _paths(state)
+    if places:
+        _replace(state, data.draw(st.sampled_from(places)), data.draw(json_values))
+    else:
+        state = data.draw(json_values)
+    target = fresh_devices()[name]()
+    try:
+        checked = target.check_state(state)
+    except StateError:
+        return
+    target.restore_state(checked)

@@ -226,7 +226,7 @@ def _exact(kind: type) -> _Check:
     def check(value: object, path: str) -> object:
         # bool is an int subclass: a True where an int belongs is a foreign file.
         if type(value) is not kind:
-            raise StateError(path, f"{value!r} is not {kind.__name__}")
+            raise StateError(path, f"{_short(value)} is not {kind.__name__}")
         return value
 
     return check
@@ -265,7 +265,7 @@ def _enum(cls: type[enum.Enum]) -> _Check:
         for member in cls:
             if type(member.value) is type(value) and member.value == value:
                 return member
-        raise StateError(path, f"{value!r} is not a {cls.__name__}")
+        raise StateError(path, f"{_short(value)} is not a {cls.__name__}")
 
     return check
 
