@@ -64,13 +64,7 @@ class LongModeGuest:
             origin=CODE_AT,
         )
         self.vm.write(CODE_AT, code)
-        enter(
-            self.vcpu,
-            self.vm,
-            EntryState("long64", CODE_AT, {"rsp": 0x8_0000}),
-            gdt_address=0x500,
-            page_tables_address=0x9000,
-        )
+        enter(self.vcpu, self.vm, EntryState("long64", CODE_AT, {"rsp": 0x8_0000}))
 
     def run(self) -> kvmfast.Exit:
         return self.vcpu.run()

@@ -2,7 +2,7 @@
 
 Multiboot Specification 0.6.96 section 3.1 (the header: magic, flags, checksum and,
 with flags bit 16, the address fields of section 3.1.3) and the ELF32 program headers;
-kvm_vmm.layout for RAM and the VMM's own boot areas.
+kvm_vmm.layout for RAM, the device windows and the ACPI tables' range.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ HALT_FOREVER = b"\xf4\xeb\xfd"  # hlt; jmp back to it
 HEADER_SIZE = 32
 
 
-def aout_kernel(load_addr: int, entry_addr: int, load_end_addr: int = 0) -> bytes:
+def aout_kernel(
+    load_addr: int, entry_addr: int, load_end_addr: int = 0, bss_end_addr: int = 0
+) -> bytes:
     """A header with the address fields (3.1.3) at offset 0, loaded from load_addr."""
     checksum = -(MB_HEADER_MAGIC + MB_ADDRESS_FIELDS) & 0xFFFFFFFF
     header = struct.pack(
@@ -33,7 +35,7 @@ def aout_kernel(load_addr: int, entry_addr: int, load_end_addr: int = 0) -> byte
         load_addr,  # header_addr: the header is the first loaded byte
         load_addr,
         load_end_addr,
-        0,  # bss_end_addr: no bss
+        bss_end_addr,  # 0: no bss
         entry_addr,
     )
     return header + HALT_FOREVER
@@ -89,14 +91,26 @@ def test_3_1_3_load_address_outside_ram(runner: KernelRunner, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("load_addr", "area"),
-    [(0x9000, "boot page tables"), (0x8000, "Multiboot information"), (0xB8000, "VGA/BIOS hole")],
-)
-def test_3_1_3_load_address_over_the_vmms_own_areas(
-    runner: KernelRunner, tmp_path: Path, load_addr: int, area: str
+    ("load_addr", "window"),
+    [(0xFEC00000, "IOAPIC window (0xfec00000-0xfec00fff)"),
+     (0xFEE00000, "local APIC window (0xfee00000-0xfee00fff)")],
+)  # fmt: skip
+def test_3_1_3_load_address_over_a_device_window(
+    runner: KernelRunner, tmp_path: Path, load_addr: int, window: str
 ) -> None:
-    kernel = write(tmp_path, "low.bin", aout_kernel(load_addr, load_addr + HEADER_SIZE))
-    assert f"overlaps the VMM's {area} area" in refused(runner, kernel)
+    kernel = write(tmp_path, "mmio.bin", aout_kernel(load_addr, load_addr + HEADER_SIZE))
+    assert f"overlaps the {window}, which is not RAM" in refused(runner, kernel)
+
+
+def test_3_1_3_kernel_over_all_of_0xe0000_to_0xfffff_leaves_no_place_for_the_rsdp(
+    runner: KernelRunner, tmp_path: Path
+) -> None:
+    """The one place the ACPI tables cannot leave: the legacy scan's range (ACPI 6.5
+    section 5.2.5.1). Lower boot areas are no refusal: the boot data goes elsewhere."""
+    image = aout_kernel(0xE0000, 0xE0000 + HEADER_SIZE, bss_end_addr=0x100000)
+    message = refused(runner, write(tmp_path, "bios.bin", image))
+    assert "no room for the ACPI tables" in message
+    assert "in 0xe0000-0xfffff; taken there: the kernel's segment 0xe0000-0xfffff" in message
 
 
 def test_3_1_3_entry_outside_the_image(runner: KernelRunner, tmp_path: Path) -> None:

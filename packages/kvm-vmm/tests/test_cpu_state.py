@@ -10,6 +10,7 @@ import pytest
 from kvm_vmm import cpu_setup
 from kvm_vmm.cpuid import HYPERVISOR_BIT, cpuid_for_vcpu
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, lint1_queues_nmi, read_register, with_lvt
+from kvm_vmm.loaders import image
 from kvm_vmm.loaders.image import EntryState
 from kvmfast import x86
 
@@ -40,7 +41,7 @@ class FakeMemory:
 def test_protected_mode_entry_uses_boot_cs_and_ds_with_paging_off() -> None:
     vcpu, memory = FakeVcpu(), FakeMemory()
     entry = EntryState("protected32", 0x100000, {"rax": 0x2BADB002, "rbx": 0x8000})
-    cpu_setup.enter(vcpu, memory, entry, gdt_address=0x500, page_tables_address=0x9000)
+    cpu_setup.enter(vcpu, memory, entry)
     cs = vcpu.sregs["cs"]
     assert isinstance(cs, dict)
     assert cs["selector"] == cpu_setup.BOOT_CS and cs["db"] == 1 and cs["l"] == 0
@@ -50,6 +51,19 @@ def test_protected_mode_entry_uses_boot_cs_and_ds_with_paging_off() -> None:
     gdt = memory.writes[0x500]
     assert struct.unpack_from("<Q", gdt, cpu_setup.BOOT_CS)[0] == 0x00CF9B000000FFFF
     assert_gdt_matches_loaded_segments(gdt, vcpu.sregs)
+
+
+def test_entry_state_says_where_the_gdt_and_page_tables_go() -> None:
+    """A loader that moved the GDT (a kernel over 0x500) has it written there, and
+    what is written is exactly what the entry state declares for check_fits."""
+    vcpu, memory = FakeVcpu(), FakeMemory()
+    entry = EntryState("long64", 0x8000, gdt_address=0x12340, page_tables_address=0x20000)
+    cpu_setup.enter(vcpu, memory, entry)
+    assert vcpu.sregs["gdt"] == {"base": 0x12340, "limit": image.GDT_SIZE - 1}
+    assert vcpu.sregs["cr3"] == 0x20000
+    assert {gpa: len(data) for gpa, data in memory.writes.items()} == {
+        area.start: area.size for area in entry.written_at_entry()
+    }
 
 
 def assert_gdt_matches_loaded_segments(gdt: bytes, sregs: dict[str, object]) -> None:
@@ -76,17 +90,11 @@ def assert_gdt_matches_loaded_segments(gdt: bytes, sregs: dict[str, object]) -> 
 
 def test_long_mode_entry_identity_maps_four_gib_with_2mib_pages() -> None:
     vcpu, memory = FakeVcpu(), FakeMemory()
-    cpu_setup.enter(
-        vcpu,
-        memory,
-        EntryState("long64", 0x1000000, {"rsi": 0x7000}),
-        gdt_address=0x500,
-        page_tables_address=0x9000,
-    )
+    cpu_setup.enter(vcpu, memory, EntryState("long64", 0x1000000, {"rsi": 0x7000}))
     assert vcpu.sregs["efer"] == x86.EFER_LME | x86.EFER_LMA
     assert_gdt_matches_loaded_segments(memory.writes[0x500], vcpu.sregs)
     tables = memory.writes[0x9000]
-    assert len(tables) == cpu_setup.PAGE_TABLES_SIZE
+    assert len(tables) == image.PAGE_TABLES_SIZE
     assert struct.unpack_from("<Q", tables, 0)[0] == 0xA000 | 3
     # The LAPIC page (0xFEE00000) is mapped to itself.
     index = 0xFEE00000 >> 21

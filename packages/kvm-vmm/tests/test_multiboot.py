@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvm_vmm import layout
-from kvm_vmm.e820 import e820_map
+from kvm_vmm.e820 import E820Type, e820_map
 from kvm_vmm.loaders import (
     BootFileError,
     CommandLineError,
@@ -244,8 +244,9 @@ def test_3_1_3_text_may_start_before_the_file_offset_of_the_header() -> None:
         ({"load_end": 0x1FF000}, ImageFormatError, "load_end_addr"),
         ({"entry": 0x100000}, PlacementError, "entry_addr 0x100000 is outside"),
         ({"load_addr": 0x8000000}, PlacementError, "outside RAM"),
-        ({"load_addr": 0x7000}, PlacementError, "overlaps the VMM's Linux zero page area"),
-        ({"load_addr": 0xB0000}, PlacementError, "VGA/BIOS hole"),
+        ({"load_addr": 0xFEC00000}, PlacementError,
+         "segment 0xfec00000-0xfec013ff overlaps the IOAPIC window \\(0xfec00000-0xfec00fff\\)"),
+        ({"load_addr": 0xFEDFF000}, PlacementError, "overlaps the local APIC window"),
     ],
 )  # fmt: skip
 def test_3_1_3_bad_address_fields(
@@ -327,9 +328,15 @@ def test_module_too_big_for_ram_is_refused() -> None:
         load_multiboot_image(simple_kernel(), RAM, modules=[module])
 
 
-def test_command_line_longer_than_the_vmm_area_is_refused() -> None:
-    with pytest.raises(CommandLineError, match="area holds 65536"):
-        load_multiboot_image(simple_kernel(), RAM, "x" * 0x10000)
+def test_command_line_longer_than_the_old_64_kib_area_is_passed_whole() -> None:
+    image = load_multiboot_image(simple_kernel(), RAM, "x" * 0x18000)
+    (cmdline,) = struct.unpack("<I", read(image, image.entry_state.registers["rbx"] + 16, 4))
+    assert c_string(image, cmdline) == "x" * 0x18000
+
+
+def test_command_line_with_a_nul_byte_is_refused() -> None:
+    with pytest.raises(CommandLineError, match="NUL byte"):
+        load_multiboot_image(simple_kernel(), RAM, "a\0b")
 
 
 def test_load_multiboot_reads_files_and_names_missing_ones(tmp_path: Path) -> None:
@@ -366,16 +373,122 @@ def test_load_kernel_recognises_multiboot_and_passes_the_initrd_as_module_0(
 
 def test_check_fits_refuses_segments_in_the_pci_hole_and_overlapping_segments() -> None:
     state = EntryState("protected32", 0)
-    check_fits(LoadedImage([(4 * layout.GIB, b"x")], state), 5 * layout.GIB, layout.VMM_AREAS)
-    with pytest.raises(PlacementError, match="load address 0xc0000000 outside RAM"):
-        check_fits(LoadedImage([(0xC0000000, b"x")], state), 5 * layout.GIB, ())
+    areas = layout.LINUX_BOOT_AREAS
+    check_fits(LoadedImage([(4 * layout.GIB, b"x")], state), 5 * layout.GIB, areas)
+    with pytest.raises(PlacementError, match="segment 0xc0000000-0xc0000000 overlaps the PCI"):
+        check_fits(LoadedImage([(0xC0000000, b"x")], state), 5 * layout.GIB)
+    with pytest.raises(PlacementError, match="load address 0x4000000 outside RAM"):
+        check_fits(LoadedImage([(RAM, b"x")], state), RAM)
     with pytest.raises(PlacementError, match="overlap"):
-        check_fits(LoadedImage([(0x200000, b"ab"), (0x200001, b"c")], state), RAM, ())
-    # Boot data the image itself declares may use a VMM area; nothing else may.
+        check_fits(LoadedImage([(0x200000, b"ab"), (0x200001, b"c")], state), RAM)
+    # Boot data the image itself declares may use a fixed area; nothing else may.
     own = LoadedImage([(0x7000, b"zp")], state, reserved=[(0x7000, 2)])
-    check_fits(own, RAM, layout.VMM_AREAS)
+    check_fits(own, RAM, areas)
     with pytest.raises(PlacementError, match="Linux zero page"):
-        check_fits(LoadedImage([(0x7000, b"zp")], state), RAM, layout.VMM_AREAS)
+        check_fits(LoadedImage([(0x7000, b"zp")], state), RAM, areas)
+
+
+def test_check_fits_refuses_segments_over_what_the_entry_state_writes() -> None:
+    """cpu_setup writes the GDT (and for long mode the page tables) after the segments:
+    a segment there would be overwritten, so it is refused, naming both."""
+    protected = EntryState("protected32", 0x8000, gdt_address=0x1000)
+    check_fits(LoadedImage([(0x9000, bytes(0x6000))], protected), RAM)
+    with pytest.raises(PlacementError, match="overlaps the boot GDT \\(0x1000-0x101f\\)"):
+        check_fits(LoadedImage([(0x1010, b"x")], protected), RAM)
+    long_mode = EntryState("long64", 0x100000)
+    with pytest.raises(PlacementError, match="overlaps the boot page tables"):
+        check_fits(LoadedImage([(0xA000, b"x")], long_mode), RAM)
+    with pytest.raises(PlacementError, match="boot GDT at 0x4000000-0x400001f is outside"):
+        check_fits(LoadedImage([], EntryState("protected32", 0, gdt_address=RAM)), RAM)
+
+
+def kernel_ranges(image: LoadedImage) -> list[tuple[int, int]]:
+    """(start, size) of every segment that is not the loader's boot data."""
+    boot_data = set(image.reserved)
+    return [(gpa, len(data)) for gpa, data in image.segments if (gpa, len(data)) not in boot_data]
+
+
+def boot_data_of(image: LoadedImage) -> list[tuple[int, int]]:
+    """The info, the strings and the GDT: everything the VMM adds for a Multiboot kernel."""
+    return [*image.reserved, (image.entry_state.gdt_address, 32)]
+
+
+def assert_boot_data_clear_of_the_kernel(image: LoadedImage) -> None:
+    """Boot data overlaps no kernel segment, and lies in RAM the memory map calls usable."""
+    usable = [e for e in e820_map(RAM) if e.type == E820Type.RAM]
+    for start, size in boot_data_of(image):
+        assert not any(gpa < start + size and start < gpa + n for gpa, n in kernel_ranges(image))
+        assert any(e.addr <= start and start + size <= e.end for e in usable), hex(start)
+
+
+def test_realmode_flat_shape_at_0x8000_loads_with_its_boot_data_elsewhere() -> None:
+    """kvm-unit-tests' realmode.flat: one segment 0x8000-0xa86b, where QEMU loads it."""
+    text = mb_header() + b"\xf4" * (0xA86C - 0x8000 - 12)
+    image = load_multiboot_image(elf32([(0x8000, 0x8000, text, len(text))], 0x800C), RAM, "r")
+    assert kernel_ranges(image) == [(0x8000, 0x286C)]
+    assert image.entry_state.rip == 0x800C
+    assert_boot_data_clear_of_the_kernel(image)
+    info = image.entry_state.registers["rbx"]
+    (cmdline,) = struct.unpack("<I", read(image, info + 16, 4))
+    assert c_string(image, cmdline) == "r"
+    # Where the kernel leaves them free, the strings keep their old address.
+    assert cmdline == layout.COMMAND_LINE.start
+
+
+def test_kernel_over_every_old_boot_area_moves_all_of_it() -> None:
+    """A kernel from 0x400 to 0x30000 covers the old GDT, information, page tables and
+    strings; modules still follow from 1 MiB."""
+    kernel = aout_kernel(load_addr=0x400, header_offset=0x40, size=0x2FC00, bss_end=0x30000)
+    module = MultibootModule(b"M" * 100, "mod")
+    image = load_multiboot_image(kernel, RAM, "c", [module])
+    assert_boot_data_clear_of_the_kernel(image)
+    info = image.entry_state.registers["rbx"]
+    assert info >= 0x30000 and image.entry_state.gdt_address >= 0x30000
+    mods_count, mods_addr = struct.unpack("<II", read(image, info + 20, 8))
+    start, end, string, _ = struct.unpack("<4I", read(image, mods_addr, 16))
+    assert mods_count == 1 and start == layout.HIGH_MEMORY_START
+    assert read(image, start, end - start) == module.data and c_string(image, string) == "mod"
+
+
+def test_kernel_filling_low_ram_gets_its_boot_data_above_1_mib() -> None:
+    low = 0x9FC00 - 0x500
+    kernel = aout_kernel(load_addr=0x500, size=low, bss_end=0x9FC00, header_offset=0x100)
+    image = load_multiboot_image(kernel, RAM)
+    assert_boot_data_clear_of_the_kernel(image)
+    assert all(start >= layout.HIGH_MEMORY_START for start, _ in boot_data_of(image))
+
+
+def test_kernel_in_the_ivt_ebda_and_vga_window_loads() -> None:
+    """No device decodes those addresses here: RAM is there, as QEMU loads into them."""
+    for load_addr in (0x0, 0x9F000, 0xB0000):
+        image = load_multiboot_image(aout_kernel(load_addr=load_addr), RAM)
+        assert kernel_ranges(image)[0][0] == load_addr
+        assert_boot_data_clear_of_the_kernel(image)
+
+
+def test_elf_headers_in_a_pt_load_at_0xff000_load() -> None:
+    """ld -Ttext=0x100000 without a linker script: ELF and program headers in a PT_LOAD
+    just below the text, in the BIOS area."""
+    text = mb_header() + b"\xf4" * 64
+    headers = b"\x7fELF" + bytes(0xB0)
+    kernel = elf32(
+        [(0xFF000, 0xFF000, headers, len(headers)), (0x100000, 0x100000, text, len(text))],
+        entry=0x10000C,
+    )
+    image = load_multiboot_image(kernel, RAM)
+    assert segment_at(image, 0xFF000) == headers
+    assert_boot_data_clear_of_the_kernel(image)
+
+
+def test_kernel_leaving_no_room_for_boot_data_is_refused_naming_what_takes_it() -> None:
+    ram = 2 * layout.MIB
+    kernel = aout_kernel(load_addr=0x500, size=0x800, bss_end=ram, header_offset=0x100)
+    with pytest.raises(
+        PlacementError,
+        match=r"no room for the boot GDT \(32 bytes\) in 0x500-0x9fbff, 0x100000-0x1fffff; "
+        r"taken there: the kernel's segment 0x500-0x1fffff$",
+    ):
+        load_multiboot_image(kernel, ram)
 
 
 AS = shutil.which("as")

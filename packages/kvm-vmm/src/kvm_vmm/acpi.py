@@ -1,8 +1,11 @@
 """The guest's ACPI tables (ACPI Specification 6.5), built as one blob.
 
-The blob holds, in order: RSDP (first, so that a blob at 0xE0000 puts it on
-the 16-byte boundary the legacy scan of section 5.2.5.1 finds), FACS (64-byte
-aligned, section 5.2.10), DSDT, FADT, MADT, XSDT and RSDT.
+The blob holds, in order: RSDP (first, so that a blob at a 64-byte aligned
+base puts it on the 16-byte boundary the legacy scan of section 5.2.5.1
+finds), FACS (64-byte aligned, section 5.2.10), DSDT, FADT, MADT, XSDT and
+RSDT. The whole blob stays in 0xE0000-0xFFFFF (:data:`kvm_vmm.layout.ACPI_TABLES`),
+which the memory map reserves: at its start, or in the first gap a kernel
+loaded there leaves (:func:`acpi_tables_base`).
 
 Every address, port and line the tables name comes from the platform table
 (:mod:`kvm_vmm.platform_table`), the same one the machine maps into its bus; the
@@ -35,11 +38,15 @@ the VMM:
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvm_devices.reset_port import ResetPort
 from kvm_vmm import board, layout
 from kvm_vmm.interrupts import ISA_IRQ_TO_IOAPIC_PIN
+from kvm_vmm.layout import Region
+from kvm_vmm.loaders.boot_memory import BootMemory
+from kvm_vmm.loaders.errors import PlacementError
 from kvm_vmm.platform_table import Description, PlatformTable
 
 OEM_ID = b"KVMVMM"
@@ -49,6 +56,8 @@ CREATOR_ID = b"KVMV"
 CREATOR_REVISION = 1
 
 RTC_CENTURY_INDEX = 0x32
+# The FACS is 64-byte aligned within the blob, so the blob's base must be too.
+BLOB_ALIGNMENT = 64
 
 HEADER_SIZE = 36
 RSDP_SIZE = 36
@@ -361,3 +370,34 @@ def build_acpi_tables(
         raise AcpiError(f"ACPI tables at 0x{base:x} would reach above 4 GiB (32-bit RSDT)")
     blob.data[rsdp_offset : rsdp_offset + RSDP_SIZE] = build_rsdp(xsdt, rsdt)
     return bytes(blob.data), base + rsdp_offset
+
+
+def acpi_tables_base(size: int, occupied: Sequence[tuple[int, int]] = ()) -> int:
+    """Where a blob of ``size`` bytes goes: the lowest 64-byte aligned address of
+    0xE0000-0xFFFFF that none of ``occupied`` (start, size) overlaps.
+
+    Raises :class:`kvm_vmm.loaders.PlacementError`, naming what takes the room, when
+    no gap is large enough: the RSDP cannot leave that range (the legacy scan)."""
+    region = layout.ACPI_TABLES
+    memory = BootMemory(region.end)
+    for start, length in occupied:
+        if region.overlaps(start, length):
+            memory.claim(Region("the kernel's segment", start, length))
+    try:
+        return memory.place(
+            "ACPI tables", size, alignment=BLOB_ALIGNMENT, prefer=region.start, windows=(region,)
+        ).start
+    except PlacementError as error:
+        raise PlacementError(
+            f"{error}; the tables cannot go elsewhere: the legacy RSDP scan "
+            "(ACPI 6.5 section 5.2.5.1) looks only there"
+        ) from None
+
+
+def place_acpi_tables(
+    table: PlatformTable, ncpus: int, occupied: Sequence[tuple[int, int]] = ()
+) -> tuple[bytes, int]:
+    """The tables built for the base :func:`acpi_tables_base` finds; returns the blob
+    and its base, which is the RSDP's address."""
+    probe, _ = build_acpi_tables(table, ncpus)
+    return build_acpi_tables(table, ncpus, acpi_tables_base(len(probe), occupied))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Protocol
 
-from kvm_vmm.loaders.image import EntryMode, EntryState
+from kvm_vmm.loaders.image import IDENTITY_MAP_GIB, EntryMode, EntryState
 from kvmfast.x86 import (
     CR0_ET,
     CR0_NE,
@@ -25,7 +25,6 @@ from kvmfast.x86 import (
     GDT_CODE64,
     GDT_DATA,
     GDT_NULL,
-    PAGE_TABLE_SIZE,
     flat_segment,
     identity_page_tables,
 )
@@ -37,9 +36,6 @@ if TYPE_CHECKING:
 # __BOOT_CS and __BOOT_DS.
 BOOT_CS = 0x10
 BOOT_DS = 0x18
-
-IDENTITY_MAP_GIB = 4  # covers RAM below the PCI hole and the IOAPIC/LAPIC pages
-PAGE_TABLES_SIZE = PAGE_TABLE_SIZE * (2 + IDENTITY_MAP_GIB)
 
 
 class GuestMemoryWriter(Protocol):
@@ -61,11 +57,9 @@ def enter(
     vcpu: RegisterAccess,
     memory: GuestMemoryWriter,
     entry: EntryState,
-    *,
-    gdt_address: int,
-    page_tables_address: int,
 ) -> None:
-    """Write the GDT (and page tables for long mode) and load the entry state."""
+    """Write the GDT (and page tables for long mode) where ``entry`` says and load it."""
+    gdt_address, page_tables_address = entry.gdt_address, entry.page_tables_address
     long_mode = entry.mode == "long64"
     gdt = gdt_bytes(entry.mode)
     memory.write(gdt_address, gdt)

@@ -19,8 +19,14 @@ RAM that would fall in the 32-bit PCI/MMIO hole (3 GiB-4 GiB) is moved above
                  and the local APICs (kvm_vmm.board)
     0x1_0000_0000 RAM beyond 3 GiB continues here
 
-Every boot area lies below 0x9FC00 so that the e820 map can call all of them
-usable RAM: they only hold data the kernel reads once and then reclaims.
+The Linux boot protocol uses its areas at these fixed addresses and refuses a
+kernel over them (:data:`LINUX_BOOT_AREAS`). A Multiboot kernel may load
+anywhere in RAM, 0x8000 or 0xFF000 included: its boot data takes these
+addresses only where the kernel leaves them free and goes to other free RAM
+otherwise (:mod:`kvm_vmm.loaders.boot_memory`), and the ACPI tables move
+within 0xE0000-0xFFFFF around it (:func:`kvm_vmm.acpi.acpi_tables_base`).
+Boot data stays below 0x9FC00 or above 1 MiB, so that the e820 map can call
+it usable RAM: it only holds what the kernel reads once and then reclaims.
 """
 
 from __future__ import annotations
@@ -70,8 +76,10 @@ HIGH_MEMORY_START = 0x100000
 PCI_HOLE_START = 0xC000_0000
 FOUR_GIB = 0x1_0000_0000
 
-# What a loaded kernel image must never overwrite: the VMM fills these itself.
-VMM_AREAS: tuple[Region, ...] = (
+# What a Linux kernel image must never overwrite: the Linux loader puts its boot
+# data at these fixed addresses, and the PC keeps its own areas. MULTIBOOT_INFO is
+# not Linux's, but a vmlinux over it has always been refused and still is.
+LINUX_BOOT_AREAS: tuple[Region, ...] = (
     REAL_MODE_IVT,
     BOOT_GDT,
     ZERO_PAGE,

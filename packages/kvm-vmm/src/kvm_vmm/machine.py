@@ -18,6 +18,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,13 +28,14 @@ from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_vmm import board, cpu_setup, layout
-from kvm_vmm.acpi import build_acpi_tables
+from kvm_vmm.acpi import place_acpi_tables
 from kvm_vmm.boot import BootDescription, BootReport, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
 from kvm_vmm.cpuid import cpuid_for_vcpu
 from kvm_vmm.devices import add_device
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
+from kvm_vmm.layout import Region
 from kvm_vmm.loaders import default_cache_dir
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
@@ -145,6 +147,7 @@ class Machine:
         # COM1's output passes through it on its way to config.console.
         self.serial = SerialConsole(MilestoneSink(config.console))
         self._event_loop: kvmfast.EventLoop | None = None
+        self.acpi_tables: Region | None = None
         self.platform: Platform = build_platform(
             self.vm,
             self.timers,
@@ -213,29 +216,33 @@ class Machine:
     def read_memory(self, gpa: int, size: int) -> bytes:
         return bytes(self.vm.read(gpa, size))
 
-    def install_acpi_tables(self) -> int:
-        """Write the ACPI tables (RSDP first, where a legacy scan finds it); return the RSDP."""
-        blob, rsdp = build_acpi_tables(
-            self.platform.table, self.config.cpus, layout.ACPI_TABLES.start
-        )
-        self.write_memory(layout.ACPI_TABLES.start, blob)
+    def install_acpi_tables(self, occupied: Sequence[tuple[int, int]] = ()) -> int:
+        """Write the ACPI tables (RSDP first, where a legacy scan finds it) in 0xE0000-0xFFFFF
+        around ``occupied`` (start, size); return the RSDP. Tables written before are
+        cleared, so that the scan finds only these."""
+        if self.acpi_tables is not None:
+            self.write_memory(self.acpi_tables.start, bytes(self.acpi_tables.size))
+        blob, rsdp = place_acpi_tables(self.platform.table, self.config.cpus, occupied)
+        self.write_memory(rsdp, blob)
+        self.acpi_tables = Region("ACPI tables", rsdp, len(blob))
         return rsdp
 
     def load(self, image: LoadedImage) -> None:
         """Write a loader's image into RAM and put the boot vCPU at its entry."""
-        check_fits(image, self.config.memory_size, layout.VMM_AREAS)
+        check_fits(image, self.config.memory_size)
+        occupied = [(gpa, len(data)) for gpa, data in image.segments]
+        if self.acpi_tables is not None and any(
+            self.acpi_tables.overlaps(gpa, size) for gpa, size in occupied
+        ):
+            # Only a Multiboot kernel loads there (the Linux loader refuses the BIOS
+            # area), and Multiboot hands out no RSDP address: the scan finds it moved.
+            self.install_acpi_tables(occupied)
         for gpa, data in image.segments:
             self.write_memory(gpa, data)
         self.enter(image.entry_state)
 
     def enter(self, entry: EntryState) -> None:
-        cpu_setup.enter(
-            self.vcpus[0],
-            self,
-            entry,
-            gdt_address=layout.BOOT_GDT.start,
-            page_tables_address=layout.BOOT_PAGE_TABLES.start,
-        )
+        cpu_setup.enter(self.vcpus[0], self, entry)
 
     def write(self, gpa: int, data: bytes) -> None:
         """cpu_setup's memory interface."""

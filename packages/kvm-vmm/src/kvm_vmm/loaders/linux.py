@@ -196,7 +196,7 @@ def load_linux_image(
     command_line = _check_cmdline(cmdline, header)
 
     kernel_only = LoadedImage(placement.segments, EntryState("long64", placement.entry))
-    check_fits(kernel_only, ram_size, layout.VMM_AREAS)
+    check_fits(kernel_only, ram_size, layout.LINUX_BOOT_AREAS)
 
     segments = list(placement.segments)
     ramdisk = None
@@ -221,7 +221,7 @@ def load_linux_image(
         ],
         notes=placement.notes,
     )
-    check_fits(loaded, ram_size, layout.VMM_AREAS)
+    check_fits(loaded, ram_size, layout.LINUX_BOOT_AREAS)
     return loaded
 
 

@@ -1,10 +1,14 @@
 """Booting a Multiboot kernel (Multiboot Specification 0.6.96).
 
 The kernel is loaded from its a.out-kludge address fields (header flags bit
-16) or else from its ELF32 program headers, modules follow it page-aligned
-from 1 MiB up, and the CPU starts as section 3.2 ("Machine state") demands:
-32-bit protected mode, flat segments, paging and interrupts off,
-EAX = 0x2BADB002 and EBX = the Multiboot information's address.
+16) or else from its ELF32 program headers, wherever in RAM they say (QEMU
+loads kvm-unit-tests' realmode.flat at 0x8000, and ``ld -Ttext=0x100000``
+puts the ELF headers in a segment at 0xFF000). Modules follow it page-aligned
+from 1 MiB up; the GDT and the Multiboot information go to free RAM around
+all of these (:class:`BootMemory`). The CPU starts as section 3.2 ("Machine
+state") demands: 32-bit protected mode, flat segments, paging and interrupts
+off, EAX = 0x2BADB002 and EBX = the Multiboot information's address; no page
+tables are written.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvm_vmm import layout
+from kvm_vmm.layout import Region
+from kvm_vmm.loaders.boot_memory import BootMemory
 from kvm_vmm.loaders.elf import (
     ELFCLASS32,
     ELFCLASS64,
@@ -29,7 +35,7 @@ from kvm_vmm.loaders.errors import (
     UnsupportedImageError,
 )
 from kvm_vmm.loaders.files import read_boot_file
-from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
+from kvm_vmm.loaders.image import GDT_SIZE, EntryState, LoadedImage, check_fits, check_segments
 from kvm_vmm.loaders.multiboot_header import (
     AddressFields,
     MultibootHeader,
@@ -175,11 +181,16 @@ def load_multiboot_image(
             f"in the first 8192 bytes)"
         )
     kernel = _kernel_segments(image, header, ram_size)
-    kernel_only = LoadedImage(kernel.segments, EntryState("protected32", kernel.entry))
-    check_fits(kernel_only, ram_size, layout.VMM_AREAS)
+    check_segments(kernel.segments, ram_size)
 
+    memory = BootMemory(ram_size)
+    for gpa, data in kernel.segments:
+        memory.claim(Region("the kernel's segment", gpa, len(data)))
     placed = _place_modules(kernel, modules, ram_size)
-    info = build_multiboot_info(ram_size, cmdline, placed)
+    for index, module in enumerate(placed):
+        memory.claim(Region(f"module {index}", module.start, module.end - module.start))
+    gdt = memory.place("boot GDT", GDT_SIZE, alignment=8, prefer=layout.BOOT_GDT.start)
+    info = build_multiboot_info(ram_size, cmdline, placed, memory)
     segments = list(kernel.segments)
     segments += [(p.start, m.data) for p, m in zip(placed, modules, strict=True) if m.data]
     segments += [(info.info_address, info.info), (info.strings_address, info.strings)]
@@ -195,6 +206,7 @@ def load_multiboot_image(
             "protected32",
             kernel.entry,
             {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": info.info_address},
+            gdt_address=gdt.start,
         ),
         reserved=[
             (info.info_address, len(info.info)),
@@ -202,7 +214,7 @@ def load_multiboot_image(
         ],
         notes=notes,
     )
-    check_fits(loaded, ram_size, layout.VMM_AREAS)
+    check_fits(loaded, ram_size)
     return loaded
 
 

@@ -1,8 +1,11 @@
 """The Multiboot information structure (Multiboot Specification 0.6.96, section 3.3).
 
-The structure, memory map, module list and boot loader name go into
-:data:`kvm_vmm.layout.MULTIBOOT_INFO`; the command line and module strings
-into :data:`kvm_vmm.layout.COMMAND_LINE`.
+Two blobs, each placed in free RAM by :class:`~kvm_vmm.loaders.boot_memory.BootMemory`:
+the structure with the memory map, module list and boot loader name (at
+:data:`kvm_vmm.layout.MULTIBOOT_INFO` when the kernel leaves it free), and the
+command line with the module strings (at :data:`kvm_vmm.layout.COMMAND_LINE` when
+free). The specification fixes no address for either: the kernel finds them
+through EBX.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import dataclass
 
 from kvm_vmm import layout
 from kvm_vmm.e820 import e820_map
-from kvm_vmm.loaders.errors import CommandLineError, LoaderError
+from kvm_vmm.loaders.boot_memory import BootMemory
+from kvm_vmm.loaders.errors import CommandLineError
 
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
 BOOT_LOADER_NAME = "kvm-vmm"
@@ -60,40 +64,37 @@ def _c_string(text: str, what: str) -> bytes:
 
 
 def build_multiboot_info(
-    ram_size: int, cmdline: str, modules: Sequence[PlacedModule]
+    ram_size: int, cmdline: str, modules: Sequence[PlacedModule], memory: BootMemory
 ) -> MultibootInfo:
-    strings_base = layout.COMMAND_LINE.start
+    """The information for ``modules`` already placed, its two blobs taken from ``memory``."""
     strings = bytearray(_c_string(cmdline, "command line"))
-    module_string_addresses = []
+    module_string_offsets = []
     for index, module in enumerate(modules):
-        module_string_addresses.append(strings_base + len(strings))
+        module_string_offsets.append(len(strings))
         strings += _c_string(module.string, f"module {index} string")
-    if len(strings) > layout.COMMAND_LINE.size:
-        raise CommandLineError(
-            f"command line and module strings take {len(strings)} bytes; the VMM's "
-            f"{layout.COMMAND_LINE.name} area holds {layout.COMMAND_LINE.size}"
-        )
 
-    info_base = layout.MULTIBOOT_INFO.start
     memory_map = b"".join(
         struct.pack("<IQQI", MMAP_ENTRY_SIZE - 4, entry.addr, entry.size, int(entry.type))
         for entry in e820_map(ram_size)
     )
-    module_list = b"".join(
-        struct.pack("<IIII", module.start, module.end, string_address, 0)
-        for module, string_address in zip(modules, module_string_addresses, strict=True)
-    )
     mmap_offset = _align(INFO_SIZE, 8)
     modules_offset = _align(mmap_offset + len(memory_map), 8)
-    name_offset = modules_offset + len(module_list)
+    name_offset = modules_offset + MODULE_ENTRY_SIZE * len(modules)
     name = _c_string(BOOT_LOADER_NAME, "boot loader name")
     total = name_offset + len(name)
-    if total > layout.MULTIBOOT_INFO.size:
-        raise LoaderError(
-            f"{len(modules)} modules need {total} bytes of Multiboot information; "
-            f"the VMM's area holds {layout.MULTIBOOT_INFO.size}"
-        )
 
+    info_base = memory.place(
+        "Multiboot information", total, alignment=8, prefer=layout.MULTIBOOT_INFO.start
+    ).start
+    strings_base = memory.place(
+        "Multiboot command line and module strings",
+        len(strings),
+        prefer=layout.COMMAND_LINE.start,
+    ).start
+    module_list = b"".join(
+        struct.pack("<IIII", module.start, module.end, strings_base + offset, 0)
+        for module, offset in zip(modules, module_string_offsets, strict=True)
+    )
     low_end = layout.low_ram_end(ram_size)
     mem_lower_kib = min(low_end, layout.LOW_MEMORY_END) // layout.KIB
     mem_upper_kib = max(0, low_end - layout.HIGH_MEMORY_START) // layout.KIB
