@@ -1,18 +1,21 @@
 """Multiboot (v1) test kernels of our own, built with GNU binutils at test time.
 
 A kernel is ``boot.S`` (Multiboot header, 32-bit entry, long mode, AP
-trampoline, helpers) linked at 4 MiB with one body from this directory that
-defines ``main``. It leaves through isa-debug-exit: ``main`` returning 0 gives
-the VMM status 1, a failed check prints ``FAIL: ...`` on COM1 and exits with
-its own code.
+trampoline, helpers) linked at 4 MiB (or where a test asks) with one body
+from this directory that defines ``main``. It leaves through isa-debug-exit:
+``main`` returning 0 gives the VMM status 1, a failed check prints ``FAIL: ...``
+on COM1 and exits with its own code.
 
-Two image layouts, the two a Multiboot loader must handle (Multiboot
-Specification 0.6.96, section 3.1.3):
+Image layouts, the two a Multiboot loader must handle (Multiboot
+Specification 0.6.96, section 3.1.3) and how a newcomer links:
 
 * ``"elf32"``: linked as ELF64, converted by ``objcopy -O elf32-i386``, the way
   kvm-unit-tests builds its x86 ``.flat`` files; loaded from program headers.
 * ``"aout"``: a flat binary whose header has flags bit 16 and the address
   fields (header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr).
+* ``"plain-ld"``: ``ld -Ttext=ADDRESS`` with binutils' default linker script,
+  then ``objcopy -O elf32-i386``: the ELF and program headers land in a
+  PT_LOAD of their own just below the text (0xFF000 for text at 1 MiB).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ TOOLS = ("as", "ld", "objcopy")
 QEMU_TEST_DEVICES = ("--device", "pc-testdev", "--device", "isa-debug-exit,iobase=0xf4,iosize=0x4")
 RUN_TIMEOUT_SECONDS = 30
 
-ImageLayout = Literal["elf32", "aout"]
+ImageLayout = Literal["elf32", "aout", "plain-ld"]
 
 
 class BinutilsMissing(RuntimeError):
@@ -61,21 +64,27 @@ class KernelBuilder:
     """Builds kernels into ``work_dir``, each (body, layout) once."""
 
     work_dir: Path
-    built: dict[tuple[str, ImageLayout], Path] = field(default_factory=dict)
+    built: dict[tuple[str, ImageLayout, int], Path] = field(default_factory=dict)
 
-    def build(self, body: str, layout: ImageLayout = "elf32") -> Path:
-        """The kernel image of ``<body>.S`` in the given layout."""
-        key = (body, layout)
+    def build(
+        self, body: str, layout: ImageLayout = "elf32", load_address: int = LOAD_ADDRESS
+    ) -> Path:
+        """The kernel image of ``<body>.S`` in the given layout, its text at ``load_address``."""
+        key = (body, layout, load_address)
         if key not in self.built:
-            self.built[key] = self._build(body, layout)
+            self.built[key] = self._build(body, layout, load_address)
         return self.built[key]
 
-    def _build(self, body: str, layout: ImageLayout) -> Path:
+    def _build(self, body: str, layout: ImageLayout, load_address: int) -> Path:
         missing = missing_tools()
         if missing:
             raise BinutilsMissing(f"building Multiboot test kernels needs {', '.join(missing)}")
-        stem = self.work_dir / f"{body}-{layout}"
-        defines = ["--defsym", "AOUT_KLUDGE=1"] if layout == "aout" else []
+        stem = self.work_dir / f"{body}-{layout}-{load_address:x}"
+        defines = {
+            "elf32": [],
+            "aout": ["--defsym", "AOUT_KLUDGE=1"],
+            "plain-ld": ["--defsym", "MULTIBOOT_IN_TEXT=1"],
+        }[layout]
         boot_object = stem.with_name(f"{stem.name}-boot.o")
         body_object = stem.with_name(f"{stem.name}-body.o")
         assemble = ["as", "--64", "-I", str(GUEST_DIR)]
@@ -83,9 +92,13 @@ class KernelBuilder:
         _run([*assemble, "-o", str(body_object), str(GUEST_DIR / f"{body}.S")])
         elf = stem.with_suffix(".elf")
         link = ["ld", "-m", "elf_x86_64", "-nostdlib", "-z", "max-page-size=0x1000"]
-        link += ["--build-id=none", "-T", str(LINKER_SCRIPT)]
+        if layout == "plain-ld":
+            link += [f"-Ttext={load_address:#x}", "-e", "mb_entry"]
+        else:
+            link += ["--build-id=none", "-T", str(LINKER_SCRIPT)]
+            link += [f"--defsym=KERNEL_LOAD_ADDRESS={load_address:#x}"]
         _run([*link, "-o", str(elf), str(boot_object), str(body_object)])
-        if layout == "elf32":
+        if layout in ("elf32", "plain-ld"):
             image = stem.with_suffix(".flat")
             _run(["objcopy", "-O", "elf32-i386", str(elf), str(image)])
         else:

@@ -11,10 +11,12 @@
  * 32-bit IRET (docs/host-notes.md), which is why kvm-unit-tests, too, goes to
  * long mode first.
  *
- * Built two ways (guests/multiboot/__init__.py): an ELF32 image converted from
- * the 64-bit link by objcopy, as kvm-unit-tests builds its x86 .flat files,
- * and, with --defsym AOUT_KLUDGE=1, a flat binary whose header carries the
- * address fields (header flags bit 16).
+ * Built three ways (guests/multiboot/__init__.py): an ELF32 image converted from
+ * the 64-bit link by objcopy, as kvm-unit-tests builds its x86 .flat files;
+ * with --defsym AOUT_KLUDGE=1, a flat binary whose header carries the
+ * address fields (header flags bit 16); and, with --defsym MULTIBOOT_IN_TEXT=1,
+ * linked by a plain `ld -Ttext=ADDRESS` without our linker script, the header
+ * opening .text as a first kernel's usually does.
  *
  * Register conventions of the helpers: System V (arguments in rdi, rsi, rdx,
  * result in rax; rax, rcx, rdx, rsi, rdi, r8-r11 may be clobbered).
@@ -61,7 +63,11 @@
         .set FAIL_APIC_ID, 0x75
         .set FAIL_UNEXPECTED_VECTOR, 0x7F
 
+        .ifdef MULTIBOOT_IN_TEXT
+        .text
+        .else
         .section .multiboot, "a"
+        .endif
         .balign 4
 mb_header:
         .long MB_HEADER_MAGIC, MB_FLAGS, -(MB_HEADER_MAGIC + MB_FLAGS)
