@@ -109,8 +109,8 @@ def test_3_1_3_kernel_over_all_of_0xe0000_to_0xfffff_leaves_no_place_for_the_rsd
     section 5.2.5.1). Lower boot areas are no refusal: the boot data goes elsewhere."""
     image = aout_kernel(0xE0000, 0xE0000 + HEADER_SIZE, bss_end_addr=0x100000)
     message = refused(runner, write(tmp_path, "bios.bin", image))
-    assert "no room for the ACPI tables" in message
-    assert "in 0xe0000-0xfffff; taken there: the kernel's segment 0xe0000-0xfffff" in message
+    assert "no room for the RSDP (36 bytes) in 0xe0000-0xfffff; taken there: " in message
+    assert "the kernel's segment 0xe0000-0xfffff; the RSDP cannot go elsewhere" in message
 
 
 def test_3_1_3_entry_outside_the_image(runner: KernelRunner, tmp_path: Path) -> None:

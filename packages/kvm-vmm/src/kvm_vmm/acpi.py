@@ -3,9 +3,8 @@
 The blob holds, in order: RSDP (first, so that a blob at a 64-byte aligned
 base puts it on the 16-byte boundary the legacy scan of section 5.2.5.1
 finds), FACS (64-byte aligned, section 5.2.10), DSDT, FADT, MADT, XSDT and
-RSDT. The whole blob stays in 0xE0000-0xFFFFF (:data:`kvm_vmm.layout.ACPI_TABLES`),
-which the memory map reserves: at its start, or in the first gap a kernel
-loaded there leaves (:func:`acpi_tables_base`).
+RSDT. Where it goes (0xE0000, or around a kernel loaded there, the RSDP
+apart if need be) is :mod:`kvm_vmm.acpi_placement`'s business.
 
 Every address, port and line the tables name comes from the platform table
 (:mod:`kvm_vmm.platform_table`), the same one the machine maps into its bus; the
@@ -38,15 +37,11 @@ the VMM:
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvm_devices.reset_port import ResetPort
 from kvm_vmm import board, layout
 from kvm_vmm.interrupts import ISA_IRQ_TO_IOAPIC_PIN
-from kvm_vmm.layout import Region
-from kvm_vmm.loaders.boot_memory import BootMemory
-from kvm_vmm.loaders.errors import PlacementError
 from kvm_vmm.platform_table import Description, PlatformTable
 
 OEM_ID = b"KVMVMM"
@@ -58,6 +53,7 @@ CREATOR_REVISION = 1
 RTC_CENTURY_INDEX = 0x32
 # The FACS is 64-byte aligned within the blob, so the blob's base must be too.
 BLOB_ALIGNMENT = 64
+RSDP_ALIGNMENT = 16  # where the legacy scan looks (section 5.2.5.1)
 
 HEADER_SIZE = 36
 RSDP_SIZE = 36
@@ -347,6 +343,25 @@ class _Blob:
         return self.base + offset
 
 
+def _check_cpus(ncpus: int) -> None:
+    if not 1 <= ncpus <= board.MAX_CPUS:
+        raise AcpiError(f"{ncpus} vCPUs: the MADT's xAPIC entries describe 1 to {board.MAX_CPUS}")
+
+
+def _add_tables(blob: _Blob, table: PlatformTable, ncpus: int) -> tuple[int, int]:
+    """FACS, DSDT, FADT, MADT, XSDT and RSDT appended to ``blob``; the XSDT's and
+    RSDT's addresses, which the RSDP names."""
+    facs = blob.place(build_facs(), alignment=64)
+    dsdt = blob.place(build_dsdt())
+    fadt = blob.place(build_fadt(table, facs, dsdt))
+    madt = blob.place(build_madt(table, ncpus))
+    xsdt = blob.place(build_xsdt([fadt, madt]))
+    rsdt = blob.place(build_rsdt([fadt, madt]))
+    if blob.base + len(blob.data) > 1 << 32:
+        raise AcpiError(f"ACPI tables at 0x{blob.base:x} would reach above 4 GiB (32-bit RSDT)")
+    return xsdt, rsdt
+
+
 def build_acpi_tables(
     table: PlatformTable, ncpus: int, base: int = layout.ACPI_TABLES.start
 ) -> tuple[bytes, int]:
@@ -354,50 +369,25 @@ def build_acpi_tables(
 
     Returns the blob and the RSDP's address (``base`` itself).
     """
-    if not 1 <= ncpus <= board.MAX_CPUS:
-        raise AcpiError(f"{ncpus} vCPUs: the MADT's xAPIC entries describe 1 to {board.MAX_CPUS}")
-    if base % 16:
+    _check_cpus(ncpus)
+    if base % RSDP_ALIGNMENT:
         raise AcpiError(f"ACPI tables base 0x{base:x} is not 16-byte aligned (RSDP)")
-    rsdp_offset = 0
     blob = _Blob(base, bytearray(RSDP_SIZE))
-    facs = blob.place(build_facs(), alignment=64)
-    dsdt = blob.place(build_dsdt())
-    fadt = blob.place(build_fadt(table, facs, dsdt))
-    madt = blob.place(build_madt(table, ncpus))
-    xsdt = blob.place(build_xsdt([fadt, madt]))
-    rsdt = blob.place(build_rsdt([fadt, madt]))
-    if base + len(blob.data) > 1 << 32:
-        raise AcpiError(f"ACPI tables at 0x{base:x} would reach above 4 GiB (32-bit RSDT)")
-    blob.data[rsdp_offset : rsdp_offset + RSDP_SIZE] = build_rsdp(xsdt, rsdt)
-    return bytes(blob.data), base + rsdp_offset
+    xsdt, rsdt = _add_tables(blob, table, ncpus)
+    blob.data[:RSDP_SIZE] = build_rsdp(xsdt, rsdt)
+    return bytes(blob.data), base
 
 
-def acpi_tables_base(size: int, occupied: Sequence[tuple[int, int]] = ()) -> int:
-    """Where a blob of ``size`` bytes goes: the lowest 64-byte aligned address of
-    0xE0000-0xFFFFF that none of ``occupied`` (start, size) overlaps.
-
-    Raises :class:`kvm_vmm.loaders.PlacementError`, naming what takes the room, when
-    no gap is large enough: the RSDP cannot leave that range (the legacy scan)."""
-    region = layout.ACPI_TABLES
-    memory = BootMemory(region.end)
-    for start, length in occupied:
-        if region.overlaps(start, length):
-            memory.claim(Region("the kernel's segment", start, length))
-    try:
-        return memory.place(
-            "ACPI tables", size, alignment=BLOB_ALIGNMENT, prefer=region.start, windows=(region,)
-        ).start
-    except PlacementError as error:
-        raise PlacementError(
-            f"{error}; the tables cannot go elsewhere: the legacy RSDP scan "
-            "(ACPI 6.5 section 5.2.5.1) looks only there"
-        ) from None
-
-
-def place_acpi_tables(
-    table: PlatformTable, ncpus: int, occupied: Sequence[tuple[int, int]] = ()
-) -> tuple[bytes, int]:
-    """The tables built for the base :func:`acpi_tables_base` finds; returns the blob
-    and its base, which is the RSDP's address."""
-    probe, _ = build_acpi_tables(table, ncpus)
-    return build_acpi_tables(table, ncpus, acpi_tables_base(len(probe), occupied))
+def build_acpi_tables_apart(
+    table: PlatformTable, ncpus: int, rsdp_address: int, base: int
+) -> tuple[bytes, bytes]:
+    """The RSDP for ``rsdp_address`` and, as one blob for ``base``, every other table:
+    for when no gap near the legacy scan's range holds them all."""
+    _check_cpus(ncpus)
+    if rsdp_address % RSDP_ALIGNMENT:
+        raise AcpiError(f"RSDP address 0x{rsdp_address:x} is not 16-byte aligned")
+    if base % BLOB_ALIGNMENT:
+        raise AcpiError(f"ACPI tables base 0x{base:x} is not 64-byte aligned (FACS)")
+    blob = _Blob(base, bytearray())
+    xsdt, rsdt = _add_tables(blob, table, ncpus)
+    return build_rsdp(xsdt, rsdt), bytes(blob.data)

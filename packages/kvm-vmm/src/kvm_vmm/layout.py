@@ -24,7 +24,8 @@ kernel over them (:data:`LINUX_BOOT_AREAS`). A Multiboot kernel may load
 anywhere in RAM, 0x8000 or 0xFF000 included: its boot data takes these
 addresses only where the kernel leaves them free and goes to other free RAM
 otherwise (:mod:`kvm_vmm.loaders.boot_memory`), and the ACPI tables move
-within 0xE0000-0xFFFFF around it (:func:`kvm_vmm.acpi.acpi_tables_base`).
+within 0xC0000-0xFFFFF around it, the RSDP always in 0xE0000-0xFFFFF
+(:mod:`kvm_vmm.acpi_placement`).
 Boot data stays below 0x9FC00 or above 1 MiB, so that the e820 map can call
 it usable RAM: it only holds what the kernel reads once and then reclaims.
 """

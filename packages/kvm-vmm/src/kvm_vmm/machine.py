@@ -28,7 +28,7 @@ from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_vmm import board, cpu_setup, layout
-from kvm_vmm.acpi import place_acpi_tables
+from kvm_vmm.acpi_placement import place_acpi_tables
 from kvm_vmm.boot import BootDescription, BootReport, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
@@ -147,7 +147,7 @@ class Machine:
         # COM1's output passes through it on its way to config.console.
         self.serial = SerialConsole(MilestoneSink(config.console))
         self._event_loop: kvmfast.EventLoop | None = None
-        self.acpi_tables: Region | None = None
+        self.acpi_tables: list[Region] = []
         self.platform: Platform = build_platform(
             self.vm,
             self.timers,
@@ -217,23 +217,22 @@ class Machine:
         return bytes(self.vm.read(gpa, size))
 
     def install_acpi_tables(self, occupied: Sequence[tuple[int, int]] = ()) -> int:
-        """Write the ACPI tables (RSDP first, where a legacy scan finds it) in 0xE0000-0xFFFFF
-        around ``occupied`` (start, size); return the RSDP. Tables written before are
-        cleared, so that the scan finds only these."""
-        if self.acpi_tables is not None:
-            self.write_memory(self.acpi_tables.start, bytes(self.acpi_tables.size))
-        blob, rsdp = place_acpi_tables(self.platform.table, self.config.cpus, occupied)
-        self.write_memory(rsdp, blob)
-        self.acpi_tables = Region("ACPI tables", rsdp, len(blob))
-        return rsdp
+        """Write the ACPI tables where a legacy scan finds their RSDP, around ``occupied``
+        (start, size; see kvm_vmm.acpi_placement); return the RSDP. Tables written
+        before are cleared, so that the scan finds only these."""
+        for region in self.acpi_tables:
+            self.write_memory(region.start, bytes(region.size))
+        placed = place_acpi_tables(self.platform.table, self.config.cpus, occupied)
+        for gpa, data in placed.pieces:
+            self.write_memory(gpa, data)
+        self.acpi_tables = [Region("ACPI tables", gpa, len(data)) for gpa, data in placed.pieces]
+        return placed.rsdp
 
     def load(self, image: LoadedImage) -> None:
         """Write a loader's image into RAM and put the boot vCPU at its entry."""
         check_fits(image, self.config.memory_size)
         occupied = [(gpa, len(data)) for gpa, data in image.segments]
-        if self.acpi_tables is not None and any(
-            self.acpi_tables.overlaps(gpa, size) for gpa, size in occupied
-        ):
+        if any(region.overlaps(gpa, size) for region in self.acpi_tables for gpa, size in occupied):
             # Only a Multiboot kernel loads there (the Linux loader refuses the BIOS
             # area), and Multiboot hands out no RSDP address: the scan finds it moved.
             self.install_acpi_tables(occupied)
