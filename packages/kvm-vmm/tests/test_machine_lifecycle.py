@@ -77,13 +77,7 @@ def _machine(
     machine.enter(EntryState("long64", program.symbols[bsp]))
     if ap is not None:
         # Started as firmware would leave it after INIT/SIPI: running, in long mode.
-        cpu_setup.enter(
-            machine.vcpus[1],
-            machine,
-            EntryState("long64", program.symbols[ap]),
-            gdt_address=layout.BOOT_GDT.start,
-            page_tables_address=layout.BOOT_PAGE_TABLES.start,
-        )
+        cpu_setup.enter(machine.vcpus[1], machine, EntryState("long64", program.symbols[ap]))
         machine.vcpus[1].set_mp_state(KVM_MP_STATE_RUNNABLE)
     return machine
 
