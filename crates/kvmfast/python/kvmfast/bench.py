@@ -148,7 +148,7 @@ class Sample:
     ns_per_write: float
     user_ns_per_write: float
     guest_exits: int
-    drain_ns: float = 0.0
+    drain_ns: float
 
 
 @dataclass(frozen=True)
