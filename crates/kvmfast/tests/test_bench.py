@@ -45,6 +45,8 @@ def test_a_short_run_reports_every_path_with_the_exits_it_measured(kvm: Kvm) -> 
     for path in paths.values():
         low, high = path["ratio_range"]
         assert 0 < low <= path["ratio"] <= high
+        ratios = path["ratios"]
+        assert len(ratios) == 2 and (min(ratios), max(ratios)) == (low, high)
         assert path["floor_ns_per_write"] > 0
 
 
@@ -78,6 +80,7 @@ def test_emulation_ratios_pair_each_repeat_with_its_own_floor() -> None:
     clac = {c.path: c for c in paired_completions(repeats)}["clac"]
     assert clac.ratio_to_floor_pio == 1.2
     assert clac.ratio_range == (1.0, 1.5)
+    assert clac.ratios == (1.0, 1.5, 1.2)
     assert clac.ns_per_completion == 18_000.0
     assert clac.ratio_to_kvmfast_pio == 1.2
 

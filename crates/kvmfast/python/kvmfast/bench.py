@@ -59,6 +59,7 @@ class PathResult:
     floor_ns_per_write: float
     ratio: float
     ratio_range: tuple[float, float]
+    ratios: tuple[float, ...]  # every pair's, in the order run
     target: float | None
     user_ns_per_write: float
     guest_exits: int
@@ -362,6 +363,7 @@ def run_benchmark(
                 floor_ns_per_write=statistics.median(floor_samples[measurement.floor_path]),
                 ratio=round(statistics.median(ratios), 3),
                 ratio_range=(round(min(ratios), 3), round(max(ratios), 3)),
+                ratios=tuple(round(ratio, 3) for ratio in ratios),
                 target=measurement.target,
                 user_ns_per_write=round(statistics.median(s.user_ns_per_write for s in samples), 1),
                 guest_exits=samples[0].guest_exits,

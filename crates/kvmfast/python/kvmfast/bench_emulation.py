@@ -59,6 +59,7 @@ class Completion:
     ns_per_completion: float
     ratio_to_floor_pio: float
     ratio_range: tuple[float, float]
+    ratios: tuple[float, ...]  # every repeat's, in the order run
     ratio_to_kvmfast_pio: float
     target: float
     completions: int
@@ -95,6 +96,7 @@ def paired_completions(repeats: Sequence[Repeat]) -> list[Completion]:
                 ns_per_completion=round(statistics.median(costs), 1),
                 ratio_to_floor_pio=round(statistics.median(to_floor), 3),
                 ratio_range=(round(min(to_floor), 3), round(max(to_floor), 3)),
+                ratios=tuple(round(ratio, 3) for ratio in to_floor),
                 ratio_to_kvmfast_pio=round(statistics.median(to_pio), 3),
                 target=TARGET_RATIO,
                 completions=repeats[-1].completions[path],
