@@ -17,6 +17,7 @@ from emulation_support import (
     CpuState,
     Guest,
     completions,
+    emulated_cpl0,
     enter_user_mode64,
     exception_handlers_asm,
     exceptions_raised,
@@ -40,6 +41,7 @@ def _regs(guest: Guest) -> dict[str, int]:
     return regs
 
 
+@emulated_cpl0
 @pytest.mark.parametrize(("mnemonic", "before"), [("clac", 0x2 | RFLAGS_AC | 0x8D5), ("stac", 0x2)])
 def test_clac_stac_change_only_ac(kvm: Kvm, mnemonic: str, before: int) -> None:
     state = CpuState(rflags=before & 0xFFF)
@@ -61,6 +63,7 @@ def test_clac_at_cpl3_is_ud(kvm: Kvm) -> None:
     assert _regs(guest)["rdx"] == user["user_entry"]
 
 
+@emulated_cpl0
 def test_operand_on_a_not_present_page_is_pf(kvm: Kvm) -> None:
     guest = make_guest(
         kvm,
@@ -125,6 +128,7 @@ wait_at:
 """
 
 
+@emulated_cpl0
 def test_fwait_without_pending_exception_completes(kvm: Kvm) -> None:
     guest = make_guest(kvm, FWAIT_GUEST)
     install_exception_handlers(guest)
@@ -133,6 +137,7 @@ def test_fwait_without_pending_exception_completes(kvm: Kvm) -> None:
     assert completions(guest) == {"wait": 1}
 
 
+@emulated_cpl0
 def test_fwait_with_unmasked_pending_exception_is_mf(kvm: Kvm) -> None:
     guest = make_guest(kvm, FWAIT_GUEST)
     install_exception_handlers(guest)
@@ -142,6 +147,7 @@ def test_fwait_with_unmasked_pending_exception_is_mf(kvm: Kvm) -> None:
     assert exceptions_raised(guest) == {"#MF": 1}
 
 
+@emulated_cpl0
 def test_fwait_with_mp_and_ts_is_nm(kvm: Kvm) -> None:
     guest = make_guest(kvm, FWAIT_GUEST)
     install_exception_handlers(guest)
@@ -184,6 +190,7 @@ bad:
     assert f"RBX={MMIO_BASE:016x}" in message
 
 
+@emulated_cpl0
 def test_many_completions_counted_exactly_without_growth(kvm: Kvm) -> None:
     """10^5 CLACs: the counter is exact, and neither file descriptors nor resident
     memory grow with the number of completions."""
@@ -204,6 +211,7 @@ def test_many_completions_counted_exactly_without_growth(kvm: Kvm) -> None:
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 16 * 1024
 
 
+@emulated_cpl0
 def test_fallback_off_stops_at_the_first_failure(kvm: Kvm) -> None:
     state = CpuState()
     guest = make_guest(kvm, ".global entry\nentry:\n clac\n out 0xf4, al\n")

@@ -15,6 +15,7 @@ from emulation_support import (
     USER_STACK,
     Guest,
     completions,
+    emulated_cpl0,
     enter_user_mode64,
     exception_handlers_asm,
     exceptions_raised,
@@ -56,6 +57,7 @@ def _regs(guest: Guest) -> dict[str, int]:
     return regs
 
 
+@emulated_cpl0
 def test_int3_delivers_through_the_idt_and_iretq_returns(kvm: Kvm) -> None:
     guest = make_guest(
         kvm,
@@ -90,6 +92,7 @@ handler:
     assert completions(guest) == {"int3": 1}
 
 
+@emulated_cpl0
 def test_int_n_through_a_trap_gate_on_the_ist_stack(kvm: Kvm) -> None:
     guest = make_guest(
         kvm,
@@ -147,6 +150,7 @@ handler:
     assert sregs["cs"]["selector"] == 0x08 and sregs["ss"]["dpl"] == 0
 
 
+@emulated_cpl0
 def test_int_n_through_a_dpl0_gate_from_cpl3_is_gp(kvm: Kvm) -> None:
     """SDM Vol. 2A INT n: "#GP(error code) ... if the DPL of the gate is less than the
     CPL", error code vector*8 + 2 (IDT)."""
@@ -163,6 +167,7 @@ def test_int_n_through_a_dpl0_gate_from_cpl3_is_gp(kvm: Kvm) -> None:
     assert exceptions_raised(guest) == {"#GP": 1}
 
 
+@emulated_cpl0
 def test_int_and_iret_in_32_bit_protected_mode(kvm: Kvm) -> None:
     guest = make_guest(
         kvm,
@@ -247,6 +252,7 @@ syscall_handler:
     assert completions(guest) == {"int": 2, "iretd": 2}
 
 
+@emulated_cpl0
 @pytest.mark.parametrize("overflow", [True, False])
 def test_into_interrupts_only_on_overflow(kvm: Kvm, overflow: bool) -> None:
     guest = make_guest(
@@ -275,6 +281,7 @@ handler:
     # Without OF, INTO is a no-op that KVM's emulator may well complete itself.
 
 
+@emulated_cpl0
 def test_iretd_to_a_not_present_code_segment_is_np(kvm: Kvm) -> None:
     """IRET: "#NP(selector) If the return code segment is not present"."""
     guest = make_guest(

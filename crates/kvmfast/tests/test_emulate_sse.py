@@ -19,6 +19,7 @@ from emulation_support import (
     Guest,
     assert_same_results,
     completions,
+    emulated_cpl0,
     exception_handlers_asm,
     exceptions_raised,
     gate64,
@@ -130,6 +131,7 @@ def test_sse_matches_the_host(kvm: Kvm, instruction: str) -> None:
     assert set(done) <= set(expected), done
 
 
+@emulated_cpl0
 @pytest.mark.parametrize(
     "instruction", ["ucomiss xmm4, xmm5", "comisd xmm5, xmm4", "ptest xmm0, xmm1"]
 )
@@ -141,6 +143,7 @@ def test_sse_flags_match_the_host(kvm: Kvm, instruction: str) -> None:
     assert completions(vm_guest) == {instruction.split()[0]: 1}
 
 
+@emulated_cpl0
 def test_sse_round_of_blake2s_shape(kvm: Kvm) -> None:
     """The shape of blake2s_compress_ssse3's G function: add, xor, rotate by PSHUFB and
     by shift pairs, shuffle, all on registers and one message load."""
@@ -166,6 +169,7 @@ def test_sse_round_of_blake2s_shape(kvm: Kvm) -> None:
     assert sum(completions(vm_guest).values()) >= 11
 
 
+@emulated_cpl0
 def test_sse_in_32_bit_code(kvm: Kvm) -> None:
     body = "mov esi, offset buf\npaddd xmm0, xmm1\npshufb xmm2, xmmword ptr [esi + 16]"
     state = _state()
@@ -192,6 +196,7 @@ def test_misaligned_16_byte_operand_is_gp(kvm: Kvm) -> None:
     assert regs["rdx"] == symbols["at"]
 
 
+@emulated_cpl0
 def test_unmasked_division_by_zero_is_xm_and_changes_no_register(kvm: Kvm) -> None:
     guest = make_guest(
         kvm,
@@ -218,6 +223,7 @@ def _internal_error_exits(guest: Guest) -> int:
     return int(guest.vcpu.counters()["exits"].get("internal_error", 0))
 
 
+@emulated_cpl0
 def test_a_run_of_vector_instructions_is_completed_on_one_exit(kvm: Kvm) -> None:
     """Straight vector code (the blake2s shape) costs one exit and one KVM_GET/SET_XSAVE
     pair for the run, not per instruction; each instruction is still counted."""
@@ -229,6 +235,7 @@ def test_a_run_of_vector_instructions_is_completed_on_one_exit(kvm: Kvm) -> None
     assert _internal_error_exits(vm_guest) == 1
 
 
+@emulated_cpl0
 def test_a_run_stops_at_the_first_non_vector_instruction(kvm: Kvm) -> None:
     body = "paddd xmm0, xmm1\npaddd xmm0, xmm1\nadd rax, rbx\npxor xmm2, xmm0\npxor xmm2, xmm0"
     state = _state()
@@ -238,6 +245,7 @@ def test_a_run_stops_at_the_first_non_vector_instruction(kvm: Kvm) -> None:
     assert _internal_error_exits(vm_guest) == 2
 
 
+@emulated_cpl0
 def test_a_run_is_at_most_max_run_long(kvm: Kvm) -> None:
     body = "\n".join(["paddd xmm0, xmm1"] * 100)
     state = _state()
@@ -247,6 +255,7 @@ def test_a_run_is_at_most_max_run_long(kvm: Kvm) -> None:
     assert _internal_error_exits(vm_guest) == 2  # 64 + 36
 
 
+@emulated_cpl0
 def test_a_follower_that_faults_is_left_for_its_own_exit(kvm: Kvm) -> None:
     """The instructions before it are complete; it raises #GP at its own RIP, as the
     processor would, with the state the earlier ones left."""

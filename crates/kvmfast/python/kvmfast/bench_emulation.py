@@ -7,16 +7,18 @@ SSE instruction (PXOR) and an AVX one (VPADDD), each of which ends KVM_RUN with 
 emulation failure on hosts whose KVM emulates kernel code, a straight run of 16 PXOR
 (completed on one exit: the per-instruction cost of vector code as kernels run it), and
 the same loop around ``out 0x80, al`` to a Rust NullSink. The loop's own cost (the
-loop around a NOP) is subtracted from each. It
-prints one JSON object: ns per completion, the pio exit through kvmfast, the C floor's
-pio-exit (../shared/bench/kvm_floor.c, when found), and the ratios (target ≤ 1.5× the
-floor). The fastest of R alternating runs is kept for every path.
+loop around a NOP) is subtracted from each. Each of the R repeats runs the C floor
+(../shared/bench/kvm_floor.c, as ``kvmfast.bench`` finds and builds it; without it
+the command fails) and then every path; a completion's figure is the median of its R
+ratios to the floor's pio-exit of the same repeat, with the lowest and highest (target
+≤ 1.5×), as kvmfast.bench pairs its runs. It prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -55,10 +57,52 @@ class Completion:
     path: str
     instructions_per_exit: int
     ns_per_completion: float
+    ratio_to_floor_pio: float
+    ratio_range: tuple[float, float]
+    ratios: tuple[float, ...]  # every repeat's, in the order run
     ratio_to_kvmfast_pio: float
-    ratio_to_floor_pio: float | None
     target: float
     completions: int
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """One repeat: the floor's pio-exit ns per write, then ns per iteration of every
+    path of PATHS and the completions each counted, measured right after it."""
+
+    floor_pio_ns: float
+    ns_per_iteration: dict[str, float]
+    completions: dict[str, int]
+
+
+def paired_completions(repeats: Sequence[Repeat]) -> list[Completion]:
+    """Each completion path's cost (its loop minus the NOP loop of the same repeat) over
+    the floor of that repeat: the median of the ratios, with the lowest and highest."""
+    results = []
+    for path, (_, counted, per_iteration) in PATHS.items():
+        if counted is None:
+            continue
+        costs, to_floor, to_pio = [], [], []
+        for repeat in repeats:
+            loop = repeat.ns_per_iteration["loop"]
+            cost = (repeat.ns_per_iteration[path] - loop) / per_iteration
+            costs.append(cost)
+            to_floor.append(cost / repeat.floor_pio_ns)
+            to_pio.append(cost / (repeat.ns_per_iteration["pio"] - loop))
+        results.append(
+            Completion(
+                path=path,
+                instructions_per_exit=per_iteration,
+                ns_per_completion=round(statistics.median(costs), 1),
+                ratio_to_floor_pio=round(statistics.median(to_floor), 3),
+                ratio_range=(round(min(to_floor), 3), round(max(to_floor), 3)),
+                ratios=tuple(round(ratio, 3) for ratio in to_floor),
+                ratio_to_kvmfast_pio=round(statistics.median(to_pio), 3),
+                target=TARGET_RATIO,
+                completions=repeats[-1].completions[path],
+            )
+        )
+    return results
 
 
 def new_guest(kvm: Kvm, body: str, iterations: int) -> tuple[Vm, Vcpu]:
@@ -106,48 +150,31 @@ def timed(kvm: Kvm, path: str, iterations: int) -> tuple[float, int]:
     return elapsed / iterations * 1e9, done
 
 
-def run_benchmark(iterations: int, repeat: int, floor_source: Path | None) -> dict[str, object]:
+def run_benchmark(iterations: int, repeat: int, floor_source: Path) -> dict[str, object]:
     kvm = Kvm()
-    best: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    floor: dict[str, float] = {}
+    repeats = []
     for _ in range(repeat):
-        if floor_source is not None:
-            measured = measure_floor(floor_source, iterations)
-            floor = {k: min(v, floor.get(k, v)) for k, v in measured.items()}
+        floor_pio = measure_floor(floor_source, iterations)["pio-exit"]
+        ns: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for path in PATHS:
-            ns, done = timed(kvm, path, iterations)
-            best[path] = min(ns, best.get(path, ns))
-            counts[path] = done
-    loop = best["loop"]
-    pio = best["pio"] - loop
-    floor_pio = floor.get("pio-exit")
-    results = []
-    for path, (_, counted, per_iteration) in PATHS.items():
-        if counted is None:
-            continue
-        cost = (best[path] - loop) / per_iteration
-        results.append(
-            Completion(
-                path=path,
-                instructions_per_exit=per_iteration,
-                ns_per_completion=round(cost, 1),
-                ratio_to_kvmfast_pio=round(cost / pio, 3),
-                ratio_to_floor_pio=round(cost / floor_pio, 3) if floor_pio else None,
-                target=TARGET_RATIO,
-                completions=counts[path],
-            )
-        )
+            ns[path], counts[path] = timed(kvm, path, iterations)
+        repeats.append(Repeat(floor_pio, ns, counts))
+    median = statistics.median
     return {
         "iterations": iterations,
         "repeat": repeat,
-        "loop_ns_per_iteration": round(loop, 1),
-        "kvmfast_pio_ns": round(pio, 1),
-        "floor_pio_exit_ns": floor_pio,
+        "statistic": "median of ratios to the floor run just before (lowest, highest)",
+        "floor_source": str(floor_source),
+        "loop_ns_per_iteration": round(median(r.ns_per_iteration["loop"] for r in repeats), 1),
+        "kvmfast_pio_ns": round(
+            median(r.ns_per_iteration["pio"] - r.ns_per_iteration["loop"] for r in repeats), 1
+        ),
+        "floor_pio_exit_ns": median(r.floor_pio_ns for r in repeats),
         # What reading the guest's vector state costs by itself here: XSAVE and SSE
         # completions need it once per exit, so one exit plus this bounds them below.
         "kvm_get_xsave_ns": round(get_xsave_ns(kvm), 1),
-        "completions": [asdict(result) for result in results],
+        "completions": [asdict(result) for result in paired_completions(repeats)],
     }
 
 
@@ -166,16 +193,18 @@ def get_xsave_ns(kvm: Kvm, calls: int = 2000) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvmfast.bench_emulation", description=__doc__)
     parser.add_argument("--iterations", type=int, default=20_000, help="loop iterations per path")
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs; fastest kept")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="floor-then-ours repeats; median of the ratios"
+    )
     parser.add_argument("--floor-src", type=Path, default=None, help="kvm_floor.c to build")
-    parser.add_argument("--no-floor", action="store_true", help="skip the C floor")
     args = parser.parse_args(argv)
-    floor_source = None
-    if not args.no_floor:
-        try:
-            floor_source = find_floor_source(args.floor_src)
-        except FileNotFoundError as error:
-            print(f"no floor: {error}", file=sys.stderr)
+    if args.iterations < 1 or args.repeat < 1:
+        parser.error("--iterations and --repeat must be at least 1")
+    try:
+        floor_source = find_floor_source(args.floor_src)
+    except FileNotFoundError as missing:
+        print(f"kvmfast.bench_emulation: {missing}", file=sys.stderr)
+        return 2
     print(json.dumps(run_benchmark(args.iterations, args.repeat, floor_source), indent=2))
     return 0
 
