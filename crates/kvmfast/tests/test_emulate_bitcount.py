@@ -19,6 +19,7 @@ from emulation_support import (
     CpuState,
     assert_same_results,
     completions,
+    emulated_cpl0,
     run_in_guest,
     run_natively,
 )
@@ -73,6 +74,7 @@ def _flags(seed: int) -> int:
     return 0x2 | (0x8D5 if seed % 2 else 0)
 
 
+@emulated_cpl0
 @pytest.mark.parametrize("mnemonic", ["popcnt", "lzcnt", "tzcnt"])
 @pytest.mark.parametrize("width", [16, 32, 64])
 @pytest.mark.parametrize("source", ["register", "memory"])
@@ -95,6 +97,7 @@ def test_bit_count_matches_the_host(
         assert completions(vm_guest) == _expected_completions(mnemonic, 1, run_by_kvm_as_bsr_bsf)
 
 
+@emulated_cpl0
 @pytest.mark.parametrize("mnemonic", ["popcnt", "lzcnt", "tzcnt"])
 def test_bit_count_in_32_bit_code(
     kvm: Kvm, run_by_kvm_as_bsr_bsf: frozenset[str], mnemonic: str

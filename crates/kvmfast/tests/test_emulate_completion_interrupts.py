@@ -33,6 +33,7 @@ from emulation_support import (
     Guest,
     InterruptInFlightAtAnExit,
     completions,
+    emulated_cpl0,
     exception_handlers_asm,
     gate64,
     install_exception_handlers,
@@ -41,6 +42,9 @@ from emulation_support import (
 )
 
 from kvmfast import Kvm
+
+# Both tests watch what kvmfast completes at CPL 0 (INT3, CLAC, the SYSCALL repair).
+pytestmark = emulated_cpl0
 
 pytestmark = pytest.mark.kvm
 

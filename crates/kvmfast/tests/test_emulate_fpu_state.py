@@ -18,6 +18,7 @@ from emulation_support import (
     Guest,
     assert_same_results,
     completions,
+    emulated_cpl0,
     exception_handlers_asm,
     exceptions_raised,
     install_exception_handlers,
@@ -47,6 +48,7 @@ def _compare(kvm: Kvm, body: str, state: CpuState, *, bits: int = 64) -> Guest:
     return vm_guest
 
 
+@emulated_cpl0
 def test_ldmxcsr_and_stmxcsr(kvm: Kvm) -> None:
     body = "lea rsi, [rip + buf]\nldmxcsr [rsi]\nstmxcsr [rsi + 68]"
     guest = _compare(kvm, body, _state(struct.pack("<I", 0x7F80 | 0x6000 | 0x3F)))
@@ -60,6 +62,7 @@ def _fault_guest(kvm: Kvm, body: str) -> Guest:
     return guest
 
 
+@emulated_cpl0
 def test_ldmxcsr_reserved_bits_are_gp(kvm: Kvm) -> None:
     guest = _fault_guest(kvm, "ldmxcsr [rsi]")
     guest.vm.write(guest.symbols["buf"], struct.pack("<I", 0xFFFF_0000))
@@ -187,6 +190,7 @@ def test_fxrstor_reserved_mxcsr_bits_are_gp(kvm: Kvm) -> None:
     assert exceptions_raised(guest) == {"#GP": 1}
 
 
+@emulated_cpl0
 @pytest.mark.parametrize("form", ["xsave", "xsave64", "xsaveopt", "xsavec", "xsavec64"])
 def test_xsave_of_sse_state_matches_the_host(kvm: Kvm, form: str) -> None:
     """RFBM = SSE only: the component both the guest and the host have in use."""
@@ -196,6 +200,7 @@ def test_xsave_of_sse_state_matches_the_host(kvm: Kvm, form: str) -> None:
     assert completions(guest) == {form: 1}
 
 
+@emulated_cpl0
 def test_xrstor_loads_and_initialises(kvm: Kvm) -> None:
     """XSTATE_BV[1]=1 loads the XMM registers; RFBM[2] with XSTATE_BV[2]=0 initialises
     AVX (the upper halves the host and the guest both have at zero)."""
@@ -209,6 +214,7 @@ def test_xrstor_loads_and_initialises(kvm: Kvm) -> None:
     assert completions(guest) == {"xrstor": 1}
 
 
+@emulated_cpl0
 def test_xrstor_of_a_compacted_image_with_sse_in_init_state(kvm: Kvm) -> None:
     image = bytearray(576)
     struct.pack_into("<QQ", image, XSAVE_XSTATE_BV, 0x0, (1 << 63) | 0x2)
@@ -217,6 +223,7 @@ def test_xrstor_of_a_compacted_image_with_sse_in_init_state(kvm: Kvm) -> None:
     assert completions(guest) == {"xrstor": 1}
 
 
+@emulated_cpl0
 def test_xsave_then_xrstor_round_trip(kvm: Kvm) -> None:
     body = """
     lea rsi, [rip + buf]
@@ -267,6 +274,7 @@ entry:
     assert (regs["rax"], regs["rdx"]) == (3, 0)
 
 
+@emulated_cpl0
 def test_xsaves_writes_the_compacted_format_and_xrstors_reads_it(kvm: Kvm) -> None:
     """XSAVES is CPL 0 only, so the host cannot run it: the image must equal what
     XSAVEC (compared with the host above) writes, and XRSTORS must load it back."""
@@ -286,6 +294,7 @@ def test_xsaves_writes_the_compacted_format_and_xrstors_reads_it(kvm: Kvm) -> No
     assert completions(guest) == {"xsaves": 1, "xsavec": 1, "xrstors": 1}
 
 
+@emulated_cpl0
 def test_xrstors_of_a_standard_image_is_gp(kvm: Kvm) -> None:
     guest = _fault_guest(kvm, "mov eax, 2\nxor edx, edx\nxrstors [rsi]")
     assert run_until_exit(guest) == 13

@@ -385,6 +385,7 @@ def _fault_on_pages(kvm: Kvm, body: str, *, read_only: bool = False) -> Guest:
 @pytest.mark.parametrize(
     ("address", "error_code"), [(PAGE_NOT_PRESENT + 8, 0x2), (PAGE_READ_ONLY + 8, 0x3)]
 )
+@emulated_cpl0
 def test_a_store_only_operand_faults_as_a_write(kvm: Kvm, address: int, error_code: int) -> None:
     """#PF error code bit 1 (W/R) set for a store (SDM Vol. 3A 4.7), whether the page is
     not present or read-only: the operand is never read first."""
@@ -399,6 +400,7 @@ def test_a_store_only_operand_faults_as_a_write(kvm: Kvm, address: int, error_co
     assert exceptions_raised(guest) == {"#PF": 1}
 
 
+@emulated_cpl0
 def test_masked_off_elements_on_a_not_present_page_do_not_fault(kvm: Kvm) -> None:
     """Memory fault suppression (SDM Vol. 1 15.6.2): a masked store whose masked-off
     elements lie on a not-present page stores the others and raises nothing."""
