@@ -2,7 +2,9 @@
 
 VM and vCPU handles, the vCPU run loop (in Rust, GIL released around KVM_RUN), the
 guest address map, the ExtINT injector, the ioeventfd event loop and counters.
-:mod:`kvmfast.testing` has the helpers the KVM-backed tests of every package share.
+:mod:`kvmfast.assembler` builds small guests from assembly and :mod:`kvmfast.flat_guest`
+enters them; :mod:`kvmfast.testing` has the helpers the KVM-backed tests of every
+package share.
 """
 
 from kvmfast._native import (

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvmfast._native import EventFd, EventLoop, ExitSink, IrqfdTrigger, Kvm, NullSink, Vcpu, Vm
-from kvmfast.testing import assemble_program, install_idt, setup_long_mode
+from kvmfast.assembler import assemble_program
+from kvmfast.flat_guest import install_idt, setup_long_mode
 
 FLOOR_RELATIVE = Path("..") / "shared" / "bench" / "kvm_floor.c"
 # The floor's guest shape: 4 MiB of RAM, code at 0x1000, stack at 2 MiB, port 0x80,

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvmfast._native import ExitSink, Kvm, NullSink, Vcpu, Vm
+from kvmfast.assembler import assemble_program
 from kvmfast.bench import find_floor_source, measure_floor
-from kvmfast.testing import assemble_program, setup_long_mode
+from kvmfast.flat_guest import setup_long_mode
 
 RAM_SIZE = 0x40_0000
 CODE_AT = 0x1000

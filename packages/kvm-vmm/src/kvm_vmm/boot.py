@@ -40,7 +40,7 @@ from kvm_vmm.loaders.image import EntryState, LoadedImage
 from kvm_vmm.loaders.linux_header import is_bzimage
 from kvm_vmm.loaders.multiboot import load_multiboot
 from kvm_vmm.loaders.multiboot_header import find_multiboot_header
-from kvmfast.testing import assemble
+from kvmfast.assembler import assemble
 
 # panic=-1: a guest panic resets, which ends the run, instead of leaving it hanging.
 DEFAULT_GUEST_CMDLINE = "console=ttyS0 panic=-1"

@@ -50,7 +50,7 @@ from kvm_vmm.loaders import LoaderError, default_cache_dir
 from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
-from kvmfast.testing import AssemblerMissing
+from kvmfast.assembler import AssemblerMissing
 
 USAGE_ERROR = 2
 HOST_CHECK_FAILED = 1

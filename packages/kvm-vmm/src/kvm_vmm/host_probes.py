@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import kvmfast
 from kvm_vmm.cpuid import CpuidEntry
-from kvmfast.testing import GuestProgram, assemble_program
+from kvmfast.assembler import GuestProgram, assemble_program
 
 if TYPE_CHECKING:
     from kvmfast._native import Regs, Segment, Sregs

@@ -57,7 +57,7 @@ from kvm_vmm.host_probes import (
     build_probe_program,
     cpuid_bit,
 )
-from kvmfast.testing import AssemblerMissing, AssemblyError
+from kvmfast.assembler import AssemblerMissing, AssemblyError
 
 PROBE_VERSION = 6  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
