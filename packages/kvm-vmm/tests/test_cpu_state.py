@@ -44,12 +44,13 @@ def test_protected_mode_entry_uses_boot_cs_and_ds_with_paging_off() -> None:
     cpu_setup.enter(vcpu, memory, entry)
     cs = vcpu.sregs["cs"]
     assert isinstance(cs, dict)
-    assert cs["selector"] == cpu_setup.BOOT_CS and cs["db"] == 1 and cs["l"] == 0
+    assert (x86.LINUX_BOOT_CS, x86.LINUX_BOOT_DS) == (0x10, 0x18)  # boot.rst's selectors
+    assert cs["selector"] == x86.LINUX_BOOT_CS and cs["db"] == 1 and cs["l"] == 0
     assert vcpu.sregs["cr0"] == x86.CR0_PE | x86.CR0_ET | x86.CR0_NE
     assert vcpu.regs == {"rflags": 2, "rip": 0x100000, "rax": 0x2BADB002, "rbx": 0x8000}
     assert 0x9000 not in memory.writes
     gdt = memory.writes[0x500]
-    assert struct.unpack_from("<Q", gdt, cpu_setup.BOOT_CS)[0] == 0x00CF9B000000FFFF
+    assert struct.unpack_from("<Q", gdt, x86.LINUX_BOOT_CS)[0] == 0x00CF9B000000FFFF
     assert_gdt_matches_loaded_segments(gdt, vcpu.sregs)
 
 
@@ -69,7 +70,7 @@ def test_entry_state_says_where_the_gdt_and_page_tables_go() -> None:
 def assert_gdt_matches_loaded_segments(gdt: bytes, sregs: dict[str, object]) -> None:
     """What CS and DS hold is what a far jump and a MOV would load from the GDT
     (Intel SDM vol. 3A §3.4.5: type, S, DPL, P, L, D/B, G in the descriptor)."""
-    for name, selector in (("cs", cpu_setup.BOOT_CS), ("ds", cpu_setup.BOOT_DS)):
+    for name, selector in (("cs", x86.LINUX_BOOT_CS), ("ds", x86.LINUX_BOOT_DS)):
         segment = sregs[name]
         assert isinstance(segment, dict)
         (descriptor,) = struct.unpack_from("<Q", gdt, selector)

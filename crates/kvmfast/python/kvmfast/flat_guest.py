@@ -18,9 +18,6 @@ from kvmfast._native import GuestMemory, Vcpu, Vm
 if TYPE_CHECKING:
     from kvmfast._native import Sregs
 
-# The flat test GDT: null, code (64-bit or 32-bit), data (kvmfast.x86's descriptors).
-CODE_SELECTOR = 0x08
-DATA_SELECTOR = 0x10
 # Present, DPL 0, 32/64-bit interrupt gate (type 0xE).
 _GATE_INTERRUPT = 0x8E
 
@@ -31,9 +28,9 @@ def _check_inside(memory: GuestMemory, address: int, what: str) -> None:
 
 
 def _flat_sregs(*, long_mode: bool, gdt_base: int, gdt_limit: int) -> Sregs:
-    data = x86.flat_segment(DATA_SELECTOR, code=False, long_mode=long_mode)
+    data = x86.flat_segment(x86.FLAT_GUEST_DS, code=False, long_mode=long_mode)
     return {
-        "cs": x86.flat_segment(CODE_SELECTOR, code=True, long_mode=long_mode),
+        "cs": x86.flat_segment(x86.FLAT_GUEST_CS, code=True, long_mode=long_mode),
         "ds": data,
         "es": data,
         "fs": data,
@@ -57,7 +54,8 @@ def setup_long_mode(
     with 2 MiB pages (the default 4 reaches the LAPIC and IOAPIC pages).
 
     At ``page_tables_at`` it writes a PML4, a PDPT, one page directory per GiB and then
-    a flat GDT (null, 64-bit code at 0x08, data at 0x10): 4 + ``mapped_gib`` pages.
+    the flat guests' GDT (x86.flat_guest_gdt: 64-bit code at 0x08, data at 0x10):
+    4 + ``mapped_gib`` pages.
     sregs and regs are set as ../shared/bench/kvm_floor.c sets them (CR0 = PG|ET|PE,
     CR4 = PAE, EFER = LMA|LME, RFLAGS = 2).
     """
@@ -70,7 +68,7 @@ def setup_long_mode(
     _check_inside(memory, pml4, "page tables")
     _check_inside(memory, gdt + 0xFFF, "page tables")
     vm.write(pml4, tables)
-    descriptors = struct.pack("<3Q", x86.GDT_NULL, x86.GDT_CODE64, x86.GDT_DATA)
+    descriptors = x86.flat_guest_gdt(long_mode=True)
     vm.write(gdt, descriptors)
     sregs = _flat_sregs(long_mode=True, gdt_base=gdt, gdt_limit=len(descriptors) - 1)
     sregs["cr3"] = pml4
@@ -92,11 +90,12 @@ def setup_protected_mode(
 ) -> None:
     """Put ``vcpu`` in flat 32-bit protected mode, paging off (as Multiboot expects).
 
-    Writes a GDT (null, 32-bit code at 0x08, data at 0x10) at ``gdt_at``.
+    Writes the flat guests' GDT (x86.flat_guest_gdt: 32-bit code at 0x08, data at 0x10)
+    at ``gdt_at``.
     """
     for address, what in ((entry, "entry"), (gdt_at, "GDT")):
         _check_inside(memory, address, what)
-    descriptors = struct.pack("<3Q", x86.GDT_NULL, x86.GDT_CODE32, x86.GDT_DATA)
+    descriptors = x86.flat_guest_gdt(long_mode=False)
     vm.write(gdt_at, descriptors)
     sregs = _flat_sregs(long_mode=False, gdt_base=gdt_at, gdt_limit=len(descriptors) - 1)
     sregs["cr0"] = x86.CR0_ET | x86.CR0_PE
@@ -123,10 +122,10 @@ def install_idt(vm: Vm, vcpu: Vcpu, *, base: int, handlers: Mapping[int, int]) -
         low, high = handler & 0xFFFF, (handler >> 16) & 0xFFFF
         if long_mode:
             gate = struct.pack(
-                "<HHBBHII", low, CODE_SELECTOR, 0, _GATE_INTERRUPT, high, handler >> 32, 0
+                "<HHBBHII", low, x86.FLAT_GUEST_CS, 0, _GATE_INTERRUPT, high, handler >> 32, 0
             )
         else:
-            gate = struct.pack("<HHBBH", low, CODE_SELECTOR, 0, _GATE_INTERRUPT, high)
+            gate = struct.pack("<HHBBH", low, x86.FLAT_GUEST_CS, 0, _GATE_INTERRUPT, high)
         table[vector * gate_size : (vector + 1) * gate_size] = gate
     vm.write(base, bytes(table))
     vcpu.set_sregs({"idt": {"base": base, "limit": len(table) - 1}})

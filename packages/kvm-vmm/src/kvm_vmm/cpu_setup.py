@@ -3,16 +3,15 @@
 Two entry states exist: 32-bit protected mode with paging off (Multiboot, the
 Linux 32-bit protocol, flat test guests) and 64-bit long mode with identity
 page tables (the Linux 64-bit protocol). Both use the GDT layout of Linux's
-boot protocol (Documentation/arch/x86/boot.rst): __BOOT_CS = 0x10 and
-__BOOT_DS = 0x18, 4 GiB flat.
+boot protocol (Documentation/arch/x86/boot.rst): kvmfast.x86's linux_boot_gdt,
+__BOOT_CS = 0x10 and __BOOT_DS = 0x18, 4 GiB flat.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Protocol
 
-from kvm_vmm.loaders.image import IDENTITY_MAP_GIB, EntryMode, EntryState
+from kvm_vmm.loaders.image import IDENTITY_MAP_GIB, EntryState
 from kvmfast.x86 import (
     CR0_ET,
     CR0_NE,
@@ -21,21 +20,15 @@ from kvmfast.x86 import (
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
-    GDT_CODE32,
-    GDT_CODE64,
-    GDT_DATA,
-    GDT_NULL,
+    LINUX_BOOT_CS,
+    LINUX_BOOT_DS,
     flat_segment,
     identity_page_tables,
+    linux_boot_gdt,
 )
 
 if TYPE_CHECKING:
     from kvmfast._native import Regs, Sregs
-
-# boot.rst's GDT: null, then a 32-bit code descriptor at 0x08 that no entry uses,
-# __BOOT_CS and __BOOT_DS.
-BOOT_CS = 0x10
-BOOT_DS = 0x18
 
 
 class GuestMemoryWriter(Protocol):
@@ -48,11 +41,6 @@ class RegisterAccess(Protocol):
     def set_regs(self, changes: Regs) -> None: ...
 
 
-def gdt_bytes(mode: EntryMode) -> bytes:
-    code = GDT_CODE64 if mode == "long64" else GDT_CODE32
-    return struct.pack("<4Q", GDT_NULL, GDT_CODE32, code, GDT_DATA)
-
-
 def enter(
     vcpu: RegisterAccess,
     memory: GuestMemoryWriter,
@@ -61,11 +49,11 @@ def enter(
     """Write the GDT (and page tables for long mode) where ``entry`` says and load it."""
     gdt_address, page_tables_address = entry.gdt_address, entry.page_tables_address
     long_mode = entry.mode == "long64"
-    gdt = gdt_bytes(entry.mode)
+    gdt = linux_boot_gdt(long_mode=long_mode)
     memory.write(gdt_address, gdt)
-    data = flat_segment(BOOT_DS, code=False, long_mode=long_mode)
+    data = flat_segment(LINUX_BOOT_DS, code=False, long_mode=long_mode)
     sregs: Sregs = {
-        "cs": flat_segment(BOOT_CS, code=True, long_mode=long_mode),
+        "cs": flat_segment(LINUX_BOOT_CS, code=True, long_mode=long_mode),
         "ds": data,
         "es": data,
         "fs": data,

@@ -24,7 +24,22 @@ from typing import TYPE_CHECKING, Literal
 
 import kvmfast
 from kvm_vmm.cpuid import CpuidEntry
+from kvmfast import x86
 from kvmfast.assembler import GuestProgram, assemble_program
+from kvmfast.x86 import (
+    CR0_ET,
+    CR0_MP,
+    CR0_NE,
+    CR0_PE,
+    CR0_PG,
+    CR4_OSFXSR,
+    CR4_OSXMMEXCPT,
+    CR4_OSXSAVE,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_SCE,
+)
 
 if TYPE_CHECKING:
     from kvmfast._native import Regs, Segment, Sregs
@@ -61,11 +76,10 @@ PROGRAM_ORIGIN = 0x10000
 KERNEL_STACK = 0x80000
 LAPIC_ADDRESS = 0xFEE0_0000
 
-KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, TSS_SELECTOR = 0x08, 0x10, 0x1B, 0x23, 0x28
+# The flat guests' GDT of kvmfast.x86, then user code and data (RPL 3) and the TSS.
+KERNEL_CS, KERNEL_DS = x86.FLAT_GUEST_CS, x86.FLAT_GUEST_DS
+USER_CS, USER_DS, TSS_SELECTOR = 0x1B, 0x23, 0x28
 MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC000_0081, 0xC000_0082, 0xC000_0084
-EFER_SCE, EFER_LME, EFER_LMA = 1 << 0, 1 << 8, 1 << 10
-CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 31
-CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE = 1 << 5, 1 << 9, 1 << 10, 1 << 18
 RFLAGS_IOPL3 = 0x3002  # reserved bit 1 and IOPL 3: user mode may use the probe ports
 LAPIC_SVR, LAPIC_SVR_ENABLED = 0xF0, 0x1FF
 MSI_ADDRESS = 0xFEE0_0000  # APIC ID 0, physical, fixed
@@ -520,10 +534,11 @@ def page_tables(base: int, user_range: tuple[int, int]) -> bytes:
 
 
 def gdt64(tss: int) -> bytes:
-    code64, data = 0x00AF9B000000FFFF, 0x00CF93000000FFFF
+    code64, data = x86.GDT_CODE64, x86.GDT_DATA
     user = 3 << 45  # DPL 3
     tss_low = 0x67 | (tss & 0xFFFFFF) << 16 | 0x89 << 40 | (tss >> 24 & 0xFF) << 56
-    return struct.pack("<7Q", 0, code64, data, code64 | user, data | user, tss_low, tss >> 32)
+    user_and_tss = struct.pack("<4Q", code64 | user, data | user, tss_low, tss >> 32)
+    return x86.flat_guest_gdt(long_mode=True) + user_and_tss
 
 
 def _idt64(gates: Mapping[int, int]) -> bytes:
@@ -544,27 +559,10 @@ def _idt64(gates: Mapping[int, int]) -> bytes:
     return bytes(table)
 
 
-def _segment(selector: int, *, code: bool, dpl: int, long_mode: bool) -> Segment:
-    return {
-        "base": 0,
-        "limit": 0xFFFF_FFFF,
-        "selector": selector,
-        "type": 11 if code else 3,
-        "present": 1,
-        "dpl": dpl,
-        "db": 0 if code and long_mode else 1,
-        "s": 1,
-        "l": 1 if code and long_mode else 0,
-        "g": 1,
-        "avl": 0,
-        "unusable": 0,
-    }
-
-
 def _long_mode_sregs(*, user: bool, xsave: bool) -> Sregs:
     dpl = 3 if user else 0
-    code = _segment(USER_CS if user else KERNEL_CS, code=True, dpl=dpl, long_mode=True)
-    data = _segment(USER_DS if user else KERNEL_DS, code=False, dpl=dpl, long_mode=True)
+    code = x86.flat_segment(USER_CS if user else KERNEL_CS, code=True, long_mode=True, dpl=dpl)
+    data = x86.flat_segment(USER_DS if user else KERNEL_DS, code=False, long_mode=True, dpl=dpl)
     tr: Segment = {
         "base": TSS_ADDRESS,
         "limit": 0x67,
@@ -598,10 +596,10 @@ def _long_mode_sregs(*, user: bool, xsave: bool) -> Sregs:
 
 
 def _enter_protected_mode(vm: kvmfast.Vm, vcpu: kvmfast.Vcpu) -> None:
-    code32, data = 0x00CF9B000000FFFF, 0x00CF93000000FFFF
-    vm.write(GDT32_ADDRESS, struct.pack("<3Q", 0, code32, data))
-    code = _segment(0x08, code=True, dpl=0, long_mode=False)
-    flat = _segment(0x10, code=False, dpl=0, long_mode=False)
+    gdt = x86.flat_guest_gdt(long_mode=False)
+    vm.write(GDT32_ADDRESS, gdt)
+    code = x86.flat_segment(x86.FLAT_GUEST_CS, code=True, long_mode=False)
+    flat = x86.flat_segment(x86.FLAT_GUEST_DS, code=False, long_mode=False)
     vcpu.set_sregs(
         {
             "cs": code,
@@ -610,7 +608,7 @@ def _enter_protected_mode(vm: kvmfast.Vm, vcpu: kvmfast.Vcpu) -> None:
             "fs": flat,
             "gs": flat,
             "ss": flat,
-            "gdt": {"base": GDT32_ADDRESS, "limit": 3 * 8 - 1},
+            "gdt": {"base": GDT32_ADDRESS, "limit": len(gdt) - 1},
             "cr0": CR0_ET | CR0_PE,
             "cr3": 0,
             "cr4": 0,
