@@ -9,7 +9,7 @@ import pytest
 
 from kvm_vmm import cpu_setup
 from kvm_vmm.cpuid import HYPERVISOR_BIT, cpuid_for_vcpu
-from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, lint1_queues_nmi, read_register, with_lvt
+from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
 from kvm_vmm.loaders import image
 from kvm_vmm.loaders.image import EntryState
 from kvmfast import x86
@@ -103,13 +103,18 @@ def test_long_mode_entry_identity_maps_four_gib_with_2mib_pages() -> None:
     assert entry & ~0xFFF == 0xFEE00000 and entry & 0x83 == 0x83
 
 
-def test_lvt_edit_and_lint1_nmi_check() -> None:
-    reset = with_lvt(bytes(1024), lint0=0x10000, lint1=0x10000)  # masked, as after reset
-    assert not lint1_queues_nmi(reset)
-    firmware = with_lvt(reset, lint0=LINT0_EXTINT, lint1=LINT1_NMI)
-    assert read_register(firmware, 0x350) == 0x700
-    assert lint1_queues_nmi(firmware)
-    assert not lint1_queues_nmi(with_lvt(firmware, lint1=LINT1_NMI | 0x10000))
+def test_with_lvt_replaces_only_the_lint_registers_it_is_given() -> None:
+    """SDM vol. 3A 11.5.1: LVT LINT0 at 0x350, LINT1 at 0x360; firmware sets ExtINT
+    (0x700) and NMI (0x400) there, unmasked."""
+    state = bytes(range(256)) * 4
+    firmware = with_lvt(state, lint0=LINT0_EXTINT, lint1=LINT1_NMI)
+    assert struct.unpack_from("<I", firmware, 0x350)[0] == 0x700
+    assert struct.unpack_from("<I", firmware, 0x360)[0] == 0x400
+    untouched = [i for i in range(1024) if not 0x350 <= i < 0x354 and not 0x360 <= i < 0x364]
+    assert all(firmware[i] == state[i] for i in untouched)
+    masked = with_lvt(firmware, lint1=LINT1_NMI | 0x10000)
+    assert masked[0x350:0x354] == firmware[0x350:0x354]
+    assert struct.unpack_from("<I", masked, 0x360)[0] == 0x10400
     with pytest.raises(ValueError, match="1024"):
         with_lvt(b"short", lint0=0)
 

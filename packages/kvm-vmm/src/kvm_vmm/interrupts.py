@@ -56,21 +56,6 @@ class IsaIrqLine:
 
 
 @dataclass
-class IoapicPinLine:
-    """An InterruptLine straight to one IOAPIC pin (GSI), for non-ISA sources."""
-
-    pin: int
-    ioapic: IoapicInput
-
-    def set_level(self, level: bool) -> None:
-        self.ioapic.set_irq(self.pin, level)
-
-    def pulse(self) -> None:
-        self.set_level(True)
-        self.set_level(False)
-
-
-@dataclass
 class KvmIoapicSink:
     """kvm-devices' IoapicSink over the reserved MSI routes of a kvmfast Vm.
 

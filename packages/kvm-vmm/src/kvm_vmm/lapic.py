@@ -9,18 +9,12 @@ import struct
 
 APIC_LVT_LINT0 = 0x350
 APIC_LVT_LINT1 = 0x360
-LVT_MASKED = 1 << 16
 LVT_DELIVERY_MODE_SHIFT = 8
 DELIVERY_MODE_NMI = 0b100
 DELIVERY_MODE_EXTINT = 0b111
 LINT0_EXTINT = DELIVERY_MODE_EXTINT << LVT_DELIVERY_MODE_SHIFT  # 0x700
 LINT1_NMI = DELIVERY_MODE_NMI << LVT_DELIVERY_MODE_SHIFT  # 0x400
 LAPIC_STATE_SIZE = 1024
-
-
-def read_register(state: bytes, offset: int) -> int:
-    value: int = struct.unpack_from("<I", state, offset)[0]
-    return value
 
 
 def with_lvt(state: bytes, *, lint0: int | None = None, lint1: int | None = None) -> bytes:
@@ -33,10 +27,3 @@ def with_lvt(state: bytes, *, lint0: int | None = None, lint1: int | None = None
     if lint1 is not None:
         struct.pack_into("<I", image, APIC_LVT_LINT1, lint1)
     return bytes(image)
-
-
-def lint1_queues_nmi(state: bytes) -> bool:
-    """Whether raising LINT1 queues an NMI: LVT LINT1 unmasked with delivery mode NMI."""
-    lvt = read_register(state, APIC_LVT_LINT1)
-    mode = (lvt >> LVT_DELIVERY_MODE_SHIFT) & 0b111
-    return not lvt & LVT_MASKED and mode == DELIVERY_MODE_NMI
