@@ -300,10 +300,8 @@ class ProgressBar:
     stream: IO[str]
     width: int = 30
     _shown: bool = False
-    _last_description: str = ""
 
     def __call__(self, fraction: float, description: str) -> None:
-        self._last_description = description
         if self.stream.isatty():
             filled = round(fraction * self.width)
             bar = "#" * filled + "-" * (self.width - filled)

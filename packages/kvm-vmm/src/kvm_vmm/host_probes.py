@@ -405,10 +405,6 @@ class ProbeGuest:
     cpuid: list[CpuidEntry]
     timeout: float = 2.0
 
-    @property
-    def has_xsave(self) -> bool:
-        return cpuid_bit(self.cpuid, 1, 0, "ecx", 26)
-
     def run(
         self,
         entry: str,
