@@ -11,7 +11,7 @@ from kvm_vmm import board, layout
 from kvm_vmm.layout import Region, ram_regions
 from kvm_vmm.loaders.boot_memory import describe
 from kvm_vmm.loaders.errors import PlacementError
-from kvmfast.x86 import PAGE_TABLE_SIZE
+from kvmfast.x86 import PAGE_TABLE_SIZE, linux_boot_gdt
 
 # "protected32": flat 4 GiB segments, paging off. "long64": identity page
 # tables (EntryState.page_tables_address), paging on.
@@ -19,10 +19,10 @@ EntryMode = Literal["protected32", "long64"]
 
 RFLAGS_RESERVED_ONE = 0x2  # bit 1 always reads 1; IF clear: interrupts off
 
-# What kvm_vmm.cpu_setup writes at entry besides the segments: the GDT (null, an
-# unused 32-bit code descriptor, __BOOT_CS, __BOOT_DS) and, for long mode only,
-# page tables identity-mapping 4 GiB (PML4, PDPT, one page directory per GiB).
-GDT_SIZE = 4 * 8
+# What kvm_vmm.cpu_setup writes at entry besides the segments: kvmfast.x86's
+# linux_boot_gdt (the same size in both modes) and, for long mode only, page tables
+# identity-mapping 4 GiB (PML4, PDPT, one page directory per GiB).
+GDT_SIZE = len(linux_boot_gdt(long_mode=True))
 IDENTITY_MAP_GIB = 4  # covers RAM below the PCI hole and the IOAPIC/LAPIC pages
 PAGE_TABLES_SIZE = PAGE_TABLE_SIZE * (2 + IDENTITY_MAP_GIB)
 
