@@ -1,5 +1,5 @@
-"""kvmfast.testing: the assembler wrapper, the mode set-ups and require_kvm's
-skip-or-fail rule."""
+"""kvmfast.assembler's wrapper of GNU as, kvmfast.flat_guest's mode set-ups and
+kvmfast.testing's require_kvm skip-or-fail rule."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ from kvmfast_guest_support import RAM_SIZE, RecordingDevice
 
 from kvmfast import ExitSink, Kvm, NullSink
 from kvmfast import testing as kvm_testing
-from kvmfast.testing import (
-    AssemblerMissing,
-    AssemblyError,
-    assemble,
-    assemble_program,
-    install_idt,
-    setup_protected_mode,
-)
+from kvmfast.assembler import AssemblerMissing, AssemblyError, assemble, assemble_program
+from kvmfast.flat_guest import install_idt, setup_protected_mode
 
 
 def test_assemble_defaults_to_intel_64_bit_at_0x1000() -> None:
