@@ -43,9 +43,10 @@ def test_expect_waits_for_text_written_a_byte_at_a_time_and_passes_it_on() -> No
     text = b"booting...\nlogin: root\n# n=42\n# "
     feeder = _feed_slowly(console, text)
     assert console.expect(b"login: ", timeout=10).group() == b"login: "
-    match = console.expect(re.compile(rb"n=(\d+)"), timeout=10)
+    # Up to the newline: a byte at a time, "n=4" alone would match n=(\d+) too.
+    match = console.expect(re.compile(rb"n=(\d+)\n"), timeout=10)
     assert match.group(1) == b"42"
-    assert text[match.start() : match.end()] == b"n=42"  # offsets in the transcript
+    assert text[match.start() : match.end()] == b"n=42\n"  # offsets in the transcript
     feeder.join()
     assert console.transcript() == text
     assert bytes(inner.data) == text
