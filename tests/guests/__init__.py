@@ -86,7 +86,7 @@ class GuestMachine:
     ) -> None:
         self.machine = Machine(MachineConfig(memory_size=memory, cpus=cpus))
         for spec in devices:
-            self.machine.add_device(spec)
+            self.machine.add_device_option(spec)
         self.report = ReportPort()
         self.machine.add_pio_device(REPORT_PORT, 4, self.report, "report")
         exit_device = DebugExit(

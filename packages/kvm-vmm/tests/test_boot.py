@@ -121,7 +121,7 @@ def test_a_multiboot_kernel_boots_and_runs_to_its_debug_exit(tmp_path: Path) -> 
     require_kvm()
     kernel = _multiboot_kernel(tmp_path, "")
     with Machine(MachineConfig(memory_size=32 * layout.MIB)) as machine:
-        machine.add_device("isa-debug-exit,iobase=0xf4,iosize=0x4")
+        machine.add_device_option("isa-debug-exit,iobase=0xf4,iosize=0x4")
         report = machine.boot(MultibootBoot(kernel, "x"), cache_dir=tmp_path)
         assert report.plan is None
         outcome = machine.run(30)

@@ -72,7 +72,7 @@ def _machine(
 ) -> Machine:
     machine = Machine(MachineConfig(memory_size=16 * layout.MIB, cpus=cpus))
     machines.append(machine)
-    machine.add_device("isa-debug-exit,iobase=0xf4,iosize=0x4")
+    machine.add_device_option("isa-debug-exit,iobase=0xf4,iosize=0x4")
     machine.write_memory(LOAD_ADDRESS, program.code)
     machine.enter(EntryState("long64", program.symbols[bsp]))
     if ap is not None:
@@ -281,5 +281,7 @@ def test_pause_from_a_vcpu_thread_is_an_error_not_a_hang(
     machine.enter(EntryState("long64", guest.symbols["entry"]))
     machine.add_pio_device(0x80, 1, PausingDevice(machine), "pausing")
     outcome = machine.run(30)
-    assert isinstance(outcome.error, MachineStateError), outcome
+    assert outcome.error is not None, outcome
+    assert isinstance(outcome.error.__cause__, MachineStateError), outcome
+    assert "'pausing' failed on a 1-byte write" in outcome.reason
     assert "from a vCPU's thread" in outcome.reason

@@ -146,7 +146,7 @@ def test_one_bad_device_state_restores_nothing(
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: s.pop("uart"), r"^machine state: <top>: no state for device\(s\) uart$"),
+        (lambda s: s.pop("com1"), r"^machine state: <top>: no state for device\(s\) com1$"),
         (lambda s: s.update(gpu={}), r"^machine state: <top>: state for unknown device\(s\) gpu$"),
     ],
 )

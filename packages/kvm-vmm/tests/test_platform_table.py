@@ -139,10 +139,10 @@ def test_the_machine_refuses_a_device_on_a_board_port() -> None:
     require_kvm()
     with Machine(MachineConfig(memory_size=4 * layout.MIB)) as machine:
         with pytest.raises(ResourceConflict, match="overlaps com1"):
-            machine.add_device("isa-debug-exit,iobase=0x3f8,iosize=1")
-        machine.add_device("isa-debug-exit")
+            machine.add_device_option("isa-debug-exit,iobase=0x3f8,iosize=1")
+        machine.add_device_option("isa-debug-exit")
         assert machine.platform.table.entry("isa-debug-exit").windows == (
             pio(0xF4, 4, "isa-debug-exit"),
         )
-        machine.add_device("isa-debug-exit,iobase=0x500,iosize=1")
+        machine.add_device_option("isa-debug-exit,iobase=0x500,iosize=1")
         assert "isa-debug-exit#2" in machine.platform.table.entries

@@ -128,7 +128,7 @@ def echo_machine() -> Iterator[Machine]:
     require_kvm()
     program = assemble_program(ECHO, origin=LOAD_ADDRESS)
     with Machine(MachineConfig(memory_size=16 * layout.MIB)) as machine:
-        machine.add_device("isa-debug-exit,iobase=0xf4,iosize=0x4")
+        machine.add_device_option("isa-debug-exit,iobase=0xf4,iosize=0x4")
         machine.write_memory(LOAD_ADDRESS, program.code)
         machine.enter(EntryState("long64", program.symbols["entry"]))
         yield machine

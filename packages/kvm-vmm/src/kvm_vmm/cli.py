@@ -43,7 +43,7 @@ from kvm_vmm.console import (
     start_stdin_reader,
 )
 from kvm_vmm.debian import AssetsUnavailable, default_progress
-from kvm_vmm.devices import DeviceSpecError
+from kvm_vmm.device_options import DeviceSpecError
 from kvm_vmm.fast_boot import with_switches
 from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
 from kvm_vmm.loaders import LoaderError, default_cache_dir
@@ -233,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--symbols {args.symbols}: {error.strerror}") from None
             _say(args, f"{count} symbols from {args.symbols}")
         for spec in args.device:
-            machine.add_device(spec)
+            machine.add_device_option(spec)
         # Only input that is known good is worth a download.
         description = DemoBoot() if tiny else _describe_boot(args, cache_dir)
         _tell_boot(args, machine.boot(description, cache_dir=cache_dir))

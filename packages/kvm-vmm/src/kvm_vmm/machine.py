@@ -18,29 +18,34 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Mapping as ReadOnlyMapping
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, cast
 
 import kvmfast
 from kvm_devices.debug_exit import DebugExit
-from kvm_devices.interfaces import ByteSink, Device
+from kvm_devices.interfaces import ByteSink, Device, Snapshottable
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi_placement import place_acpi_tables
+from kvm_vmm.added_devices import AddedDevice, AutoIrq, DeviceAccessError, GuardedDevice
 from kvm_vmm.boot import BootDescription, BootReport, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
 from kvm_vmm.cpuid import cpuid_for_vcpu
-from kvm_vmm.devices import add_device
+from kvm_vmm.device_options import add_device_option
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
 from kvm_vmm.layout import Region
 from kvm_vmm.loaders import default_cache_dir
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
+from kvm_vmm.machine_state import restore_machine_state, save_machine_state
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
-from kvm_vmm.platform_table import Window
+from kvm_vmm.platform_table import AddressSpace, Window
+from kvm_vmm.resources import ResourceError
 from kvm_vmm.serial_console import SerialConsole
 from kvm_vmm.statistics import run_statistics
 
@@ -74,6 +79,13 @@ class MachineConfigError(ValueError):
 
 class MachineStateError(RuntimeError):
     """A lifecycle call the machine's state does not allow (pause() before start()...)."""
+
+
+class NotSnapshottable(TypeError):
+    """save_state()/restore_state() on a machine with a device that cannot save its state."""
+
+
+SNAPSHOT_METHODS = ("save_state", "check_state", "restore_state", "save", "restore")
 
 
 class MachineState(enum.Enum):
@@ -161,6 +173,9 @@ class Machine:
             cpus=config.cpus,
         )
         self.serial.connect(self.platform.uart.receive)
+        self._devices: dict[str, object] = self.platform.models()
+        self._added: dict[str, object] = {}  # add_device()'s and --device's, in order
+        self.devices: ReadOnlyMapping[str, object] = MappingProxyType(self._devices)
         for mapping in self.platform.mappings:
             self.map_device(mapping)
         supported = self.kvm.supported_cpuid()
@@ -181,20 +196,82 @@ class Machine:
         else:
             self.vm.add_mmio(mapping.base, mapping.length, mapping.device)
 
+    def add_device(
+        self,
+        device: Device,
+        *,
+        name: str,
+        pio: tuple[int, int] | None = None,
+        mmio: tuple[int, int] | None = None,
+        irq: int | AutoIrq | None = None,
+    ) -> AddedDevice:
+        """Put ``device`` (anything with read(offset, size) and write(offset, size,
+        value)) at ``pio=(port, length)`` or ``mmio=(address, length)`` under ``name``,
+        before start(). ``irq``: an ISA IRQ (0-15) of its own, "auto" for the lowest free
+        one, or None. A name, range or IRQ already taken is refused
+        (:class:`~kvm_vmm.resources.ResourceConflict`) and nothing is added.
+
+        The device is then ``machine.devices[name]``, named in stats(), and saved by
+        save_state() if it has the Snapshottable methods. An exception it raises ends
+        the run: the outcome (status 1) names the device, the address and the access.
+        """
+        space: AddressSpace
+        if pio is not None and mmio is None:
+            space, (base, length) = "pio", pio
+        elif mmio is not None and pio is None:
+            space, (base, length) = "mmio", mmio
+        else:
+            raise MachineConfigError(f"device {name!r}: give exactly one of pio= and mmio=")
+        window = Window(space, base, length, name)
+        line = None
+        with self._cond:
+            self._require("add_device()", MachineState.CREATED)
+        irqs = self.platform.table.irqs
+        if irq == "auto":
+            irq = irqs.free_isa(name)
+        elif irq is not None and not 0 <= irq < board.ISA_IRQS:
+            raise ResourceError(f"{name}: IRQ {irq} is not an ISA IRQ (0-{board.ISA_IRQS - 1})")
+        self._attach(device, name, [(window, device)], () if irq is None else (irq,))
+        if irq is not None:
+            line = self.platform.isa_line(irq)
+        return AddedDevice(name, device, window, irq, line)
+
+    def add_device_windows(
+        self, model: object, name: str, windows: Sequence[tuple[Window, Device]]
+    ) -> str:
+        """A device of several windows (one model per window, ``model`` the whole), under
+        ``name`` or the first free ``name#n``; its name is returned."""
+        with self._cond:
+            self._require("add_device_windows()", MachineState.CREATED)
+        name = self.platform.table.unused_name(name)
+        self._attach(model, name, windows, ())
+        return name
+
     def add_pio_device(self, base: int, length: int, device: Device, name: str) -> None:
-        self._add_device(Window("pio", base, length, name), device)
+        self.add_device_windows(device, name, [(Window("pio", base, length, name), device)])
 
     def add_mmio_device(self, base: int, length: int, device: Device, name: str) -> None:
-        self._add_device(Window("mmio", base, length, name), device)
+        self.add_device_windows(device, name, [(Window("mmio", base, length, name), device)])
 
-    def _add_device(self, window: Window, device: Device) -> None:
-        """Register the window in the platform table (which refuses overlaps), then map it."""
-        self.platform.table.add(self.platform.table.unused_name(window.name), (window,))
-        self.map_device(Mapping(window.space, window.base, window.length, device, window.name))
+    def _attach(
+        self,
+        model: object,
+        name: str,
+        windows: Sequence[tuple[Window, Device]],
+        irqs: tuple[int, ...],
+    ) -> None:
+        """Register the windows in the platform table (which refuses a taken name, range
+        or line), then map each window, guarded (kvm_vmm.added_devices)."""
+        self.platform.table.add(name, tuple(window for window, _ in windows), irqs)
+        for window, device in windows:
+            guarded = GuardedDevice(name, window, device)
+            self.map_device(Mapping(window.space, window.base, window.length, guarded, name))
+        self._devices[name] = model
+        self._added[name] = model
 
-    def add_device(self, spec: str) -> DebugExit | PcTestdev:
-        """An optional device in QEMU's --device spelling (see kvm_vmm.devices)."""
-        return add_device(self, spec)
+    def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
+        """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
+        return add_device_option(self, spec)[1]
 
     def set_isa_irq(self, irq: int, level: bool) -> None:
         self.platform.isa_line(irq).set_level(level)
@@ -439,7 +516,7 @@ class Machine:
             except kvmfast.TripleFault as error:
                 self.finish(Outcome(1, f"vCPU {index}: triple fault", error))
                 return
-            except kvmfast.GuestStop as error:
+            except (kvmfast.GuestStop, DeviceAccessError) as error:
                 self.finish(Outcome(1, f"vCPU {index}: {error}", error))
                 return
             except Exception as error:
@@ -494,6 +571,44 @@ class Machine:
             positions.append(f"vCPU {index}: RIP {rip:#x}{where} CPL {cs & 3}")
         return positions
 
+    def save_state(self) -> dict[str, object]:
+        """Every device's state by its name in ``devices`` (the interrupt controllers'
+        included: the wiring has no state of its own, kvm_vmm.machine_state), as data
+        ``json.dumps`` takes; before start(), while paused, or after the run.
+
+        A device added with add_device() is saved if it has the Snapshottable methods
+        (kvm_devices.interfaces); one without them is refused with
+        :class:`NotSnapshottable` naming it, rather than left out of a state that would
+        then not restore the machine. The vCPUs and RAM are not part of it."""
+        with self._cond:
+            self._require(
+                "save_state()", MachineState.CREATED, MachineState.PAUSED, MachineState.FINISHED
+            )
+        return save_machine_state(self.platform, self._snapshottable("save_state()"))
+
+    def restore_state(self, state: object) -> None:
+        """Restore what save_state() gave, on a machine built with the same config and
+        devices, before start() or while paused: all or nothing (a
+        :class:`~kvm_devices.snapshot.StateError` naming the device and field changes
+        nothing). The IOAPIC's routes reach KVM again from the restored IOAPIC."""
+        with self._cond:
+            self._require("restore_state()", MachineState.CREATED, MachineState.PAUSED)
+        restore_machine_state(self.platform, state, self._snapshottable("restore_state()"))
+
+    def _snapshottable(self, call: str) -> dict[str, Snapshottable[Any]]:
+        unable = [
+            name
+            for name, model in self._added.items()
+            if not all(callable(getattr(model, method, None)) for method in SNAPSHOT_METHODS)
+        ]
+        if unable:
+            raise NotSnapshottable(
+                f"{call}: device(s) {', '.join(map(repr, unable))} cannot save their state"
+                f" (no {'/'.join(SNAPSHOT_METHODS)}: kvm_devices.interfaces.Snapshottable)"
+            )
+        # Checked above: each has the protocol's methods (it is not runtime-checkable).
+        return cast(dict[str, Snapshottable[Any]], dict(self._added))
+
     def counters(self) -> Counters:
         return self.vm.counters()
 
@@ -508,7 +623,11 @@ class Machine:
         outcome = self.outcome
         return run_statistics(
             self.counters(),
-            {(m.space, m.base): m.name for m in self.platform.mappings},
+            {
+                (window.space, window.base): entry.name
+                for entry in self.platform.table.entries.values()
+                for window in entry.windows
+            },
             None if outcome is None else outcome.reason,
             (now if finished is None else finished) - started,
             self.serial.milestones(started),

@@ -1,7 +1,7 @@
 """The platform's device state as one JSON-able dict, saved and restored all or nothing.
 
 Every device of the platform (and each optional device the machine added) saves its
-state under its name (:func:`platform_devices`); :func:`restore_machine_state` checks
+state under its platform-table name (:func:`platform_devices`); :func:`restore_machine_state` checks
 every part first and changes nothing if any is wrong (one
 :class:`~kvm_devices.snapshot.StateError` naming the device, the field path and the
 problem), then restores them, the interrupt controllers first so that the sources'
@@ -33,7 +33,8 @@ WHOLE = "machine"
 def platform_devices(
     platform: Platform, extra: Mapping[str, Snapshottable[Any]] | None = None
 ) -> dict[str, Snapshottable[Any]]:
-    """Every device whose state the machine saves, by name, in restore order.
+    """Every device whose state the machine saves, by its platform-table name, in
+    restore order.
 
     The interrupt controllers come first (see the module documentation); port 61h's
     state is part of the PIT's.
@@ -42,11 +43,11 @@ def platform_devices(
         "pic": platform.pic,
         "ioapic": platform.ioapic,
         "pit": platform.pit,
-        "uart": platform.uart,
+        "com1": platform.uart,
         "rtc": platform.rtc,
         "i8042": platform.i8042,
-        "acpi_pm": platform.acpi_pm,
-        "reset_port": platform.reset_port,
+        "acpi-pm": platform.acpi_pm,
+        "reset": platform.reset_port,
         "fw_cfg": platform.fw_cfg,
     }
     for name, device in (extra or {}).items():

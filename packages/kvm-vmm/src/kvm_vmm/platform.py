@@ -65,6 +65,21 @@ class Platform:
     table: PlatformTable
     mappings: list[Mapping] = field(default_factory=list)
 
+    def models(self) -> dict[str, object]:
+        """Each device of the platform table under its table name."""
+        return {
+            "pic": self.pic,
+            "pit": self.pit,
+            "port61": self.port61,
+            "com1": self.uart,
+            "rtc": self.rtc,
+            "i8042": self.i8042,
+            "acpi-pm": self.acpi_pm,
+            "reset": self.reset_port,
+            "fw_cfg": self.fw_cfg,
+            "ioapic": self.ioapic,
+        }
+
     def isa_line(self, irq: int) -> IsaIrqLine:
         return IsaIrqLine(irq, self.pic, self.ioapic)
 
@@ -118,6 +133,10 @@ def build_platform(
         "fw_cfg": fw_cfg,
         "ioapic": ioapic,
     }
+    if set(platform.models()) != set(table.entries):
+        raise AssertionError(
+            f"platform table devices {sorted(table.entries)} != models {sorted(platform.models())}"
+        )
     windows = table.windows()
     # A window without its model, or a model without a window, is a bug here: fail
     # while the machine is built, not at the guest's first access.

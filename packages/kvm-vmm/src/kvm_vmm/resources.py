@@ -47,16 +47,22 @@ class IrqAllocator:
 
     def allocate_isa(self, owner: str) -> int:
         """The lowest free ISA IRQ."""
+        return self.claim(self.free_isa(owner), owner)
+
+    def free_isa(self, owner: str) -> int:
+        """The ISA IRQ allocate_isa() would give, left free (for a caller that claims
+        it together with the rest of a device)."""
         return self._first_free(range(self.isa_irqs), owner, "ISA IRQ")
 
     def allocate_gsi(self, owner: str) -> int:
         """The lowest free IOAPIC pin above the ISA IRQs."""
-        return self._first_free(range(self.isa_irqs, self.pins), owner, "IOAPIC pin above ISA")
+        lines = range(self.isa_irqs, self.pins)
+        return self.claim(self._first_free(lines, owner, "IOAPIC pin above ISA"), owner)
 
     def _first_free(self, lines: range, owner: str, kind: str) -> int:
         for line in lines:
             if line not in self.owners:
-                return self.claim(line, owner)
+                return line
         raise ResourceExhausted(
             f"{owner}: no free {kind} left (all of {lines.start}..{lines.stop - 1} taken)"
         )

@@ -7,12 +7,14 @@ QEMU command line carries over unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import Device
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_vmm.platform_table import Window, pio
 
 
 class DeviceSpecError(ValueError):
@@ -22,9 +24,9 @@ class DeviceSpecError(ValueError):
 class DeviceHost(Protocol):
     """What an optional device needs of the machine."""
 
-    def add_pio_device(self, base: int, length: int, device: Device, name: str) -> None: ...
-
-    def add_mmio_device(self, base: int, length: int, device: Device, name: str) -> None: ...
+    def add_device_windows(
+        self, model: object, name: str, windows: Sequence[tuple[Window, Device]]
+    ) -> str: ...
 
     def set_isa_irq(self, irq: int, level: bool) -> None: ...
 
@@ -73,8 +75,9 @@ def _number(spec: DeviceSpec, key: str, default: int, limit: int) -> int:
     return value
 
 
-def add_device(host: DeviceHost, text: str) -> DebugExit | PcTestdev:
-    """Create the device a --device value names and map it into ``host``."""
+def add_device_option(host: DeviceHost, text: str) -> tuple[str, DebugExit | PcTestdev]:
+    """Create the device a --device value names and map it into ``host``; its name in
+    the platform table (``isa-debug-exit``, ``isa-debug-exit#2``...) and the device."""
     spec = parse_device_spec(text)
     if spec.name == "isa-debug-exit":
         iobase = _number(spec, "iobase", DebugExit.BASE, 0xFFFF)
@@ -82,21 +85,23 @@ def add_device(host: DeviceHost, text: str) -> DebugExit | PcTestdev:
         if iosize == 0:
             raise DeviceSpecError("--device isa-debug-exit: iosize must be at least 1")
         debug_exit = DebugExit(host.debug_exit, size=iosize)
-        host.add_pio_device(iobase, iosize, debug_exit, "isa-debug-exit")
-        return debug_exit
+        window = pio(iobase, iosize, "isa-debug-exit")
+        return host.add_device_windows(debug_exit, spec.name, [(window, debug_exit)]), debug_exit
     testdev = PcTestdev(host.set_isa_irq)
-    host.add_pio_device(
-        PcTestdev.BASE_SCRATCH, PcTestdev.SCRATCH_SIZE, testdev.scratch_port, "testdev-scratch"
-    )
-    host.add_pio_device(
-        PcTestdev.BASE_FLUSH, PcTestdev.FLUSH_SIZE, testdev.flush_port, "testdev-flush"
-    )
-    host.add_pio_device(
-        PcTestdev.BASE_SCRATCH_BYTE,
-        PcTestdev.SCRATCH_BYTE_SIZE,
-        testdev.scratch_byte_port,
-        "testdev-scratch8",
-    )
-    host.add_pio_device(PcTestdev.BASE_IRQ, PcTestdev.IRQ_SIZE, testdev.irq_ports, "testdev-irq")
-    host.add_mmio_device(PcTestdev.BASE_IOMEM, PcTestdev.IOMEM_SIZE, testdev.iomem, "testdev-iomem")
-    return testdev
+    windows: list[tuple[Window, Device]] = [
+        (
+            pio(PcTestdev.BASE_SCRATCH, PcTestdev.SCRATCH_SIZE, "testdev-scratch"),
+            testdev.scratch_port,
+        ),
+        (pio(PcTestdev.BASE_FLUSH, PcTestdev.FLUSH_SIZE, "testdev-flush"), testdev.flush_port),
+        (
+            pio(PcTestdev.BASE_SCRATCH_BYTE, PcTestdev.SCRATCH_BYTE_SIZE, "testdev-scratch8"),
+            testdev.scratch_byte_port,
+        ),
+        (pio(PcTestdev.BASE_IRQ, PcTestdev.IRQ_SIZE, "testdev-irq"), testdev.irq_ports),
+        (
+            Window("mmio", PcTestdev.BASE_IOMEM, PcTestdev.IOMEM_SIZE, "testdev-iomem"),
+            testdev.iomem,
+        ),
+    ]
+    return host.add_device_windows(testdev, spec.name, windows), testdev
