@@ -26,6 +26,7 @@ def test_every_public_name_is_exported_and_documented_in_the_readme() -> None:
         assert f"`{name}" in readme or f"{name}(" in readme, f"{name} is not in the README"
     expected = {"Machine", "MachineConfig", "Outcome", "LinuxBoot", "MultibootBoot"}
     expected |= {"default_guest", "MachineStateError", "ConsoleTimeout"}
+    expected |= {"AddedDevice", "DeviceAccessError", "NotSnapshottable"}
     assert expected <= set(kvm_vmm.__all__)
 
 

@@ -3,10 +3,13 @@
 The library first: build a :class:`Machine` from a :class:`MachineConfig`, boot a
 description (:class:`LinuxBoot`, :class:`MultibootBoot`, :func:`default_guest`),
 then start, pause, resume, stop and wait; talk to the guest through
-``machine.serial``; read ``machine.stats()``. The ``kvm-vmm`` command is a front
+``machine.serial``; read ``machine.stats()``; reach every device by name in
+``machine.devices``, add your own with ``machine.add_device()``, save and restore
+their state with ``machine.save_state()`` / ``restore_state()``. The ``kvm-vmm`` command is a front
 end to the same calls (kvm_vmm.cli).
 """
 
+from kvm_vmm.added_devices import AddedDevice, DeviceAccessError
 from kvm_vmm.boot import (
     BootDescription,
     BootReport,
@@ -22,6 +25,7 @@ from kvm_vmm.machine import (
     MachineConfigError,
     MachineState,
     MachineStateError,
+    NotSnapshottable,
     Outcome,
 )
 from kvm_vmm.milestones import Milestone
@@ -30,10 +34,12 @@ from kvm_vmm.serial_console import ConsoleTimeout, SerialConsole
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddedDevice",
     "BootDescription",
     "BootReport",
     "ConsoleTimeout",
     "DemoBoot",
+    "DeviceAccessError",
     "LinuxBoot",
     "Machine",
     "MachineConfig",
@@ -42,6 +48,7 @@ __all__ = [
     "MachineStateError",
     "Milestone",
     "MultibootBoot",
+    "NotSnapshottable",
     "Outcome",
     "SerialConsole",
     "default_guest",
