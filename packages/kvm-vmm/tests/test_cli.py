@@ -58,6 +58,10 @@ def test_isa_debug_exit_status_is_qemus(tmp_path: Path) -> None:
         (["demo", "--tiny", "--serial", "tcp:1234"], "--serial"),
         (["demo", "--tiny", "--device", "virtio-net"], "unknown device 'virtio-net'"),
         (["demo", "--tiny", "--device", "isa-debug-exit,iobase=zz"], "iobase='zz'"),
+        (
+            ["demo", "--tiny", "--device", "isa-debug-exit,iobase=0x3f8,iosize=1"],
+            "isa-debug-exit: pio [0x3f8, 0x3f9) overlaps com1",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_status_2(args: list[str], message: str) -> None:

@@ -50,6 +50,7 @@ from kvm_vmm.loaders import LoaderError, default_cache_dir
 from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
+from kvm_vmm.resources import ResourceError
 from kvmfast.assembler import AssemblerMissing
 
 USAGE_ERROR = 2
@@ -195,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         UsageError,
         SerialSpecError,
         DeviceSpecError,
+        ResourceError,
         MachineConfigError,
         LoaderError,
         AssetsUnavailable,
