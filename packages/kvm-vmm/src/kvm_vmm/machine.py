@@ -4,7 +4,8 @@ It is the only module that knows both KVM (through kvmfast) and the device
 models. Guests are loaded by :mod:`kvm_vmm.loaders` (or written raw by tests),
 entered with :mod:`kvm_vmm.cpu_setup`, and run with one thread per vCPU until
 the first event that ends the run: power-off, reset, a debug-exit write, a
-triple fault, an instruction nobody can complete, or a stop from the host.
+triple fault, an instruction nobody can complete, an exception of a device the
+user added (kvm_vmm.added_devices), or a stop from the host.
 
 Lifecycle: ``created --start()--> running --pause()--> paused --resume()-->
 running``; ``stop()`` (or the guest) ends the run: ``finished``; ``close()``:
