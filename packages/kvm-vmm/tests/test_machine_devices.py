@@ -324,6 +324,15 @@ def test_a_taken_name_range_or_line_is_refused_and_nothing_is_added(
         machine.add_device(registers, name="mine", pio=(0x3E0, 1), mmio=(REGS_BASE, 4))
     with pytest.raises(MachineConfigError, match="exactly one of pio= and mmio="):
         machine.add_device(registers, name="mine")
+    # Where KVM would never exit to the device: RAM, the in-kernel LAPIC, past port 0xFFFF.
+    with pytest.raises(
+        ResourceConflict, match=r"^mine: mmio \[0xfff000, 0x1001000\) overlaps guest"
+    ):
+        machine.add_device(registers, name="mine", mmio=(0xFFF000, 0x2000))
+    with pytest.raises(ResourceConflict, match=r"overlaps the local APICs \[0xfee00000, "):
+        machine.add_device(registers, name="mine", mmio=(0xFEE00800, 4))
+    with pytest.raises(ResourceError, match=r"^mine: pio \[0xfffe, 0x10002\) is outside the port"):
+        machine.add_device(registers, name="mine", pio=(0xFFFE, 4))
     assert "mine" not in machine.devices and "mine" not in table.entries
     assert FREE_ISA_IRQ not in table.irqs.owners
     machine.add_device(registers, name="mine", mmio=(REGS_BASE, 0x1000), irq=FREE_ISA_IRQ)

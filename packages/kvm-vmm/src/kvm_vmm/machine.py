@@ -46,7 +46,7 @@ from kvm_vmm.machine_state import restore_machine_state, save_machine_state
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Window
-from kvm_vmm.resources import ResourceError
+from kvm_vmm.resources import ResourceConflict, ResourceError
 from kvm_vmm.serial_console import SerialConsole
 from kvm_vmm.statistics import run_statistics
 
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from kvmfast._native import Counters
 
 MIN_MEMORY = 2 * layout.MIB
+PORT_SPACE = 0x10000
+LAPIC_SIZE = 0x1000  # the xAPIC register page (Intel SDM Vol. 3A 11.4.1)
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 
@@ -224,17 +226,14 @@ class Machine:
         else:
             raise MachineConfigError(f"device {name!r}: give exactly one of pio= and mmio=")
         window = Window(space, base, length, name)
-        line = None
         with self._cond:
             self._require("add_device()", MachineState.CREATED)
-        irqs = self.platform.table.irqs
         if irq == "auto":
-            irq = irqs.free_isa(name)
+            irq = self.platform.table.irqs.free_isa(name)
         elif irq is not None and not 0 <= irq < board.ISA_IRQS:
             raise ResourceError(f"{name}: IRQ {irq} is not an ISA IRQ (0-{board.ISA_IRQS - 1})")
         self._attach(device, name, [(window, device)], () if irq is None else (irq,))
-        if irq is not None:
-            line = self.platform.isa_line(irq)
+        line = None if irq is None else self.platform.isa_line(irq)
         return AddedDevice(name, device, window, irq, line)
 
     def add_device_windows(
@@ -263,12 +262,33 @@ class Machine:
     ) -> None:
         """Register the windows in the platform table (which refuses a taken name, range
         or line), then map each window, guarded (kvm_vmm.added_devices)."""
+        for window, _ in windows:
+            self._check_decodable(window)
         self.platform.table.add(name, tuple(window for window, _ in windows), irqs)
         for window, device in windows:
             guarded = GuardedDevice(name, window, device)
             self.map_device(Mapping(window.space, window.base, window.length, guarded, name))
         self._devices[name] = model
         self._added[name] = model
+
+    def _check_decodable(self, window: Window) -> None:
+        """Refuse a window whose accesses would never reach its device: past the 64 KiB
+        port space, or where KVM answers MMIO itself (guest RAM, the in-kernel LAPICs)."""
+        if window.space == "pio":
+            if window.base < 0 or window.end > PORT_SPACE:
+                raise ResourceError(
+                    f"{window.name}: pio [{window.base:#x}, {window.end:#x}) is outside"
+                    f" the port space [0, {PORT_SPACE:#x})"
+                )
+            return
+        taken = [(r.start, r.end, "guest RAM") for r in layout.ram_regions(self.config.memory_size)]
+        taken.append((board.LAPIC_ADDRESS, board.LAPIC_ADDRESS + LAPIC_SIZE, "the local APICs"))
+        for start, end, what in taken:
+            if window.base < end and start < window.end:
+                raise ResourceConflict(
+                    f"{window.name}: mmio [{window.base:#x}, {window.end:#x}) overlaps {what}"
+                    f" [{start:#x}, {end:#x})"
+                )
 
     def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
