@@ -20,10 +20,11 @@ def run_statistics(
     milestones: Iterable[Milestone],
 ) -> dict[str, object]:
     """Exits by reason and by device (``device_names`` maps (space, base) to a name;
-    an unnamed range is "pio 0x..."), the other kvmfast counters as they are, the
-    milestones in seconds since the start."""
+    every named device is listed, 0 when the guest never reached it, and an unnamed
+    range is "pio 0x..."), the other kvmfast counters as they are, the milestones in
+    seconds since the start."""
     rest = dict(counters)
-    by_device: dict[str, int] = {}
+    by_device = dict.fromkeys(device_names.values(), 0)
     for space in ("pio", "mmio"):
         per_base = rest.pop(space, {})
         assert isinstance(per_base, dict)
