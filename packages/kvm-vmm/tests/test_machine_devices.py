@@ -216,14 +216,15 @@ class Flaky:
     """Raises on every access, as a buggy device of the user's might."""
 
     answer: object = None
+    error: BaseException = field(default_factory=lambda: ValueError("boom"))
 
     def read(self, offset: int, size: int) -> int:
         if self.answer is None:
-            raise ValueError("boom")
+            raise self.error
         return self.answer  # type: ignore[return-value]
 
     def write(self, offset: int, size: int, value: int) -> None:
-        raise ValueError("boom")
+        raise self.error
 
 
 @pytest.fixture
@@ -384,6 +385,18 @@ def test_a_raising_device_ends_the_run_with_an_error_naming_it_and_the_access(
     assert outcome.error.device == "flaky"
     assert outcome.error.is_write == access.endswith("write")
     assert machine.state is MachineState.FINISHED
+
+
+def test_a_device_that_calls_sys_exit_ends_the_run_too(machines: list[Machine]) -> None:
+    """SystemExit is no Exception: unguarded, it would end the vCPU's thread and leave
+    the machine running without a vCPU."""
+    machine = _machine(machines, "main:\n    mov dx, 0x3E0\n    out dx, al\n    jmp finish\n")
+    machine.add_device_option("isa-debug-exit")
+    machine.add_device(Flaky(error=SystemExit(3)), name="quitter", pio=(BELL_PORT, 1))
+    outcome = machine.run(30)
+    assert outcome.status == 1, outcome
+    assert outcome.reason.startswith("vCPU 0: device 'quitter' failed on a 1-byte write")
+    assert outcome.reason.endswith("(offset 0x0): SystemExit: 3")
 
 
 def test_a_read_that_answers_no_int_is_the_devices_error_too(machines: list[Machine]) -> None:

@@ -58,7 +58,7 @@ class GuardedDevice:
     def read(self, offset: int, size: int) -> int:
         try:
             value = self.device.read(offset, size)
-        except Exception as error:
+        except BaseException as error:  # sys.exit() in a device too: the run must end
             raise DeviceAccessError(self.name, self.window, offset, size, None) from error
         if not isinstance(value, int) or isinstance(value, bool):
             wrong = TypeError(f"read() returned {type(value).__name__}, not an int")
@@ -68,7 +68,7 @@ class GuardedDevice:
     def write(self, offset: int, size: int, value: int) -> None:
         try:
             self.device.write(offset, size, value)
-        except Exception as error:
+        except BaseException as error:  # sys.exit() in a device too: the run must end
             raise DeviceAccessError(self.name, self.window, offset, size, value) from error
 
 
