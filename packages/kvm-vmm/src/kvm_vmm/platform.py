@@ -133,13 +133,13 @@ def build_platform(
         "fw_cfg": fw_cfg,
         "ioapic": ioapic,
     }
+    # A window (or a table entry) without its model, or a model without one, is a bug
+    # here: fail while the machine is built, not at the guest's first access.
     if set(platform.models()) != set(table.entries):
         raise AssertionError(
             f"platform table devices {sorted(table.entries)} != models {sorted(platform.models())}"
         )
     windows = table.windows()
-    # A window without its model, or a model without a window, is a bug here: fail
-    # while the machine is built, not at the guest's first access.
     if {window.name for window in windows} != set(models):
         raise AssertionError(
             f"platform table windows {sorted(w.name for w in windows)}"
