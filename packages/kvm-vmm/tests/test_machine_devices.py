@@ -28,8 +28,8 @@ from kvm_vmm.machine import (
     MachineConfigError,
     MachineState,
     MachineStateError,
-    NotSnapshottable,
 )
+from kvm_vmm.machine_state import NotSnapshottable
 from kvm_vmm.resources import ResourceConflict, ResourceError
 from kvmfast.testing import assemble_program, require_kvm
 

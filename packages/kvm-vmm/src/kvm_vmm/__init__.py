@@ -25,9 +25,9 @@ from kvm_vmm.machine import (
     MachineConfigError,
     MachineState,
     MachineStateError,
-    NotSnapshottable,
     Outcome,
 )
+from kvm_vmm.machine_state import NotSnapshottable
 from kvm_vmm.milestones import Milestone
 from kvm_vmm.serial_console import ConsoleTimeout, SerialConsole
 

@@ -11,13 +11,19 @@ devices are mapped unguarded: they never raise on guest input (kvm_devices.inter
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from kvm_devices.interfaces import Device, InterruptLine
+from kvm_vmm import board
+from kvm_vmm.layout import Region
 from kvm_vmm.platform_table import AddressSpace, Window
+from kvm_vmm.resources import ResourceConflict, ResourceError
 
 AutoIrq = Literal["auto"]
+PORT_SPACE = 0x10000
+LAPIC_SIZE = 0x1000  # the xAPIC register page (Intel SDM Vol. 3A 11.4.1)
 
 
 class DeviceAccessError(RuntimeError):
@@ -85,3 +91,23 @@ class AddedDevice:
     window: Window
     irq: int | None
     line: InterruptLine | None
+
+
+def check_decodable(window: Window, ram: Iterable[Region]) -> None:
+    """Refuse a window whose accesses would never reach its device: past the 64 KiB port
+    space, or where KVM answers MMIO itself (guest RAM, the in-kernel LAPICs)."""
+    if window.space == "pio":
+        if window.base < 0 or window.end > PORT_SPACE:
+            raise ResourceError(
+                f"{window.name}: pio [{window.base:#x}, {window.end:#x}) is outside"
+                f" the port space [0, {PORT_SPACE:#x})"
+            )
+        return
+    taken = [(region.start, region.end, "guest RAM") for region in ram]
+    taken.append((board.LAPIC_ADDRESS, board.LAPIC_ADDRESS + LAPIC_SIZE, "the local APICs"))
+    for start, end, what in taken:
+        if window.base < end and start < window.end:
+            raise ResourceConflict(
+                f"{window.name}: mmio [{window.base:#x}, {window.end:#x}) overlaps {what}"
+                f" [{start:#x}, {end:#x})"
+            )

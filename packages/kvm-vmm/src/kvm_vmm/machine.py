@@ -24,15 +24,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import kvmfast
 from kvm_devices.debug_exit import DebugExit
-from kvm_devices.interfaces import ByteSink, Device, Snapshottable
+from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi_placement import place_acpi_tables
-from kvm_vmm.added_devices import AddedDevice, AutoIrq, DeviceAccessError, GuardedDevice
+from kvm_vmm.added_devices import (
+    AddedDevice,
+    AutoIrq,
+    DeviceAccessError,
+    GuardedDevice,
+    check_decodable,
+)
 from kvm_vmm.boot import BootDescription, BootReport, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
@@ -42,11 +48,11 @@ from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
 from kvm_vmm.layout import Region
 from kvm_vmm.loaders import default_cache_dir
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
-from kvm_vmm.machine_state import restore_machine_state, save_machine_state
+from kvm_vmm.machine_state import restore_machine_state, save_machine_state, snapshottable
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Window
-from kvm_vmm.resources import ResourceConflict, ResourceError
+from kvm_vmm.resources import ResourceError
 from kvm_vmm.serial_console import SerialConsole
 from kvm_vmm.statistics import run_statistics
 
@@ -54,8 +60,6 @@ if TYPE_CHECKING:
     from kvmfast._native import Counters
 
 MIN_MEMORY = 2 * layout.MIB
-PORT_SPACE = 0x10000
-LAPIC_SIZE = 0x1000  # the xAPIC register page (Intel SDM Vol. 3A 11.4.1)
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 
@@ -82,13 +86,6 @@ class MachineConfigError(ValueError):
 
 class MachineStateError(RuntimeError):
     """A lifecycle call the machine's state does not allow (pause() before start()...)."""
-
-
-class NotSnapshottable(TypeError):
-    """save_state()/restore_state() on a machine with a device that cannot save its state."""
-
-
-SNAPSHOT_METHODS = ("save_state", "check_state", "restore_state", "save", "restore")
 
 
 class MachineState(enum.Enum):
@@ -263,32 +260,13 @@ class Machine:
         """Register the windows in the platform table (which refuses a taken name, range
         or line), then map each window, guarded (kvm_vmm.added_devices)."""
         for window, _ in windows:
-            self._check_decodable(window)
+            check_decodable(window, layout.ram_regions(self.config.memory_size))
         self.platform.table.add(name, tuple(window for window, _ in windows), irqs)
         for window, device in windows:
             guarded = GuardedDevice(name, window, device)
             self.map_device(Mapping(window.space, window.base, window.length, guarded, name))
         self._devices[name] = model
         self._added[name] = model
-
-    def _check_decodable(self, window: Window) -> None:
-        """Refuse a window whose accesses would never reach its device: past the 64 KiB
-        port space, or where KVM answers MMIO itself (guest RAM, the in-kernel LAPICs)."""
-        if window.space == "pio":
-            if window.base < 0 or window.end > PORT_SPACE:
-                raise ResourceError(
-                    f"{window.name}: pio [{window.base:#x}, {window.end:#x}) is outside"
-                    f" the port space [0, {PORT_SPACE:#x})"
-                )
-            return
-        taken = [(r.start, r.end, "guest RAM") for r in layout.ram_regions(self.config.memory_size)]
-        taken.append((board.LAPIC_ADDRESS, board.LAPIC_ADDRESS + LAPIC_SIZE, "the local APICs"))
-        for start, end, what in taken:
-            if window.base < end and start < window.end:
-                raise ResourceConflict(
-                    f"{window.name}: mmio [{window.base:#x}, {window.end:#x}) overlaps {what}"
-                    f" [{start:#x}, {end:#x})"
-                )
 
     def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
@@ -605,7 +583,7 @@ class Machine:
             self._require(
                 "save_state()", MachineState.CREATED, MachineState.PAUSED, MachineState.FINISHED
             )
-        return save_machine_state(self.platform, self._snapshottable("save_state()"))
+        return save_machine_state(self.platform, snapshottable(self._added, "save_state()"))
 
     def restore_state(self, state: object) -> None:
         """Restore what save_state() gave, on a machine built with the same config and
@@ -614,21 +592,7 @@ class Machine:
         nothing). The IOAPIC's routes reach KVM again from the restored IOAPIC."""
         with self._cond:
             self._require("restore_state()", MachineState.CREATED, MachineState.PAUSED)
-        restore_machine_state(self.platform, state, self._snapshottable("restore_state()"))
-
-    def _snapshottable(self, call: str) -> dict[str, Snapshottable[Any]]:
-        unable = [
-            name
-            for name, model in self._added.items()
-            if not all(callable(getattr(model, method, None)) for method in SNAPSHOT_METHODS)
-        ]
-        if unable:
-            raise NotSnapshottable(
-                f"{call}: device(s) {', '.join(map(repr, unable))} cannot save their state"
-                f" (no {'/'.join(SNAPSHOT_METHODS)}: kvm_devices.interfaces.Snapshottable)"
-            )
-        # Checked above: each has the protocol's methods (it is not runtime-checkable).
-        return cast(dict[str, Snapshottable[Any]], dict(self._added))
+        restore_machine_state(self.platform, state, snapshottable(self._added, "restore_state()"))
 
     def counters(self) -> Counters:
         return self.vm.counters()

@@ -21,13 +21,36 @@ machine's business.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from kvm_devices.interfaces import Snapshottable
 from kvm_devices.snapshot import StateError
 from kvm_vmm.platform import Platform
 
 WHOLE = "machine"
+SNAPSHOT_METHODS = ("save_state", "check_state", "restore_state", "save", "restore")
+
+
+class NotSnapshottable(TypeError):
+    """A machine's state asked for while one of its devices cannot save its own."""
+
+
+def snapshottable(devices: Mapping[str, object], call: str) -> dict[str, Snapshottable[Any]]:
+    """``devices`` as Snapshottables, or :class:`NotSnapshottable` naming each one
+    without the protocol's methods: a state that left it out would not restore the
+    machine, so it is refused rather than skipped."""
+    unable = [
+        name
+        for name, device in devices.items()
+        if not all(callable(getattr(device, method, None)) for method in SNAPSHOT_METHODS)
+    ]
+    if unable:
+        raise NotSnapshottable(
+            f"{call}: device(s) {', '.join(map(repr, unable))} cannot save their state"
+            f" (no {'/'.join(SNAPSHOT_METHODS)}: kvm_devices.interfaces.Snapshottable)"
+        )
+    # Checked above, method by method: the protocol is not runtime-checkable.
+    return cast(dict[str, Snapshottable[Any]], dict(devices))
 
 
 def platform_devices(
