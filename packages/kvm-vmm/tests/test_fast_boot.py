@@ -171,7 +171,10 @@ def test_stats_report_exits_by_device_and_milestones(tmp_path: Path) -> None:
     """--stats on the tiny demo: it prints on COM1 and powers off through ACPI PM."""
     require_kvm()
     result = subprocess.run(
-        [sys.executable, "-m", "kvm_vmm.cli", "demo", "--tiny", "--serial", "null", "--stats"],
+        [
+            *(sys.executable, "-m", "kvm_vmm.cli", "demo", "--tiny", "--serial", "null"),
+            *("--stats", "--device", "pc-testdev", "--device", "isa-debug-exit"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -182,6 +185,10 @@ def test_stats_report_exits_by_device_and_milestones(tmp_path: Path) -> None:
     assert stats["outcome"] == "guest powered off"
     assert stats["exits_by_device"]["com1"] > 0
     assert stats["exits_by_device"]["acpi-pm"] >= 1
+    # Every device is named, the --device ones (which this guest never touches) too.
+    assert stats["exits_by_device"]["pc-testdev"] == 0
+    assert stats["exits_by_device"]["isa-debug-exit"] == 0
+    assert {"com1", "pic", "ioapic", "pit", "rtc", "fw_cfg"} <= set(stats["exits_by_device"])
     assert sum(stats["exits_by_device"].values()) == stats["exits"]["io"] + stats["exits"].get(
         "mmio", 0
     )
