@@ -17,7 +17,7 @@ from kvm_devices.uart import Uart16550
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.cpuid import cpuid_for_vcpu
 from kvm_vmm.loaders.image import EntryState
-from kvmfast.testing import assemble
+from kvmfast.assembler import assemble
 
 LOAD_ADDRESS = 0x100000
 CAPITALS_PORT = 0x3E0
