@@ -213,6 +213,21 @@ impl GuestFailure {
     }
 }
 
+/// How a run ended other than with an Exit.
+#[derive(Debug)]
+pub enum RunError {
+    /// A handler raised, or an ioctl failed.
+    Python(PyErr),
+    /// The guest stopped in a way that needs its registers in the exception.
+    Guest(GuestFailure),
+}
+
+impl From<PyErr> for RunError {
+    fn from(err: PyErr) -> Self {
+        Self::Python(err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,10 +10,8 @@ use pyo3::prelude::*;
 use crate::emulate::host_quirks::HostQuirks;
 use crate::emulate::probe;
 use crate::errors::{kvm_error, open_kvm_error};
+use crate::regs::CpuidTuple;
 use crate::vm::Vm;
-
-/// (function, index, flags, eax, ebx, ecx, edx), as Python sees a CPUID entry.
-pub type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
 
 /// An open /dev/kvm.
 #[pyclass(frozen, module = "kvmfast")]

@@ -1,11 +1,13 @@
 //! kvmfast: the Rust core of a split-irqchip VMM, exposed to Python as `kvmfast._native`.
 //!
 //! One module per concern: `kvm` (/dev/kvm), `vm` (memory, routing, irqfd/ioeventfd),
-//! `vcpu` (state ioctls, hooks), `run_loop` + `dispatch` + `exits` (KVM_RUN and what
-//! follows), `address_map` (who owns a port or MMIO range), `kick` (leaving KVM_RUN from
-//! other threads), `extint` (PIC interrupts through KVM_INTERRUPT), `ioevent_loop` (the
-//! eventfd thread), `emulate` (instructions KVM cannot complete), `symbols`, `memory`,
-//! `volatile_copy` (bytes to and from guest RAM and the run page), `counters`, `errors`.
+//! `vcpu` (the Python handle: state ioctls, hooks), `run_loop` (what a vCPU owns and its
+//! KVM_RUN loop) + `dispatch` + `exits` (what follows an exit, how a run ends), `regs`
+//! (register structures as dicts), `address_map` (who owns a port or MMIO range),
+//! `kick` (leaving KVM_RUN from other threads), `extint` (PIC interrupts through
+//! KVM_INTERRUPT), `ioevent_loop` (the eventfd thread), `emulate` (instructions KVM
+//! cannot complete), `symbols`, `memory`, `volatile_copy` (bytes to and from guest RAM
+//! and the run page), `counters`, `errors`. Dependencies run one way, from `kvm` down.
 
 use pyo3::prelude::*;
 

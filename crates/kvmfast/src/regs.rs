@@ -12,6 +12,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+/// (function, index, flags, eax, ebx, ecx, edx), as Python sees a CPUID entry.
+pub type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
+
 /// Builds a dict of the named integer fields of a struct.
 macro_rules! fields_to_dict {
     ($py:expr, $source:expr, { $($name:literal => $field:ident),* $(,)? }) => {{

@@ -4,7 +4,8 @@
 //! only to call a Python handler, the EOI handler, the PIC's acknowledge() or the
 //! trace hook.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
     KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO,
@@ -12,42 +13,89 @@ use kvm_bindings::{
     KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
 use kvm_ioctls::VcpuFd;
+use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use vmm_sys_util::errno;
 
-use crate::counters::exit_name;
+use crate::address_map::AddressMap;
+use crate::counters::{Counters, exit_name};
 use crate::dispatch::{self, Access, Dispatched};
 use crate::emulate::syscall_quirk::{PendingRepair, RepairState};
-use crate::emulate::{Failure, Outcome, Report};
+use crate::emulate::{Emulator, Failure, Outcome, Report};
 use crate::errors::kvm_error;
-use crate::exits::{ExitInfo, GuestFailure, emulation_insn_bytes};
+use crate::exits::{ExitInfo, GuestFailure, RunError, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
+use crate::handlers::Handler;
 use crate::ioctls;
 use crate::kick::{
-    BeforeEntry, REQUEST_LINT1, REQUEST_NMI, REQUEST_PAUSE, REQUEST_SAMPLE, before_entry,
-    with_kick_signal_blocked,
+    BeforeEntry, KickState, REQUEST_LINT1, REQUEST_NMI, REQUEST_PAUSE, REQUEST_SAMPLE,
+    before_entry, with_kick_signal_blocked,
 };
 use crate::lapic;
 use crate::locks;
+use crate::memory::SharedRam;
 use crate::run_page::RunPage;
-use crate::vcpu::VcpuCore;
+use crate::symbols::SharedSymbols;
 
 /// Counted in quirk_repairs when KVM lost a SYSCALL repair and it was applied again.
 const REPAIR_REAPPLIED: &str = "syscall_repair_reapplied";
 
-/// How a run ended other than with an Exit.
-#[derive(Debug)]
-pub enum RunError {
-    /// A handler raised, or an ioctl failed.
-    Python(PyErr),
-    /// The guest stopped in a way that needs its registers in the exception.
-    Guest(GuestFailure),
+/// Python callables the run loop may call; Arc so the loop can take one without the GIL.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    pub eoi: Option<Arc<Py<PyAny>>>,
+    pub extint: Option<Arc<Py<PyAny>>>,
+    pub trace: Option<Arc<Py<PyAny>>>,
 }
 
-impl From<PyErr> for RunError {
-    fn from(err: PyErr) -> Self {
-        Self::Python(err)
+/// Everything a vCPU owns; shared by reference with the run loop.
+pub struct VcpuCore {
+    pub id: u64,
+    pub fd: VcpuFd,
+    pub page: Arc<RunPage>,
+    pub kick: Arc<KickState>,
+    pub map: Arc<AddressMap<Handler>>,
+    pub counters: Arc<Mutex<Counters>>,
+    pub hooks: Mutex<Hooks>,
+    /// Mirrors `hooks.trace.is_some()` so that an untraced exit costs one load.
+    pub trace_enabled: AtomicBool,
+    /// Locked for the whole of run(): the injector's state, and the guard against two
+    /// threads running one vCPU.
+    pub injector: Mutex<ExtintInjector>,
+    /// Guest RAM, read and written when an instruction is completed here.
+    pub ram: Arc<SharedRam>,
+    /// Set when the VM is closed: its RAM is no longer guest memory, so the vCPU must
+    /// not run again (checked before every KVM_RUN; close() kicks it out of one).
+    pub vm_closed: Arc<AtomicBool>,
+    /// Whether emulation failures are completed here (else they end the run).
+    pub emulation_fallback: AtomicBool,
+    pub emulator: Mutex<Emulator>,
+    /// The VM's symbol table, for failure reports.
+    pub symbols: SharedSymbols,
+    /// Whether KVM can sync registers through the run page (turned on at the first
+    /// completion: it costs every exit a little, and saves a completion three ioctls).
+    pub sync_regs: bool,
+    /// A SYSCALL-quirk repair the guest has not yet run from (emulate::syscall_quirk).
+    pub pending_repair: Mutex<Option<PendingRepair>>,
+    /// Mirrors `pending_repair.is_some()`, so that an ordinary exit costs one load.
+    pub repair_pending: AtomicBool,
+}
+
+impl VcpuCore {
+    pub fn hooks(&self) -> MutexGuard<'_, Hooks> {
+        locks::lock(&self.hooks)
+    }
+
+    /// ValueError once the VM is closed (as Vm's own methods raise).
+    pub fn check_vm_open(&self) -> PyResult<()> {
+        if self.vm_closed.load(Ordering::SeqCst) {
+            return Err(PyValueError::new_err(format!(
+                "vCPU {} cannot run: its VM is closed",
+                self.id
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -346,8 +394,8 @@ impl VcpuCore {
 
     fn complete_with(
         &self,
-        emulator: &mut crate::emulate::Emulator,
-        page: Option<&crate::run_page::RunPage>,
+        emulator: &mut Emulator,
+        page: Option<&RunPage>,
         suberror: u32,
         data: Vec<u64>,
         bytes: &[u8],
@@ -436,7 +484,7 @@ impl VcpuCore {
         })
     }
 
-    fn count(&self, reason: u32, also: impl FnOnce(&mut crate::counters::Counters)) {
+    fn count(&self, reason: u32, also: impl FnOnce(&mut Counters)) {
         let mut counters = locks::lock(&self.counters);
         counters.count_exit(reason);
         also(&mut counters);

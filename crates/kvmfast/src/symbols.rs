@@ -2,6 +2,10 @@
 //! [module]") for naming the code where an instruction could not be completed.
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+/// The VM's symbol table, replaced as a whole when another file is loaded.
+pub type SharedSymbols = Arc<RwLock<Option<Arc<SymbolTable>>>>;
 
 /// Sorted (address, name) pairs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError, Weak};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
 
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -16,80 +16,19 @@ use crate::address_map::AddressMap;
 use crate::counters::Counters;
 use crate::emulate::fpu_state::{AREA_SIZE, XsaveArea};
 use crate::emulate::host_quirks::HostQuirks;
-use crate::emulate::syscall_quirk::PendingRepair;
 use crate::emulate::{Emulator, Stop};
 use crate::errors::{KvmError, interrupt_error, kvm_error};
-use crate::exits::Exit;
+use crate::exits::{Exit, RunError};
 use crate::extint::ExtintInjector;
 use crate::handlers::Handler;
 use crate::ioctls;
 use crate::kick::{KickState, VcpuKicker};
-use crate::kvm::CpuidTuple;
 use crate::locks;
 use crate::memory::SharedRam;
-use crate::regs;
-use crate::run_loop::RunError;
+use crate::regs::{self, CpuidTuple};
+use crate::run_loop::{Hooks, VcpuCore};
 use crate::run_page::RunPage;
-use crate::symbols::SymbolTable;
-use crate::vm::Vm;
-
-/// Python callables the run loop may call; Arc so the loop can take one without the GIL.
-#[derive(Debug, Default)]
-pub struct Hooks {
-    pub eoi: Option<Arc<Py<PyAny>>>,
-    pub extint: Option<Arc<Py<PyAny>>>,
-    pub trace: Option<Arc<Py<PyAny>>>,
-}
-
-/// Everything a vCPU owns; shared by reference with the run loop.
-pub struct VcpuCore {
-    pub id: u64,
-    pub fd: VcpuFd,
-    pub page: Arc<RunPage>,
-    pub kick: Arc<KickState>,
-    pub map: Arc<AddressMap<Handler>>,
-    pub counters: Arc<Mutex<Counters>>,
-    pub hooks: Mutex<Hooks>,
-    /// Mirrors `hooks.trace.is_some()` so that an untraced exit costs one load.
-    pub trace_enabled: AtomicBool,
-    /// Locked for the whole of run(): the injector's state, and the guard against two
-    /// threads running one vCPU.
-    pub injector: Mutex<ExtintInjector>,
-    /// Guest RAM, read and written when an instruction is completed here.
-    pub ram: Arc<SharedRam>,
-    /// Set when the VM is closed: its RAM is no longer guest memory, so the vCPU must
-    /// not run again (checked before every KVM_RUN; close() kicks it out of one).
-    pub vm_closed: Arc<AtomicBool>,
-    /// Whether emulation failures are completed here (else they end the run).
-    pub emulation_fallback: AtomicBool,
-    pub emulator: Mutex<Emulator>,
-    /// The VM's symbol table, for failure reports.
-    pub symbols: SharedSymbols,
-    /// Whether KVM can sync registers through the run page (turned on at the first
-    /// completion: it costs every exit a little, and saves a completion three ioctls).
-    pub sync_regs: bool,
-    /// A SYSCALL-quirk repair the guest has not yet run from (emulate::syscall_quirk).
-    pub pending_repair: Mutex<Option<PendingRepair>>,
-    /// Mirrors `pending_repair.is_some()`, so that an ordinary exit costs one load.
-    pub repair_pending: AtomicBool,
-}
-
-impl VcpuCore {
-    pub fn hooks(&self) -> MutexGuard<'_, Hooks> {
-        locks::lock(&self.hooks)
-    }
-
-    /// ValueError once the VM is closed (as Vm's own methods raise).
-    pub fn check_vm_open(&self) -> PyResult<()> {
-        if self.vm_closed.load(Ordering::SeqCst) {
-            return Err(PyValueError::new_err(format!(
-                "vCPU {} cannot run: its VM is closed",
-                self.id
-            )));
-        }
-        Ok(())
-    }
-}
+use crate::symbols::SharedSymbols;
 
 /// What a vCPU shares with its VM.
 pub struct VcpuShared {
@@ -104,20 +43,18 @@ pub struct VcpuShared {
     pub sync_regs: bool,
 }
 
-/// The VM's symbol table, replaced as a whole when another file is loaded.
-pub type SharedSymbols = Arc<RwLock<Option<Arc<SymbolTable>>>>;
-
 /// One virtual CPU. Created on any thread, run on the thread that calls run().
 #[pyclass(frozen, module = "kvmfast")]
 pub struct Vcpu {
     /// The VM this vCPU belongs to, kept open (slots and RAM) while the vCPU exists,
-    /// unless it is closed: run() is refused from then on.
-    vm: Py<Vm>,
+    /// unless it is closed: run() is refused from then on. Only kept alive, never
+    /// called, so it is held untyped: `vm` builds vCPUs, and `vcpu` need not know `vm`.
+    vm: Py<PyAny>,
     core: VcpuCore,
 }
 
 impl Vcpu {
-    pub fn new(id: u64, fd: VcpuFd, page: RunPage, vm: Py<Vm>, shared: VcpuShared) -> Self {
+    pub fn new(id: u64, fd: VcpuFd, page: RunPage, vm: Py<PyAny>, shared: VcpuShared) -> Self {
         let VcpuShared {
             map,
             counters,
@@ -223,7 +160,7 @@ impl Vcpu {
     }
 
     #[getter]
-    fn vm(&self, py: Python<'_>) -> Py<Vm> {
+    fn vm(&self, py: Python<'_>) -> Py<PyAny> {
         self.vm.clone_ref(py)
     }
 

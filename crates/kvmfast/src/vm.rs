@@ -26,8 +26,8 @@ use crate::locks;
 use crate::memory::{GuestMemory, GuestRam, Mapping, RamRegion, SharedRam};
 use crate::routing::{MsiRoute, RoutingTable};
 use crate::run_page::RunPage;
-use crate::symbols::SymbolTable;
-use crate::vcpu::{SharedSymbols, Vcpu, VcpuShared};
+use crate::symbols::{SharedSymbols, SymbolTable};
+use crate::vcpu::{Vcpu, VcpuShared};
 
 const PAGE_SIZE: u64 = 4096;
 const IOEVENTFD_FLAG_DATAMATCH: u32 = 1 << kvm_bindings::kvm_ioeventfd_flag_nr_datamatch;
@@ -502,7 +502,7 @@ impl Vm {
                 emulation_fallback: this.emulation_fallback.load(Ordering::Relaxed),
                 sync_regs,
             };
-            let vcpu = Vcpu::new(vcpu_id, vcpu, page, slf.clone().unbind(), shared);
+            let vcpu = Vcpu::new(vcpu_id, vcpu, page, slf.clone().into_any().unbind(), shared);
             resources.vcpu_kicks.retain(|kick| kick.strong_count() > 0);
             resources.vcpu_kicks.push(vcpu.kick_state());
             Ok(vcpu)
