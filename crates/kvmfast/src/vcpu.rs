@@ -14,9 +14,10 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::address_map::AddressMap;
 use crate::counters::Counters;
+use crate::emulate::Emulator;
 use crate::emulate::fpu_state::{AREA_SIZE, XsaveArea};
 use crate::emulate::host_quirks::HostQuirks;
-use crate::emulate::{Emulator, Stop};
+use crate::emulate::stop::Stop;
 use crate::errors::{KvmError, interrupt_error, kvm_error};
 use crate::exits::{Exit, RunError};
 use crate::extint::ExtintInjector;

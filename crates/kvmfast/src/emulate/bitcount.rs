@@ -6,11 +6,12 @@
 use iced_x86::{CpuidFeature, Mnemonic};
 use std::arch::asm;
 
+use super::completion::Completion;
 use super::cpu::{RFLAGS_STATUS, truncate};
 use super::exceptions::Fault;
 use super::host_features::HostFeatures;
 use super::operands::source_value;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     let instruction = c.decoded.instruction;

@@ -4,11 +4,12 @@
 
 use std::arch::asm;
 
+use super::completion::Completion;
 use super::cpu::RFLAGS_ZF;
 use super::exceptions::Fault;
 use super::linear::{Intent, data_access};
 use super::operands::memory_operand;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     let operand = memory_operand(&c.cpu, &c.decoded)?;

@@ -10,7 +10,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use std::ops::{Deref, DerefMut};
 
-use super::Stop;
+use super::stop::Stop;
 use crate::run_page::RunPage;
 
 pub const RFLAGS_CF: u64 = 1 << 0;

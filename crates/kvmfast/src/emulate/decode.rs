@@ -3,10 +3,10 @@
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
-use super::Stop;
 use super::cpu::Cpu;
 use super::linear::{GuestMemory, Intent, linear_address};
 use super::paging::Access;
+use super::stop::Stop;
 
 const MAX_LENGTH: usize = 15;
 

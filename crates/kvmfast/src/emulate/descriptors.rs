@@ -3,11 +3,11 @@
 
 use kvm_bindings::kvm_segment;
 
-use super::Stop;
 use super::cpu::CpuState;
 use super::exceptions::Fault;
 use super::linear::GuestMemory;
 use super::paging::Access;
+use super::stop::Stop;
 
 /// A descriptor as read, with the segment register value it produces.
 #[derive(Debug, Clone, Copy)]

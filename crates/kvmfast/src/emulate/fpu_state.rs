@@ -4,9 +4,9 @@
 use kvm_bindings::{kvm_xcrs, kvm_xsave};
 use kvm_ioctls::VcpuFd;
 
-use super::Stop;
 use super::cpu::{CR0_EM, CR0_TS, Cpu};
 use super::exceptions::Fault;
+use super::stop::Stop;
 
 pub const AREA_SIZE: usize = 4096;
 pub const LEGACY_SIZE: usize = 512;

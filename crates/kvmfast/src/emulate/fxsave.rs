@@ -3,12 +3,13 @@
 
 use iced_x86::Mnemonic;
 
+use super::completion::Completion;
 use super::cpu::CR4_OSFXSR;
 use super::exceptions::Fault;
 use super::fpu_state::{FEATURE_SSE, FEATURE_X87, XsaveArea, check_device_available};
 use super::linear::{Intent, alignment_check, data_access};
 use super::operands::memory_operand;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 const FXSAVE_SIZE: usize = 512;
 /// Bytes 0..160 hold the x87 state and MXCSR; XMM registers follow, 16 bytes each.

@@ -5,6 +5,7 @@
 
 use iced_x86::Mnemonic;
 
+use super::completion::Completion;
 use super::cpu::{
     Cpu, RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT,
     RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VIF, RFLAGS_VIP, RFLAGS_VM,
@@ -14,7 +15,7 @@ use super::descriptors::{mark_accessed, null_segment, read_descriptor};
 use super::exceptions::Fault;
 use super::linear::GuestMemory;
 use super::paging::Access;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     let operand_size = match c.decoded.instruction.mnemonic() {

@@ -10,10 +10,10 @@ use iced_x86::Register;
 use kvm_bindings::kvm_segment;
 use pyo3::prelude::*;
 
-use super::Stop;
 use super::cpu::{CR0_AM, Cpu, CpuState, RFLAGS_AC};
 use super::exceptions::Fault;
 use super::paging::{Access, PagingMode};
+use super::stop::Stop;
 use crate::address_map::RangeMap;
 use crate::handlers::{Handler, all_ones};
 use crate::locks;

@@ -6,13 +6,17 @@
 //! guest the exception the CPU would), and the loop re-enters the guest. What nobody
 //! can complete becomes a [`Report`] with everything needed to see why.
 //!
-//! One file per family of instructions; `cpu`, `decode`, `operands`, `linear`,
-//! `paging`, `descriptors` and `exceptions` are the machinery they share.
+//! One file per family of instructions; `completion`, `stop`, `cpu`, `decode`,
+//! `operands`, `linear`, `paging`, `descriptors`, `exceptions` and `delivery` are the
+//! machinery they share. The families depend on that machinery, never on this file:
+//! only `Emulator` and what it returns live here.
 
 pub mod bitcount;
 pub mod cmpxchg16b;
+pub mod completion;
 pub mod cpu;
 pub mod decode;
+pub mod delivery;
 pub mod descriptors;
 pub mod exceptions;
 pub mod fpu_state;
@@ -28,6 +32,7 @@ pub mod report;
 pub mod segment_checks;
 pub mod smap;
 pub mod soft_interrupt;
+pub mod stop;
 pub mod syscall_quirk;
 pub mod timestamp;
 pub mod vector;
@@ -41,13 +46,12 @@ use std::sync::RwLock;
 use iced_x86::Mnemonic;
 use kvm_ioctls::VcpuFd;
 use pyo3::PyErr;
-use vmm_sys_util::errno;
 
 use crate::address_map::RangeMap;
-use crate::errors::kvm_error;
 use crate::handlers::Handler;
 use crate::memory::GuestRam;
 use crate::run_page::RunPage;
+use completion::Completion;
 use cpu::Cpu;
 use decode::{DecodeFailure, Decoded};
 use exceptions::Fault;
@@ -55,22 +59,7 @@ use host_quirks::HostQuirks;
 use linear::GuestMemory;
 use paging::PagingMode;
 pub use report::Report;
-
-/// Why a completion did not finish normally.
-pub enum Stop {
-    /// The instruction raises this exception in the guest.
-    Fault(Fault),
-    /// Nobody can complete it: the text says what is missing.
-    Unsupported(String),
-    /// A host-side error (an ioctl, a Python device).
-    Host(PyErr),
-}
-
-impl Stop {
-    pub fn ioctl(name: &str, err: errno::Error) -> Self {
-        Self::Host(kvm_error(name, err))
-    }
-}
+use stop::Stop;
 
 /// What happened to an instruction the run loop handed over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,24 +88,6 @@ pub struct Emulator {
     physical_bits: u32,
     quirks: HostQuirks,
     vector_stubs: vector::StubCache,
-}
-
-/// Everything one completion works with.
-pub struct Completion<'a> {
-    pub cpu: Cpu<'a>,
-    pub memory: GuestMemory<'a>,
-    pub decoded: Decoded,
-    pub quirks: &'a HostQuirks,
-    /// Instructions completed after `decoded` on this exit, in order.
-    pub also: Vec<Mnemonic>,
-}
-
-impl Completion<'_> {
-    /// RIP past the instruction.
-    pub fn advance(&mut self) {
-        let next = self.decoded.next_rip();
-        self.cpu.advance(next);
-    }
 }
 
 impl Emulator {
@@ -154,7 +125,7 @@ impl Emulator {
         let decoded = match decode::decode(&cpu, &memory, exit_bytes) {
             Ok(decoded) => decoded,
             Err(DecodeFailure::Stop(Stop::Fault(fault))) => {
-                exceptions::inject(&mut cpu, fault).map_err(host_stop)?;
+                delivery::inject(&mut cpu, fault).map_err(host_stop)?;
                 return Ok(Outcome::Raised {
                     mnemonic: Mnemonic::INVALID,
                     fault,
@@ -201,7 +172,7 @@ impl Emulator {
             Err(Stop::Fault(fault)) => {
                 // Nothing of a faulting instruction is kept: registers as they were.
                 let mut cpu = cpu.from_state(saved.0, saved.1);
-                exceptions::inject(&mut cpu, fault).map_err(host_stop)?;
+                delivery::inject(&mut cpu, fault).map_err(host_stop)?;
                 Ok(Outcome::Raised { mnemonic, fault })
             }
             Err(stop) => {

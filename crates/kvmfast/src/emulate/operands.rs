@@ -4,11 +4,11 @@
 
 use iced_x86::{Instruction, OpKind, Register};
 
-use super::Stop;
 use super::cpu::{Cpu, truncate};
 use super::decode::Decoded;
 use super::exceptions::Fault;
 use super::linear::{GuestMemory, Intent, alignment_check, data_access, linear_address};
+use super::stop::Stop;
 
 /// A memory operand resolved to its segment and offset.
 #[derive(Debug, Clone, Copy)]

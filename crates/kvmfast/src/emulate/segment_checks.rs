@@ -5,11 +5,12 @@
 
 use iced_x86::{Mnemonic, OpKind};
 
+use super::completion::Completion;
 use super::cpu::{RFLAGS_ZF, truncate};
 use super::descriptors::{Descriptor, read_descriptor};
 use super::exceptions::Fault;
 use super::operands::source_value;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 /// System descriptor types LAR accepts (SDM Vol. 2A table 3-57): LDT, 64-bit TSSes and
 /// call gate in IA-32e mode; the 16/32-bit TSSes, gates and LDT otherwise.

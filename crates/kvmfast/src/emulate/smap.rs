@@ -2,9 +2,10 @@
 
 use iced_x86::Mnemonic;
 
+use super::completion::Completion;
 use super::cpu::RFLAGS_AC;
 use super::exceptions::Fault;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
     // "#UD If the CPL > 0" (and in virtual-8086 mode, where the CPL is 3).

@@ -5,6 +5,7 @@
 
 use iced_x86::Mnemonic;
 
+use super::completion::Completion;
 use super::cpu::{
     CpuState, RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM,
 };
@@ -12,7 +13,7 @@ use super::descriptors::{mark_accessed, null_segment, read_descriptor};
 use super::exceptions::Fault;
 use super::linear::{GuestMemory, canonical};
 use super::paging::Access;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 const GATE_INTERRUPT: u64 = 0xe;
 const GATE_TRAP: u64 = 0xf;

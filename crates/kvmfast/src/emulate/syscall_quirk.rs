@@ -18,7 +18,6 @@
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 
-use super::Stop;
 use super::cpu::{
     Cpu, RFLAGS_AC, RFLAGS_DF, RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT,
     RFLAGS_RF, RFLAGS_STATUS, RFLAGS_TF, RFLAGS_VIF, RFLAGS_VIP, RFLAGS_VM,
@@ -26,6 +25,7 @@ use super::cpu::{
 use super::linear::{GuestMemory, canonical};
 use super::paging::Access;
 use super::probe::{MSR_FMASK, MSR_LSTAR, MSR_STAR};
+use super::stop::Stop;
 
 pub const NAME: &str = "syscall_keeps_user_cs";
 const PAGE_FAULT: u64 = 14;

@@ -4,9 +4,10 @@
 use iced_x86::{Instruction, Mnemonic, Register};
 use kvm_bindings::{Msrs, kvm_msr_entry};
 
+use super::completion::Completion;
 use super::cpu::{CR4_TSD, Cpu, truncate};
 use super::exceptions::Fault;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_AUX: u32 = 0xc000_0103;

@@ -1,10 +1,11 @@
 //! FWAIT (SDM Vol. 2A "WAIT/FWAIT"): #NM when CR0.MP and CR0.TS, #MF when an unmasked
 //! x87 exception is pending and CR0.NE=1, otherwise nothing.
 
+use super::completion::Completion;
 use super::cpu::{CR0_MP, CR0_NE, CR0_TS};
 use super::exceptions::Fault;
 use super::fpu_state::XsaveArea;
-use super::{Completion, Stop};
+use super::stop::Stop;
 
 pub fn complete_fwait(c: &mut Completion<'_>) -> Result<(), Stop> {
     let cr0 = c.cpu.sregs.cr0;

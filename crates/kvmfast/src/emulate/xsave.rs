@@ -9,6 +9,7 @@
 
 use iced_x86::Mnemonic;
 
+use super::completion::Completion;
 use super::cpu::{CR0_TS, CR4_OSXSAVE};
 use super::exceptions::Fault;
 use super::fpu_state::{
@@ -17,8 +18,8 @@ use super::fpu_state::{
 };
 use super::linear::{Intent, data_access};
 use super::operands::memory_operand;
+use super::stop::Stop;
 use super::timestamp::read_msr;
-use super::{Completion, Stop};
 
 const MSR_IA32_XSS: u32 = 0xda0;
 const COMPACTED: u64 = 1 << 63;

@@ -18,13 +18,14 @@ use iced_x86::{EncodingKind, Instruction, InstructionInfoFactory, Mnemonic, OpAc
 pub use allow_list::allowed;
 pub use stub::StubCache;
 
+use super::completion::Completion;
 use super::cpu::{CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, RFLAGS_STATUS, RFLAGS_TF};
 use super::decode::{self, Decoded};
 use super::exceptions::Fault;
 use super::fpu_state::{XsaveArea, check_device_available, xcr0};
 use super::linear::{Intent, alignment_check, data_access};
 use super::operands::memory_operand;
-use super::{Completion, Stop};
+use super::stop::Stop;
 use allow_list::{alignment_required, is_vector, uses_avx512, writes_flags};
 use stub::{Exchange, Width, gpr_operands};
 

@@ -14,8 +14,8 @@ use iced_x86::{
     Register,
 };
 
-use super::super::Stop;
 use super::super::host_features::HostFeatures;
+use super::super::stop::Stop;
 
 /// How much of the vector state a stub moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
