@@ -27,7 +27,7 @@ pub struct Dispatched {
 
 /// The start of the range that owned the access (None when unmapped) and what its
 /// handler did; the owner is known even when the handler raised.
-pub type Outcome = (Option<u64>, PyResult<Dispatched>);
+pub type DispatchResult = (Option<u64>, PyResult<Dispatched>);
 
 /// Finds the owner of `address`; the map's lock is held only for the look-up, so a
 /// handler may change the map.
@@ -43,7 +43,7 @@ fn owner(map: &std::sync::RwLock<RangeMap<Handler>>, address: u64) -> (Option<u6
 ///
 /// When a Python handler raises, the remaining IN elements read all-ones so that the
 /// next KVM_RUN completes the instruction consistently, and the error is returned.
-pub fn io(page: &RunPage, map: &std::sync::RwLock<RangeMap<Handler>>) -> Outcome {
+pub fn io(page: &RunPage, map: &std::sync::RwLock<RangeMap<Handler>>) -> DispatchResult {
     let io = page.io();
     let (base, handler) = owner(map, u64::from(io.port));
     (base, io_with(page, &io, base, handler))
@@ -101,7 +101,7 @@ fn io_access(page: &RunPage, io: &IoExit) -> Access {
 }
 
 /// KVM_EXIT_MMIO: one access of 1 to 8 bytes, little-endian.
-pub fn mmio(page: &RunPage, map: &std::sync::RwLock<RangeMap<Handler>>) -> Outcome {
+pub fn mmio(page: &RunPage, map: &std::sync::RwLock<RangeMap<Handler>>) -> DispatchResult {
     let mmio = page.mmio();
     let (base, handler) = owner(map, mmio.phys_addr);
     (base, mmio_with(page, &mmio, base, handler))

@@ -22,7 +22,7 @@ use crate::address_map::AddressMap;
 use crate::counters::{Counters, exit_name};
 use crate::dispatch::{self, Access, Dispatched};
 use crate::emulate::syscall_quirk::{PendingRepair, RepairState};
-use crate::emulate::{Emulator, Failure, Outcome, Report};
+use crate::emulate::{CompletionOutcome, Emulator, Failure, Report};
 use crate::errors::kvm_error;
 use crate::exits::{ExitInfo, GuestFailure, RunError, emulation_insn_bytes};
 use crate::extint::{ExtintInjector, InjectionPort};
@@ -414,7 +414,7 @@ impl VcpuCore {
             return Err(self.emulation_failure(suberror, data, report.map(Box::new)));
         }
         match emulator.complete(&self.fd, page, &ram, &self.map.mmio, bytes) {
-            Ok(Outcome::Completed {
+            Ok(CompletionOutcome::Completed {
                 mnemonic,
                 device_exit,
                 also,
@@ -427,11 +427,11 @@ impl VcpuCore {
                 drop(counters);
                 Ok(device_exit.map(|value| ExitInfo::new("device_exit", value)))
             }
-            Ok(Outcome::Raised { fault, .. }) => {
+            Ok(CompletionOutcome::Raised { fault, .. }) => {
                 locks::lock(&self.counters).count_emulation_exception(fault.name());
                 Ok(None)
             }
-            Ok(Outcome::Repaired(quirk)) => {
+            Ok(CompletionOutcome::Repaired(quirk)) => {
                 locks::lock(&self.counters).count_quirk_repair(quirk);
                 *locks::lock(&self.pending_repair) = Some(self.repaired_state(page)?);
                 self.repair_pending.store(true, Ordering::Relaxed);

@@ -6,12 +6,12 @@ use iced_x86::Mnemonic;
 use super::cpu::Cpu;
 use super::decode::Decoded;
 use super::host_quirks::HostQuirks;
-use super::linear::GuestMemory;
+use super::linear::GuestView;
 
 /// Everything one completion works with.
 pub struct Completion<'a> {
     pub cpu: Cpu<'a>,
-    pub memory: GuestMemory<'a>,
+    pub memory: GuestView<'a>,
     pub decoded: Decoded,
     pub quirks: &'a HostQuirks,
     /// Instructions completed after `decoded` on this exit, in order.

@@ -4,7 +4,7 @@
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
 use super::cpu::Cpu;
-use super::linear::{GuestMemory, Intent, linear_address};
+use super::linear::{GuestView, Intent, linear_address};
 use super::paging::Access;
 use super::stop::Stop;
 
@@ -38,7 +38,7 @@ pub enum DecodeFailure {
 /// rest when KVM gave fewer than it needs.
 pub fn decode(
     cpu: &Cpu<'_>,
-    memory: &GuestMemory<'_>,
+    memory: &GuestView<'_>,
     exit_bytes: &[u8],
 ) -> Result<Decoded, DecodeFailure> {
     let bitness = cpu.bitness();
@@ -74,7 +74,7 @@ fn try_decode(bitness: u32, rip: u64, bytes: &[u8]) -> Option<Decoded> {
 /// Up to 15 bytes at CS:RIP. A fetch that would cross into a page that faults stops at
 /// the page end; the decoder then asks for more only if the instruction really goes on,
 /// and that fetch raises the fault the CPU would.
-fn fetch(cpu: &Cpu<'_>, memory: &GuestMemory<'_>) -> Result<Vec<u8>, Stop> {
+fn fetch(cpu: &Cpu<'_>, memory: &GuestView<'_>) -> Result<Vec<u8>, Stop> {
     let rip = cpu.regs.rip;
     let linear =
         linear_address(cpu, iced_x86::Register::CS, rip, 1, Intent::Read).map_err(Stop::Fault)?;

@@ -5,7 +5,7 @@ use kvm_bindings::kvm_segment;
 
 use super::cpu::CpuState;
 use super::exceptions::Fault;
-use super::linear::GuestMemory;
+use super::linear::GuestView;
 use super::paging::Access;
 use super::stop::Stop;
 
@@ -65,7 +65,7 @@ pub fn segment_from_raw(raw: u64, selector: u16) -> kvm_segment {
 /// table's limit.
 pub fn read_descriptor(
     cpu: &CpuState,
-    memory: &GuestMemory<'_>,
+    memory: &GuestView<'_>,
     selector: u16,
 ) -> Result<Descriptor, Stop> {
     let index = u64::from(selector & !7);
@@ -104,7 +104,7 @@ pub fn null_segment(selector: u16) -> kvm_segment {
 /// Sets the accessed bit of a descriptor that is being loaded (SDM Vol. 3A 3.4.5.1).
 pub fn mark_accessed(
     cpu: &CpuState,
-    memory: &GuestMemory<'_>,
+    memory: &GuestView<'_>,
     selector: u16,
     descriptor: &Descriptor,
 ) -> Result<(), Stop> {

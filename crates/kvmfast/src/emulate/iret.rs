@@ -13,7 +13,7 @@ use super::cpu::{
 };
 use super::descriptors::{mark_accessed, null_segment, read_descriptor};
 use super::exceptions::Fault;
-use super::linear::GuestMemory;
+use super::linear::GuestView;
 use super::paging::Access;
 use super::stop::Stop;
 
@@ -49,7 +49,7 @@ fn stack_access(cpu: &Cpu<'_>) -> Access {
     Access::read(cpu.cpl() == 3, false)
 }
 
-fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<(), Stop> {
+fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestView<'_>) -> Result<(), Stop> {
     let cpl = cpu.cpl();
     let ss = cpu.sregs.ss;
     let mask: u64 = if ss.db != 0 { 0xffff_ffff } else { 0xffff };
@@ -169,7 +169,7 @@ fn protected_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<(), Sto
     Ok(())
 }
 
-fn real_mode(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>, operand_size: usize) -> Result<(), Stop> {
+fn real_mode(cpu: &mut Cpu<'_>, memory: &GuestView<'_>, operand_size: usize) -> Result<(), Stop> {
     let sp = cpu.regs.rsp & 0xffff;
     let at = |index: u64| {
         cpu.sregs

@@ -21,8 +21,9 @@ use crate::memory::GuestRam;
 
 const PAGE: u64 = 4096;
 
-/// What a completion can reach: RAM, the MMIO map, and the paging mode of the exit.
-pub struct GuestMemory<'a> {
+/// Guest memory as one completion sees it: RAM, the MMIO map, and the paging mode of
+/// the exit (the Python-visible slot buffer is `memory::GuestMemory`).
+pub struct GuestView<'a> {
     pub ram: &'a GuestRam,
     pub mmio: &'a RwLock<RangeMap<Handler>>,
     pub paging: PagingMode,
@@ -37,7 +38,7 @@ struct Piece {
     length: usize,
 }
 
-impl GuestMemory<'_> {
+impl GuestView<'_> {
     fn pieces(&self, linear: u64, length: usize, access: Access) -> Result<Vec<Piece>, Fault> {
         let mut pieces = Vec::with_capacity(2);
         let mut done = 0usize;

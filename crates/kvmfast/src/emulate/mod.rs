@@ -56,14 +56,14 @@ use cpu::Cpu;
 use decode::{DecodeFailure, Decoded};
 use exceptions::Fault;
 use host_quirks::HostQuirks;
-use linear::GuestMemory;
+use linear::GuestView;
 use paging::PagingMode;
 pub use report::Report;
 use stop::Stop;
 
 /// What happened to an instruction the run loop handed over.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum CompletionOutcome {
     /// Completed; RIP is past it. A store to an ExitSink asks run() to end.
     Completed {
         mnemonic: Mnemonic,
@@ -112,12 +112,12 @@ impl Emulator {
         ram: &GuestRam,
         mmio: &RwLock<RangeMap<Handler>>,
         exit_bytes: &[u8],
-    ) -> Result<Outcome, Failure> {
+    ) -> Result<CompletionOutcome, Failure> {
         let mut cpu = Cpu::load(fd, page).map_err(host_failure)?;
         let memory = self.memory(&cpu, ram, mmio);
         if self.quirks.syscall_keeps_user_cs {
             match syscall_quirk::repair(&mut cpu, &memory) {
-                Ok(true) => return Ok(Outcome::Repaired(syscall_quirk::NAME)),
+                Ok(true) => return Ok(CompletionOutcome::Repaired(syscall_quirk::NAME)),
                 Ok(false) => {}
                 Err(stop) => return Err(self.unfinished(&cpu, None, exit_bytes, stop)),
             }
@@ -126,7 +126,7 @@ impl Emulator {
             Ok(decoded) => decoded,
             Err(DecodeFailure::Stop(Stop::Fault(fault))) => {
                 delivery::inject(&mut cpu, fault).map_err(host_stop)?;
-                return Ok(Outcome::Raised {
+                return Ok(CompletionOutcome::Raised {
                     mnemonic: Mnemonic::INVALID,
                     fault,
                 });
@@ -163,7 +163,7 @@ impl Emulator {
         match result {
             Ok(()) => {
                 cpu.store().map_err(host_stop)?;
-                Ok(Outcome::Completed {
+                Ok(CompletionOutcome::Completed {
                     mnemonic,
                     device_exit: memory.device_exit.get(),
                     also,
@@ -173,7 +173,7 @@ impl Emulator {
                 // Nothing of a faulting instruction is kept: registers as they were.
                 let mut cpu = cpu.from_state(saved.0, saved.1);
                 delivery::inject(&mut cpu, fault).map_err(host_stop)?;
-                Ok(Outcome::Raised { mnemonic, fault })
+                Ok(CompletionOutcome::Raised { mnemonic, fault })
             }
             Err(stop) => {
                 let cpu = cpu.from_state(saved.0, saved.1);
@@ -209,8 +209,8 @@ impl Emulator {
         cpu: &Cpu<'_>,
         ram: &'m GuestRam,
         mmio: &'m RwLock<RangeMap<Handler>>,
-    ) -> GuestMemory<'m> {
-        GuestMemory {
+    ) -> GuestView<'m> {
+        GuestView {
             ram,
             mmio,
             paging: PagingMode {

@@ -7,7 +7,7 @@ use iced_x86::{Instruction, OpKind, Register};
 use super::cpu::{Cpu, truncate};
 use super::decode::Decoded;
 use super::exceptions::Fault;
-use super::linear::{GuestMemory, Intent, alignment_check, data_access, linear_address};
+use super::linear::{GuestView, Intent, alignment_check, data_access, linear_address};
 use super::stop::Stop;
 
 /// A memory operand resolved to its segment and offset.
@@ -76,7 +76,7 @@ impl MemoryOperand {
     pub fn read_value(
         &self,
         cpu: &Cpu<'_>,
-        memory: &GuestMemory<'_>,
+        memory: &GuestView<'_>,
         size: usize,
     ) -> Result<u64, Stop> {
         let linear = self.linear(cpu, 0, size, Intent::Read)?;
@@ -87,7 +87,7 @@ impl MemoryOperand {
     pub fn read_bytes(
         &self,
         cpu: &Cpu<'_>,
-        memory: &GuestMemory<'_>,
+        memory: &GuestView<'_>,
         out: &mut [u8],
     ) -> Result<(), Stop> {
         let linear = self.linear(cpu, 0, out.len(), Intent::Read)?;
@@ -97,7 +97,7 @@ impl MemoryOperand {
     pub fn write_bytes(
         &self,
         cpu: &Cpu<'_>,
-        memory: &GuestMemory<'_>,
+        memory: &GuestView<'_>,
         data: &[u8],
     ) -> Result<(), Stop> {
         let linear = self.linear(cpu, 0, data.len(), Intent::Write)?;
@@ -124,7 +124,7 @@ impl MemoryOperand {
 /// The value of source operand `index` (register, immediate or memory of `size` bytes).
 pub fn source_value(
     cpu: &Cpu<'_>,
-    memory: &GuestMemory<'_>,
+    memory: &GuestView<'_>,
     decoded: &Decoded,
     index: u32,
     size: usize,

@@ -11,7 +11,7 @@ use super::cpu::{
 };
 use super::descriptors::{mark_accessed, null_segment, read_descriptor};
 use super::exceptions::Fault;
-use super::linear::{GuestMemory, canonical};
+use super::linear::{GuestView, canonical};
 use super::paging::Access;
 use super::stop::Stop;
 
@@ -48,7 +48,7 @@ pub fn complete(c: &mut Completion<'_>) -> Result<(), Stop> {
 /// Delivers `vector` in protected or IA-32e mode with `return_rip` in the frame.
 pub fn deliver(
     cpu: &mut CpuState,
-    memory: &GuestMemory<'_>,
+    memory: &GuestView<'_>,
     vector: u8,
     software: bool,
     return_rip: u64,
@@ -236,12 +236,12 @@ fn tss_check(cpu: &CpuState, offset: u64, size: u64) -> Result<u64, Stop> {
     Ok(tr.base.wrapping_add(offset))
 }
 
-fn tss_u64(cpu: &CpuState, memory: &GuestMemory<'_>, offset: u64) -> Result<u64, Stop> {
+fn tss_u64(cpu: &CpuState, memory: &GuestView<'_>, offset: u64) -> Result<u64, Stop> {
     let address = tss_check(cpu, offset, 8)?;
     memory.read_u64(address, Access::supervisor(false))
 }
 
-fn tss_u32(cpu: &CpuState, memory: &GuestMemory<'_>, offset: u64) -> Result<u32, Stop> {
+fn tss_u32(cpu: &CpuState, memory: &GuestView<'_>, offset: u64) -> Result<u32, Stop> {
     let address = tss_check(cpu, offset, 4)?;
     Ok(memory.read_value(address, 4, Access::supervisor(false))? as u32)
 }
@@ -249,7 +249,7 @@ fn tss_u32(cpu: &CpuState, memory: &GuestMemory<'_>, offset: u64) -> Result<u32,
 /// Real-address mode (SDM Vol. 3A 20.1.4): FLAGS, CS, IP pushed; CS:IP from the IVT.
 fn deliver_real_mode(
     cpu: &mut CpuState,
-    memory: &GuestMemory<'_>,
+    memory: &GuestView<'_>,
     vector: u8,
     return_rip: u64,
 ) -> Result<(), Stop> {

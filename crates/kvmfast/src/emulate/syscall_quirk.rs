@@ -22,7 +22,7 @@ use super::cpu::{
     Cpu, RFLAGS_AC, RFLAGS_DF, RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_NT,
     RFLAGS_RF, RFLAGS_STATUS, RFLAGS_TF, RFLAGS_VIF, RFLAGS_VIP, RFLAGS_VM,
 };
-use super::linear::{GuestMemory, canonical};
+use super::linear::{GuestView, canonical};
 use super::paging::Access;
 use super::probe::{MSR_FMASK, MSR_LSTAR, MSR_STAR};
 use super::stop::Stop;
@@ -100,7 +100,7 @@ impl SyscallEvidence {
 
 /// Performs the SYSCALL if the exit is the quirk's #PF; false when it is not (the
 /// guest's #PF handler then runs on as for any user fault).
-pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<bool, Stop> {
+pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestView<'_>) -> Result<bool, Stop> {
     if !cpu.long_mode() || cpu.cpl() != 0 || cpu.sregs.cs.l == 0 {
         return Ok(false);
     }
@@ -168,7 +168,7 @@ pub fn repair(cpu: &mut Cpu<'_>, memory: &GuestMemory<'_>) -> Result<bool, Stop>
 /// The two bytes before `rcx` as the user's instruction fetch would see them: canonical,
 /// user-accessible and executable in the guest's current paging, and in RAM (a device
 /// is never read for this: its reads can have effects).
-fn user_code_before(cpu: &Cpu<'_>, memory: &GuestMemory<'_>, rcx: u64) -> Option<[u8; 2]> {
+fn user_code_before(cpu: &Cpu<'_>, memory: &GuestView<'_>, rcx: u64) -> Option<[u8; 2]> {
     let fetch = Access {
         fetch: true,
         user: true,

@@ -92,12 +92,12 @@ impl Machine {
         self.put(address + 8, HANDLER >> 32);
     }
 
-    fn memory(&self) -> GuestMemory<'_> {
+    fn memory(&self) -> GuestView<'_> {
         self.memory_with(paging())
     }
 
-    fn memory_with(&self, paging: PagingMode) -> GuestMemory<'_> {
-        GuestMemory {
+    fn memory_with(&self, paging: PagingMode) -> GuestView<'_> {
+        GuestView {
             ram: &self.ram,
             mmio: &self.mmio,
             paging,
