@@ -249,4 +249,68 @@ mod tests {
         assert!(map.lookup(0x40).is_none());
         map.insert(0x40, 4, 5).unwrap();
     }
+
+    #[test]
+    fn the_last_address_of_each_space_can_be_owned_and_found() {
+        let mut ports = RangeMap::new(PIO_SPACE);
+        ports.insert(0xfff0, 0x10, 1).unwrap();
+        assert_eq!(ports.lookup(0xffff).map(|r| r.handler), Some(1));
+        assert!(ports.lookup(0x1_0000).is_none());
+        let mut mmio = RangeMap::new(MMIO_SPACE);
+        // A range reaching 2^64 (its end is not a u64) and one at address 0.
+        mmio.insert(u64::MAX - 0xfff, 0x1000, 2).unwrap();
+        mmio.insert(0, 1, 3).unwrap();
+        assert_eq!(mmio.lookup(u64::MAX).map(|r| r.handler), Some(2));
+        assert_eq!(mmio.lookup(u64::MAX - 0xfff).map(|r| r.handler), Some(2));
+        assert!(mmio.lookup(u64::MAX - 0x1000).is_none());
+        assert_eq!(mmio.lookup(0).map(|r| r.handler), Some(3));
+        assert!(mmio.lookup(1).is_none());
+    }
+
+    #[test]
+    fn a_range_covering_several_others_is_refused() {
+        let mut map = map_of(&[(0x40, 2), (0x50, 2), (0x60, 2)]);
+        assert_eq!(
+            map.insert(0x3f, 0x30, 9),
+            Err(MapError::Overlap {
+                base: 0x3f,
+                length: 0x30,
+                existing_base: 0x40,
+                existing_length: 2,
+            })
+        );
+        assert_eq!(map.iter().count(), 3);
+    }
+
+    #[test]
+    fn removal_frees_exactly_its_range() {
+        let mut map = map_of(&[(0x40, 4), (0x44, 4), (0x48, 4)]);
+        assert_eq!(map.remove(0x44).unwrap().length, 4);
+        assert!(map.lookup(0x44).is_none());
+        assert!(map.lookup(0x47).is_none());
+        assert_eq!(map.lookup(0x43).map(|r| r.handler), Some(0));
+        assert_eq!(map.lookup(0x48).map(|r| r.handler), Some(2));
+        // The gap takes a range of its size again, not one byte more.
+        assert!(matches!(
+            map.insert(0x44, 5, 7),
+            Err(MapError::Overlap { .. })
+        ));
+        map.insert(0x44, 4, 7).unwrap();
+        assert_eq!(map.lookup(0x46).map(|r| r.handler), Some(7));
+        assert_eq!(map.remove(0x44).unwrap().handler, 7);
+        assert!(map.remove(0x44).is_err(), "a range is removed once");
+    }
+
+    #[test]
+    fn take_all_hands_back_every_range_and_leaves_the_map_empty() {
+        let mut map = map_of(&[(0x60, 1), (0x20, 2)]);
+        let taken: Vec<(u64, usize)> = map
+            .take_all()
+            .into_iter()
+            .map(|r| (r.base, r.handler))
+            .collect();
+        assert_eq!(taken, vec![(0x20, 1), (0x60, 0)]);
+        assert!(map.lookup(0x20).is_none());
+        map.insert(0x20, 0x50, 5).unwrap();
+    }
 }

@@ -259,6 +259,59 @@ impl RunPage {
     }
 }
 
+#[cfg(test)]
+impl RunPage {
+    /// A page not backed by a vCPU, for unit tests of what reads and writes exit data;
+    /// the tests put in the exits KVM would have.
+    pub fn anonymous() -> Self {
+        let size = 4096;
+        // SAFETY: a new private anonymous mapping; it aliases no Rust memory.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(address, libc::MAP_FAILED, "an anonymous page");
+        let run = NonNull::new(address.cast()).expect("mmap gives a non-null address");
+        Self { run, size }
+    }
+
+    /// KVM_EXIT_IO as KVM fills it in.
+    pub fn put_io(&self, io: &IoExit) {
+        let direction = if io.is_write {
+            kvm_bindings::KVM_EXIT_IO_OUT
+        } else {
+            kvm_bindings::KVM_EXIT_IO_IN
+        };
+        let raw = kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_4 {
+            direction: direction as u8,
+            size: io.size as u8,
+            port: io.port,
+            count: io.count as u32,
+            data_offset: io.data_offset as u64,
+        };
+        // SAFETY: writing the KVM_EXIT_IO union member of the live mapping.
+        unsafe { addr_of_mut!((*self.raw()).__bindgen_anon_1.io).write_volatile(raw) }
+    }
+
+    /// KVM_EXIT_MMIO as KVM fills it in.
+    pub fn put_mmio(&self, mmio: &MmioExit) {
+        let raw = kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_6 {
+            phys_addr: mmio.phys_addr,
+            data: mmio.data,
+            len: mmio.len as u32,
+            is_write: u8::from(mmio.is_write),
+        };
+        // SAFETY: writing the KVM_EXIT_MMIO union member of the live mapping.
+        unsafe { addr_of_mut!((*self.raw()).__bindgen_anon_1.mmio).write_volatile(raw) }
+    }
+}
+
 impl Drop for RunPage {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping made in RunPage::map, which nothing uses
