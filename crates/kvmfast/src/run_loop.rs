@@ -304,12 +304,13 @@ impl VcpuCore {
     ) -> Result<Option<ExitInfo>, RunError> {
         let name = exit_name(reason);
         let mut access = Access::default();
-        if reason != KVM_EXIT_IO && reason != KVM_EXIT_MMIO {
+        let action = exit_action(reason);
+        if action != ExitAction::Dispatch {
             // I/O exits are counted with their range by dispatch_access.
             self.count(reason, |_| {});
         }
-        let stop = match reason {
-            KVM_EXIT_IO | KVM_EXIT_MMIO => {
+        let stop = match action {
+            ExitAction::Dispatch => {
                 let dispatched = self.dispatch_access(reason)?;
                 access = dispatched.access;
                 dispatched
@@ -317,24 +318,24 @@ impl VcpuCore {
                     .map(|value| ExitInfo::new("device_exit", value))
                     .or_else(|| single.then(|| access_exit(name, &access)))
             }
-            KVM_EXIT_INTR => {
+            ExitAction::CheckSignals => {
                 // The signal may have been Python's (Ctrl-C reaching a vCPU run on the
                 // main thread): let Python's handlers run, and raise what they raise.
                 Python::attach(|py| py.check_signals())?;
                 single.then(|| ExitInfo::new(name, 0))
             }
-            KVM_EXIT_IRQ_WINDOW_OPEN => {
+            ExitAction::ServiceExtint => {
                 self.service_extint(injector)?;
                 single.then(|| ExitInfo::new(name, 0))
             }
-            KVM_EXIT_IOAPIC_EOI => {
+            ExitAction::CallEoiHandler => {
                 let vector = self.page.eoi_vector();
                 access.value = u64::from(vector);
                 self.call_eoi_handler(vector)?;
                 single.then(|| ExitInfo::new(name, u64::from(vector)))
             }
-            KVM_EXIT_SHUTDOWN => return Err(RunError::Guest(GuestFailure::TripleFault)),
-            KVM_EXIT_INTERNAL_ERROR => {
+            ExitAction::TripleFault => return Err(RunError::Guest(GuestFailure::TripleFault)),
+            ExitAction::Complete => {
                 let (suberror, data) = self.page.internal_error();
                 if suberror != KVM_INTERNAL_ERROR_EMULATION {
                     return Err(RunError::Guest(GuestFailure::Emulation {
@@ -347,14 +348,14 @@ impl VcpuCore {
                 self.complete_instruction(suberror, data)?
                     .or_else(|| single.then(|| ExitInfo::new(name, u64::from(suberror))))
             }
-            KVM_EXIT_FAIL_ENTRY => {
+            ExitAction::EntryFailure => {
                 let (hardware_entry_failure_reason, cpu) = self.page.fail_entry();
                 return Err(RunError::Guest(GuestFailure::Entry {
                     hardware_entry_failure_reason,
                     cpu,
                 }));
             }
-            KVM_EXIT_SYSTEM_EVENT => {
+            ExitAction::SystemEvent => {
                 let (event_type, data) = self.page.system_event();
                 access.value = u64::from(event_type);
                 Some(ExitInfo {
@@ -363,8 +364,8 @@ impl VcpuCore {
                     data,
                 })
             }
-            KVM_EXIT_HLT => Some(ExitInfo::new(name, 0)),
-            _ => Some(ExitInfo::new(name, u64::from(reason))),
+            ExitAction::Halt => Some(ExitInfo::new(name, 0)),
+            ExitAction::Return => Some(ExitInfo::new(name, u64::from(reason))),
         };
         if self.trace_enabled.load(Ordering::Relaxed) {
             self.call_trace(name, &access)?;
@@ -381,7 +382,7 @@ impl VcpuCore {
     ) -> Result<Option<ExitInfo>, RunError> {
         let bytes = emulation_insn_bytes(&data);
         let mut emulator = locks::lock(&self.emulator);
-        if self.sync_regs && self.page.valid_regs() == 0 {
+        if starts_syncing_registers(self.sync_regs, self.page.valid_regs()) {
             // From the next exit on, registers come in the run page: a guest that needs
             // one completion needs thousands, and each state ioctl costs about as much
             // as an exit on hosts like this one.
@@ -558,6 +559,53 @@ impl VcpuCore {
     }
 }
 
+/// What the loop does with an exit, by its KVM_EXIT_* reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitAction {
+    /// IN/OUT or MMIO: the owner of the address answers; counted with its range.
+    Dispatch,
+    /// KVM_RUN was interrupted by a signal, perhaps Python's: its handlers run.
+    CheckSignals,
+    /// The guest can take an interrupt: the ExtINT injector may queue one.
+    ServiceExtint,
+    /// The guest ended a level-triggered interrupt: the EOI handler is told.
+    CallEoiHandler,
+    /// A triple fault: the run ends with TripleFault.
+    TripleFault,
+    /// KVM's emulator gave up: the instruction is completed here (other internal
+    /// errors end the run with EmulationFailure).
+    Complete,
+    /// VM entry failed: the run ends with EntryFailure.
+    EntryFailure,
+    /// Reset, shutdown or crash asked for by the guest: run() returns it.
+    SystemEvent,
+    /// HLT, which KVM hands out only without an in-kernel LAPIC: run() returns it.
+    Halt,
+    /// An exit the loop does not handle: run() returns it rather than enter again.
+    Return,
+}
+
+fn exit_action(reason: u32) -> ExitAction {
+    match reason {
+        KVM_EXIT_IO | KVM_EXIT_MMIO => ExitAction::Dispatch,
+        KVM_EXIT_INTR => ExitAction::CheckSignals,
+        KVM_EXIT_IRQ_WINDOW_OPEN => ExitAction::ServiceExtint,
+        KVM_EXIT_IOAPIC_EOI => ExitAction::CallEoiHandler,
+        KVM_EXIT_SHUTDOWN => ExitAction::TripleFault,
+        KVM_EXIT_INTERNAL_ERROR => ExitAction::Complete,
+        KVM_EXIT_FAIL_ENTRY => ExitAction::EntryFailure,
+        KVM_EXIT_SYSTEM_EVENT => ExitAction::SystemEvent,
+        KVM_EXIT_HLT => ExitAction::Halt,
+        _ => ExitAction::Return,
+    }
+}
+
+/// Whether the exit about to be completed is the one to turn register syncing on: the
+/// first completion of a vCPU whose KVM can sync (KVM_CAP_SYNC_REGS).
+fn starts_syncing_registers(sync_supported: bool, valid_regs: u64) -> bool {
+    sync_supported && valid_regs == 0
+}
+
 /// run_once's report of an I/O or MMIO exit: value is the address, data is
 /// [size, is_write, value of the first element].
 fn access_exit(name: &'static str, access: &Access) -> ExitInfo {
@@ -565,5 +613,99 @@ fn access_exit(name: &'static str, access: &Access) -> ExitInfo {
         reason: name,
         value: access.address,
         data: vec![access.size as u64, u64::from(access.is_write), access.value],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::{
+        KVM_EXIT_DEBUG, KVM_EXIT_EXCEPTION, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_UNKNOWN,
+        KVM_EXIT_X86_RDMSR,
+    };
+
+    use super::*;
+    use crate::counters::EXIT_NAMES;
+
+    const HANDLED: [(u32, ExitAction); 10] = [
+        (KVM_EXIT_IO, ExitAction::Dispatch),
+        (KVM_EXIT_MMIO, ExitAction::Dispatch),
+        (KVM_EXIT_INTR, ExitAction::CheckSignals),
+        (KVM_EXIT_IRQ_WINDOW_OPEN, ExitAction::ServiceExtint),
+        (KVM_EXIT_IOAPIC_EOI, ExitAction::CallEoiHandler),
+        (KVM_EXIT_SHUTDOWN, ExitAction::TripleFault),
+        (KVM_EXIT_INTERNAL_ERROR, ExitAction::Complete),
+        (KVM_EXIT_FAIL_ENTRY, ExitAction::EntryFailure),
+        (KVM_EXIT_SYSTEM_EVENT, ExitAction::SystemEvent),
+        (KVM_EXIT_HLT, ExitAction::Halt),
+    ];
+
+    #[test]
+    fn each_handled_exit_has_its_action() {
+        for (reason, action) in HANDLED {
+            assert_eq!(exit_action(reason), action, "{}", exit_name(reason));
+        }
+    }
+
+    #[test]
+    fn an_exit_the_loop_does_not_handle_goes_back_to_the_caller() {
+        // Entering again after an exit nobody handled would loop on it (a debug exit,
+        // an MSR exit) or lose it; run() returns it instead.
+        for reason in [
+            KVM_EXIT_UNKNOWN,
+            KVM_EXIT_EXCEPTION,
+            KVM_EXIT_DEBUG,
+            KVM_EXIT_X86_RDMSR,
+            KVM_EXIT_MEMORY_FAULT,
+            1000,
+        ] {
+            assert_eq!(exit_action(reason), ExitAction::Return, "{reason}");
+        }
+        let all = 0..=u32::try_from(EXIT_NAMES.len()).unwrap() + 1;
+        for reason in all.filter(|r| HANDLED.iter().all(|(handled, _)| handled != r)) {
+            assert_eq!(
+                exit_action(reason),
+                ExitAction::Return,
+                "{}",
+                exit_name(reason)
+            );
+        }
+    }
+
+    #[test]
+    fn only_port_and_mmio_exits_are_counted_by_their_range() {
+        let dispatched: Vec<u32> = (0..=u32::try_from(EXIT_NAMES.len()).unwrap())
+            .filter(|&reason| exit_action(reason) == ExitAction::Dispatch)
+            .collect();
+        assert_eq!(dispatched, vec![KVM_EXIT_IO, KVM_EXIT_MMIO]);
+    }
+
+    #[test]
+    fn register_syncing_starts_at_the_first_completion_where_kvm_can_sync() {
+        assert!(starts_syncing_registers(true, 0));
+        // Already on: the valid mask stays as the loop set it.
+        assert!(!starts_syncing_registers(
+            true,
+            u64::from(kvm_bindings::KVM_SYNC_X86_VALID_FIELDS)
+        ));
+        assert!(!starts_syncing_registers(false, 0));
+    }
+
+    #[test]
+    fn run_once_reports_an_access_as_address_then_size_direction_value() {
+        let access = Access {
+            address: 0x3f8,
+            size: 1,
+            is_write: true,
+            value: 0x41,
+        };
+        let exit = access_exit("io", &access);
+        assert_eq!(
+            exit,
+            ExitInfo {
+                reason: "io",
+                value: 0x3f8,
+                data: vec![1, 1, 0x41],
+            }
+        );
     }
 }
