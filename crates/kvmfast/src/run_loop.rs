@@ -1,4 +1,5 @@
-//! The vCPU run loop: requests, ExtINT injection, KVM_RUN, exit dispatch.
+//! What a vCPU owns (`VcpuCore`) and its run loop: requests, ExtINT injection, KVM_RUN,
+//! what to do with each exit (`exit_action`). `vcpu::Vcpu` is the Python handle around it.
 //!
 //! It runs on the thread that called Vcpu.run(), without the GIL; the GIL is taken
 //! only to call a Python handler, the EOI handler, the PIC's acknowledge() or the
