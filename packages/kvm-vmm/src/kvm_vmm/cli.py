@@ -2,7 +2,7 @@
 
     kvm-vmm run [--kernel PATH] [--initrd PATH] [--cmdline STR] [--memory 512M]
                 [--cpus N] [--serial stdio|file:PATH|null] [--device SPEC]...
-                [--fast-boot] [--no-host-workarounds] [--stats] [--verbose]
+                [--fast-boot] [--no-host-workarounds] [--stats] [--quiet] [--verbose]
     kvm-vmm demo [--tiny] [--memory SIZE] [--cpus N] [--no-host-workarounds] ...
     kvm-vmm host-check [--refresh] [--json] [--verbose]
 
@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import kvmfast
+from kvm_devices.interfaces import ByteSink
 from kvm_vmm.boot import (
     BootDescription,
     BootReport,
@@ -51,6 +52,7 @@ from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvm_vmm.resources import ResourceError
+from kvm_vmm.status_line import machine_status, showing, terminal_status_line
 from kvmfast.assembler import AssemblerMissing
 
 USAGE_ERROR = 2
@@ -175,6 +177,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help=f"sample each vCPU's RIP HZ times a second (default {DEFAULT_HZ:g}) and print, "
         "at exit, where the guest spent its time (by function with --symbols)",
     )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no live status line (elapsed time, milestone, guest function) on a terminal",
+    )
     parser.add_argument("--verbose", action="store_true", help="say what the VMM is doing")
 
 
@@ -219,11 +226,15 @@ def _run(args: argparse.Namespace) -> int:
     memory = parse_size(getattr(args, "memory", None) or default_memory)
     cpus: int = args.cpus
     cache_dir = default_cache_dir(os.environ)
+    status = terminal_status_line(sys.stderr.fileno(), not args.quiet)
+    console: ByteSink = open_serial_sink(args.serial)
+    if status is not None and args.serial == "stdio" and sys.stdout.isatty():
+        console = status.guard(console)  # the guest's output erases the line first
     machine = Machine(
         MachineConfig(
             memory_size=memory,
             cpus=cpus,
-            console=open_serial_sink(args.serial),
+            console=console,
             emulation_fallback=not args.no_emulation_fallback,
         )
     )
@@ -248,7 +259,12 @@ def _run(args: argparse.Namespace) -> int:
             )
         started = time.monotonic()
         profiler = GuestProfiler(machine.kickers, args.profile) if args.profile else None
-        with raw_terminal(interactive), _signals_end(machine), _profiling(profiler):
+        with (
+            raw_terminal(interactive),
+            _signals_end(machine),
+            _profiling(profiler),
+            showing(status, machine_status(machine)),
+        ):
             outcome = machine.run(args.timeout)
         _report(args, machine, outcome, time.monotonic() - started)
         return outcome.status
