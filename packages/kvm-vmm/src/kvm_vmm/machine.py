@@ -19,8 +19,9 @@ import errno
 import os
 import threading
 import time
+import weakref
+from collections.abc import Callable, Sequence
 from collections.abc import Mapping as ReadOnlyMapping
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -123,6 +124,35 @@ class MachineConfig:
     emulation_fallback: bool = True
 
 
+def _finisher(machine: Machine, outcome: Outcome) -> Callable[[], None]:
+    """``machine.finish(outcome)`` for the platform's devices, holding the machine only
+    weakly: the machine holds the devices, and through a cycle the machine's vCPU and
+    /dev/kvm fds and the kernel's VM (its threads) would stay until a garbage collection,
+    not go when the last reference to the machine does."""
+    reference = weakref.ref(machine)
+
+    def finish() -> None:
+        alive = reference()
+        if alive is not None:
+            alive.finish(outcome)
+
+    return finish
+
+
+def _intr_line(machine: Machine) -> Callable[[bool], None]:
+    """The PIC's INTR output to the BSP's ExtINT input, holding the machine weakly (as
+    _finisher does): a kicker keeps the vCPU's run page mapped, and with it the kernel's
+    VM and its threads."""
+    reference = weakref.ref(machine)
+
+    def set_level(level: bool) -> None:
+        alive = reference()
+        if alive is not None:
+            alive.kickers[0].set_extint(level)
+
+    return set_level
+
+
 class Machine:
     """A split-irqchip PC: in-kernel LAPICs, our IOAPIC, PIC pair, PIT and the rest."""
 
@@ -165,9 +195,9 @@ class Machine:
             self.timers,
             self.serial,
             PlatformEvents(
-                power_off=lambda: self.finish(Outcome(0, POWERED_OFF)),
-                reset=lambda: self.finish(Outcome(0, "guest requested a reset")),
-                extint=self.kickers[0].set_extint,
+                power_off=_finisher(self, Outcome(0, POWERED_OFF)),
+                reset=_finisher(self, Outcome(0, "guest requested a reset")),
+                extint=_intr_line(self),
             ),
             ram_size=config.memory_size,
             cpus=config.cpus,
