@@ -10,8 +10,9 @@ Without --kernel, ``run`` and ``demo`` boot the default guest: Debian's cloud
 kernel and a busybox shell, fetched with apt-get the first time (cached);
 ``demo --tiny`` is the built-in assembly guest. Exit status: the guest's (0
 for a power-off, (v << 1) | 1 for an isa-debug-exit write of v), 1 when the
-guest crashed the machine, 2 for a usage or input error; host-check: 1 when
-a check FAILs.
+guest crashed the machine, 2 for a usage or input error, 128 + n when signal n
+(SIGINT, SIGTERM, SIGHUP) ended it, in any phase; host-check: 1 when a check
+FAILs.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from kvm_vmm.loaders.files import read_boot_file
 from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvm_vmm.resources import ResourceError
+from kvm_vmm.signals import Terminated, ending_run, raising_terminated, status_of_signal
 from kvm_vmm.status_line import machine_status, showing, terminal_status_line
 from kvmfast.assembler import AssemblerMissing
 
@@ -198,7 +200,13 @@ def _profile_rate(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with raising_terminated():
+            return _run(args)
+    except (KeyboardInterrupt, Terminated) as ended:
+        # Before the guest ran, or while its run was being wound up (kvm_vmm.signals).
+        number = ended.number if isinstance(ended, Terminated) else signal.SIGINT
+        print(f"kvm-vmm: stopped by {signal.Signals(number).name}", file=sys.stderr)
+        return status_of_signal(number)
     except (
         UsageError,
         SerialSpecError,
@@ -261,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
         profiler = GuestProfiler(machine.kickers, args.profile) if args.profile else None
         with (
             raw_terminal(interactive),
-            _signals_end(machine),
+            ending_run(machine),
             _profiling(profiler),
             showing(status, machine_status(machine)),
         ):
@@ -282,22 +290,6 @@ def _profiling(profiler: GuestProfiler | None) -> Iterator[None]:
         yield
     finally:
         profiler.stop()
-
-
-@contextlib.contextmanager
-def _signals_end(machine: Machine) -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run as a timeout does: stats, positions, status 128+n."""
-
-    def stop(number: int, _frame: object) -> None:
-        name = signal.Signals(number).name
-        machine.finish(Outcome(128 + number, f"terminated by {name}", stopped_from_outside=True))
-
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _describe_boot(args: argparse.Namespace, cache_dir: Path | None) -> BootDescription:
