@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from test_cli import _multiboot_kernel
 
+from kvm_vmm import layout
+from kvm_vmm.loaders.image import EntryState
+from kvm_vmm.machine import Machine, MachineConfig
 from kvm_vmm.status_line import (
     ERASE,
     QUIET_SECONDS,
@@ -24,9 +27,10 @@ from kvm_vmm.status_line import (
     Status,
     StatusLine,
     format_status,
+    machine_status,
     status_of,
 )
-from kvmfast.testing import require_kvm
+from kvmfast.testing import assemble_program, require_kvm
 
 # --- the text ------------------------------------------------------------------------------
 
@@ -84,6 +88,33 @@ def test_recent_function_names_what_was_sampled_since_the_last_call() -> None:
     samples[0x3000] = 1
     assert recent() == "0x3000"  # no symbol: the RIP
     assert [k.requests for k in kickers] == [5, 5]
+
+
+@pytest.mark.kvm
+def test_machine_status_reads_a_running_machine(tmp_path: Path) -> None:
+    """The real stats() keys and sampling: two CLACs (completed by kvmfast where the
+    host's KVM cannot emulate them), then a loop the symbol file names."""
+    require_kvm()
+    program = assemble_program(
+        ".global start, spin\nstart:\n clac\n clac\nspin:\n jmp spin\n", origin=0x100000
+    )
+    symbols = tmp_path / "System.map"
+    symbols.write_text("".join(f"{a:016x} T {n}\n" for n, a in program.symbols.items()))
+    with Machine(MachineConfig(memory_size=4 * layout.MIB)) as machine:
+        machine.write_memory(0x100000, program.code)
+        machine.enter(EntryState("long64", program.symbols["start"]))
+        machine.load_symbols(symbols)
+        status = machine_status(machine)
+        machine.start()
+        deadline = time.monotonic() + 20
+        while (now := status()).where != "spin":
+            assert time.monotonic() < deadline, now
+            time.sleep(0.05)
+        completions = machine.counters()["completions"]
+        assert isinstance(completions, dict)
+        assert now.completions == sum(completions.values())
+        assert now.completions in (0, 2)  # 0 where the host's KVM runs CLAC itself
+        assert now.milestone is None and now.seconds > 0
 
 
 # --- drawing and erasing -------------------------------------------------------------------
