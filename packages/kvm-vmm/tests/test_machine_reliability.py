@@ -70,9 +70,12 @@ def figures() -> Figures:
 
 
 def _machine(program: GuestProgram) -> Machine:
-    machine = Machine(MachineConfig(memory_size=4 * layout.MIB))
+    """Two vCPUs (the AP waits for a SIPI inside KVM_RUN) and kvmfast's event loop
+    started: every thread a machine can have."""
+    machine = Machine(MachineConfig(memory_size=4 * layout.MIB, cpus=2))
     machine.write_memory(LOAD_ADDRESS, program.code)
     machine.enter(EntryState("long64", program.symbols["spin"]))
+    assert machine.event_loop.running
     return machine
 
 
