@@ -226,6 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
 
 
+def _stderr_fd() -> int:
+    """sys.stderr's descriptor, or -1 (no terminal, so no status line) when a caller has
+    replaced it with a stream of its own (contextlib.redirect_stderr in tests, embedding)."""
+    try:
+        return sys.stderr.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return -1
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "host-check":
         return _host_check(args)
@@ -234,7 +243,7 @@ def _run(args: argparse.Namespace) -> int:
     memory = parse_size(getattr(args, "memory", None) or default_memory)
     cpus: int = args.cpus
     cache_dir = default_cache_dir(os.environ)
-    status = terminal_status_line(sys.stderr.fileno(), not args.quiet)
+    status = terminal_status_line(_stderr_fd(), not args.quiet)
     console: ByteSink = open_serial_sink(args.serial)
     if status is not None and args.serial == "stdio" and sys.stdout.isatty():
         console = status.guard(console)  # the guest's output erases the line first
