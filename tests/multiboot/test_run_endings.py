@@ -1,8 +1,11 @@
-"""Runs the guest does not end: ``--timeout`` and SIGTERM stop it and say where it was.
+"""How runs end, and the exit status a harness reads for each.
 
+A guest that does not end: ``--timeout`` and SIGTERM stop it and say where it was.
 As QEMU's monitor does with ``info registers`` after a stop, kvm-vmm prints each
 vCPU's RIP, the symbol there when ``--symbols`` names one, and the CPL; the exit
-status is timeout(1)'s 124 or 128 + the signal's number.
+status is timeout(1)'s 124 or 128 + the signal's number. A guest that crashes the
+machine ends with 4, a status no isa-debug-exit write ((v << 1) | 1, odd) and no
+power-off (0) can produce.
 """
 
 from __future__ import annotations
@@ -82,3 +85,13 @@ def test_profile_finds_where_the_guest_spins(kernels: KernelBuilder, runner: Ker
     top = re.search(r"profile: \d+ samples\n\s+([\d.]+)%\s+\d+\s+(\S+)", run.stderr)
     assert top is not None, run.describe()
     assert top.group(2) == "spin_forever" and float(top.group(1)) > 90, run.describe()
+
+
+def test_a_triple_fault_ends_with_status_4_which_no_debug_exit_write_gives(
+    kernels: KernelBuilder, runner: KernelRunner
+) -> None:
+    run = runner.run(kernels.build("triple_fault"))
+    assert run.status == 4, run.describe()
+    assert run.status % 2 == 0 and run.status != 0  # not (v << 1) | 1, not a power-off
+    assert "faulting" in run.serial
+    assert "vCPU 0: triple fault (status 4)" in run.stderr, run.describe()

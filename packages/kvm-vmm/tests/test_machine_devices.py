@@ -23,6 +23,7 @@ from kvm_vmm.added_devices import DeviceAccessError
 from kvm_vmm.interrupts import IsaIrqLine
 from kvm_vmm.loaders.image import EntryState
 from kvm_vmm.machine import (
+    STATUS_GUEST_CRASHED,
     Machine,
     MachineConfig,
     MachineConfigError,
@@ -378,7 +379,7 @@ def test_a_raising_device_ends_the_run_with_an_error_naming_it_and_the_access(
 
     outcome = machine.run(60)
 
-    assert outcome.status == 1, outcome
+    assert outcome.status == STATUS_GUEST_CRASHED, outcome
     assert outcome.reason == f"vCPU 0: device 'flaky' failed on a {described}: ValueError: boom"
     assert isinstance(outcome.error, DeviceAccessError)
     assert isinstance(outcome.error.__cause__, ValueError)
@@ -394,7 +395,7 @@ def test_a_device_that_calls_sys_exit_ends_the_run_too(machines: list[Machine]) 
     machine.add_device_option("isa-debug-exit")
     machine.add_device(Flaky(error=SystemExit(3)), name="quitter", pio=(BELL_PORT, 1))
     outcome = machine.run(30)
-    assert outcome.status == 1, outcome
+    assert outcome.status == STATUS_GUEST_CRASHED, outcome
     assert outcome.reason.startswith("vCPU 0: device 'quitter' failed on a 1-byte write")
     assert outcome.reason.endswith("(offset 0x0): SystemExit: 3")
 
@@ -404,7 +405,7 @@ def test_a_read_that_answers_no_int_is_the_devices_error_too(machines: list[Mach
     machine.add_device_option("isa-debug-exit")
     machine.add_device(Flaky(answer="7"), name="flaky", pio=(BELL_PORT, 1))
     outcome = machine.run(60)
-    assert outcome.status == 1, outcome
+    assert outcome.status == STATUS_GUEST_CRASHED, outcome
     assert outcome.reason == (
         "vCPU 0: device 'flaky' failed on a 1-byte read of port 0x3e0 (offset 0x0):"
         " TypeError: read() returned str, not an int"

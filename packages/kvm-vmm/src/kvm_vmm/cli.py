@@ -8,11 +8,8 @@
 
 Without --kernel, ``run`` and ``demo`` boot the default guest: Debian's cloud
 kernel and a busybox shell, fetched with apt-get the first time (cached);
-``demo --tiny`` is the built-in assembly guest. Exit status: the guest's (0
-for a power-off, (v << 1) | 1 for an isa-debug-exit write of v), 1 when the
-guest crashed the machine, 2 for a usage or input error, 128 + n when signal n
-(SIGINT, SIGTERM, SIGHUP) ended it, in any phase; host-check: 1 when a check
-FAILs.
+``demo --tiny`` is the built-in assembly guest. Exit status: RUN_STATUSES
+below (``kvm-vmm run --help`` prints it); host-check: 1 when a check FAILs.
 """
 
 from __future__ import annotations
@@ -50,7 +47,16 @@ from kvm_vmm.fast_boot import with_switches
 from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
 from kvm_vmm.loaders import LoaderError, default_cache_dir
 from kvm_vmm.loaders.files import read_boot_file
-from kvm_vmm.machine import Machine, MachineConfig, MachineConfigError, Outcome
+from kvm_vmm.machine import (
+    STATUS_GUEST_CRASHED,
+    STATUS_INTERRUPTED,
+    STATUS_POWERED_OFF,
+    STATUS_TIMED_OUT,
+    Machine,
+    MachineConfig,
+    MachineConfigError,
+    Outcome,
+)
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvm_vmm.resources import ResourceError
 from kvm_vmm.signals import Terminated, ending_run, raising_terminated, status_of_signal
@@ -63,6 +69,18 @@ DEMO_MEMORY = "64M"
 LINUX_MEMORY = "512M"
 _SIZE = re.compile(r"(?i)^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Every status is distinct from the others: a crash is even and no debug-exit write
+# (always odd) nor power-off can produce it.
+RUN_STATUSES = f"""exit status:
+  {STATUS_POWERED_OFF}        the guest powered off or asked for a reset; stopped from the console
+  (v<<1)|1 an isa-debug-exit write of v: always odd (v=0: 1, v=1: 3, ...)
+  {USAGE_ERROR}        usage or input error: a bad option, an unreadable or unknown kernel
+  {STATUS_GUEST_CRASHED}        the guest crashed the machine: a triple fault, an instruction nobody
+           can complete, an unexpected exit, a device's failure
+  {STATUS_TIMED_OUT}      --timeout fired
+  128+n    ended by signal n, loading or running ({STATUS_INTERRUPTED}: Ctrl-C, 143: SIGTERM,
+           129: SIGHUP)
+"""
 
 
 class UsageError(ValueError):
@@ -85,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="boot a kernel (Linux bzImage/vmlinux or Multiboot)")
+    run = commands.add_parser(
+        "run",
+        help="boot a kernel (Linux bzImage/vmlinux or Multiboot)",
+        epilog=RUN_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "--kernel",
         type=Path,

@@ -97,6 +97,11 @@ class MachineState(enum.Enum):
     CLOSED = "closed"
 
 
+# Exit statuses a harness can tell apart: a power-off is 0 and an isa-debug-exit
+# write of v is (v << 1) | 1, always odd, so a crash gets an even status of its own
+# (1 would read as "debug-exit 0", which kvm-unit-tests counts as a pass).
+STATUS_POWERED_OFF = 0
+STATUS_GUEST_CRASHED = 4  # triple fault, instruction nobody completes, device failure
 STATUS_TIMED_OUT = 124  # timeout(1)'s status
 STATUS_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 STOPPED = "stopped"
@@ -195,7 +200,7 @@ class Machine:
             self.timers,
             self.serial,
             PlatformEvents(
-                power_off=_finisher(self, Outcome(0, POWERED_OFF)),
+                power_off=_finisher(self, Outcome(STATUS_POWERED_OFF, POWERED_OFF)),
                 reset=_finisher(self, Outcome(0, "guest requested a reset")),
                 extint=_intr_line(self),
             ),
@@ -243,7 +248,8 @@ class Machine:
 
         The device is then ``machine.devices[name]``, named in stats(), and saved by
         save_state() if it has the Snapshottable methods. An exception it raises ends
-        the run: the outcome (status 1) names the device, the address and the access.
+        the run: the outcome (status 4, STATUS_GUEST_CRASHED) names the device, the address and
+        the access.
         """
         space: AddressSpace
         if pio is not None and mmio is None:
@@ -526,7 +532,7 @@ class Machine:
             return None
         if self.timers.errors and outcome.error is None:
             error = self.timers.errors[0]
-            return Outcome(1, f"device timer failed: {error!r}", error)
+            return Outcome(STATUS_GUEST_CRASHED, f"device timer failed: {error!r}", error)
         return outcome
 
     def _vcpu_main(self, index: int) -> None:
@@ -543,13 +549,19 @@ class Machine:
             try:
                 result = run_until_exit(vcpu)
             except kvmfast.TripleFault as error:
-                self.finish(Outcome(1, f"vCPU {index}: triple fault", error))
+                self.finish(Outcome(STATUS_GUEST_CRASHED, f"vCPU {index}: triple fault", error))
                 return
             except (kvmfast.GuestStop, DeviceAccessError) as error:
-                self.finish(Outcome(1, f"vCPU {index}: {error}", error))
+                self.finish(Outcome(STATUS_GUEST_CRASHED, f"vCPU {index}: {error}", error))
                 return
             except Exception as error:
-                self.finish(Outcome(1, f"vCPU {index}: {type(error).__name__}: {error}", error))
+                self.finish(
+                    Outcome(
+                        STATUS_GUEST_CRASHED,
+                        f"vCPU {index}: {type(error).__name__}: {error}",
+                        error,
+                    )
+                )
                 return
             if result.reason != "paused" or not self._park(index):
                 self._vcpu_exit(index, result)
@@ -577,11 +589,16 @@ class Machine:
         if result.reason == "device_exit":
             self.finish(Outcome(result.value, f"debug exit 0x{result.value:x}"))
         elif result.reason == "system_event" and result.value == KVM_SYSTEM_EVENT_SHUTDOWN:
-            self.finish(Outcome(0, POWERED_OFF))
+            self.finish(Outcome(STATUS_POWERED_OFF, POWERED_OFF))
         elif result.reason == "system_event" and result.value == KVM_SYSTEM_EVENT_RESET:
             self.finish(Outcome(0, "guest requested a reset"))
         else:
-            self.finish(Outcome(1, f"vCPU {index}: unexpected exit {result.reason} {result.value}"))
+            self.finish(
+                Outcome(
+                    STATUS_GUEST_CRASHED,
+                    f"vCPU {index}: unexpected exit {result.reason} {result.value}",
+                )
+            )
 
     def vcpu_positions(self) -> list[str]:
         """Where each vCPU is, "vCPU n: RIP 0x... (symbol) CPL c", once the run has ended.
