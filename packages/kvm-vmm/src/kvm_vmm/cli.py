@@ -5,6 +5,7 @@
                 [--fast-boot] [--no-host-workarounds] [--stats] [--quiet] [--verbose]
     kvm-vmm demo [--tiny] [--memory SIZE] [--cpus N] [--no-host-workarounds] ...
     kvm-vmm host-check [--refresh] [--json] [--verbose]
+    kvm-vmm qemu QEMU-ARGS...   (also the script kvm-vmm-qemu-system-x86_64)
 
 Without --kernel, ``run`` and ``demo`` boot the default guest: Debian's cloud
 kernel and a busybox shell, fetched with apt-get the first time (cached);
@@ -58,6 +59,14 @@ from kvm_vmm.machine import (
     Outcome,
 )
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
+from kvm_vmm.qemu_frontend import (
+    PROGRAM,
+    QemuAnswer,
+    QemuRun,
+    QemuUsageError,
+    host_cpu_note,
+    translate,
+)
 from kvm_vmm.resources import ResourceError
 from kvm_vmm.signals import Terminated, ending_run, raising_terminated, status_of_signal
 from kvm_vmm.status_line import machine_status, showing, terminal_status_line
@@ -151,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--verbose", action="store_true", help="also the Linux switches and CPUID it implies"
     )
+    # Listed for --help; main() hands its arguments to qemu_main before argparse,
+    # which would take QEMU's single-dash options for its own.
+    commands.add_parser(
+        "qemu",
+        help="QEMU's command line (kvm-unit-tests' x86/run), mapped onto run",
+        add_help=False,
+    ).add_argument("qemu_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -221,10 +237,18 @@ def _profile_rate(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["qemu"]:
+        return qemu_main(argv[1:])
     args = build_parser().parse_args(argv)
+    return _reporting_errors(lambda: _run(args))
+
+
+def _reporting_errors(action: Callable[[], int]) -> int:
+    """``action``'s status; a signal or a usage or input error as its status, in one line."""
     try:
         with raising_terminated():
-            return _run(args)
+            return action()
     except (KeyboardInterrupt, Terminated) as ended:
         # Before the guest ran, or while its run was being wound up (kvm_vmm.signals).
         number = ended.number if isinstance(ended, Terminated) else signal.SIGINT
@@ -247,6 +271,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"kvm-vmm: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def qemu_main(argv: Sequence[str] | None = None) -> int:
+    """kvm-vmm-qemu-system-x86_64: a QEMU command line (kvm_vmm.qemu_frontend) run as
+    ``kvm-vmm run`` runs it; what is not honoured is said in one warning line each."""
+    try:
+        translated = translate(sys.argv[1:] if argv is None else argv)
+    except QemuUsageError as error:
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    if isinstance(translated, QemuAnswer):
+        print(translated.text)
+        return 0
+    return _reporting_errors(lambda: _qemu_run(translated))
+
+
+def _qemu_run(translated: QemuRun) -> int:
+    notes = list(translated.notes)
+    if translated.cpu is not None:
+        note = host_cpu_note(translated.cpu, translated.cpus, default_cache_dir(os.environ))
+        notes += [] if note is None else [note]
+    for note in notes:
+        print(f"{PROGRAM}: warning: {note}", file=sys.stderr)
+    return _run(build_parser().parse_args(["run", *translated.run_args]))
 
 
 def _stderr_fd() -> int:
