@@ -9,6 +9,7 @@ redirection table), print on COM1 and leave through isa-debug-exit.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -485,3 +486,21 @@ def test_state_is_saved_only_while_nothing_runs(machines: list[Machine]) -> None
     machine.stop()
     with pytest.raises(MachineStateError, match=r"\(it is finished\)"):
         machine.restore_state({})
+
+
+def test_a_device_timer_that_raises_makes_the_run_a_crash(machines: list[Machine]) -> None:
+    """A timer callback's exception (a device bug) overrides a clean ending: status 4,
+    never the 0 of the stop that followed it."""
+    machine = _machine(machines, "main:\n    pause\n    jmp main\n")
+
+    def broken() -> None:
+        raise RuntimeError("PIT model bug")
+
+    machine.timers.schedule(machine.timers.now_ns(), broken)
+    machine.start()
+    deadline = time.monotonic() + 30
+    while not machine.timers.errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    outcome = machine.stop()
+    assert outcome.status == 4, outcome  # STATUS_GUEST_CRASHED: even, not a debug exit
+    assert outcome.reason == "device timer failed: RuntimeError('PIT model bug')"
