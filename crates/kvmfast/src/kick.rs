@@ -222,8 +222,8 @@ impl VcpuKicker {
     }
 
     /// Makes run() return Exit("paused") at the next clean point: no SYSCALL-quirk
-    /// repair pending and no acknowledged ExtINT vector waiting for KVM, synced
-    /// registers flushed to KVM. A later run() continues from there. Returns at once;
+    /// repair pending and no acknowledged ExtINT vector waiting for KVM, the last I/O
+    /// exit completed by KVM, synced registers flushed to KVM. A later run() continues from there. Returns at once;
     /// the caller learns of the pause from run()'s return.
     fn pause(&self) {
         self.state.post(REQUEST_PAUSE);

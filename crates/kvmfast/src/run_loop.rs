@@ -81,6 +81,9 @@ pub struct VcpuCore {
     pub pending_repair: Mutex<Option<PendingRepair>>,
     /// Mirrors `pending_repair.is_some()`, so that an ordinary exit costs one load.
     pub repair_pending: AtomicBool,
+    /// The last KVM_RUN ended in an I/O or MMIO exit that only the next KVM_RUN
+    /// completes (see `complete_pending_io`).
+    pub io_pending: AtomicBool,
 }
 
 impl VcpuCore {
@@ -184,7 +187,11 @@ impl VcpuCore {
                 injector.holds_acknowledged(),
             ) {
                 BeforeEntry::Stop => return Ok(ExitInfo::new("stopped", 0)),
-                BeforeEntry::Pause => return Ok(ExitInfo::new("paused", 0)),
+                BeforeEntry::Pause => {
+                    return Ok(self
+                        .complete_pending_io(injector)?
+                        .unwrap_or_else(|| ExitInfo::new("paused", 0)));
+                }
                 BeforeEntry::DeferPause => self.kick.defer(REQUEST_PAUSE),
                 BeforeEntry::Enter => {}
             }
@@ -203,15 +210,52 @@ impl VcpuCore {
             };
             injector.exited();
             self.watch_pending_repair()?;
-            let reason = match entered {
-                Ok(()) => self.page.exit_reason(),
-                Err(err) if err.errno() == libc::EINTR => KVM_EXIT_INTR,
-                Err(err) => return Err(kvm_error("KVM_RUN", err).into()),
-            };
+            let reason = self.exit_reason(entered)?;
             if let Some(exit) = self.handle_exit(reason, injector, single)? {
                 return Ok(exit);
             }
         }
+    }
+
+    /// The exit a KVM_RUN ended with (KVM_EXIT_INTR for EINTR); notes whether an I/O
+    /// exit now waits for the next KVM_RUN to complete it.
+    fn exit_reason(&self, entered: Result<(), errno::Error>) -> Result<u32, RunError> {
+        let reason = match entered {
+            Ok(()) => self.page.exit_reason(),
+            Err(err) if err.errno() == libc::EINTR => KVM_EXIT_INTR,
+            Err(err) => return Err(kvm_error("KVM_RUN", err).into()),
+        };
+        self.io_pending.store(
+            exit_action(reason) == ExitAction::Dispatch,
+            Ordering::Relaxed,
+        );
+        Ok(reason)
+    }
+
+    /// Before run() returns "paused": KVM puts an IN's or MMIO read's value in its
+    /// register and moves RIP past the instruction only at the next KVM_RUN (KVM API
+    /// doc 5, kvm_run: such operations "are complete (and guest state is consistent)
+    /// only after userspace has re-entered the kernel with KVM_RUN"; `immediate_exit`
+    /// completes them "without allowing any further instructions to be executed").
+    /// Left pending, the paused state is not the whole state: registers copied to
+    /// another vCPU would make it read the device again. A completion may need another
+    /// exit (a string I/O's next element), which is handled as any; Some(exit) when
+    /// that one is for the caller, the pause then being kept for the next run().
+    fn complete_pending_io(
+        &self,
+        injector: &mut ExtintInjector,
+    ) -> Result<Option<ExitInfo>, RunError> {
+        while self.io_pending.load(Ordering::Relaxed) {
+            self.page.set_immediate_exit(true);
+            let entered = ioctls::run(&self.fd);
+            injector.exited();
+            let reason = self.exit_reason(entered)?;
+            if let Some(exit) = self.handle_exit(reason, injector, false)? {
+                self.kick.defer(REQUEST_PAUSE);
+                return Ok(Some(exit));
+            }
+        }
+        Ok(None)
     }
 
     /// After each KVM_RUN that follows a SYSCALL-quirk repair: applies the repair again

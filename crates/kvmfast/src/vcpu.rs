@@ -87,6 +87,7 @@ impl Vcpu {
                 symbols,
                 pending_repair: Mutex::new(None),
                 repair_pending: AtomicBool::new(false),
+                io_pending: AtomicBool::new(false),
             },
         }
     }

@@ -188,3 +188,46 @@ trap:
     assert regs["r9"] == 42 and regs["r12"] == user["after_syscall"]
     assert regs["rdx"] == user["trap"]
     assert guest.vcpu.counters()["quirk_repairs"] == {"syscall_keeps_user_cs": 1}
+
+
+@pytest.mark.parametrize(
+    ("space", "read"),
+    [("pio", "in eax, dx"), ("mmio", "mov eax, dword ptr [rdx]")],
+)
+def test_a_pause_right_after_a_read_returns_with_the_read_completed(
+    kvm: Kvm, space: str, read: str
+) -> None:
+    """KVM puts an IN's or MMIO read's value in the register and moves RIP past it only
+    at the next KVM_RUN (KVM API doc 5, kvm_run: "the corresponding operations are
+    complete ... only after userspace has re-entered the kernel with KVM_RUN"). A
+    pause taken at that exit must complete the read first: registers copied while
+    paused would read the device again, and a resume that sets them would lose the
+    value. The device posts the pause from its read, so it lands on that exit."""
+    address = 0x3E0 if space == "pio" else 0xD000_0000
+    guest = boot_guest(
+        kvm,
+        f"""
+.global entry, after_read
+entry:
+    mov edx, {address}
+    {read}
+after_read:
+    out 0xf4, al
+""",
+    )
+    kicker = guest.vcpu.kicker()
+
+    def answer(offset: int, size: int) -> int:
+        kicker.pause()
+        return 0x1234_5678
+
+    device = RecordingDevice(answer)
+    if space == "pio":
+        guest.vm.add_pio(address, 4, device)
+    else:
+        guest.vm.add_mmio(address, 0x1000, device)
+    assert guest.vcpu.run().reason == "paused"
+    regs = guest.vcpu.get_regs()
+    assert (regs["rip"], regs["rax"]) == (guest.program.symbols["after_read"], 0x1234_5678)
+    assert guest.vcpu.run().reason == "device_exit"
+    assert len(device.log) == 1

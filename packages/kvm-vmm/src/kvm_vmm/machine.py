@@ -441,8 +441,9 @@ class Machine:
 
     def pause(self) -> None:
         """Stop every vCPU and the device timers; returns when every vCPU is out of
-        KVM_RUN at a clean point (kvmfast's VcpuKicker.pause: no SYSCALL repair and no
-        acknowledged ExtINT vector in flight), registers readable and settable.
+        KVM_RUN at a clean point (kvmfast's VcpuKicker.pause: no SYSCALL repair, no
+        acknowledged ExtINT vector and no I/O completion in flight), registers readable
+        and settable.
 
         The devices' clock stands still meanwhile (kvm_vmm.clock); the guest's TSC
         and in-kernel LAPIC timer do not. If the run ends while the vCPUs are being
