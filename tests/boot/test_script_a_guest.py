@@ -1,0 +1,40 @@
+"""examples/script_a_guest.py as a reader runs it: the default guest (Debian's cloud
+kernel, the demo's busybox shell as /init) boots to the shell's prompt, the script
+types a command and reads its answer off the console, and `exit` at the shell
+powers the guest off (the script then exits 0). The kvm-vmm command's own paths
+(stdin to the guest, Ctrl-A x) are tested in packages/kvm-vmm/tests/test_cli.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BootFiles, boot_timeout
+
+pytestmark = [pytest.mark.kvm, pytest.mark.boot]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "script_a_guest.py"
+
+
+@pytest.mark.usefixtures("boots_to_init")
+def test_the_example_scripts_the_default_guest_and_powers_it_off(
+    boot_files: BootFiles,  # the default guest's assets, fetched once for all boot tests
+) -> None:
+    if os.environ.get("KVM_VMM_TEST_KERNEL"):
+        pytest.skip("the example boots the default guest's own kernel, not $KVM_VMM_TEST_KERNEL")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=boot_timeout() + 600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
+    answer = re.search(r"^6\*7 = 42 on 1 CPU\(s\), Linux (\S+)$", result.stdout, re.MULTILINE)
+    assert answer is not None, result.stdout
+    assert answer.group(1) in boot_files.kernel.name  # vmlinuz-<release>: the guest's uname -r
+    assert result.stdout.endswith("outcome: guest powered off (status 0)\n"), result.stdout
