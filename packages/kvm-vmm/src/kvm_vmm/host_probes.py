@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import kvmfast
+from kvm_vmm.board import LAPIC_ADDRESS
 from kvm_vmm.cpuid import CpuidEntry
 from kvmfast import x86
 from kvmfast.assembler import GuestProgram, assemble_program
@@ -74,7 +75,6 @@ PAGE_TABLES = 0x4000  # PML4, PDPT, 4 PDs, then one PT for the first 2 MiB
 GDT32_ADDRESS = 0xB000
 PROGRAM_ORIGIN = 0x10000
 KERNEL_STACK = 0x80000
-LAPIC_ADDRESS = 0xFEE0_0000
 
 # The flat guests' GDT of kvmfast.x86, then user code and data (RPL 3) and the TSS.
 KERNEL_CS, KERNEL_DS = x86.FLAT_GUEST_CS, x86.FLAT_GUEST_DS
@@ -82,7 +82,7 @@ USER_CS, USER_DS, TSS_SELECTOR = 0x1B, 0x23, 0x28
 MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC000_0081, 0xC000_0082, 0xC000_0084
 RFLAGS_IOPL3 = 0x3002  # reserved bit 1 and IOPL 3: user mode may use the probe ports
 LAPIC_SVR, LAPIC_SVR_ENABLED = 0xF0, 0x1FF
-MSI_ADDRESS = 0xFEE0_0000  # APIC ID 0, physical, fixed
+MSI_ADDRESS = LAPIC_ADDRESS  # an MSI to APIC ID 0, physical, fixed (SDM 11.11.1)
 MSI_LEVEL, MSI_ASSERT = 1 << 15, 1 << 14
 
 _EXCEPTION_STUBS = "\n".join(
