@@ -1,5 +1,7 @@
 """``--disk path=FILE[,readonly=on][,serial=ID][,direct=on]``, Cloud Hypervisor's spelling.
 
+``--disk FILE[,...]`` is short for ``path=FILE``.
+
 Only the words are checked here; the image itself (missing, unreadable, empty, in use by
 another VMM) is judged when kvmfast opens it, with a message naming the path.
 """
@@ -38,9 +40,11 @@ def parse_disk_spec(text: str) -> DiskSpec:
     path: str | None = None
     readonly = direct = False
     serial: str | None = None
-    for pair in text.split(","):
+    for index, pair in enumerate(text.split(",")):
         key, sep, value = pair.partition("=")
-        if not sep:
+        if not sep and index == 0:
+            key, value = "path", pair  # ``--disk FILE`` for ``--disk path=FILE``
+        elif not sep:
             raise DiskSpecError(
                 f"--disk {text!r}: {pair!r} is not KEY=VALUE "
                 "(path=FILE[,readonly=on][,serial=ID][,direct=on])"
