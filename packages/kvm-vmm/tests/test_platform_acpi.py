@@ -17,7 +17,7 @@ import pytest
 
 from kvm_devices.acpi_pm import PWRBTN_EN
 from kvm_devices.interfaces import Device
-from kvm_devices.ioapic import Ioapic
+from kvm_devices.ioapic import RTE_POLARITY, RTE_TRIGGER_LEVEL, Ioapic
 from kvm_vmm import acpi, board, layout
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
@@ -231,12 +231,17 @@ def test_the_reset_register_of_the_fadt_resets(rig: Rig) -> None:
 
 
 def test_the_sci_arrives_on_the_gsi_the_fadt_and_madt_name(rig: Rig) -> None:
-    """SCI_INT is an ISA IRQ; an override (level, active high) maps it to its GSI."""
+    """SCI_INT is an ISA IRQ; an override (level, active high) maps it to its GSI.
+
+    The guest programs the IOAPIC pin with the override's polarity, as Linux does
+    (mp_override_legacy_irq): the idle line must read deasserted under it.
+    """
     sci = rig.fadt.sci
     ((gsi, flags),) = [(g, f) for irq, g, f in rig.madt.overrides if irq == sci]
     assert flags == 0b1101  # level-triggered, active high (MPS INTI flags)
     ioapic = rig.platform.ioapic
-    _unmask_level(rig, gsi, vector=0x41)
+    _unmask(rig, gsi, vector=0x41, mps_flags=flags)
+    assert not asserted_pins(ioapic)[gsi] and (gsi, True) not in rig.routed
     event_block = rig.fadt.pm1a_event[0]
     rig.write("pio", event_block + 2, 2, PWRBTN_EN)
     rig.platform.acpi_pm.press_power_button()
@@ -252,15 +257,26 @@ def test_isa_irq0_reaches_the_gsi_the_madt_override_names(rig: Rig) -> None:
 
 
 def asserted_pins(ioapic: Ioapic) -> list[bool]:
-    asserted = ioapic.save()["line_asserted"]
-    assert isinstance(asserted, list)
-    return [bool(level) for level in asserted]
+    """Each pin's input level as its redirection entry's polarity reads it."""
+    state = ioapic.save()
+    line_high, entries = state["line_high"], state["redirection"]
+    assert isinstance(line_high, list) and isinstance(entries, list)
+    pairs = zip(line_high, entries, strict=True)
+    return [bool(high) != bool(entry & RTE_POLARITY) for high, entry in pairs]
 
 
-def _unmask_level(rig: Rig, pin: int, vector: int) -> None:
+def _unmask(rig: Rig, pin: int, vector: int, mps_flags: int) -> None:
+    """Program ``pin`` as the MPS INTI flags say (ACPI 6.5 table 5.26; 0 = the ISA
+    default: edge, active high) into the redirection entry (82093AA §3.2.4)."""
+    polarity, trigger = mps_flags & 0b11, mps_flags >> 2 & 0b11
+    entry = vector
+    if polarity == 0b11:
+        entry |= RTE_POLARITY
+    if trigger == 0b11:
+        entry |= RTE_TRIGGER_LEVEL
     (_, address, _) = rig.madt.ioapics[0]
     rig.write("mmio", address + Ioapic.IOREGSEL, 4, 0x10 + 2 * pin)
-    rig.write("mmio", address + Ioapic.IOWIN, 4, vector | 1 << 15)
+    rig.write("mmio", address + Ioapic.IOWIN, 4, entry)
 
 
 def test_madt_ioapic_is_the_ioapic_on_the_bus_with_every_gsi_it_claims(rig: Rig) -> None:
