@@ -140,10 +140,24 @@ def test_functions_sharing_a_wire_keep_it_asserted_until_the_last_lets_go() -> N
     first.set_asserted(True)
     second.set_asserted(True)
     first.set_asserted(False)
-    assert wires.asserting(first.gsi) == {(9, 0)}
+    assert wires.asserting(first.gsi) == {(9, 0, 0)}
     ioapic.eoi(0x61)
     assert vm.lines == [(first.gsi, True)] * 2
     second.set_asserted(False)
     ioapic.eoi(0x61)
     assert vm.lines == [(first.gsi, True)] * 2
     assert wires.asserting(first.gsi) == frozenset()
+
+
+def test_two_functions_of_one_device_on_the_same_pin_share_its_wire() -> None:
+    ioapic = RecordingController()
+    wires = PciIntxWires(ioapic)
+    function0, function1 = wires.line(4, 0), wires.line(4, 0, function=1)
+    function0.set_asserted(True)
+    function1.set_asserted(True)
+    function0.set_asserted(False)
+    assert ioapic.changes[-1] == (function0.gsi, False)  # function 1 still holds it low
+    function1.set_asserted(False)
+    assert ioapic.changes[-1] == (function0.gsi, True)
+    with pytest.raises(ValueError):
+        wires.line(4, 0, function=8)

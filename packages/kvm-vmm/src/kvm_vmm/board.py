@@ -62,10 +62,11 @@ PCI_IO_WINDOW = Region("PCI I/O BARs", 0xC000, 0x4000)
 # 0xCF8, CONFIG_DATA at 0xCFC; the 8 ports 0xCF8-0xCFF are the host bridge's (the reset
 # register 0xCF9 among them, as on PIIX).
 PCI_CONFIG_PORTS = Region("PCI configuration mechanism #1", 0xCF8, 8)
-# Device numbers on a bus (§3.2.2.3.2: 5 bits); device 0 is the host bridge, so the
-# _PRT routes devices 1-31. Interrupt pins INTA#-INTD# are 0-3 here (config space's
-# Interrupt Pin register says 1-4).
+# Device and function numbers on a bus (§3.2.2.3.2: 5 and 3 bits); device 0 is the
+# host bridge, so the _PRT routes devices 1-31. Interrupt pins INTA#-INTD# are 0-3
+# here (config space's Interrupt Pin register says 1-4).
 PCI_SLOTS = 32
+PCI_FUNCTIONS = 8
 PCI_INTX_PINS = 4
 
 

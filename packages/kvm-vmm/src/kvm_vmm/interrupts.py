@@ -13,6 +13,7 @@ PCI INTx# lines (PCI Local Bus Spec 3.0 §2.2.6) are active low, open drain and
 wire-ORed: every function whose INTx pin :func:`kvm_vmm.board.pci_intx_gsi`
 maps to the same IOAPIC pin shares it, and a pull-up holds it high while none
 asserts. They reach the IOAPIC only (no PIC: the _PRT names GSIs above 15).
+
 IOAPIC pin n owns the reserved MSI route GSI n; firing it is KVM_IRQ_LINE on
 that GSI (an MSI route delivers on level 1; level 0 is a no-op for it).
 The PIC's INTR output goes to the boot vCPU's ExtINT injector in kvmfast.
@@ -77,7 +78,8 @@ class PciIntxWires:
     """
 
     ioapic: IoapicInput
-    _asserting: dict[int, set[tuple[int, int]]] = field(init=False)
+    # Per GSI, the (slot, function, pin) of every function pulling its wire low.
+    _asserting: dict[int, set[tuple[int, int, int]]] = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
@@ -86,23 +88,26 @@ class PciIntxWires:
             for gsi in board.PCI_INTX_GSIS:
                 self.ioapic.set_irq(gsi, True)
 
-    def line(self, slot: int, pin: int) -> PciIntxLine:
-        """The line of INTx ``pin`` (0..3 = INTA#..INTD#) of device ``slot``."""
-        return PciIntxLine(self, slot, pin, board.pci_intx_gsi(slot, pin))
+    def line(self, slot: int, pin: int, function: int = 0) -> PciIntxLine:
+        """The line of INTx ``pin`` (0..3 = INTA#..INTD#) of ``function`` of device
+        ``slot``: functions of one device using the same pin share its wire."""
+        if not 0 <= function < board.PCI_FUNCTIONS:
+            raise ValueError(f"PCI function {function} is outside 0..{board.PCI_FUNCTIONS - 1}")
+        return PciIntxLine(self, slot, function, pin, board.pci_intx_gsi(slot, pin))
 
-    def drive(self, slot: int, pin: int, asserted: bool) -> None:
-        gsi = board.pci_intx_gsi(slot, pin)
+    def drive(self, line: PciIntxLine, asserted: bool) -> None:
+        source = (line.slot, line.function, line.pin)
         # Under the lock: two functions sharing a wire must not reorder their levels.
         with self._lock:
-            sources = self._asserting[gsi]
+            sources = self._asserting[line.gsi]
             if asserted:
-                sources.add((slot, pin))
+                sources.add(source)
             else:
-                sources.discard((slot, pin))
-            self.ioapic.set_irq(gsi, not sources)
+                sources.discard(source)
+            self.ioapic.set_irq(line.gsi, not sources)
 
-    def asserting(self, gsi: int) -> frozenset[tuple[int, int]]:
-        """The (slot, pin) pairs pulling the wire of ``gsi`` low."""
+    def asserting(self, gsi: int) -> frozenset[tuple[int, int, int]]:
+        """The (slot, function, pin) of every function pulling the wire of ``gsi`` low."""
         with self._lock:
             return frozenset(self._asserting[gsi])
 
@@ -113,11 +118,12 @@ class PciIntxLine:
 
     wires: PciIntxWires
     slot: int
+    function: int
     pin: int
     gsi: int
 
     def set_asserted(self, asserted: bool) -> None:
-        self.wires.drive(self.slot, self.pin, asserted)
+        self.wires.drive(self, asserted)
 
 
 @dataclass
