@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kvm_devices.ioapic import (
     RTE_DELIVERY_STATUS,
     RTE_MASKED,
+    RTE_POLARITY,
     RTE_REMOTE_IRR,
     RTE_TRIGGER_LEVEL,
     Ioapic,
@@ -24,6 +25,7 @@ from kvm_devices.testing import RecordingIoapicSink, VirtualClock
 
 LEVEL = RTE_TRIGGER_LEVEL
 MASKED = RTE_MASKED
+LOW_ACTIVE = RTE_POLARITY
 
 
 @dataclass
@@ -285,6 +287,84 @@ def test_switching_to_edge_clears_remote_irr() -> None:
     assert sink.deliveries == [6, 6]
 
 
+# ------------------------------------------------------------------- polarity
+
+
+def test_low_active_level_pin_3_2_4_asserts_while_the_line_is_low() -> None:
+    """Bit 13 = 1: the pin is asserted while its input is low (a PCI INTx# line)."""
+    ioapic, sink = make()
+    ioapic.set_irq(16, True)  # the pull-up, before the guest programs the pin
+    set_entry(ioapic, 16, 0x60 | LEVEL | LOW_ACTIVE)
+    assert sink.deliveries == []
+    ioapic.set_irq(16, False)
+    assert sink.deliveries == [16]
+    ioapic.eoi(0x60)  # still low: still asserted
+    assert sink.deliveries == [16, 16]
+    ioapic.set_irq(16, True)
+    ioapic.eoi(0x60)
+    assert sink.deliveries == [16, 16]
+    assert entry_low(ioapic, 16) & RTE_REMOTE_IRR == 0
+
+
+def test_low_active_edge_pin_delivers_on_the_falling_edge() -> None:
+    ioapic, sink = make()
+    ioapic.set_irq(3, True)
+    set_entry(ioapic, 3, 0x33 | LOW_ACTIVE)
+    ioapic.set_irq(3, True)
+    assert sink.deliveries == []
+    ioapic.set_irq(3, False)
+    assert sink.deliveries == [3]
+    ioapic.set_irq(3, True)  # the rising edge deasserts
+    assert sink.deliveries == [3]
+
+
+def test_an_undriven_low_line_asserts_a_low_active_level_pin_once_unmasked() -> None:
+    """Inputs start low: a low-active level pin nobody pulls up is asserted."""
+    ioapic, sink = make()
+    set_entry(ioapic, 17, 0x61 | LEVEL | LOW_ACTIVE | MASKED)
+    assert sink.deliveries == []
+    set_entry(ioapic, 17, 0x61 | LEVEL | LOW_ACTIVE)
+    assert sink.deliveries == [17]
+
+
+def test_polarity_rewrite_takes_effect_at_once_on_a_level_pin() -> None:
+    ioapic, sink = make()
+    ioapic.set_irq(9, True)
+    set_entry(ioapic, 9, 0x39 | LEVEL | LOW_ACTIVE)  # high line, low active: idle
+    assert sink.deliveries == []
+    set_entry(ioapic, 9, 0x39 | LEVEL)  # now high active: asserted
+    assert sink.deliveries == [9]
+    set_entry(ioapic, 9, 0x39 | LEVEL | LOW_ACTIVE)
+    ioapic.eoi(0x39)
+    assert sink.deliveries == [9]
+    assert entry_low(ioapic, 9) & RTE_REMOTE_IRR == 0
+
+
+def test_polarity_rewrite_of_an_edge_pin_with_a_still_line_is_no_edge() -> None:
+    ioapic, sink = make()
+    set_entry(ioapic, 4, 0x34)
+    set_entry(ioapic, 4, 0x34 | LOW_ACTIVE)  # low line now reads asserted
+    assert sink.deliveries == []
+    ioapic.set_irq(4, True)  # deasserting edge
+    ioapic.set_irq(4, False)  # asserting edge
+    assert sink.deliveries == [4]
+
+
+def test_save_restore_keeps_the_electrical_levels() -> None:
+    ioapic, _ = make()
+    ioapic.set_irq(16, True)
+    set_entry(ioapic, 16, 0x60 | LEVEL | LOW_ACTIVE)
+    snapshot = ioapic.save()
+    line_high = snapshot["line_high"]
+    assert isinstance(line_high, list) and line_high[16] and not line_high[15]
+
+    copy, copy_sink = make()
+    copy.restore(snapshot)
+    assert copy_sink.deliveries == []  # high and low active: idle
+    copy.set_irq(16, False)
+    assert copy_sink.deliveries == [16]
+
+
 def test_set_irq_rejects_absent_pins() -> None:
     ioapic, _ = make(pins=4)
     with pytest.raises(ValueError):
@@ -427,7 +507,7 @@ def test_restore_sends_the_routes_before_a_retry_delivers() -> None:
         {"redirection": [MASKED] * 23},
         {"redirection": [1 << 20] * 24},
         {"redirection": [RTE_REMOTE_IRR] * 24},
-        {"line_asserted": [0] * 24},
+        {"line_high": [0] * 24},
         {"storm_counts": [Ioapic.STORM_LIMIT] * 24},
         {"retry_deadline_ns": "soon"},
         {"extra": 1},
@@ -476,8 +556,11 @@ values = st.one_of(
     st.integers(0, 2**64 - 1),
     st.sampled_from([0x10, 0x11, 0x12, 0x13, 0x00, 0x01, 0x02]),
     st.builds(
-        lambda v, lvl, m: v | (LEVEL if lvl else 0) | (MASKED if m else 0),
+        lambda v, lvl, m, low: (
+            v | (LEVEL if lvl else 0) | (MASKED if m else 0) | (LOW_ACTIVE if low else 0)
+        ),
         st.sampled_from([0x30, 0x31]),
+        st.booleans(),
         st.booleans(),
         st.booleans(),
     ),

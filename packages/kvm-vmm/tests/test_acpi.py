@@ -9,9 +9,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import aml_reader
 import pytest
 
 from kvm_vmm import acpi, board, layout
+from kvm_vmm.e820 import E820Type, e820_map
 from kvm_vmm.platform_table import pc_board
 
 BASE = layout.ACPI_TABLES.start
@@ -73,7 +75,7 @@ def test_every_table_5_2_6_has_a_valid_checksum_and_length(
     two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
 ) -> None:
     blob, _, tables = two_cpu_tables
-    assert set(tables) == {b"RSDT", b"XSDT", b"FACP", b"APIC", b"DSDT", b"FACS"}
+    assert set(tables) == {b"RSDT", b"XSDT", b"FACP", b"APIC", b"MCFG", b"DSDT", b"FACS"}
     for signature, table in tables.items():
         if signature == b"FACS":
             continue  # the FACS has no checksum (section 5.2.10)
@@ -90,7 +92,8 @@ def test_rsdt_lists_the_same_tables_as_the_xsdt(
     xsdt = tables[b"XSDT"].data
     rsdt_entries = [struct.unpack_from("<I", rsdt, o)[0] for o in range(36, len(rsdt), 4)]
     xsdt_entries = [struct.unpack_from("<Q", xsdt, o)[0] for o in range(36, len(xsdt), 8)]
-    assert rsdt_entries == xsdt_entries == [tables[b"FACP"].address, tables[b"APIC"].address]
+    listed = [tables[signature].address for signature in (b"FACP", b"APIC", b"MCFG")]
+    assert rsdt_entries == xsdt_entries == listed
 
 
 def test_fadt_names_the_facs_once_table_5_9(
@@ -147,14 +150,131 @@ def test_fadt_5_2_9_power_management_blocks_reset_register_and_flags(
         assert (space, width, gas_address) == (1, bits, address)
 
 
+def dsdt_namespace(tables: dict[bytes, Table]) -> dict[str, aml_reader.Value]:
+    return aml_reader.namespace(tables[b"DSDT"].data[36:])
+
+
 def test_dsdt_aml_20_declares_s5_with_the_documented_sleep_type(
     two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
 ) -> None:
     _, _, tables = two_cpu_tables
-    aml = tables[b"DSDT"].data[36:]
+    aml_bytes = tables[b"DSDT"].data[36:]
     # NameOp "_S5_" PackageOp PkgLength NumElements=4 BytePrefix 5 BytePrefix 5 Zero Zero
-    assert aml == bytes([0x08]) + b"_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 5, 0x0A, 5, 0, 0])
+    s5 = bytes([0x08]) + b"_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 5, 0x0A, 5, 0, 0])
+    assert aml_bytes.startswith(s5)
     assert board.SLP_TYP_S5 == 5
+    assert dsdt_namespace(tables)["\\_S5_"] == [5, 5, 0, 0]
+
+
+PCI0 = "\\_SB_.PCI0"
+
+
+def test_dsdt_pci0_is_the_root_bridge_of_segment_0_bus_0(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
+) -> None:
+    """PCI Firmware Spec 3.2 §4.1.1 (PNP0A08 with PNP0A03 compatible); ACPI 6.5 §6.5.5
+    _SEG, §6.5.5 _BBN; _HID and no _ADR (§6.1.1: never both)."""
+    _, _, tables = two_cpu_tables
+    names = dsdt_namespace(tables)
+    assert names[PCI0] == aml_reader.DEVICE
+    inside = PCI0 + "."
+    pci0 = {path[len(inside) :]: value for path, value in names.items() if path.startswith(inside)}
+    assert pci0.pop("_CRS") and pci0.pop("_PRT")
+    assert pci0 == {"_HID": 0x080AD041, "_CID": 0x030AD041, "_UID": 0, "_SEG": 0, "_BBN": 0}
+
+
+def pci0_resources(tables: dict[bytes, Table]) -> list[aml_reader.Resource]:
+    crs = dsdt_namespace(tables)[PCI0 + "._CRS"]
+    assert isinstance(crs, bytes)
+    return aml_reader.resources(crs)
+
+
+def test_pci0_crs_6_4_bus_numbers_all_io_but_config_ports_and_the_bar_window(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
+) -> None:
+    _, _, tables = two_cpu_tables
+    found = pci0_resources(tables)
+    assert [r for r in found if r.kind == "bus"] == [
+        aml_reader.Resource("bus", 0, 255, 256, producer=True)
+    ]
+    assert [r for r in found if r.kind == "io"] == [aml_reader.Resource("io", 0xCF8, 0xCFF, 8)]
+    io_windows = sorted((r.minimum, r.maximum) for r in found if r.kind == "io-window")
+    windows = [r for r in found if r.kind != "io"]
+    assert all(r.producer and r.length == r.maximum - r.minimum + 1 for r in windows)
+    # Every port but the configuration ports, each once: legacy devices sit below the bridge.
+    covered = [port for low, high in io_windows for port in range(low, high + 1)]
+    assert covered == [port for port in range(0x10000) if not 0xCF8 <= port <= 0xCFF]
+    io_bars = board.PCI_IO_WINDOW
+    assert (io_bars.start, io_bars.end - 1) in io_windows
+    memory = [(r.minimum, r.maximum) for r in found if r.kind == "memory-window"]
+    bars = board.PCI_MMIO_WINDOW
+    assert memory == [(bars.start, bars.end - 1)]
+
+
+def test_motherboard_resources_pnp0c02_claim_the_ecam_window(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
+) -> None:
+    """PCI Firmware Spec 3.2 §4.1.2: the MCFG's window is reserved by a motherboard
+    resource device, where Linux's is_acpi_reserved() looks for it."""
+    _, _, tables = two_cpu_tables
+    names = dsdt_namespace(tables)
+    assert names["\\_SB_.MRES._HID"] == 0x020CD041  # EisaId("PNP0C02")
+    crs = names["\\_SB_.MRES._CRS"]
+    assert isinstance(crs, bytes)
+    ecam = board.PCI_ECAM_WINDOW
+    assert aml_reader.resources(crs) == [
+        aml_reader.Resource("memory", ecam.start, ecam.end - 1, ecam.size)
+    ]
+
+
+def test_pci0_memory_window_clears_ram_ecam_and_the_apics() -> None:
+    bars = board.PCI_MMIO_WINDOW
+    assert bars.start >= layout.PCI_HOLE_START and bars.end <= layout.FOUR_GIB
+    for other in (board.PCI_ECAM_WINDOW.start, board.IOAPIC_ADDRESS, board.LAPIC_ADDRESS):
+        assert not bars.start <= other < bars.end
+
+
+def test_pci0_prt_6_2_13_routes_every_pin_of_devices_1_to_31_to_its_gsi(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
+) -> None:
+    """GSI form (Source 0): level-triggered, active low, on our IOAPIC above the ISA IRQs."""
+    _, _, tables = two_cpu_tables
+    prt = dsdt_namespace(tables)[PCI0 + "._PRT"]
+    assert isinstance(prt, list)
+    expected = [
+        [slot << 16 | 0xFFFF, pin, 0, board.pci_intx_gsi(slot, pin)]
+        for slot in range(1, 32)
+        for pin in range(4)
+    ]
+    assert prt == expected
+    gsis = {entry[3] for entry in expected}
+    assert gsis == set(board.PCI_INTX_GSIS)
+    assert all(board.ISA_IRQS <= gsi < board.IOAPIC_PINS for gsi in gsis)
+
+
+def test_mcfg_pci_firmware_3_2_4_1_2_one_ecam_allocation_reserved_in_e820(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]],
+) -> None:
+    _, _, tables = two_cpu_tables
+    mcfg = tables[b"MCFG"]
+    assert mcfg.revision == 1 and len(mcfg.data) == 36 + 8 + 16
+    assert mcfg.data[36:44] == bytes(8)
+    base, segment, first_bus, last_bus, reserved = struct.unpack_from("<QHBBI", mcfg.data, 44)
+    assert (base, segment, first_bus, last_bus, reserved) == (
+        board.PCI_ECAM_WINDOW.start,
+        0,
+        0,
+        255,
+        0,
+    )
+    # 1 MiB of configuration space per bus (4 KiB per function, 8 functions, 32 devices).
+    assert board.PCI_ECAM_WINDOW.size == (last_bus - first_bus + 1) * 32 * 8 * 4096
+    assert base % (256 << 20) == 0  # naturally aligned, as the spec wants the window
+    for ram_size in (64 * layout.MIB, 8 * layout.GIB):
+        assert any(
+            e.type == E820Type.RESERVED and e.addr <= base and base + (256 << 20) <= e.end
+            for e in e820_map(ram_size)
+        )
 
 
 def test_madt_5_2_12_entries(two_cpu_tables: tuple[bytes, int, dict[bytes, Table]]) -> None:
@@ -201,46 +321,6 @@ def test_madt_scales_to_many_vcpus() -> None:
     assert len(madt) == 44 + 8 * board.MAX_CPUS + 12 + 10 + 10 + 6
 
 
-@pytest.mark.parametrize(
-    ("length", "encoded"),
-    [
-        (0, bytes([0x01])),
-        (0x3E, bytes([0x3F])),
-        (0x3F, bytes([0x41, 0x04])),  # total 0x41 in two bytes: 0x40|1, 0x04
-        (0xFFD, bytes([0x4F, 0xFF])),
-        (0xFFE, bytes([0x81, 0x00, 0x01])),  # total 0x1001
-    ],
-)
-def test_aml_pkg_length_20_2_4(length: int, encoded: bytes) -> None:
-    assert acpi.aml_pkg_length(length) == encoded
-
-
-@pytest.mark.parametrize(
-    ("value", "encoded"),
-    [
-        (0, b"\x00"),
-        (1, b"\x01"),
-        (2, b"\x0a\x02"),
-        (0x1234, b"\x0b\x34\x12"),
-        (0x12345678, b"\x0c\x78\x56\x34\x12"),
-        (1 << 40, b"\x0e" + (1 << 40).to_bytes(8, "little")),
-    ],
-)
-def test_aml_integer_20_2_3(value: int, encoded: bytes) -> None:
-    assert acpi.aml_integer(value) == encoded
-
-
-def test_aml_strings_and_names_20_2_2() -> None:
-    assert acpi.aml_string("KVM") == b"\x0dKVM\x00"
-    assert acpi.aml_name_seg("_S5") == b"_S5_"
-    with pytest.raises(acpi.AcpiError):
-        acpi.aml_name_seg("5AB")
-    with pytest.raises(acpi.AcpiError):
-        acpi.aml_string("a\0b")
-    with pytest.raises(acpi.AcpiError):
-        acpi.aml_integer(-1)
-
-
 IASL = shutil.which("iasl")
 
 
@@ -273,3 +353,35 @@ def test_iasl_disassembles_every_table_without_errors(
     assert "Address : 0000000000000CF9" in fadt
     dsdt = disassembled[b"DSDT"]
     assert "Name (_S5, Package (0x04)" in dsdt
+    assert 'Name (_HID, EisaId ("PNP0A08")' in dsdt
+    assert "WordBusNumber (ResourceProducer" in dsdt
+    assert dsdt.count("WordIO (ResourceProducer") == 3
+    assert "DWordMemory (ResourceProducer" in dsdt
+    assert "0x0001FFFF" in dsdt and "0x001FFFFF" in dsdt
+    assert 'Name (_HID, EisaId ("PNP0C02")' in dsdt
+    assert "Memory32Fixed (ReadWrite" in dsdt
+    mcfg = disassembled[b"MCFG"]
+    assert "Base Address : 00000000E0000000" in mcfg and "End Bus Number : FF" in mcfg
+
+
+@pytest.mark.skipif(IASL is None, reason="iasl not installed (Debian package acpica-tools)")
+def test_iasl_recompiles_the_disassembled_dsdt_to_the_same_aml_without_warnings(
+    two_cpu_tables: tuple[bytes, int, dict[bytes, Table]], tmp_path: Path
+) -> None:
+    """ACPICA's compiler, which checks what its disassembler does not (e.g. _HID with
+    _ADR), must accept the DSDT as ASL and, unoptimised (-oa), give back our AML."""
+    assert IASL is not None
+    _, _, tables = two_cpu_tables
+    (tmp_path / "dsdt.dat").write_bytes(tables[b"DSDT"].data)
+    run = [IASL, "-d", "dsdt.dat"]
+    assert subprocess.run(run, capture_output=True, cwd=tmp_path, check=False).returncode == 0
+    result = subprocess.run(
+        [IASL, "-oa", "-p", "again", "dsdt.dsl"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 Errors, 0 Warnings, 0 Remarks" in result.stdout, result.stdout
+    assert (tmp_path / "again.aml").read_bytes()[36:] == tables[b"DSDT"].data[36:]

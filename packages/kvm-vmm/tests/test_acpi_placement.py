@@ -71,7 +71,7 @@ def assert_found_clear_of(placed: PlacedAcpiTables, occupied: list[tuple[int, in
     memory = written(placed)
     assert scan_for_rsdp(memory) == placed.rsdp
     tables = walk(memory, placed.rsdp)
-    assert set(tables) == {b"RSDT", b"XSDT", b"FACP", b"APIC", b"DSDT", b"FACS"}
+    assert set(tables) == {b"RSDT", b"XSDT", b"FACP", b"APIC", b"MCFG", b"DSDT", b"FACS"}
     reserved = [e for e in e820_map(RAM) if e.type == E820Type.RESERVED]
     for address, length in [(placed.rsdp, 36), *tables.values()]:
         assert not any(start < address + length and address < start + size
@@ -161,7 +161,7 @@ def test_machine_moves_its_acpi_tables_when_a_kernel_loads_over_them(
         assert [region.start for region in machine.acpi_tables] == pieces
         assert memory[kernel_start : kernel_start + kernel_size] == kernel
         tables = walk(memory, pieces[0])
-        assert set(tables) == {b"RSDT", b"XSDT", b"FACP", b"APIC", b"DSDT", b"FACS"}
+        assert set(tables) == {b"RSDT", b"XSDT", b"FACP", b"APIC", b"MCFG", b"DSDT", b"FACS"}
         for address, length in tables.values():
             assert not (kernel_start < address + length and address < kernel_start + kernel_size)
 

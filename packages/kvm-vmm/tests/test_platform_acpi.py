@@ -13,14 +13,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import aml_reader
 import pytest
 
 from kvm_devices.acpi_pm import PWRBTN_EN
 from kvm_devices.interfaces import Device
-from kvm_devices.ioapic import Ioapic
+from kvm_devices.ioapic import RTE_POLARITY, RTE_TRIGGER_LEVEL, Ioapic
 from kvm_vmm import acpi, board, layout
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
+from kvm_vmm.interrupts import PciIntxWires
 from kvm_vmm.machine import Machine, MachineConfig
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Description, PlatformTable, Window, pio
@@ -231,12 +233,17 @@ def test_the_reset_register_of_the_fadt_resets(rig: Rig) -> None:
 
 
 def test_the_sci_arrives_on_the_gsi_the_fadt_and_madt_name(rig: Rig) -> None:
-    """SCI_INT is an ISA IRQ; an override (level, active high) maps it to its GSI."""
+    """SCI_INT is an ISA IRQ; an override (level, active high) maps it to its GSI.
+
+    The guest programs the IOAPIC pin with the override's polarity, as Linux does
+    (mp_override_legacy_irq): the idle line must read deasserted under it.
+    """
     sci = rig.fadt.sci
     ((gsi, flags),) = [(g, f) for irq, g, f in rig.madt.overrides if irq == sci]
     assert flags == 0b1101  # level-triggered, active high (MPS INTI flags)
     ioapic = rig.platform.ioapic
-    _unmask_level(rig, gsi, vector=0x41)
+    _unmask(rig, gsi, vector=0x41, mps_flags=flags)
+    assert not asserted_pins(ioapic)[gsi] and (gsi, True) not in rig.routed
     event_block = rig.fadt.pm1a_event[0]
     rig.write("pio", event_block + 2, 2, PWRBTN_EN)
     rig.platform.acpi_pm.press_power_button()
@@ -251,16 +258,97 @@ def test_isa_irq0_reaches_the_gsi_the_madt_override_names(rig: Rig) -> None:
     assert asserted_pins(rig.platform.ioapic)[gsi]
 
 
+def isa_pin_and_flags(madt: Madt, irq: int) -> tuple[int, int]:
+    """The GSI and MPS INTI flags of ISA ``irq``: its override's, else identity-mapped
+    with flags 0 (conforming to the ISA bus: edge, active high)."""
+    for source, gsi, flags in madt.overrides:
+        if source == irq:
+            return gsi, flags
+    return irq, 0
+
+
+def test_every_isa_line_reads_as_the_madt_says_on_the_pin_the_guest_programs(rig: Rig) -> None:
+    """The guest sets each pin's polarity from the MADT; the wiring drives ISA lines
+    active high: an idle line must read deasserted and a raised one asserted."""
+    ioapic = rig.platform.ioapic
+    isa_irqs = sorted(
+        irq
+        for entry in rig.platform.table.entries.values()
+        for irq in entry.irqs
+        if irq < board.ISA_IRQS and irq != board.CASCADE_IRQ
+    )
+    assert board.SCI_IRQ in isa_irqs and board.PIT_IRQ in isa_irqs
+    for irq in isa_irqs:
+        gsi, flags = isa_pin_and_flags(rig.madt, irq)
+        _unmask(rig, gsi, vector=0x40 + gsi, mps_flags=flags)
+        line = rig.platform.isa_line(irq)
+        line.set_level(False)
+        assert not asserted_pins(ioapic)[gsi], irq
+        line.set_level(True)
+        assert asserted_pins(ioapic)[gsi], irq
+        line.set_level(False)
+
+
+def test_the_prt_gsis_are_pci_intx_wires_on_pins_of_the_madt_ioapic(rig: Rig) -> None:
+    """Each _PRT GSI (level, active low by definition, ACPI 6.5 §6.2.13) is a pin of the
+    MADT's IOAPIC that no ISA override targets; programmed so, an idle pulled-up wire
+    delivers nothing and an asserted one reaches the guest."""
+    prt = aml_reader.namespace(rig.dsdt[36:])["\\_SB_.PCI0._PRT"]
+    assert isinstance(prt, list)
+    ((_, _, gsi_base),) = rig.madt.ioapics
+    overridden = {gsi for _, gsi, _ in rig.madt.overrides}
+    wires = PciIntxWires(rig.platform.ioapic)
+    for entry in prt:
+        assert isinstance(entry, list)
+        address, pin, source, gsi = entry
+        assert isinstance(address, int) and isinstance(pin, int) and isinstance(gsi, int)
+        assert source == 0
+        assert gsi_base + board.ISA_IRQS <= gsi < gsi_base + board.IOAPIC_PINS
+        assert gsi not in overridden
+        assert wires.line(address >> 16, pin).gsi == gsi
+        _unmask(rig, gsi, vector=0x60 + gsi, mps_flags=0b1111)  # level, active low
+    assert not any(routed_gsi >= board.ISA_IRQS for routed_gsi, _ in rig.routed)
+    line = wires.line(5, 1)
+    line.set_asserted(True)
+    assert rig.routed[-1] == (line.gsi, True)
+    assert asserted_pins(rig.platform.ioapic)[line.gsi]
+
+
+def test_the_pci_config_access_the_tables_name_is_decoded_on_the_bus(rig: Rig) -> None:
+    """The MCFG's ECAM window and PCI0's configuration ports are one device's each."""
+    ecam, ports = board.PCI_ECAM_WINDOW, board.PCI_CONFIG_PORTS
+    decoded = [
+        m
+        for m in rig.platform.mappings
+        if (m.space, m.base) in (("mmio", ecam.start), ("pio", ports.start))
+    ]
+    if not decoded:
+        pytest.skip("no PCI host bridge on this platform yet (issue 16: pci-core adds it)")
+    assert rig.decode("mmio", ecam.start, 4).length == ecam.size
+    assert rig.decode("pio", ports.start, 4).base == ports.start
+
+
 def asserted_pins(ioapic: Ioapic) -> list[bool]:
-    asserted = ioapic.save()["line_asserted"]
-    assert isinstance(asserted, list)
-    return [bool(level) for level in asserted]
+    """Each pin's input level as its redirection entry's polarity reads it."""
+    state = ioapic.save()
+    line_high, entries = state["line_high"], state["redirection"]
+    assert isinstance(line_high, list) and isinstance(entries, list)
+    pairs = zip(line_high, entries, strict=True)
+    return [bool(high) != bool(entry & RTE_POLARITY) for high, entry in pairs]
 
 
-def _unmask_level(rig: Rig, pin: int, vector: int) -> None:
+def _unmask(rig: Rig, pin: int, vector: int, mps_flags: int) -> None:
+    """Program ``pin`` as the MPS INTI flags say (ACPI 6.5 table 5.26; 0 = the ISA
+    default: edge, active high) into the redirection entry (82093AA §3.2.4)."""
+    polarity, trigger = mps_flags & 0b11, mps_flags >> 2 & 0b11
+    entry = vector
+    if polarity == 0b11:
+        entry |= RTE_POLARITY
+    if trigger == 0b11:
+        entry |= RTE_TRIGGER_LEVEL
     (_, address, _) = rig.madt.ioapics[0]
     rig.write("mmio", address + Ioapic.IOREGSEL, 4, 0x10 + 2 * pin)
-    rig.write("mmio", address + Ioapic.IOWIN, 4, vector | 1 << 15)
+    rig.write("mmio", address + Ioapic.IOWIN, 4, entry)
 
 
 def test_madt_ioapic_is_the_ioapic_on_the_bus_with_every_gsi_it_claims(rig: Rig) -> None:

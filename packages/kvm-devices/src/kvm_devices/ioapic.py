@@ -11,9 +11,16 @@ route when the pin must deliver.
 
 Choices where the datasheet is silent or the brief asked to choose:
 
-* ``set_irq(pin, level)`` takes the *logical* level (line asserted). The VMM applies the
-  board's polarity wiring; the polarity bit (13) is stored and read back but has no
-  effect here.
+* ``set_irq(pin, level)`` takes the *electrical* level of the input (True = high). The
+  polarity bit (13, Interrupt Input Pin Polarity, 1 = low active, 82093AA §3.2.4) says
+  which level asserts the pin: ISA lines are active high, PCI INTx# lines active low
+  (PCI Local Bus Spec 3.0 §2.2.6). Edge-triggered pins deliver on the asserting edge;
+  level-triggered pins deliver, and re-deliver on EOI, while asserted. Every input is
+  low at power-on, as an undriven line reads here: whoever owns a line that idles high
+  (a PCI INTx# pull-up) drives it high once.
+* Rewriting the polarity of an edge-triggered pin whose line stands still delivers
+  nothing: only a moving line makes an edge (the datasheet does not say; KVM and QEMU
+  ignore the bit). On a level-triggered pin the new polarity takes effect at once.
 * A rising edge on a masked edge-triggered pin is lost, not latched (82093AA §3.2.4,
   Interrupt Mask: "Edge-sensitive interrupts signaled on a masked interrupt pin are
   ignored (i.e., not delivered or held pending)"; QEMU's ioapic.c does the same).
@@ -126,7 +133,8 @@ class IoapicState:
     redirection: list[Annotated[int, Mask(RTE_WRITABLE | RTE_REMOTE_IRR)]] = field(
         default_factory=list
     )
-    line_asserted: list[bool] = field(default_factory=list)
+    # Each input's electrical level (True = high), whatever the polarity bit makes of it.
+    line_high: list[bool] = field(default_factory=list)
     # Back-to-back re-deliveries on EOI of a still-asserted level pin.
     storm_counts: list[Annotated[int, Range(0, STORM_LIMIT - 1)]] = field(default_factory=list)
     # Pins whose Remote IRR is held set by the storm guard (no timer available).
@@ -139,7 +147,7 @@ class IoapicState:
             if entry & RTE_REMOTE_IRR and not entry & RTE_TRIGGER_LEVEL:
                 raise StateError(f"redirection[{pin}]", "Remote IRR set on an edge-triggered entry")
         pins = len(self.redirection)
-        for name in ("line_asserted", "storm_counts", "storm_held"):
+        for name in ("line_high", "storm_counts", "storm_held"):
             if len(getattr(self, name)) != pins:
                 raise StateError(name, f"must have one item per pin ({pins})")
 
@@ -190,7 +198,7 @@ class Ioapic(Snapshotting[IoapicState]):
     def _reset_state(pins: int) -> IoapicState:
         return IoapicState(
             redirection=[RTE_RESET] * pins,
-            line_asserted=[False] * pins,
+            line_high=[False] * pins,
             storm_counts=[0] * pins,
             storm_held=[False] * pins,
         )
@@ -273,15 +281,17 @@ class Ioapic(Snapshotting[IoapicState]):
     # ------------------------------------------------------- interrupt inputs
 
     def set_irq(self, pin: int, level: bool) -> None:
-        """Drive input ``pin`` to ``level`` (True = asserted, after polarity wiring)."""
+        """Drive input ``pin`` to the electrical ``level`` (True = high).
+
+        Whether that asserts the pin is the polarity bit's business.
+        """
         if not 0 <= pin < self._pins:
             raise ValueError(f"IOAPIC pin {pin} out of range 0..{self._pins - 1}")
         with self._lock:
             state = self._state
-            was = state.line_asserted[pin]
-            if was == level:
+            if state.line_high[pin] == level:
                 return
-            state.line_asserted[pin] = level
+            state.line_high[pin] = level
             state.storm_counts[pin] = 0
             if state.storm_held[pin]:
                 state.storm_held[pin] = False
@@ -289,7 +299,7 @@ class Ioapic(Snapshotting[IoapicState]):
             entry = state.redirection[pin]
             if entry & RTE_TRIGGER_LEVEL:
                 self._service_level(pin)
-            elif level and not entry & RTE_MASKED:
+            elif self._asserted(pin) and not entry & RTE_MASKED:
                 self._outbox.post(functools.partial(self._sink.deliver, pin))
         self._outbox.flush()
 
@@ -308,7 +318,7 @@ class Ioapic(Snapshotting[IoapicState]):
             if not entry & RTE_REMOTE_IRR or state.storm_held[pin]:
                 continue
             state.redirection[pin] = entry & ~RTE_REMOTE_IRR
-            if entry & RTE_MASKED or not state.line_asserted[pin]:
+            if entry & RTE_MASKED or not self._asserted(pin):
                 state.storm_counts[pin] = 0
                 continue
             state.storm_counts[pin] += 1
@@ -322,12 +332,16 @@ class Ioapic(Snapshotting[IoapicState]):
                 state.redirection[pin] |= RTE_REMOTE_IRR
                 state.storm_held[pin] = True
 
+    def _asserted(self, pin: int) -> bool:
+        low_active = bool(self._state.redirection[pin] & RTE_POLARITY)
+        return self._state.line_high[pin] != low_active
+
     def _service_level(self, pin: int) -> None:
         entry = self._state.redirection[pin]
         if (
             entry & RTE_TRIGGER_LEVEL
             and not entry & (RTE_MASKED | RTE_REMOTE_IRR)
-            and self._state.line_asserted[pin]
+            and self._asserted(pin)
         ):
             self._state.storm_counts[pin] = 0
             self._deliver_level(pin)

@@ -2,8 +2,8 @@
 
 The blob holds, in order: RSDP (first, so that a blob at a 64-byte aligned
 base puts it on the 16-byte boundary the legacy scan of section 5.2.5.1
-finds), FACS (64-byte aligned, section 5.2.10), DSDT, FADT, MADT, XSDT and
-RSDT. Where it goes (0xE0000, or around a kernel loaded there, the RSDP
+finds), FACS (64-byte aligned, section 5.2.10), DSDT, FADT, MADT, MCFG, XSDT
+and RSDT. Where it goes (0xE0000, or around a kernel loaded there, the RSDP
 apart if need be) is :mod:`kvm_vmm.acpi_placement`'s business.
 
 Every address, port and line the tables name comes from the platform table
@@ -32,6 +32,18 @@ the VMM:
   the NMI input.
 - FADT IAPC_BOOT_ARCH: LEGACY_DEVICES and 8042 are set exactly when the table
   holds devices described that way.
+- PCI: segment 0, buses 0-255, reached through configuration mechanism #1 at
+  ``board.PCI_CONFIG_PORTS`` and through ECAM at ``board.PCI_ECAM_WINDOW`` (the
+  MCFG; the E820 map reserves the window). The DSDT's ``\\_SB.PCI0`` is the host
+  bridge: its _CRS hands the guest the bus numbers, all I/O ports but the
+  configuration ports (so legacy devices stay below the bridge, as QEMU's do) and
+  the 32-bit BAR window ``board.PCI_MMIO_WINDOW``; its _PRT sends INTx pin p of
+  device d to GSI ``board.pci_intx_gsi(d, p)``, level-triggered active low.
+  ``\\_SB.MRES`` (PNP0C02, motherboard resources) claims the ECAM window.
+  PCI0 has no _OSC: Linux then keeps the firmware-first defaults (no native PCIe
+  hot-plug, AER or PME, ASPM off), none of which a bus without PCIe ports needs.
+  It has no _ADR either: a device object carries _HID or _ADR, never both
+  (section 6.1.1).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import struct
 from dataclasses import dataclass
 
 from kvm_devices.reset_port import ResetPort
-from kvm_vmm import board, layout
+from kvm_vmm import aml, board, layout
 from kvm_vmm.interrupts import ISA_IRQ_TO_IOAPIC_PIN
 from kvm_vmm.platform_table import Description, PlatformTable
 
@@ -51,6 +63,7 @@ CREATOR_ID = b"KVMV"
 CREATOR_REVISION = 1
 
 RTC_CENTURY_INDEX = 0x32
+MCFG_REVISION = 1
 # The FACS is 64-byte aligned within the blob, so the blob's base must be too.
 BLOB_ALIGNMENT = 64
 RSDP_ALIGNMENT = 16  # where the legacy scan looks (section 5.2.5.1)
@@ -89,17 +102,6 @@ MPS_TRIGGER_EDGE = 0b01 << 2
 MPS_TRIGGER_LEVEL = 0b11 << 2
 ALL_PROCESSORS = 0xFF
 
-# AML opcodes (section 20.3)
-AML_ZERO = 0x00
-AML_ONE = 0x01
-AML_NAME = 0x08
-AML_BYTE_PREFIX = 0x0A
-AML_WORD_PREFIX = 0x0B
-AML_DWORD_PREFIX = 0x0C
-AML_STRING_PREFIX = 0x0D
-AML_QWORD_PREFIX = 0x0E
-AML_PACKAGE = 0x12
-
 
 class AcpiError(ValueError):
     """The tables cannot be built as asked."""
@@ -112,71 +114,6 @@ def checksum(data: bytes | bytearray) -> int:
 
 def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
-
-
-# --- AML (section 20.2) -------------------------------------------------------
-
-
-def aml_pkg_length(content_length: int) -> bytes:
-    """PkgLength for ``content_length`` bytes following it (the length counts itself)."""
-    for size in range(1, 5):
-        total = content_length + size
-        if size == 1 and total <= 0x3F:
-            return bytes([total])
-        if size > 1 and total < 1 << (4 + 8 * (size - 1)):
-            lead = (size - 1) << 6 | (total & 0x0F)
-            return bytes([lead]) + (total >> 4).to_bytes(size - 1, "little")
-    raise AcpiError(f"AML package of {content_length} bytes exceeds PkgLength's 2^28 limit")
-
-
-def aml_integer(value: int) -> bytes:
-    if not 0 <= value < 1 << 64:
-        raise AcpiError(f"AML integer {value} is outside 0..2^64-1")
-    if value == 0:
-        return bytes([AML_ZERO])
-    if value == 1:
-        return bytes([AML_ONE])
-    for prefix, size in (
-        (AML_BYTE_PREFIX, 1),
-        (AML_WORD_PREFIX, 2),
-        (AML_DWORD_PREFIX, 4),
-        (AML_QWORD_PREFIX, 8),
-    ):
-        if value < 1 << (8 * size):
-            return bytes([prefix]) + value.to_bytes(size, "little")
-    raise AssertionError("unreachable: the range was checked above")
-
-
-def aml_string(text: str) -> bytes:
-    encoded = text.encode("ascii")
-    if b"\0" in encoded or any(byte > 0x7F for byte in encoded):
-        raise AcpiError(f"AML string {text!r} must be ASCII without NUL")
-    return bytes([AML_STRING_PREFIX]) + encoded + b"\0"
-
-
-def aml_name_seg(name: str) -> bytes:
-    """A NameSeg: a lead character A-Z or _, then A-Z, 0-9 or _, padded with _ to 4."""
-    if not 1 <= len(name) <= 4:
-        raise AcpiError(f"AML name {name!r} must be 1-4 characters")
-    lead, rest = name[0], name[1:]
-    valid_lead = lead == "_" or "A" <= lead <= "Z"
-    valid_rest = all(c == "_" or "A" <= c <= "Z" or "0" <= c <= "9" for c in rest)
-    if not (valid_lead and valid_rest):
-        raise AcpiError(f"AML name {name!r} is not a valid NameSeg")
-    return name.ljust(4, "_").encode("ascii")
-
-
-def aml_name(name: str, value: bytes) -> bytes:
-    """DefName: Name(name, value) with ``value`` already encoded."""
-    return bytes([AML_NAME]) + aml_name_seg(name) + value
-
-
-def aml_package(elements: list[bytes]) -> bytes:
-    """DefPackage of up to 255 encoded elements."""
-    if len(elements) > 0xFF:
-        raise AcpiError(f"AML Package of {len(elements)} elements exceeds 255")
-    content = bytes([len(elements)]) + b"".join(elements)
-    return bytes([AML_PACKAGE]) + aml_pkg_length(len(content)) + content
 
 
 # --- Tables -------------------------------------------------------------------
@@ -234,16 +171,97 @@ def build_facs() -> bytes:
 
 
 def build_dsdt() -> bytes:
-    """DSDT revision 2 (64-bit integers) holding only the \\_S5_ sleep package."""
-    sleep_types = aml_package(
+    """DSDT revision 2 (64-bit integers): the \\_S5_ sleep package and the PCI host bridge."""
+    sleep_types = aml.package(
         [
-            aml_integer(board.SLP_TYP_S5),
-            aml_integer(board.SLP_TYP_S5),
-            aml_integer(0),
-            aml_integer(0),
+            aml.integer(board.SLP_TYP_S5),
+            aml.integer(board.SLP_TYP_S5),
+            aml.integer(0),
+            aml.integer(0),
         ]
     )
-    return sdt(b"DSDT", 2, aml_name("_S5_", sleep_types))
+    devices = [_pci_host_bridge(), _pci_motherboard_resources()]
+    body = aml.name("_S5_", sleep_types) + aml.scope("\\_SB", devices)
+    return sdt(b"DSDT", 2, body)
+
+
+def _pci_host_bridge() -> bytes:
+    """Device PCI0 (PCI Firmware Spec 3.2 §4.1.1; ACPI 6.5 §6.1, §6.2, §6.5.5)."""
+    return aml.device(
+        "PCI0",
+        [
+            aml.name("_HID", aml.dword(aml.eisa_id("PNP0A08"))),  # PCI Express root
+            aml.name("_CID", aml.dword(aml.eisa_id("PNP0A03"))),  # PCI root
+            aml.name("_UID", aml.integer(0)),
+            aml.name("_SEG", aml.integer(board.PCI_SEGMENT)),
+            aml.name("_BBN", aml.integer(0)),
+            aml.name("_CRS", _pci_host_bridge_resources()),
+            aml.name("_PRT", _pci_routing_table()),
+        ],
+    )
+
+
+def _pci_motherboard_resources() -> bytes:
+    """A PNP0C02 device claiming the ECAM window: where PCI Firmware Spec 3.2 §4.1.2 wants
+    the MCFG's window reserved, and the first place Linux looks (is_acpi_reserved)
+    before it falls back to the E820 map, which it trusts only once configuration
+    mechanism #1 works."""
+    ecam = board.PCI_ECAM_WINDOW
+    return aml.device(
+        "MRES",
+        [
+            aml.name("_HID", aml.dword(aml.eisa_id("PNP0C02"))),
+            aml.name("_UID", aml.integer(0)),
+            aml.name("_CRS", aml.resource_template([aml.memory32_fixed(ecam.start, ecam.size)])),
+        ],
+    )
+
+
+def _pci_host_bridge_resources() -> bytes:
+    config = board.PCI_CONFIG_PORTS
+    io_window = board.PCI_IO_WINDOW
+    memory = board.PCI_MMIO_WINDOW
+    return aml.resource_template(
+        [
+            aml.word_bus_number(0, board.PCI_BUSES - 1),
+            aml.io_port(config.start, config.size),
+            aml.word_io(0, config.start - 1),
+            # Below the BAR window: the legacy ports Linux's ISA-era drivers claim.
+            aml.word_io(config.end, io_window.start - 1),
+            aml.word_io(io_window.start, io_window.end - 1),
+            aml.dword_memory(memory.start, memory.end - 1),
+        ]
+    )
+
+
+# _PRT's Address for every function of a device (ACPI 6.5 §6.2.13: function 0xFFFF).
+PRT_ALL_FUNCTIONS = 0xFFFF
+
+
+def _pci_routing_table() -> bytes:
+    """_PRT (ACPI 6.5 §6.2.13) in the GSI form: Source 0, Source Index the GSI, which by
+    definition is level-triggered, active low."""
+    entries = [
+        aml.package(
+            [
+                aml.integer(slot << 16 | PRT_ALL_FUNCTIONS),
+                aml.integer(pin),
+                aml.integer(0),
+                aml.integer(board.pci_intx_gsi(slot, pin)),
+            ]
+        )
+        for slot in range(1, board.PCI_SLOTS)
+        for pin in range(board.PCI_INTX_PINS)
+    ]
+    return aml.package(entries)
+
+
+def build_mcfg() -> bytes:
+    """MCFG revision 1 (PCI Firmware Spec 3.2 §4.1.2, table 4-2/4-3): one ECAM allocation,
+    segment 0, buses 0..PCI_BUSES-1."""
+    ecam = board.PCI_ECAM_WINDOW
+    allocation = struct.pack("<QHBBI", ecam.start, board.PCI_SEGMENT, 0, board.PCI_BUSES - 1, 0)
+    return sdt(b"MCFG", MCFG_REVISION, bytes(8) + allocation)
 
 
 def _iapc_boot_arch(table: PlatformTable) -> int:
@@ -349,14 +367,15 @@ def _check_cpus(ncpus: int) -> None:
 
 
 def _add_tables(blob: _Blob, table: PlatformTable, ncpus: int) -> tuple[int, int]:
-    """FACS, DSDT, FADT, MADT, XSDT and RSDT appended to ``blob``; the XSDT's and
+    """FACS, DSDT, FADT, MADT, MCFG, XSDT and RSDT appended to ``blob``; the XSDT's and
     RSDT's addresses, which the RSDP names."""
     facs = blob.place(build_facs(), alignment=64)
     dsdt = blob.place(build_dsdt())
     fadt = blob.place(build_fadt(table, facs, dsdt))
     madt = blob.place(build_madt(table, ncpus))
-    xsdt = blob.place(build_xsdt([fadt, madt]))
-    rsdt = blob.place(build_rsdt([fadt, madt]))
+    mcfg = blob.place(build_mcfg())
+    xsdt = blob.place(build_xsdt([fadt, madt, mcfg]))
+    rsdt = blob.place(build_rsdt([fadt, madt, mcfg]))
     if blob.base + len(blob.data) > 1 << 32:
         raise AcpiError(f"ACPI tables at 0x{blob.base:x} would reach above 4 GiB (32-bit RSDT)")
     return xsdt, rsdt

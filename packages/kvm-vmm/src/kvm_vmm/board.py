@@ -53,11 +53,38 @@ RESET_PORT = 0xCF9
 # Reserved for the PCI bus: the 32-bit window its memory BARs are allocated from, the
 # enhanced configuration (ECAM) window (PCI Firmware Spec 3.2 §4.1.2: 1 MiB per bus,
 # buses 0-255), and the port range for I/O BARs (above every legacy port).
+PCI_SEGMENT = 0
+PCI_BUSES = 256
 PCI_MMIO_WINDOW = Region("PCI memory BARs", PCI_HOLE_START, 0x2000_0000)
-PCI_ECAM_WINDOW = Region("PCI ECAM", PCI_MMIO_WINDOW.end, 256 << 20)
+PCI_ECAM_WINDOW = Region("PCI ECAM", PCI_MMIO_WINDOW.end, PCI_BUSES << 20)
 PCI_IO_WINDOW = Region("PCI I/O BARs", 0xC000, 0x4000)
+# Configuration mechanism #1 (PCI Local Bus Spec 3.0 §3.2.2.3.2): CONFIG_ADDRESS at
+# 0xCF8, CONFIG_DATA at 0xCFC; the 8 ports 0xCF8-0xCFF are the host bridge's (the reset
+# register 0xCF9 among them, as on PIIX).
+PCI_CONFIG_PORTS = Region("PCI configuration mechanism #1", 0xCF8, 8)
+# Device and function numbers on a bus (§3.2.2.3.2: 5 and 3 bits); device 0 is the
+# host bridge, so the _PRT routes devices 1-31. Interrupt pins INTA#-INTD# are 0-3
+# here (config space's Interrupt Pin register says 1-4).
+PCI_SLOTS = 32
+PCI_FUNCTIONS = 8
+PCI_INTX_PINS = 4
 
 
 def ioapic_id(cpus: int) -> int:
     """The IOAPIC's ID in the MADT: the first APIC ID after the vCPUs'."""
     return cpus
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The IOAPIC pin (GSI) that INTx ``pin`` (0..3 = INTA#..INTD#) of device ``slot`` on
+    bus 0 reaches: the one definition the DSDT's _PRT and the VMM's wiring share.
+
+    Rotated by slot as the PCI-to-PCI bridge swizzle does (PCI-to-PCI Bridge Spec 1.2
+    §9.1), so that the INTA# of neighbouring devices, which most devices use alone, lands
+    on different pins.
+    """
+    if not 0 <= slot < PCI_SLOTS:
+        raise ValueError(f"PCI device number {slot} is outside 0..{PCI_SLOTS - 1}")
+    if not 0 <= pin < PCI_INTX_PINS:
+        raise ValueError(f"PCI interrupt pin {pin} is outside 0..{PCI_INTX_PINS - 1} (INTA-INTD)")
+    return PCI_INTX_GSIS[(slot + pin) % len(PCI_INTX_GSIS)]

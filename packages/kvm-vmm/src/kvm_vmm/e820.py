@@ -3,7 +3,12 @@
 Types follow the ACPI specification (6.5, section 15 "System Address Map
 Interfaces", table 15.1). The map is derived from :mod:`kvm_vmm.layout`:
 usable RAM up to the EBDA, the EBDA and VGA/BIOS hole reserved, usable RAM
-from 1 MiB to the PCI hole, and RAM moved above 4 GiB.
+from 1 MiB to the PCI hole, the PCI ECAM window reserved, and RAM moved above
+4 GiB.
+
+The ECAM window is reserved here as firmware does: Linux accepts the MCFG's
+window only where something reserves it, the ACPI motherboard resources or,
+failing those, an E820 reserved entry (``pci_mmcfg_reserved``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from kvm_vmm import layout
+from kvm_vmm import board, layout
 
 
 class E820Type(IntEnum):
@@ -57,6 +62,8 @@ def e820_map(ram_size: int) -> list[E820Entry]:
         entries.append(
             E820Entry(layout.HIGH_MEMORY_START, low_end - layout.HIGH_MEMORY_START, E820Type.RAM)
         )
+    ecam = board.PCI_ECAM_WINDOW
+    entries.append(E820Entry(ecam.start, ecam.size, E820Type.RESERVED))
     for region in layout.ram_regions(ram_size)[1:]:
         entries.append(E820Entry(region.start, region.size, E820Type.RAM))
     return entries
