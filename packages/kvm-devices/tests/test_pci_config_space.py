@@ -279,3 +279,16 @@ def test_state_with_configuration_bits_is_refused_and_changes_nothing() -> None:
         target.restore({"registers": "00" * 255})
     assert target.save() == before
     assert PciConfigState().registers == bytes(256)
+
+
+class Sloppy(Body):
+    """A handler answering more bits than asked for (here: -1)."""
+
+    def read_capability(self, offset: int, size: int) -> int:
+        return -1
+
+
+def test_a_handlers_answer_is_cut_to_the_bytes_it_owns() -> None:
+    space = make()
+    offset = space.add_capability(0x11, bytes(2), handler=Sloppy())
+    assert space.read(offset, 4) == 0xFFFF_0011

@@ -259,7 +259,7 @@ class PciConfigSpace(Snapshotting[PciConfigState]):
                 self._data[at] if 0 <= at < SIZE else 0xFF for at in range(offset, offset + size)
             )
         for body, start, length in self._handled_parts(offset, size):
-            part = body.handler.read_capability(start - body.start, length)
+            part = body.handler.read_capability(start - body.start, length) & _all_ones(length)
             relative = start - offset
             raw[relative : relative + length] = part.to_bytes(length, "little")
         return int.from_bytes(raw, "little")
