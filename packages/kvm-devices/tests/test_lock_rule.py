@@ -20,6 +20,9 @@ from kvm_devices.i8042 import I8042
 from kvm_devices.ioapic import Ioapic
 from kvm_devices.outbox import Outbox
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.config_space import PciConfigSpace
+from kvm_devices.pci.host_bridge import PciHost
+from kvm_devices.pci.msix import MsixTable
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.port61 import Port61
@@ -152,8 +155,67 @@ def reset_port(probe: Probe) -> None:
     device.write(0, 1, 0x06)
 
 
+def pci_config_space(probe: Probe) -> None:
+    device = PciConfigSpace(vendor_id=0x1AF4, device_id=0x1042, class_code=0x010000)
+    device.add_memory_bar(0, 0x1000)
+    device.on_bars_changed = probe
+    probe.enter = device.save
+    device.write(0x10, 4, 0xC000_0000)  # the BAR moves
+    device.write(0x04, 2, 0x0002)  # memory decode on
+
+
+def msix(probe: Probe) -> None:
+    @dataclass
+    class Sink:
+        def vector_changed(self, vector: int, address: int, data: int, masked: bool) -> None:
+            probe(vector)
+
+        def fire(self, vector: int) -> None:
+            probe(vector)
+
+    device = MsixTable(2, 0, 0, 0, 0x800, Sink())
+    probe.enter = device.save
+    device.table_write(0, 8, 0xFEE0_0000)  # a message change
+    device.write_capability(0, 2, 0x8000)  # enable: vector 1 stays masked
+    device.signal(1)  # held pending
+    device.table_write(0x1C, 4, 0)  # unmasked: changed, then fired
+    device.signal(1)  # fired at once
+
+
+def pci_host(probe: Probe) -> None:
+    @dataclass
+    class ResetRegister:
+        def read(self, offset: int, size: int) -> int:
+            probe(offset)
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            probe(value)
+
+    device = PciHost(ResetRegister())
+    probe.enter = device.save
+    device.config_ports.write(0, 4, 0x8000_0000)
+    device.config_ports.write(1, 1, 0x06)  # the reset register at 0xCF9
+    device.config_ports.read(1, 1)
+
+
 @pytest.mark.parametrize(
-    "drive", [pic, pit, port61, ioapic, uart, rtc, i8042, acpi_pm, pc_testdev, reset_port]
+    "drive",
+    [
+        pic,
+        pit,
+        port61,
+        ioapic,
+        uart,
+        rtc,
+        i8042,
+        acpi_pm,
+        pc_testdev,
+        reset_port,
+        pci_config_space,
+        msix,
+        pci_host,
+    ],
 )
 def test_no_device_calls_out_while_holding_its_lock(drive: Callable[[Probe], None]) -> None:
     probe = Probe()

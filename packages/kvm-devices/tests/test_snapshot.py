@@ -24,6 +24,9 @@ from kvm_devices.i8042 import I8042
 from kvm_devices.interfaces import Snapshottable
 from kvm_devices.ioapic import Ioapic
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.config_space import PciConfigSpace
+from kvm_devices.pci.host_bridge import PciHost
+from kvm_devices.pci.msix import MsixTable
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.reset_port import ResetPort
@@ -260,6 +263,27 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
     def debug_exit() -> Snapshottable[Any]:
         return DebugExit(lambda status: None)
 
+    def pci_config() -> Snapshottable[Any]:
+        device = pci_function()
+        device.write(0x10, 8, 0x1_C000_0000)
+        device.write(0x04, 2, 0x0406)
+        device.write(0x3C, 1, 10)
+        return device
+
+    def msix() -> Snapshottable[Any]:
+        device = msix_table()
+        device.table_write(0, 8, 0xFEE0_1000)
+        device.table_write(0x18, 8, 0x1_0000_0041)
+        device.write_capability(0, 2, 0x8000)
+        device.signal(1)
+        return device
+
+    def pci_host() -> Snapshottable[Any]:
+        device = PciHost(ResetPort(lambda: None))
+        device.config_ports.write(0, 4, 0x8000_0004)
+        device.config_ports.write(4, 2, 0x0006)
+        return device
+
     return [
         ("pic", pic),
         ("pit", pit),
@@ -272,6 +296,9 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
         ("reset_port", reset_port),
         ("fw_cfg", fw_cfg),
         ("debug_exit", debug_exit),
+        ("pci_config", pci_config),
+        ("msix", msix),
+        ("pci_host", pci_host),
     ]
 
 
@@ -305,7 +332,31 @@ def fresh_devices() -> dict[str, Callable[[], Snapshottable[Any]]]:
         "reset_port": lambda: ResetPort(lambda: None),
         "fw_cfg": lambda: FwCfg(1 << 30, 2, files={"etc/x": b"hello"}),
         "debug_exit": lambda: DebugExit(lambda status: None),
+        "pci_config": pci_function,
+        "msix": msix_table,
+        "pci_host": lambda: PciHost(ResetPort(lambda: None)),
     }
+
+
+def msix_table() -> MsixTable:
+    return MsixTable(3, 0, 0x4000, 0, 0x5000, RecordingMsixSink())
+
+
+class RecordingMsixSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[int, ...]] = []
+
+    def vector_changed(self, vector: int, address: int, data: int, masked: bool) -> None:
+        self.events.append((vector, address, data, masked))
+
+    def fire(self, vector: int) -> None:
+        self.events.append((vector,))
+
+
+def pci_function() -> PciConfigSpace:
+    device = PciConfigSpace(vendor_id=0x1AF4, device_id=0x1042, class_code=0x010000)
+    device.add_memory_bar(0, 0x8000)
+    return device
 
 
 @pytest.mark.parametrize(("name", "factory"), busy_devices())

@@ -87,6 +87,8 @@ def drive(platform: Platform, clock: VirtualClock) -> None:
     platform.reset_port.write(0, 1, 0x02)
     platform.fw_cfg.write(0, 2, 0x01)
     platform.fw_cfg.read(1, 1)
+    platform.pci.config_ports.write(0, 4, 0x8000_0004)  # the host bridge's COMMAND
+    platform.pci.config_ports.write(4, 2, 0x0006)
     clock.advance(2_000_000)
 
 

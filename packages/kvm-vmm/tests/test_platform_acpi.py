@@ -225,9 +225,14 @@ def test_the_s5_of_the_dsdt_written_where_the_fadt_says_powers_off(rig: Rig) -> 
 
 
 def test_the_reset_register_of_the_fadt_resets(rig: Rig) -> None:
+    """RESET_REG lies among the PCI host's configuration ports (0xCF8-0xCFF), as on
+    PIIX/ICH: a byte there reaches the reset register, a dword at 0xCF8 does not."""
     space, address, width = rig.fadt.reset_register
     assert space == GAS_SYSTEM_IO and width == 8
-    assert rig.decode("pio", address, 1).device is rig.platform.reset_port
+    mapping = rig.decode("pio", address, 1)
+    assert mapping.device is rig.platform.pci.config_ports
+    rig.write("pio", mapping.base, 4, rig.fadt.reset_value << 8 * (address - mapping.base))
+    assert rig.events == []
     rig.write("pio", address, 1, rig.fadt.reset_value)
     assert rig.events == ["reset"]
 
@@ -396,6 +401,18 @@ def test_every_window_on_the_bus_is_described_or_found_without_tables(rig: Rig) 
             assert fadt.iapc_boot_arch & IAPC_LEGACY_DEVICES, mapping.name
         elif entry.description is Description.I8042:
             assert fadt.iapc_boot_arch & IAPC_8042, mapping.name
+        elif mapping.name == "pci-conf":
+            # Found by probing, as Linux's pci_check_type1 does: CONFIG_ADDRESS keeps a
+            # dword, and the host bridge answers at bus 0, device 0.
+            rig.write("pio", mapping.base, 4, 0x8000_0000)
+            assert rig.read("pio", mapping.base, 4) == 0x8000_0000
+            assert rig.read("pio", mapping.base + 4, 2) == 0x8086
+        elif mapping.name == "pci-ecam":
+            # The window the MCFG names (kvm_vmm.acpi builds it from the board's).
+            assert (mapping.base, mapping.length) == (
+                board.PCI_ECAM_WINDOW.start,
+                board.PCI_ECAM_WINDOW.size,
+            )
         else:
             assert entry.name == "fw_cfg", f"{entry.name}: nothing tells the guest of it"
     # And nothing the tables name is missing from the bus.
@@ -448,14 +465,20 @@ def test_kvmfast_bus_of_a_machine_decodes_what_its_installed_tables_name() -> No
         tables = _rsdt_tables(blob, rsdp)
         fadt, madt = parse_fadt(tables[b"FACP"]), parse_madt(tables[b"APIC"])
         ((_, ioapic_address, _),) = madt.ioapics
-        named = [
-            (machine.vm.add_pio, *fadt.pm1a_event),
-            (machine.vm.add_pio, *fadt.pm1a_control),
-            (machine.vm.add_pio, *fadt.pm_timer),
-            (machine.vm.add_pio, fadt.reset_register[1], fadt.reset_register[2] // 8),
-            (machine.vm.add_mmio, ioapic_address, Ioapic.SIZE),
+        named: list[tuple[AddressSpace, int, int]] = [
+            ("pio", *fadt.pm1a_event),
+            ("pio", *fadt.pm1a_control),
+            ("pio", *fadt.pm_timer),
+            ("pio", fadt.reset_register[1], fadt.reset_register[2] // 8),
+            ("mmio", ioapic_address, Ioapic.SIZE),
         ]
-        for add, address, length in named:
+        for space, address, length in named:
+            add = machine.vm.add_pio if space == "pio" else machine.vm.add_mmio
+            # The range mapped there: the reset register's is the PCI host's ports.
+            window = machine.platform.table.decoder(space, address, length)
+            assert window is not None
             for byte in (0, length - 1):
-                with pytest.raises(ValueError, match=rf"overlaps {address:#x}\+{length:#x}"):
+                with pytest.raises(
+                    ValueError, match=rf"overlaps {window.base:#x}\+{window.length:#x}"
+                ):
                     add(address + byte, 1, Probe())

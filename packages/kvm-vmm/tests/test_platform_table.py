@@ -24,7 +24,9 @@ PC_WINDOWS = {
     ("pio", 0x600, 4, "pm1a-evt"),
     ("pio", 0x604, 2, "pm1a-cnt"),
     ("pio", 0x608, 4, "pm-tmr"),
-    ("pio", 0xCF9, 1, "reset"),
+    ("pio", 0xCF8, 8, "pci-conf"),
+    ("pio", 0xCF9, 1, "reset"),  # inside pci-conf, as on PIIX/ICH
+    ("mmio", 0xE000_0000, 0x1000_0000, "pci-ecam"),
     ("pio", 0x510, 2, "fw_cfg"),
     ("mmio", 0xFEC0_0000, 0x1000, "ioapic"),
 }
@@ -94,6 +96,31 @@ def test_decoder_finds_the_window_holding_an_access() -> None:
     assert table.decoder("pio", 0x607, 2) is None  # straddles pm1a-cnt's end... and a gap
     assert table.decoder("pio", 0x604, 2) == table.entry("acpi-pm").window("pm1a-cnt")
     assert table.decoder("mmio", 0x3F8) is None
+    # The reset register is decoded by the PCI host's ports it sits among.
+    assert table.decoder("pio", 0xCF9) == table.entry("pci").window("pci-conf")
+
+
+def test_the_reset_register_is_described_inside_the_pci_configuration_ports() -> None:
+    table = pc_board()
+    reset = table.entry("reset").window("reset")
+    assert (reset.base, reset.length, reset.within) == (board.RESET_PORT, 1, "pci-conf")
+    assert reset in table.windows() and reset not in table.bus_windows()
+    assert table.entry("pci").window("pci-conf") in table.bus_windows()
+
+
+def test_a_window_inside_another_must_lie_within_a_mapped_one() -> None:
+    table = pc_board()
+    with pytest.raises(ValueError, match="not inside a mapped window 'pci-conf'"):
+        table.add("x", (Window("pio", 0xCFE, 4, "x", within="pci-conf"),))
+    with pytest.raises(ValueError, match="not inside a mapped window 'reset'"):
+        table.add("x", (Window("pio", 0xCF9, 1, "x", within="reset"),))
+    # Inside its enclosing window it still may not overlap another device's window.
+    with pytest.raises(ResourceConflict, match=r"x: pio \[0xcf9, 0xcfa\) overlaps reset"):
+        table.add("x", (Window("pio", 0xCF9, 1, "x", within="pci-conf"),))
+    table.add("x", (Window("pio", 0xCFA, 1, "x", within="pci-conf"),))
+    # And a device of its own on the bus may not take a port among them.
+    with pytest.raises(ResourceConflict, match="overlaps pci-conf"):
+        table.add("y", (pio(0xCFC, 4, "y"),))
 
 
 def test_pci_windows_lie_in_the_hole_clear_of_ram_apics_and_board_ports() -> None:
@@ -130,6 +157,7 @@ def test_every_board_device_says_how_the_guest_learns_of_it() -> None:
         "i8042": Description.I8042,
         "acpi-pm": Description.FADT,
         "reset": Description.FADT,
+        "pci": Description.PCI_HOST,
         "fw_cfg": Description.NONE,  # found by its signature, as QEMU guests probe it
         "ioapic": Description.MADT,
     }

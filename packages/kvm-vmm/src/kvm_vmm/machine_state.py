@@ -72,6 +72,7 @@ def platform_devices(
         "acpi-pm": platform.acpi_pm,
         "reset": platform.reset_port,
         "fw_cfg": platform.fw_cfg,
+        "pci": platform.pci,
     }
     for name, device in (extra or {}).items():
         if name in devices:

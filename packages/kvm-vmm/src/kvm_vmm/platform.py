@@ -16,6 +16,7 @@ from kvm_devices.fw_cfg import FwCfg
 from kvm_devices.i8042 import I8042
 from kvm_devices.interfaces import ByteSink, Device
 from kvm_devices.ioapic import Ioapic
+from kvm_devices.pci.host_bridge import ECAM_BUS_SHIFT, PciBus, PciHost
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.port61 import Port61
@@ -62,8 +63,14 @@ class Platform:
     acpi_pm: AcpiPm
     reset_port: ResetPort
     fw_cfg: FwCfg
+    pci: PciHost
     table: PlatformTable
     mappings: list[Mapping] = field(default_factory=list)
+
+    @property
+    def pci_bus(self) -> PciBus:
+        """Bus 0, where PCI functions are added (slot 0 is the host bridge)."""
+        return self.pci.bus
 
     def models(self) -> dict[str, object]:
         """Each device of the platform table under its table name."""
@@ -78,6 +85,7 @@ class Platform:
             "reset": self.reset_port,
             "fw_cfg": self.fw_cfg,
             "ioapic": self.ioapic,
+            "pci": self.pci,
         }
 
     def isa_line(self, irq: int) -> IsaIrqLine:
@@ -113,8 +121,12 @@ def build_platform(
     acpi_pm = AcpiPm(timers, timers, line_of("acpi-pm"), on_sleep)
     reset_port = ResetPort(events.reset)
     fw_cfg = FwCfg(ram_size, cpus)
+    ecam = table.entry("pci").window("pci-ecam")
+    # The reset register answers among the configuration ports (it has no window of its
+    # own on the bus: see the platform table).
+    pci = PciHost(reset_port, ecam_buses=ecam.length >> ECAM_BUS_SHIFT)
     platform = Platform(
-        pic, ioapic, pit, port61, uart, rtc, i8042, acpi_pm, reset_port, fw_cfg, table
+        pic, ioapic, pit, port61, uart, rtc, i8042, acpi_pm, reset_port, fw_cfg, pci, table
     )
     models: dict[str, Device] = {
         "pic-master": pic.master_ports,
@@ -129,7 +141,8 @@ def build_platform(
         "pm1a-evt": acpi_pm.pm1_event_ports,
         "pm1a-cnt": acpi_pm.pm1_control_ports,
         "pm-tmr": acpi_pm.pm_timer_ports,
-        "reset": reset_port,
+        "pci-conf": pci.config_ports,
+        "pci-ecam": pci.ecam,
         "fw_cfg": fw_cfg,
         "ioapic": ioapic,
     }
@@ -139,7 +152,7 @@ def build_platform(
         raise AssertionError(
             f"platform table devices {sorted(table.entries)} != models {sorted(platform.models())}"
         )
-    windows = table.windows()
+    windows = table.bus_windows()
     if {window.name for window in windows} != set(models):
         raise AssertionError(
             f"platform table windows {sorted(w.name for w in windows)}"

@@ -6,6 +6,12 @@ every window into kvmfast's address map (:mod:`kvm_vmm.platform` pairs each wind
 its device model), and :mod:`kvm_vmm.acpi` builds the FADT, MADT and DSDT from the same
 entries. A device added later (``--device``, later PCI) goes through :meth:`PlatformTable.add`
 too, which refuses a window or line already taken.
+
+A window may sit inside another device's window (:attr:`Window.within`): the reset
+register at 0xCF9 lies among the PCI host's configuration ports 0xCF8-0xCFF, as on
+PIIX/ICH chipsets. The table describes it (the FADT names it), but only the enclosing
+window is mapped (:meth:`PlatformTable.bus_windows`); its device passes the register's
+accesses on.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from kvm_devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_TMR_LEN
 from kvm_devices.fw_cfg import FwCfg
 from kvm_devices.i8042 import I8042
 from kvm_devices.ioapic import Ioapic
+from kvm_devices.pci.host_bridge import ConfigMechanism1
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.port61 import Port61
@@ -39,6 +46,9 @@ class Description(Enum):
     # IA-PC boot architecture flags (ACPI 6.5 table 5.11): LEGACY_DEVICES, 8042.
     LEGACY = "a PC/AT legacy device (FADT IAPC_BOOT_ARCH LEGACY_DEVICES)"
     I8042 = "the keyboard controller (FADT IAPC_BOOT_ARCH 8042)"
+    # Configuration mechanism #1 is found by probing its ports; ECAM through the MCFG,
+    # the bus's resources through the DSDT's PCI0.
+    PCI_HOST = "the PCI host bridge (mechanism #1 probed; MCFG, DSDT PCI0)"
     # Found by probing (fw_cfg's signature) or told by the command line (test devices).
     NONE = "not described"
 
@@ -51,6 +61,9 @@ class Window:
     base: int
     length: int
     name: str
+    # The name of another device's window that holds this one and decodes its accesses;
+    # such a window is described, never mapped on its own.
+    within: str | None = None
 
     @property
     def end(self) -> int:
@@ -104,7 +117,11 @@ class PlatformTable:
         for window in windows:
             if window.length <= 0:
                 raise ValueError(f"{name}: window {window.name} has length {window.length}")
+            if window.within is not None:
+                self._check_enclosed(name, window)
             for other in self.windows():
+                if window.within == other.name:
+                    continue
                 if window.overlaps(other):
                     raise ResourceConflict(
                         f"{name}: {window.space} [{window.base:#x}, {window.end:#x}) overlaps"
@@ -118,6 +135,13 @@ class PlatformTable:
         entry = DeviceEntry(name, windows, irqs, description)
         self.entries[name] = entry
         return entry
+
+    def _check_enclosed(self, name: str, window: Window) -> None:
+        enclosing = [w for w in self.bus_windows() if w.name == window.within]
+        if not enclosing or not enclosing[0].contains(window.space, window.base, window.length):
+            raise ValueError(
+                f"{name}: window {window.name} is not inside a mapped window {window.within!r}"
+            )
 
     def unused_name(self, name: str) -> str:
         """``name``, or ``name#2``, ``name#3``... for the second device of a kind."""
@@ -134,11 +158,16 @@ class PlatformTable:
             raise KeyError(f"no device {name!r} on the platform") from None
 
     def windows(self) -> list[Window]:
+        """Every window, those inside another window's too."""
         return [window for entry in self.entries.values() for window in entry.windows]
 
+    def bus_windows(self) -> list[Window]:
+        """The windows mapped on the bus: all but those inside another window."""
+        return [window for window in self.windows() if window.within is None]
+
     def decoder(self, space: AddressSpace, address: int, size: int = 1) -> Window | None:
-        """The window that decodes ``size`` bytes at ``address``, if one does."""
-        for window in self.windows():
+        """The mapped window that decodes ``size`` bytes at ``address``, if one does."""
+        for window in self.bus_windows():
             if window.contains(space, address, size):
                 return window
         return None
@@ -188,7 +217,21 @@ def pc_board() -> PlatformTable:
         (board.SCI_IRQ,),
         Description.FADT,
     )
-    table.add("reset", (pio(board.RESET_PORT, ResetPort.SIZE, "reset"),), (), Description.FADT)
+    table.add(
+        "pci",
+        (
+            pio(ConfigMechanism1.BASE, ConfigMechanism1.LENGTH, "pci-conf"),
+            Window("mmio", board.PCI_ECAM_WINDOW.start, board.PCI_ECAM_WINDOW.size, "pci-ecam"),
+        ),
+        (),
+        Description.PCI_HOST,
+    )
+    table.add(
+        "reset",
+        (Window("pio", board.RESET_PORT, ResetPort.SIZE, "reset", within="pci-conf"),),
+        (),
+        Description.FADT,
+    )
     table.add("fw_cfg", (pio(FwCfg.BASE, FwCfg.LENGTH, "fw_cfg"),))
     table.add(
         "ioapic",
