@@ -20,6 +20,7 @@ from kvm_devices.i8042 import I8042
 from kvm_devices.ioapic import Ioapic
 from kvm_devices.outbox import Outbox
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.config_space import PciConfigSpace
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.port61 import Port61
@@ -152,8 +153,18 @@ def reset_port(probe: Probe) -> None:
     device.write(0, 1, 0x06)
 
 
+def pci_config_space(probe: Probe) -> None:
+    device = PciConfigSpace(vendor_id=0x1AF4, device_id=0x1042, class_code=0x010000)
+    device.add_memory_bar(0, 0x1000)
+    device.on_bars_changed = probe
+    probe.enter = device.save
+    device.write(0x10, 4, 0xC000_0000)  # the BAR moves
+    device.write(0x04, 2, 0x0002)  # memory decode on
+
+
 @pytest.mark.parametrize(
-    "drive", [pic, pit, port61, ioapic, uart, rtc, i8042, acpi_pm, pc_testdev, reset_port]
+    "drive",
+    [pic, pit, port61, ioapic, uart, rtc, i8042, acpi_pm, pc_testdev, reset_port, pci_config_space],
 )
 def test_no_device_calls_out_while_holding_its_lock(drive: Callable[[Probe], None]) -> None:
     probe = Probe()

@@ -24,6 +24,7 @@ from kvm_devices.i8042 import I8042
 from kvm_devices.interfaces import Snapshottable
 from kvm_devices.ioapic import Ioapic
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.config_space import PciConfigSpace
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.reset_port import ResetPort
@@ -260,6 +261,13 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
     def debug_exit() -> Snapshottable[Any]:
         return DebugExit(lambda status: None)
 
+    def pci_config() -> Snapshottable[Any]:
+        device = pci_function()
+        device.write(0x10, 8, 0x1_C000_0000)
+        device.write(0x04, 2, 0x0406)
+        device.write(0x3C, 1, 10)
+        return device
+
     return [
         ("pic", pic),
         ("pit", pit),
@@ -272,6 +280,7 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
         ("reset_port", reset_port),
         ("fw_cfg", fw_cfg),
         ("debug_exit", debug_exit),
+        ("pci_config", pci_config),
     ]
 
 
@@ -305,7 +314,14 @@ def fresh_devices() -> dict[str, Callable[[], Snapshottable[Any]]]:
         "reset_port": lambda: ResetPort(lambda: None),
         "fw_cfg": lambda: FwCfg(1 << 30, 2, files={"etc/x": b"hello"}),
         "debug_exit": lambda: DebugExit(lambda status: None),
+        "pci_config": pci_function,
     }
+
+
+def pci_function() -> PciConfigSpace:
+    device = PciConfigSpace(vendor_id=0x1AF4, device_id=0x1042, class_code=0x010000)
+    device.add_memory_bar(0, 0x8000)
+    return device
 
 
 @pytest.mark.parametrize(("name", "factory"), busy_devices())
