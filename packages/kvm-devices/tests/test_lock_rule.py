@@ -21,6 +21,7 @@ from kvm_devices.ioapic import Ioapic
 from kvm_devices.outbox import Outbox
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_devices.pci.config_space import PciConfigSpace
+from kvm_devices.pci.msix import MsixTable
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.port61 import Port61
@@ -162,9 +163,40 @@ def pci_config_space(probe: Probe) -> None:
     device.write(0x04, 2, 0x0002)  # memory decode on
 
 
+def msix(probe: Probe) -> None:
+    @dataclass
+    class Sink:
+        def vector_changed(self, vector: int, address: int, data: int, masked: bool) -> None:
+            probe(vector)
+
+        def fire(self, vector: int) -> None:
+            probe(vector)
+
+    device = MsixTable(2, 0, 0, 0, 0x800, Sink())
+    probe.enter = device.save
+    device.table_write(0, 8, 0xFEE0_0000)  # a message change
+    device.write_capability(0, 2, 0x8000)  # enable: vector 1 stays masked
+    device.signal(1)  # held pending
+    device.table_write(0x1C, 4, 0)  # unmasked: changed, then fired
+    device.signal(1)  # fired at once
+
+
 @pytest.mark.parametrize(
     "drive",
-    [pic, pit, port61, ioapic, uart, rtc, i8042, acpi_pm, pc_testdev, reset_port, pci_config_space],
+    [
+        pic,
+        pit,
+        port61,
+        ioapic,
+        uart,
+        rtc,
+        i8042,
+        acpi_pm,
+        pc_testdev,
+        reset_port,
+        pci_config_space,
+        msix,
+    ],
 )
 def test_no_device_calls_out_while_holding_its_lock(drive: Callable[[Probe], None]) -> None:
     probe = Probe()

@@ -25,6 +25,7 @@ from kvm_devices.interfaces import Snapshottable
 from kvm_devices.ioapic import Ioapic
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_devices.pci.config_space import PciConfigSpace
+from kvm_devices.pci.msix import MsixTable
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
 from kvm_devices.reset_port import ResetPort
@@ -268,6 +269,14 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
         device.write(0x3C, 1, 10)
         return device
 
+    def msix() -> Snapshottable[Any]:
+        device = msix_table()
+        device.table_write(0, 8, 0xFEE0_1000)
+        device.table_write(0x18, 8, 0x1_0000_0041)
+        device.write_capability(0, 2, 0x8000)
+        device.signal(1)
+        return device
+
     return [
         ("pic", pic),
         ("pit", pit),
@@ -281,6 +290,7 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
         ("fw_cfg", fw_cfg),
         ("debug_exit", debug_exit),
         ("pci_config", pci_config),
+        ("msix", msix),
     ]
 
 
@@ -315,7 +325,23 @@ def fresh_devices() -> dict[str, Callable[[], Snapshottable[Any]]]:
         "fw_cfg": lambda: FwCfg(1 << 30, 2, files={"etc/x": b"hello"}),
         "debug_exit": lambda: DebugExit(lambda status: None),
         "pci_config": pci_function,
+        "msix": msix_table,
     }
+
+
+def msix_table() -> MsixTable:
+    return MsixTable(3, 0, 0x4000, 0, 0x5000, RecordingMsixSink())
+
+
+class RecordingMsixSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[int, ...]] = []
+
+    def vector_changed(self, vector: int, address: int, data: int, masked: bool) -> None:
+        self.events.append((vector, address, data, masked))
+
+    def fire(self, vector: int) -> None:
+        self.events.append((vector,))
 
 
 def pci_function() -> PciConfigSpace:
