@@ -271,6 +271,9 @@ class VirtioPciFunction(Snapshotting[VirtioPciState]):
         if base == MSIX_TABLE_OFFSET:
             self.msix.table_write(within, size, value)
             return
+        if base == MSIX_PBA_OFFSET:
+            self.msix.pba_write(within, size, value)  # read-only; counts a bad access
+            return
         with self._lock:
             if base == COMMON_CFG_OFFSET:
                 self._apply_locked(self._common.write(within, size, value))
