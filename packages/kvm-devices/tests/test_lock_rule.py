@@ -21,6 +21,7 @@ from kvm_devices.ioapic import Ioapic
 from kvm_devices.outbox import Outbox
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_devices.pci.config_space import PciConfigSpace
+from kvm_devices.pci.host_bridge import PciHost
 from kvm_devices.pci.msix import MsixTable
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
@@ -181,6 +182,23 @@ def msix(probe: Probe) -> None:
     device.signal(1)  # fired at once
 
 
+def pci_host(probe: Probe) -> None:
+    @dataclass
+    class ResetRegister:
+        def read(self, offset: int, size: int) -> int:
+            probe(offset)
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            probe(value)
+
+    device = PciHost(ResetRegister())
+    probe.enter = device.save
+    device.config_ports.write(0, 4, 0x8000_0000)
+    device.config_ports.write(1, 1, 0x06)  # the reset register at 0xCF9
+    device.config_ports.read(1, 1)
+
+
 @pytest.mark.parametrize(
     "drive",
     [
@@ -196,6 +214,7 @@ def msix(probe: Probe) -> None:
         reset_port,
         pci_config_space,
         msix,
+        pci_host,
     ],
 )
 def test_no_device_calls_out_while_holding_its_lock(drive: Callable[[Probe], None]) -> None:

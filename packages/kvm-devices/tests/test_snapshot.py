@@ -25,6 +25,7 @@ from kvm_devices.interfaces import Snapshottable
 from kvm_devices.ioapic import Ioapic
 from kvm_devices.pc_testdev import PcTestdev
 from kvm_devices.pci.config_space import PciConfigSpace
+from kvm_devices.pci.host_bridge import PciHost
 from kvm_devices.pci.msix import MsixTable
 from kvm_devices.pic import PicPair
 from kvm_devices.pit import Pit
@@ -277,6 +278,12 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
         device.signal(1)
         return device
 
+    def pci_host() -> Snapshottable[Any]:
+        device = PciHost(ResetPort(lambda: None))
+        device.config_ports.write(0, 4, 0x8000_0004)
+        device.config_ports.write(4, 2, 0x0006)
+        return device
+
     return [
         ("pic", pic),
         ("pit", pit),
@@ -291,6 +298,7 @@ def busy_devices() -> list[tuple[str, Callable[[], Snapshottable[Any]]]]:
         ("debug_exit", debug_exit),
         ("pci_config", pci_config),
         ("msix", msix),
+        ("pci_host", pci_host),
     ]
 
 
@@ -326,6 +334,7 @@ def fresh_devices() -> dict[str, Callable[[], Snapshottable[Any]]]:
         "debug_exit": lambda: DebugExit(lambda status: None),
         "pci_config": pci_function,
         "msix": msix_table,
+        "pci_host": lambda: PciHost(ResetPort(lambda: None)),
     }
 
 
