@@ -112,3 +112,67 @@ class RecordingIoapicSink:
 
     def deliver(self, pin: int) -> None:
         self.deliveries.append(pin)
+
+
+@dataclass
+class FakeVirtioBackend:
+    """A VirtioBackend that records the transport's calls; its configuration is bytes."""
+
+    device_type: int = 2
+    num_queues: int = 2
+    max_queue_size: int = 256
+    device_features: int = 1 << 32
+    config: bytearray = field(default_factory=lambda: bytearray(range(1, 9)))
+    needs_reset: bool = False
+    # activate() raises ValueError (a ring outside guest RAM, says the real device).
+    refuse_activation: bool = False
+    # Called from inside activate(), before it answers: lets a test act mid-call.
+    during_activate: Callable[[], None] | None = None
+    calls: list[tuple[object, ...]] = field(default_factory=list)
+
+    @property
+    def config_size(self) -> int:
+        return len(self.config)
+
+    def read_config(self, offset: int, size: int) -> int:
+        if offset < 0 or offset + size > len(self.config):
+            return 0
+        return int.from_bytes(self.config[offset : offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        if offset >= 0 and offset + size <= len(self.config):
+            self.config[offset : offset + size] = value.to_bytes(size, "little")
+
+    def activate(self, driver_features: int, queues: list[tuple[int, int, int, int, bool]]) -> None:
+        self.calls.append(("activate", driver_features, list(queues)))
+        if self.during_activate is not None:
+            self.during_activate()
+        if self.refuse_activation:
+            raise ValueError("queue 0's ring is outside guest RAM")
+
+    def reset(self) -> None:
+        self.calls.append(("reset",))
+
+    def notify(self, queue: int) -> None:
+        self.calls.append(("notify", queue))
+
+
+@dataclass
+class RecordingVirtioSink:
+    """A VirtioInterruptSink that keeps the INTx level and every call."""
+
+    intx_level: bool = False
+    calls: list[tuple[object, ...]] = field(default_factory=list)
+
+    def intx(self, asserted: bool) -> None:
+        self.intx_level = asserted
+        self.calls.append(("intx", asserted))
+
+    def msix_vector_changed(self, vector: int, address: int, data: int, masked: bool) -> None:
+        self.calls.append(("vector", vector, address, data, masked))
+
+    def msix_fire(self, vector: int) -> None:
+        self.calls.append(("fire", vector))
+
+    def bindings_changed(self) -> None:
+        self.calls.append(("bindings",))
