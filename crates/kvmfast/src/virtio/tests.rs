@@ -503,3 +503,107 @@ fn config_space_is_the_virtio_blk_config() {
     assert_eq!(rig.core.read_config(1 << 40, 4), 0);
     assert_eq!(rig.core.config_size(), 60);
 }
+
+mod random_rings {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::virtio::test_ring::INDIRECT;
+
+    /// A second descriptor table that random INDIRECT descriptors may point at.
+    const SIDE_TABLE: u64 = 0x6000;
+
+    type RawDescriptor = (u64, u32, u16, u16);
+
+    /// Where a descriptor points: the side table, a buffer of its own (so that the
+    /// writable ranges of different descriptors rarely cover each other), anywhere near
+    /// RAM, anywhere at all.
+    type Spec = (u8, u64, u32, u16, u16);
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        let length = prop_oneof![0u32..32, Just(16), Just(512), 0u32..0x3000, any::<u32>()];
+        (0u8..4, any::<u64>(), length, 0u16..8, 0u16..20)
+    }
+
+    fn materialise(specs: &[Spec], buffers: u64) -> Vec<RawDescriptor> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(index, &(kind, random, length, flags, next))| {
+                let address = match kind {
+                    0 => SIDE_TABLE,
+                    1 => buffers + 0x200 * index as u64,
+                    2 => random % (RAM_SIZE + 0x2000),
+                    _ => random,
+                };
+                (address, length, flags, next)
+            })
+            .collect()
+    }
+
+    /// Every byte a device may write: the used ring and the buffers any descriptor of
+    /// either table marks device-writable.
+    fn writable(table: &[RawDescriptor], side: &[RawDescriptor]) -> Vec<(u64, u64)> {
+        let mut ranges = vec![(USED, 6 + 8 * u64::from(SIZE))];
+        for &(address, length, flags, _) in table.iter().chain(side) {
+            if flags & WRITE != 0 && flags & INDIRECT == 0 {
+                ranges.push((address, u64::from(length)));
+            }
+        }
+        ranges
+    }
+
+    fn snapshot(memory: &Memory) -> Vec<u8> {
+        let mut bytes = vec![0u8; RAM_SIZE as usize];
+        memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_rings_never_panic_nor_write_outside_writable_buffers(
+            table in vec(spec(), SIZE as usize),
+            side in vec(spec(), 8),
+            heads in vec(0u16..20, 0..SIZE as usize),
+            avail_idx in prop_oneof![0u16..20, any::<u16>()],
+            features in prop_oneof![Just(FEATURES), Just(COMMON_FEATURES), Just(1u64 << 32)],
+            rng in any::<bool>(),
+        ) {
+            let (table, side) = (materialise(&table, DATA), materialise(&side, 0xC000));
+            let image = TempImage::new(16 * 512);
+            let rig = if rng { Rig::new(Backend::Rng) } else { Rig::block(&image, false) };
+            rig.activate(features);
+            for (index, &(address, length, flags, next)) in table.iter().enumerate() {
+                put_descriptor(rig.memory(), DESC, index as u16, address, length, flags, next);
+            }
+            for (index, &(address, length, flags, next)) in side.iter().enumerate() {
+                put_descriptor(rig.memory(), SIDE_TABLE, index as u16, address, length, flags, next);
+            }
+            for (slot, &head) in heads.iter().enumerate() {
+                put_u16(rig.memory(), AVAIL + 4 + 2 * slot as u64, head);
+            }
+            put_u16(rig.memory(), AVAIL + 2, avail_idx);
+            let before = snapshot(rig.memory());
+            rig.core.serve(0);
+            rig.core.serve(0);
+            let after = snapshot(rig.memory());
+            let allowed = writable(&table, &side);
+            for (at, (old, new)) in before.iter().zip(&after).enumerate() {
+                let at = at as u64;
+                if old != new {
+                    prop_assert!(
+                        allowed.iter().any(|&(start, length)| at >= start && at - start < length),
+                        "byte {at:#x} changed outside every writable buffer"
+                    );
+                }
+            }
+            prop_assert_eq!(std::fs::metadata(&image.path).unwrap().len(), 16 * 512);
+            // Whatever happened, a reset brings the device back.
+            rig.core.reset();
+            prop_assert!(!rig.core.needs_reset());
+        }
+    }
+}
