@@ -504,6 +504,64 @@ fn config_space_is_the_virtio_blk_config() {
     assert_eq!(rig.core.config_size(), 60);
 }
 
+#[test]
+fn reset_waits_for_the_request_in_flight_and_nothing_follows_it() {
+    // Sixteen requests of 254 x 32 KiB reads each (about 8 MiB, milliseconds apiece),
+    // all through one indirect table into the same guest buffer.
+    const TABLE: u64 = 0x4000;
+    let segments = 254u16;
+    let image = TempImage::new(usize::from(segments) * 0x8000 + 4096);
+    let mut rig = Rig::block(&image, false);
+    rig.activate(FEATURES);
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&T_IN.to_le_bytes());
+    rig.memory()
+        .write_slice(&raw, GuestAddress(HEADERS))
+        .unwrap();
+    put_descriptor(rig.memory(), TABLE, 0, HEADERS, 16, NEXT, 1);
+    for index in 1..=segments {
+        put_descriptor(
+            rig.memory(),
+            TABLE,
+            index,
+            DATA,
+            0x8000,
+            WRITE | NEXT,
+            index + 1,
+        );
+    }
+    put_descriptor(rig.memory(), TABLE, segments + 1, STATUS, 1, WRITE, 0);
+    for head in 0..SIZE {
+        put_descriptor(
+            rig.memory(),
+            DESC,
+            head,
+            TABLE,
+            16 * 256,
+            super::test_ring::INDIRECT,
+            0,
+        );
+        rig.offer(head);
+    }
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| rig.core.serve(0));
+        while rig.driver.used_idx(rig.memory()) == 0 {
+            std::hint::spin_loop();
+        }
+        rig.core.reset();
+        let used_at_reset = rig.driver.used_idx(rig.memory());
+        server.join().unwrap();
+        assert_eq!(rig.driver.used_idx(rig.memory()), used_at_reset);
+        assert!(used_at_reset < SIZE, "reset stopped the batch");
+    });
+    assert_eq!(
+        rig.interrupts(),
+        0,
+        "no interrupt once reset() has returned"
+    );
+    assert_eq!(rig.status(STATUS), S_OK);
+}
+
 mod random_rings {
     use proptest::collection::vec;
     use proptest::prelude::*;
