@@ -288,6 +288,25 @@ fn out_of_range_and_misshapen_requests_fail_with_ioerr() {
 }
 
 #[test]
+fn a_host_io_error_fails_the_request_with_ioerr() {
+    let image = TempImage::new(8 * 512);
+    let mut rig = Rig::block(&image, false);
+    rig.activate(FEATURES);
+    // Another process shrinks the image under the device: the read finds no data.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image.path)
+        .unwrap()
+        .set_len(512)
+        .unwrap();
+    let read = rig.offer_blk(0, T_IN, 4, &[(DATA, 512, true)]);
+    rig.core.serve(0);
+    assert_eq!(rig.status(read), S_IOERR);
+    assert_eq!(rig.counter("host_errors"), 1);
+    assert!(!rig.core.needs_reset());
+}
+
+#[test]
 fn a_read_only_device_refuses_writes() {
     let image = TempImage::new(0);
     std::fs::write(&image.path, vec![0x11u8; 4 * 512]).unwrap();
