@@ -148,7 +148,6 @@ def test_blk_writes_and_reads_through_the_event_loop(blk: Ring, image: Path) -> 
     assert blk.loop.counters()[blk.device.queue_notifier(0).fd] >= 3
 
 
-@pytest.mark.kvm
 def test_blk_device_identity_and_config(image: Path) -> None:
     device = VirtioDevice.block(image, readonly=True)
     assert (device.device_type, device.num_queues, device.max_queue_size) == (2, 1, 256)
