@@ -79,6 +79,14 @@ impl EventFd {
         fd.try_clone().map_err(io_error)
     }
 
+    /// Wraps an eventfd made elsewhere (a virtio device's, which keeps its own duplicate).
+    pub fn from_owned(fd: OwnedFd, nonblocking: bool) -> Self {
+        Self {
+            fd: RwLock::new(Some(fd)),
+            nonblocking,
+        }
+    }
+
     pub fn is_nonblocking(&self) -> bool {
         self.nonblocking
     }

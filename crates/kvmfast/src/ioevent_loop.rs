@@ -1,6 +1,6 @@
 //! The ioeventfd fast path: one Rust thread waits on registered eventfds with epoll
 //! and runs their handlers, Python ones with the GIL taken only for the call, native
-//! ones (IrqfdTrigger) without Python at all.
+//! ones (IrqfdTrigger, VirtioQueueHandler) without Python at all.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use crate::errors::io_error;
 use crate::eventfd::{EventFd, add_to_counter, new_eventfd, read_counter};
 use crate::locks;
+use crate::virtio::device::DeviceCore;
+use crate::virtio::python::VirtioQueueHandler;
 
 /// Doorbell → interrupt without Python: writes 1 to an irqfd's eventfd.
 #[pyclass(frozen, module = "kvmfast")]
@@ -39,6 +41,8 @@ impl IrqfdTrigger {
 enum LoopHandler {
     Python(Py<PyAny>),
     Irqfd(Arc<OwnedFd>),
+    /// A virtio queue's doorbell: its requests run here, on the loop thread.
+    Virtio(Arc<DeviceCore>, usize),
 }
 
 struct Registration {
@@ -242,6 +246,10 @@ impl LoopShared {
                 let _ = add_to_counter(irq.as_raw_fd(), 1);
                 true
             }
+            LoopHandler::Virtio(device, queue) => {
+                device.serve(*queue);
+                true
+            }
             LoopHandler::Python(callback) => Python::try_attach(|py| {
                 if let Err(err) = callback.call1(py, (count,)) {
                     // Nobody to raise to on this thread: report like an unraisable error.
@@ -340,7 +348,7 @@ impl EventLoop {
     }
 
     /// Watches `eventfd` (which must be non-blocking); `handler` is a callable taking the
-    /// counter value, or an IrqfdTrigger. One call per readiness: notifications that
+    /// counter value, an IrqfdTrigger or a VirtioQueueHandler. One call per readiness: notifications that
     /// arrive together are coalesced into one call with their sum.
     fn add(&self, eventfd: &EventFd, handler: &Bound<'_, PyAny>) -> PyResult<()> {
         let caller_fd = eventfd.raw_fd()?;
@@ -351,11 +359,14 @@ impl EventLoop {
         }
         let handler = if let Ok(trigger) = handler.cast::<IrqfdTrigger>() {
             LoopHandler::Irqfd(trigger.get().irq_eventfd.clone())
+        } else if let Ok(virtio) = handler.cast::<VirtioQueueHandler>() {
+            let (device, queue) = virtio.get().target();
+            LoopHandler::Virtio(device, queue)
         } else if handler.is_callable() {
             LoopHandler::Python(handler.clone().unbind())
         } else {
             return Err(PyValueError::new_err(
-                "handler must be a callable(count) or an IrqfdTrigger",
+                "handler must be a callable(count), an IrqfdTrigger or a VirtioQueueHandler",
             ));
         };
         let mut registrations = self.shared.registrations();

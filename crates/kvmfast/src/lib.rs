@@ -7,7 +7,7 @@
 //! `kick` (leaving KVM_RUN from other threads), `extint` (PIC interrupts through
 //! KVM_INTERRUPT), `ioevent_loop` (the eventfd thread), `emulate` (instructions KVM
 //! cannot complete), `symbols`, `memory`, `volatile_copy` (bytes to and from guest RAM
-//! and the run page), `counters`, `errors`. Dependencies run one way, from `kvm` down (`module_graph`,
+//! and the run page), `virtio` (blk and rng queues served on the event loop thread), `counters`, `errors`. Dependencies run one way, from `kvm` down (`module_graph`,
 //! a unit test, fails on a cycle).
 
 use pyo3::prelude::*;
@@ -36,6 +36,7 @@ pub mod run_loop;
 pub mod run_page;
 pub mod symbols;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod volatile_copy;
 
@@ -53,6 +54,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<eventfd::EventFd>()?;
     module.add_class::<ioevent_loop::EventLoop>()?;
     module.add_class::<ioevent_loop::IrqfdTrigger>()?;
+    virtio::python::register(module)?;
     module.add("EXIT_REASON_NAMES", counters::EXIT_NAMES.to_vec())?;
     Ok(())
 }

@@ -12,6 +12,12 @@ use pyo3::prelude::*;
 use crate::locks;
 use crate::volatile_copy;
 
+/// How every guest RAM mapping is made (vm-memory is told the same when it describes one:
+/// virtio/guest_memory.rs).
+pub const MAPPING_PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+pub const MAPPING_FLAGS: libc::c_int =
+    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
 /// An anonymous private read-write mapping, unmapped when the last owner drops it.
 #[derive(Debug)]
 pub struct Mapping {
@@ -35,8 +41,8 @@ impl Mapping {
             libc::mmap(
                 std::ptr::null_mut(),
                 size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                MAPPING_PROT,
+                MAPPING_FLAGS,
                 -1,
                 0,
             )

@@ -97,6 +97,12 @@ impl Vm {
         }
     }
 
+    /// The RAM now: a virtio device reads its queues through it, keeping its mappings
+    /// alive while it does.
+    pub fn ram_snapshot(&self) -> Arc<GuestRam> {
+        self.ram.snapshot()
+    }
+
     fn state(&self) -> MutexGuard<'_, VmState> {
         locks::lock(&self.state)
     }

@@ -1,7 +1,8 @@
 """kvmfast: the Rust core of a split-irqchip KVM virtual machine monitor.
 
 VM and vCPU handles, the vCPU run loop (in Rust, GIL released around KVM_RUN), the
-guest address map, the ExtINT injector, the ioeventfd event loop and counters.
+guest address map, the ExtINT injector, the ioeventfd event loop and counters, and
+virtio-blk / virtio-rng devices whose queues that loop serves in Rust.
 :mod:`kvmfast.assembler` builds small guests from assembly and :mod:`kvmfast.flat_guest`
 enters them; :mod:`kvmfast.testing` has the helpers the KVM-backed tests of every
 package share.
@@ -28,6 +29,9 @@ from kvmfast._native import (
     TripleFault,
     Vcpu,
     VcpuKicker,
+    VirtioDevice,
+    VirtioError,
+    VirtioQueueHandler,
     Vm,
 )
 
@@ -52,5 +56,8 @@ __all__ = [
     "TripleFault",
     "Vcpu",
     "VcpuKicker",
+    "VirtioDevice",
+    "VirtioError",
+    "VirtioQueueHandler",
     "Vm",
 ]

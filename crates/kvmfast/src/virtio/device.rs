@@ -1,0 +1,252 @@
+//! A device's state shared by its Python handle and the event loop thread: the backend
+//! (blk or rng), its queues once activated, and the eventfds it signals through.
+//!
+//! Each queue's state sits behind its own mutex, held by the loop thread while it drains
+//! the queue; reset() raises the queue's `stopping` flag (checked between requests) and
+//! takes that mutex, so it returns only after the request in flight has completed, and
+//! nothing touches the rings or signals after it.
+
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::blk::Block;
+use super::counters::{DeviceCounters, bump};
+use super::guest_memory::{DeviceMemory, MemoryError};
+use super::queue::{ActiveQueue, QueueConfig, SetupError};
+use super::{
+    COMMON_FEATURES, DEVICE_ID_BLOCK, DEVICE_ID_ENTROPY, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, rng,
+};
+use crate::eventfd::{add_to_counter, new_eventfd};
+use crate::locks;
+use crate::memory::GuestRam;
+
+pub enum Backend {
+    Block(Block),
+    Rng,
+}
+
+#[derive(Debug)]
+pub enum ActivateError {
+    Features { extra: u64 },
+    QueueCount { given: usize, expected: usize },
+    AlreadyActive,
+    Memory(MemoryError),
+    Queue { index: usize, error: SetupError },
+}
+
+impl fmt::Display for ActivateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Features { extra } => {
+                write!(
+                    f,
+                    "the driver accepted features the device does not offer: {extra:#x}"
+                )
+            }
+            Self::QueueCount { given, expected } => {
+                write!(f, "{given} queues given, the device has {expected}")
+            }
+            Self::AlreadyActive => write!(f, "the device is already active: reset() first"),
+            Self::Memory(error) => write!(f, "{error}"),
+            Self::Queue { index, error } => write!(f, "queue {index}: {error}"),
+        }
+    }
+}
+
+struct QueueSlot {
+    active: Mutex<Option<ActiveQueue>>,
+    stopping: AtomicBool,
+    /// The doorbell's eventfd (ours; Python and KVM hold duplicates).
+    notifier: OwnedFd,
+    /// Written when the driver wants to hear of completions (an irqfd, or the VMM's).
+    interrupt: OwnedFd,
+}
+
+pub struct DeviceCore {
+    backend: Backend,
+    device_type: u32,
+    features: u64,
+    config: Vec<u8>,
+    queues: Vec<QueueSlot>,
+    config_interrupt: OwnedFd,
+    needs_reset: AtomicBool,
+    pub counters: DeviceCounters,
+}
+
+impl DeviceCore {
+    pub fn new(backend: Backend) -> std::io::Result<Self> {
+        let (device_type, features, config) = match &backend {
+            Backend::Block(block) => (DEVICE_ID_BLOCK, block.features(), block.config()),
+            Backend::Rng => (DEVICE_ID_ENTROPY, 0, Vec::new()),
+        };
+        let queues = (0..1)
+            .map(|_| {
+                Ok(QueueSlot {
+                    active: Mutex::new(None),
+                    stopping: AtomicBool::new(false),
+                    notifier: new_eventfd(true)?,
+                    interrupt: new_eventfd(true)?,
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            backend,
+            device_type,
+            features: features | COMMON_FEATURES,
+            config,
+            queues,
+            config_interrupt: new_eventfd(true)?,
+            needs_reset: AtomicBool::new(false),
+            counters: DeviceCounters::default(),
+        })
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    pub fn config_size(&self) -> usize {
+        self.config.len()
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    pub fn notifier(&self, queue: usize) -> Option<&OwnedFd> {
+        self.queues.get(queue).map(|slot| &slot.notifier)
+    }
+
+    pub fn interrupt(&self, queue: usize) -> Option<&OwnedFd> {
+        self.queues.get(queue).map(|slot| &slot.interrupt)
+    }
+
+    pub fn config_interrupt(&self) -> &OwnedFd {
+        &self.config_interrupt
+    }
+
+    /// Little-endian bytes of the device config at [offset, offset+size); bytes beyond
+    /// it read as 0.
+    pub fn read_config(&self, offset: u64, size: u64) -> u64 {
+        (0..size.min(8)).fold(0, |value, i| {
+            let byte = offset
+                .checked_add(i)
+                .and_then(|at| usize::try_from(at).ok())
+                .and_then(|at| self.config.get(at))
+                .copied()
+                .unwrap_or(0);
+            value | u64::from(byte) << (8 * i)
+        })
+    }
+
+    /// Checks every enabled queue (None: disabled) and starts serving them. The
+    /// doorbells are rung once so that chains made available before this are served,
+    /// on the loop thread like every other request.
+    pub fn activate(
+        &self,
+        ram: Arc<GuestRam>,
+        driver_features: u64,
+        queues: &[Option<QueueConfig>],
+    ) -> Result<(), ActivateError> {
+        let extra = driver_features & !self.features;
+        if extra != 0 {
+            return Err(ActivateError::Features { extra });
+        }
+        if queues.len() != self.queues.len() {
+            return Err(ActivateError::QueueCount {
+                given: queues.len(),
+                expected: self.queues.len(),
+            });
+        }
+        let mut guards: Vec<_> = self
+            .queues
+            .iter()
+            .map(|slot| locks::lock(&slot.active))
+            .collect();
+        if guards.iter().any(|guard| guard.is_some()) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let memory = Arc::new(DeviceMemory::new(ram).map_err(ActivateError::Memory)?);
+        let event_idx = driver_features & 1 << VIRTIO_F_RING_EVENT_IDX != 0;
+        let indirect = driver_features & 1 << VIRTIO_F_RING_INDIRECT_DESC != 0;
+        let mut active = Vec::new();
+        for (index, config) in queues.iter().enumerate() {
+            active.push(
+                config
+                    .map(|config| ActiveQueue::new(memory.clone(), config, event_idx, indirect))
+                    .transpose()
+                    .map_err(|error| ActivateError::Queue { index, error })?,
+            );
+        }
+        for (guard, queue) in guards.iter_mut().zip(active) {
+            **guard = queue;
+        }
+        drop(guards);
+        for slot in &self.queues {
+            let _ = add_to_counter(slot.notifier.as_raw_fd(), 1);
+        }
+        Ok(())
+    }
+
+    /// Stops every queue, waiting for a request in flight; clears NEEDS_RESET.
+    pub fn reset(&self) {
+        for slot in &self.queues {
+            slot.stopping.store(true, Ordering::SeqCst);
+            let taken = locks::lock(&slot.active).take();
+            slot.stopping.store(false, Ordering::SeqCst);
+            drop(taken);
+        }
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// The doorbell of `queue` rang: serve it (the loop thread, or a test).
+    pub fn serve(&self, queue: usize) {
+        let Some(slot) = self.queues.get(queue) else {
+            return;
+        };
+        bump(&self.counters.notifications, 1);
+        let mut guard = locks::lock(&slot.active);
+        let Some(active) = guard.as_mut() else {
+            return; // not activated (or reset): the doorbell means nothing
+        };
+        let counters = &self.counters;
+        let outcome = active.process(&slot.stopping, &mut |memory, chain, bounce| match &self
+            .backend
+        {
+            Backend::Block(block) => block.execute(memory, chain, bounce, counters),
+            Backend::Rng => Some(rng::execute(memory, chain, counters)),
+        });
+        bump(&counters.requests, outcome.completed);
+        if outcome.completed > 0 {
+            if outcome.interrupt {
+                bump(&counters.interrupts, 1);
+                let _ = add_to_counter(slot.interrupt.as_raw_fd(), 1);
+            } else {
+                bump(&counters.suppressed_interrupts, 1);
+            }
+        }
+        if outcome.broken.is_some() {
+            bump(&counters.malformed_chains, 1);
+            self.signal_needs_reset();
+        }
+    }
+
+    /// NEEDS_RESET is signalled once, until reset() clears it.
+    fn signal_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            bump(&self.counters.config_interrupts, 1);
+            let _ = add_to_counter(self.config_interrupt.as_raw_fd(), 1);
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The Python face of a virtio device (kvmfast.VirtioDevice) and of its queue handlers
+//! (kvmfast.VirtioQueueHandler, which EventLoop.add runs natively on its thread).
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use super::MAX_QUEUE_SIZE;
+use super::blk::Block;
+use super::device::{Backend, DeviceCore};
+use super::disk::Disk;
+use super::queue::QueueConfig;
+use crate::errors::io_error;
+use crate::eventfd::EventFd;
+use crate::vm::Vm;
+
+create_exception!(
+    kvmfast,
+    VirtioError,
+    PyValueError,
+    "A virtio device cannot be made or activated: a bad, missing or locked image, a bad queue setup."
+);
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("VirtioError", module.py().get_type::<VirtioError>())?;
+    module.add_class::<VirtioDevice>()?;
+    module.add_class::<VirtioQueueHandler>()?;
+    Ok(())
+}
+
+/// Serves one queue of a device on the event loop thread, without Python.
+#[pyclass(frozen, module = "kvmfast")]
+pub struct VirtioQueueHandler {
+    core: Arc<DeviceCore>,
+    queue: usize,
+}
+
+impl VirtioQueueHandler {
+    /// What the event loop calls: the device and the queue to serve.
+    pub fn target(&self) -> (Arc<DeviceCore>, usize) {
+        (self.core.clone(), self.queue)
+    }
+}
+
+#[pymethods]
+impl VirtioQueueHandler {
+    #[getter]
+    fn queue(&self) -> usize {
+        self.queue
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "VirtioQueueHandler(device_type={}, queue={})",
+            self.core.device_type(),
+            self.queue
+        )
+    }
+}
+
+/// A virtio device whose queues are served in Rust (blk, rng).
+#[pyclass(frozen, module = "kvmfast")]
+pub struct VirtioDevice {
+    core: Arc<DeviceCore>,
+    notifiers: Vec<Py<EventFd>>,
+    interrupts: Vec<Py<EventFd>>,
+    config_interrupt: Py<EventFd>,
+}
+
+fn python_eventfd(py: Python<'_>, fd: &OwnedFd) -> PyResult<Py<EventFd>> {
+    Py::new(
+        py,
+        EventFd::from_owned(fd.try_clone().map_err(io_error)?, true),
+    )
+}
+
+impl VirtioDevice {
+    fn with_core(py: Python<'_>, core: DeviceCore) -> PyResult<Self> {
+        let queues = 0..core.num_queues();
+        let mut notifiers = Vec::new();
+        let mut interrupts = Vec::new();
+        for queue in queues {
+            if let (Some(notifier), Some(interrupt)) = (core.notifier(queue), core.interrupt(queue))
+            {
+                notifiers.push(python_eventfd(py, notifier)?);
+                interrupts.push(python_eventfd(py, interrupt)?);
+            }
+        }
+        let config_interrupt = python_eventfd(py, core.config_interrupt())?;
+        Ok(Self {
+            core: Arc::new(core),
+            notifiers,
+            interrupts,
+            config_interrupt,
+        })
+    }
+
+    fn queue_index(&self, queue: usize) -> PyResult<usize> {
+        if queue < self.core.num_queues() {
+            Ok(queue)
+        } else {
+            Err(VirtioError::new_err(format!(
+                "queue {queue}: the device has {} queue(s)",
+                self.core.num_queues()
+            )))
+        }
+    }
+}
+
+#[pymethods]
+impl VirtioDevice {
+    /// A virtio-blk device over the raw image at `path`.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, readonly = false, direct = false, serial = None))]
+    fn block(
+        py: Python<'_>,
+        path: PathBuf,
+        readonly: bool,
+        direct: bool,
+        serial: Option<&str>,
+    ) -> PyResult<Self> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| VirtioError::new_err(format!("{path:?} is not a UTF-8 path")))?
+            .to_string();
+        let disk = Disk::open(&path, readonly, direct)
+            .map_err(|error| VirtioError::new_err(error.to_string()))?;
+        let block = Block::new(disk, serial)
+            .map_err(|error| VirtioError::new_err(format!("disk image {path}: {error}")))?;
+        let core = DeviceCore::new(Backend::Block(block)).map_err(io_error)?;
+        Self::with_core(py, core)
+    }
+
+    /// A virtio-rng device fed by the host's getrandom.
+    #[staticmethod]
+    fn rng(py: Python<'_>) -> PyResult<Self> {
+        let core = DeviceCore::new(Backend::Rng).map_err(io_error)?;
+        Self::with_core(py, core)
+    }
+
+    #[getter]
+    fn device_type(&self) -> u32 {
+        self.core.device_type()
+    }
+
+    #[getter]
+    fn num_queues(&self) -> usize {
+        self.core.num_queues()
+    }
+
+    #[getter]
+    fn max_queue_size(&self) -> u16 {
+        MAX_QUEUE_SIZE
+    }
+
+    #[getter]
+    fn device_features(&self) -> u64 {
+        self.core.features()
+    }
+
+    #[getter]
+    fn config_size(&self) -> usize {
+        self.core.config_size()
+    }
+
+    #[getter]
+    fn needs_reset(&self) -> bool {
+        self.core.needs_reset()
+    }
+
+    fn read_config(&self, offset: u64, size: u64) -> u64 {
+        self.core.read_config(offset, size)
+    }
+
+    /// Nothing in the config of these devices is writable by the driver without a
+    /// feature they do not offer (CONFIG_WCE for blk): writes are ignored.
+    fn write_config(&self, offset: u64, size: u64, value: u64) {
+        let _ = (offset, size, value);
+    }
+
+    fn queue_notifier(&self, py: Python<'_>, queue: usize) -> PyResult<Py<EventFd>> {
+        Ok(self.notifiers[self.queue_index(queue)?].clone_ref(py))
+    }
+
+    fn queue_interrupt(&self, py: Python<'_>, queue: usize) -> PyResult<Py<EventFd>> {
+        Ok(self.interrupts[self.queue_index(queue)?].clone_ref(py))
+    }
+
+    fn config_interrupt(&self, py: Python<'_>) -> Py<EventFd> {
+        self.config_interrupt.clone_ref(py)
+    }
+
+    fn queue_handler(&self, queue: usize) -> PyResult<VirtioQueueHandler> {
+        Ok(VirtioQueueHandler {
+            core: self.core.clone(),
+            queue: self.queue_index(queue)?,
+        })
+    }
+
+    /// `queues`: per queue (size, desc, avail, used, enabled), as the driver set them.
+    fn activate(
+        &self,
+        py: Python<'_>,
+        vm: &Vm,
+        driver_features: u64,
+        queues: Vec<(u64, u64, u64, u64, bool)>,
+    ) -> PyResult<()> {
+        let configs: Vec<Option<QueueConfig>> = queues
+            .into_iter()
+            .map(|(size, desc, avail, used, enabled)| {
+                enabled.then_some(QueueConfig {
+                    size,
+                    desc,
+                    avail,
+                    used,
+                })
+            })
+            .collect();
+        let ram = vm.ram_snapshot();
+        let core = self.core.clone();
+        // Without the GIL: activation waits for the queues' locks, which the loop
+        // thread holds while it finishes a request.
+        py.detach(move || core.activate(ram, driver_features, &configs))
+            .map_err(|error| VirtioError::new_err(error.to_string()))
+    }
+
+    /// Stops processing and waits for a request in flight; no used-ring write or
+    /// interrupt follows once it returns.
+    fn reset(&self, py: Python<'_>) {
+        let core = self.core.clone();
+        py.detach(move || core.reset());
+    }
+
+    fn counters(&self) -> HashMap<&'static str, u64> {
+        self.core.counters.snapshot().into_iter().collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "VirtioDevice(device_type={}, queues={}, notifier_fd={})",
+            self.core.device_type(),
+            self.core.num_queues(),
+            self.core.notifier(0).map_or(-1, AsRawFd::as_raw_fd)
+        )
+    }
+}

@@ -1,0 +1,281 @@
+//! One split virtqueue as the device drives it: virtio-queue keeps the ring indices,
+//! the used ring and the EVENT_IDX arithmetic; every chain is checked (chain.rs) before
+//! its request runs; a chain or ring that breaks the rules stops the queue.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::MAX_QUEUE_SIZE;
+use super::chain::{Chain, ChainError, Table, walk};
+use super::disk::Bounce;
+use super::guest_memory::{DeviceMemory, Memory};
+
+pub const MAX_QUEUE_SIZE_USIZE: usize = MAX_QUEUE_SIZE as usize;
+
+/// VRING_AVAIL_F_NO_INTERRUPT (2.7.7): without EVENT_IDX, the driver's "don't bother".
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// What a request hands back for the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub head: u16,
+    pub used_len: u32,
+}
+
+/// One queue as the driver configured it (common configuration, 4.1.4.3).
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    pub size: u64,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SetupError {
+    /// Not a power of two in 1..=MAX_QUEUE_SIZE.
+    Size(u64),
+    Misaligned {
+        ring: &'static str,
+        address: u64,
+    },
+    OutsideRam {
+        ring: &'static str,
+        address: u64,
+        length: u64,
+    },
+    /// virtio-queue takes an avail ring at 0 for "not configured" (Queue::iter), so a
+    /// ring there could never be served.
+    AvailAtZero,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Size(size) => write!(
+                f,
+                "queue size {size} is not a power of two between 1 and {MAX_QUEUE_SIZE}"
+            ),
+            Self::Misaligned { ring, address } => {
+                write!(f, "the {ring} at {address:#x} is misaligned (2.7)")
+            }
+            Self::OutsideRam {
+                ring,
+                address,
+                length,
+            } => write!(
+                f,
+                "the {ring} at {address:#x}+{length:#x} is not all guest RAM"
+            ),
+            Self::AvailAtZero => write!(f, "an available ring at guest address 0 is not served"),
+        }
+    }
+}
+
+/// Why a queue stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Broken {
+    Chain(ChainError),
+    /// The avail index ran more than a queue's worth ahead of what was served.
+    AvailIndex,
+    /// A chain without a writable byte for the status of its request.
+    NoStatus,
+    /// Ring memory refused an access (never expected: activate checked it).
+    Ring,
+}
+
+impl fmt::Display for Broken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Chain(error) => write!(f, "malformed descriptor chain: {error}"),
+            Self::AvailIndex => write!(f, "the available index jumped beyond the queue size"),
+            Self::NoStatus => write!(f, "a request chain with no writable status byte"),
+            Self::Ring => write!(f, "the rings became unreachable"),
+        }
+    }
+}
+
+/// What one drain did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub completed: u64,
+    /// The driver asked to be interrupted for what was completed.
+    pub interrupt: bool,
+    pub broken: Option<Broken>,
+}
+
+/// A queue after activate(): rings checked to lie in guest RAM.
+pub struct ActiveQueue {
+    queue: Queue,
+    memory: Arc<DeviceMemory>,
+    table: Table,
+    bounce: Bounce,
+    broken: bool,
+}
+
+fn check_ring(
+    memory: &Memory,
+    ring: &'static str,
+    address: u64,
+    length: u64,
+    align: u64,
+) -> Result<(), SetupError> {
+    if address % align != 0 {
+        return Err(SetupError::Misaligned { ring, address });
+    }
+    let inside = address.checked_add(length).is_some()
+        && memory.check_range(GuestAddress(address), length as usize);
+    if !inside {
+        return Err(SetupError::OutsideRam {
+            ring,
+            address,
+            length,
+        });
+    }
+    Ok(())
+}
+
+impl ActiveQueue {
+    pub fn new(
+        memory: Arc<DeviceMemory>,
+        config: QueueConfig,
+        event_idx: bool,
+        indirect: bool,
+    ) -> Result<Self, SetupError> {
+        let size = u16::try_from(config.size)
+            .ok()
+            .filter(|size| size.is_power_of_two() && *size <= MAX_QUEUE_SIZE)
+            .ok_or(SetupError::Size(config.size))?;
+        let guest = memory.memory();
+        // Sizes and alignments of 2.7 (the avail ring and used ring with their event
+        // fields, present whether or not EVENT_IDX is negotiated).
+        let n = u64::from(size);
+        check_ring(guest, "descriptor table", config.desc, 16 * n, 16)?;
+        check_ring(guest, "available ring", config.avail, 6 + 2 * n, 2)?;
+        check_ring(guest, "used ring", config.used, 6 + 8 * n, 4)?;
+        if config.avail == 0 {
+            return Err(SetupError::AvailAtZero);
+        }
+        let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(|_| SetupError::Size(config.size))?;
+        queue
+            .try_set_size(size)
+            .map_err(|_| SetupError::Size(config.size))?;
+        let misaligned = |ring, address| SetupError::Misaligned { ring, address };
+        queue
+            .try_set_desc_table_address(GuestAddress(config.desc))
+            .map_err(|_| misaligned("descriptor table", config.desc))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(config.avail))
+            .map_err(|_| misaligned("available ring", config.avail))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(config.used))
+            .map_err(|_| misaligned("used ring", config.used))?;
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        Ok(Self {
+            queue,
+            memory,
+            table: Table {
+                address: config.desc,
+                size,
+                indirect_allowed: indirect,
+            },
+            bounce: Bounce::default(),
+            broken: false,
+        })
+    }
+
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Serves every available chain with `run`, until the ring is empty with
+    /// notifications re-enabled, `stop` is set (a reset waits), or a rule is broken
+    /// (the queue then stays stopped). Chains completed before a break are still used.
+    pub fn process(
+        &mut self,
+        stop: &AtomicBool,
+        run: &mut dyn FnMut(&Memory, &Chain, &mut Bounce) -> Option<Completion>,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        if self.broken {
+            return outcome;
+        }
+        let memory = self.memory.clone();
+        let guest = memory.memory();
+        match self.drain(guest, stop, run, &mut outcome.completed) {
+            Ok(true) => return outcome,
+            Ok(false) => {}
+            Err(broken) => {
+                self.broken = true;
+                outcome.broken = Some(broken);
+            }
+        }
+        if outcome.completed > 0 {
+            outcome.interrupt = self.driver_wants_interrupt(guest);
+        }
+        outcome
+    }
+
+    /// Ok(true) when stopped before the end.
+    fn drain(
+        &mut self,
+        guest: &Memory,
+        stop: &AtomicBool,
+        run: &mut dyn FnMut(&Memory, &Chain, &mut Bounce) -> Option<Completion>,
+        completed: &mut u64,
+    ) -> Result<bool, Broken> {
+        loop {
+            self.queue
+                .disable_notification(guest)
+                .map_err(|_| Broken::Ring)?;
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(true);
+                }
+                let head = match self.queue.iter(guest) {
+                    Ok(mut available) => match available.next() {
+                        Some(chain) => chain.head_index(),
+                        None => break,
+                    },
+                    Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                        return Err(Broken::AvailIndex);
+                    }
+                    Err(_) => return Err(Broken::Ring),
+                };
+                let chain = walk(guest, self.table, head).map_err(Broken::Chain)?;
+                let completion = run(guest, &chain, &mut self.bounce).ok_or(Broken::NoStatus)?;
+                self.queue
+                    .add_used(guest, completion.head, completion.used_len)
+                    .map_err(|_| Broken::Ring)?;
+                *completed += 1;
+            }
+            // Re-enabling reports chains that arrived meanwhile (without a doorbell).
+            if !self
+                .queue
+                .enable_notification(guest)
+                .map_err(|_| Broken::Ring)?
+            {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// EVENT_IDX: used_event decides (virtio-queue's needs_notification); without it the
+    /// avail ring's NO_INTERRUPT flag, which virtio-queue does not read.
+    fn driver_wants_interrupt(&mut self, guest: &Memory) -> bool {
+        let wanted = self.queue.needs_notification(guest).unwrap_or(true);
+        if self.queue.event_idx_enabled() {
+            return wanted;
+        }
+        let flags = guest
+            .read_obj::<u16>(GuestAddress(self.queue.avail_ring()))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        flags & AVAIL_F_NO_INTERRUPT == 0
+    }
+}
