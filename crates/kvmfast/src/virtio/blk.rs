@@ -64,6 +64,10 @@ enum Failure {
 }
 
 impl Block {
+    pub fn close(&self) {
+        self.disk.unlock();
+    }
+
     /// `serial`: at most 20 bytes (None: derived from the image's device and inode).
     pub fn new(disk: Disk, serial: Option<&str>) -> Result<Self, String> {
         let serial = serial.map_or_else(|| disk.default_serial(), str::to_string);

@@ -33,6 +33,7 @@ pub enum ActivateError {
     Features { extra: u64 },
     QueueCount { given: usize, expected: usize },
     AlreadyActive,
+    Closed,
     Memory(MemoryError),
     Queue { index: usize, error: SetupError },
 }
@@ -50,6 +51,7 @@ impl fmt::Display for ActivateError {
                 write!(f, "{given} queues given, the device has {expected}")
             }
             Self::AlreadyActive => write!(f, "the device is already active: reset() first"),
+            Self::Closed => write!(f, "the device is closed"),
             Self::Memory(error) => write!(f, "{error}"),
             Self::Queue { index, error } => write!(f, "queue {index}: {error}"),
         }
@@ -73,6 +75,7 @@ pub struct DeviceCore {
     queues: Vec<QueueSlot>,
     config_interrupt: OwnedFd,
     needs_reset: AtomicBool,
+    closed: AtomicBool,
     pub counters: DeviceCounters,
 }
 
@@ -100,6 +103,7 @@ impl DeviceCore {
             queues,
             config_interrupt: new_eventfd(true)?,
             needs_reset: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             counters: DeviceCounters::default(),
         })
     }
@@ -174,6 +178,11 @@ impl DeviceCore {
             .iter()
             .map(|slot| locks::lock(&slot.active))
             .collect();
+        // Under the queues' locks: a close() racing this either finds the queues
+        // active and stops them, or is seen here.
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(ActivateError::Closed);
+        }
         if guards.iter().any(|guard| guard.is_some()) {
             return Err(ActivateError::AlreadyActive);
         }
@@ -208,6 +217,16 @@ impl DeviceCore {
             drop(taken);
         }
         self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops for good: reset(), no activation after it, the image's lock released
+    /// (a machine closed is no longer the image's user).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.reset();
+        if let Backend::Block(block) = &self.backend {
+            block.close();
+        }
     }
 
     /// The doorbell of `queue` rang: serve it (the loop thread, or a test).

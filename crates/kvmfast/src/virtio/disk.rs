@@ -114,6 +114,12 @@ impl Disk {
     }
 
     /// Whole 512-byte sectors (a partial last sector is not addressable).
+    /// Lets another process lock the image (the device is closed and does no more I/O).
+    pub fn unlock(&self) {
+        // SAFETY: flock takes an open fd and flags; no memory is involved.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+
     pub fn sectors(&self) -> u64 {
         self.size / SECTOR_SIZE
     }

@@ -236,6 +236,13 @@ impl VirtioDevice {
         py.detach(move || core.reset());
     }
 
+    /// reset() for good: no activation after it, and a disk image's lock is released
+    /// (another process may then open it).
+    fn close(&self, py: Python<'_>) {
+        let core = self.core.clone();
+        py.detach(move || core.close());
+    }
+
     fn counters(&self) -> HashMap<&'static str, u64> {
         self.core.counters.snapshot().into_iter().collect()
     }

@@ -11,7 +11,7 @@ use super::blk::{
     Block, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
 use super::device::{ActivateError, Backend, DeviceCore};
-use super::disk::Disk;
+use super::disk::{Disk, OpenError};
 use super::guest_memory::{DeviceMemory, Memory};
 use super::queue::{QueueConfig, SetupError};
 use super::test_ring::{
@@ -683,4 +683,21 @@ mod random_rings {
             prop_assert!(!rig.core.needs_reset());
         }
     }
+}
+
+#[test]
+fn close_stops_activation_and_lets_another_process_lock_the_image() {
+    let image = TempImage::new(8 * 512);
+    let rig = Rig::block(&image, false);
+    let locked = Disk::open(image.path(), false, false).map(|_| ());
+    assert!(
+        matches!(locked, Err(OpenError::Locked { .. })),
+        "{locked:?}"
+    );
+    rig.core.close();
+    Disk::open(image.path(), false, false).expect("the image is free once the device is closed");
+    let again = rig
+        .core
+        .activate(rig.ram.clone(), COMMON_FEATURES, &[Some(config())]);
+    assert!(matches!(again, Err(ActivateError::Closed)), "{again:?}");
 }

@@ -33,6 +33,7 @@ from kvm_vmm.boot import (
     BootDescription,
     BootReport,
     DemoBoot,
+    LinuxBoot,
     default_guest,
     describe_kernel,
 )
@@ -44,6 +45,7 @@ from kvm_vmm.console import (
 )
 from kvm_vmm.debian import AssetsUnavailable, default_progress
 from kvm_vmm.device_options import DeviceSpecError
+from kvm_vmm.disk_options import DiskSpecError
 from kvm_vmm.fast_boot import with_switches
 from kvm_vmm.hostcheck import HostReport, cache_file, host_identity, host_report
 from kvm_vmm.loaders import LoaderError, default_cache_dir
@@ -184,6 +186,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="an extra device in QEMU's spelling: pc-testdev, "
         "isa-debug-exit[,iobase=0xf4][,iosize=0x4] (repeatable)",
     )
+    parser.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a raw image as a virtio-blk disk (/dev/vda, vdb...): "
+        "path=FILE[,readonly=on][,serial=ID][,direct=on], or FILE (repeatable)",
+    )
+    parser.add_argument(
+        "--rng",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a virtio-rng device fed by the host's getrandom() (default: on for Linux guests)",
+    )
     parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
     parser.add_argument(
         "--stats",
@@ -258,6 +274,8 @@ def _reporting_errors(action: Callable[[], int]) -> int:
         UsageError,
         SerialSpecError,
         DeviceSpecError,
+        DiskSpecError,
+        kvmfast.VirtioError,
         ResourceError,
         MachineConfigError,
         LoaderError,
@@ -335,8 +353,12 @@ def _run(args: argparse.Namespace) -> int:
             _say(args, f"{count} symbols from {args.symbols}")
         for spec in args.device:
             machine.add_device_option(spec)
+        for spec in args.disk:
+            machine.add_disk_option(spec)
         # Only input that is known good is worth a download.
         description = DemoBoot() if tiny else _describe_boot(args, cache_dir)
+        if args.rng or (args.rng is None and isinstance(description, LinuxBoot)):
+            machine.add_rng()
         _tell_boot(args, machine.boot(description, cache_dir=cache_dir))
         _say(args, f"{cpus} vCPU(s), {memory >> 20} MiB, serial {args.serial}")
         interactive = args.serial == "stdio" and sys.stdin.isatty()

@@ -45,12 +45,20 @@ from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
 from kvm_vmm.cpuid import cpuid_for_vcpu
 from kvm_vmm.device_options import add_device_option
+from kvm_vmm.disk_options import parse_disk_spec
+from kvm_vmm.interrupts import PciIntxWires
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
 from kvm_vmm.layout import Region
 from kvm_vmm.loaders import default_cache_dir
 from kvm_vmm.loaders.image import EntryState, LoadedImage, check_fits
-from kvm_vmm.machine_state import restore_machine_state, save_machine_state, snapshottable
+from kvm_vmm.machine_state import (
+    NotSnapshottable,
+    restore_machine_state,
+    save_machine_state,
+    snapshottable,
+)
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
+from kvm_vmm.pci_virtio import GsiAllocator, PciSlots, VirtioPciDevice
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Window
 from kvm_vmm.resources import ResourceError
@@ -213,6 +221,14 @@ class Machine:
         self.devices: ReadOnlyMapping[str, object] = MappingProxyType(self._devices)
         for mapping in self.platform.mappings:
             self.map_device(mapping)
+        # Bus 0's functions: INTx wires pulled high before the guest can program a pin,
+        # MSI-X vectors on GSIs above the IOAPIC's routes.
+        self.pci = PciSlots(
+            self.platform.pci_bus,
+            self.platform.table,
+            PciIntxWires(self.platform.ioapic),
+            GsiAllocator(first=self.vm.ioapic_routes),
+        )
         supported = self.kvm.supported_cpuid()
         for index, vcpu in enumerate(self.vcpus):
             vcpu.set_cpuid(cpuid_for_vcpu(supported, index, config.cpus))
@@ -307,6 +323,47 @@ class Machine:
     def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
         return add_device_option(self, spec)[1]
+
+    def add_virtio_device(self, device: kvmfast.VirtioDevice, name: str) -> VirtioPciDevice:
+        """Put a kvmfast virtio device on PCI bus 0 (virtio-pci, modern), before start():
+        the first free slot, BAR0 from the PCI memory window, MSI-X with one vector per
+        queue and one for the configuration, INTx on the slot's INTA# wire. It is then
+        ``machine.devices[name]`` (its transport; ``name#2``... for a second one)."""
+        with self._cond:
+            self._require("add_virtio_device()", MachineState.CREATED)
+        attached = self.pci.attach(self, device, name)
+        self._devices[attached.name] = attached.transport
+        return attached
+
+    def add_disk(
+        self,
+        path: Path | str,
+        *,
+        readonly: bool = False,
+        serial: str | None = None,
+        direct: bool = False,
+    ) -> VirtioPciDevice:
+        """A raw image as a virtio-blk disk (/dev/vda, then vdb... in the guest).
+
+        The image is locked (shared when read-only, exclusive otherwise): a second VMM on
+        the same writable image is refused. A missing, unreadable, empty or locked image
+        raises :class:`kvmfast.VirtioError` naming it.
+        """
+        device = kvmfast.VirtioDevice.block(
+            str(path), readonly=readonly, direct=direct, serial=serial
+        )
+        return self.add_virtio_device(device, "virtio-blk")
+
+    def add_disk_option(self, spec: str) -> VirtioPciDevice:
+        """A disk in ``--disk``'s spelling (see kvm_vmm.disk_options)."""
+        disk = parse_disk_spec(spec)
+        return self.add_disk(
+            disk.path, readonly=disk.readonly, serial=disk.serial, direct=disk.direct
+        )
+
+    def add_rng(self) -> VirtioPciDevice:
+        """A virtio-rng device: entropy from the host's getrandom()."""
+        return self.add_virtio_device(kvmfast.VirtioDevice.rng(), "virtio-rng")
 
     def set_isa_irq(self, irq: int, level: bool) -> None:
         self.platform.isa_line(irq).set_level(level)
@@ -631,7 +688,16 @@ class Machine:
             self._require(
                 "save_state()", MachineState.CREATED, MachineState.PAUSED, MachineState.FINISHED
             )
+        self._refuse_virtio("save_state()")
         return save_machine_state(self.platform, snapshottable(self._added, "save_state()"))
+
+    def _refuse_virtio(self, call: str) -> None:
+        if self.pci.devices:
+            names = ", ".join(attached.name for attached in self.pci.devices)
+            raise NotSnapshottable(
+                f"{call}: the queues of {names} are kvmfast's and not saved yet"
+                " (a machine with virtio devices cannot be saved)"
+            )
 
     def restore_state(self, state: object) -> None:
         """Restore what save_state() gave, on a machine built with the same config and
@@ -640,6 +706,7 @@ class Machine:
         nothing). The IOAPIC's routes reach KVM again from the restored IOAPIC."""
         with self._cond:
             self._require("restore_state()", MachineState.CREATED, MachineState.PAUSED)
+        self._refuse_virtio("restore_state()")
         restore_machine_state(self.platform, state, snapshottable(self._added, "restore_state()"))
 
     def counters(self) -> Counters:
@@ -678,6 +745,7 @@ class Machine:
         if state is not MachineState.CREATED:
             self._join()  # the vCPU threads leave KVM_RUN before the VM goes
         self.timers.stop()
+        self.pci.close()  # no request in flight, no eventfd left in KVM or the loop
         if self._event_loop is not None:
             self._event_loop.stop()
             self._event_loop = None
