@@ -21,7 +21,7 @@ from kvm_vmm.boot import (
     describe_kernel,
 )
 from kvm_vmm.console import CaptureSink
-from kvm_vmm.debian import MANIFEST_NAME, SUBDIRECTORY, AssetsUnavailable
+from kvm_vmm.debian import MANIFEST_FORMAT, MANIFEST_NAME, SUBDIRECTORY, AssetsUnavailable
 from kvm_vmm.fast_boot import FAST_BOOT_PRESET
 from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
 from kvm_vmm.loaders import ImageFormatError
@@ -39,11 +39,16 @@ def _cached_assets(cache: Path) -> Path:
     directory.mkdir(parents=True)
     (directory / "vmlinuz").write_bytes(b"MZ kernel bytes")
     (directory / "busybox").write_bytes(b"\x7fELF busybox")
+    (directory / "modules").mkdir()
+    (directory / "modules/virtio_ring.ko").write_bytes(b"\x7fELF ring")
+    (directory / "modules/virtio.ko").write_bytes(b"\x7fELF virtio")
     manifest = {
+        "format": MANIFEST_FORMAT,
         "kernel": "vmlinuz",
         "busybox": "busybox",
         "kernel_package": "linux-image-6.1.0-9-cloud-amd64",
         "busybox_package": "busybox-static_1:1.35.0-4_amd64",
+        "modules": ["modules/virtio_ring.ko", "modules/virtio.ko"],
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     return directory
