@@ -335,6 +335,17 @@ def test_a_cache_without_modules_fetches_only_the_kernel_again_and_says_why(
     assert cached_guest_assets(cache) == assets
 
 
+def test_a_manifest_of_another_format_is_not_read_as_this_one(
+    fake_apt: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    fetch_guest_assets(cache)
+    manifest = cache / SUBDIRECTORY / MANIFEST_NAME
+    fields = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**fields, "format": MANIFEST_FORMAT + 1}))
+    assert cached_guest_assets(cache) is None
+
+
 def test_a_module_file_gone_from_the_cache_means_fetching_again(
     fake_apt: Path, tmp_path: Path
 ) -> None:
