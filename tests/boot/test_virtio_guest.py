@@ -66,6 +66,7 @@ def test_the_init_script_parses_and_does_each_check_in_order(tmp_path: Path) -> 
         "sha256sum /mnt/known.bin",
         "> /mnt/from-guest.txt && sync",
         "umount /mnt",
+        "rng_current",
         "head -c 64 /dev/hwrng",
         "/proc/interrupts",
         END,
@@ -98,6 +99,7 @@ VIRTIO-TEST MOUNT ok\r
 VIRTIO-TEST SHA256 {KNOWN_SHA}\r
 VIRTIO-TEST WRITE ok\r
 VIRTIO-TEST UMOUNT ok\r
+VIRTIO-TEST RNG virtio_rng.0\r
 VIRTIO-TEST HWRNG {"a5" * 64}\r
 VIRTIO-TEST IRQ CPU0       CPU1\r
 VIRTIO-TEST IRQ 24:          0          0   PCI-MSI 16384-edge      virtio0-config\r
@@ -123,6 +125,7 @@ def test_the_report_is_read_from_the_console() -> None:
     assert report.virtio_device(1) is None
     assert report.mounted and report.written and report.unmounted
     assert report.sha256 == KNOWN_SHA
+    assert report.rng_source == "virtio_rng.0"
     assert report.hwrng == b"\xa5" * 64
     lines = report.interrupts_of("virtio0")
     assert [(line.irq, line.chip, line.flow, line.counts) for line in lines] == [
@@ -139,5 +142,8 @@ def test_a_report_cut_short_or_failing_says_so() -> None:
     cut = parse_report(CONSOLE.split("VIRTIO-TEST MOUNT")[0])
     assert not cut.complete and not cut.mounted and cut.sha256 is None
     assert not parse_report("Kernel panic - not syncing").complete
-    failed = parse_report(f"{BEGIN}\nVIRTIO-TEST MOUNT failed\nVIRTIO-TEST HWRNG none\n{END}\n")
-    assert failed.complete and not failed.mounted and failed.hwrng is None
+    failed = parse_report(
+        f"{BEGIN}\nVIRTIO-TEST MOUNT failed\nVIRTIO-TEST RNG none\nVIRTIO-TEST HWRNG none\n{END}\n"
+    )
+    assert failed.complete and not failed.mounted
+    assert failed.rng_source == "none" and failed.hwrng is None

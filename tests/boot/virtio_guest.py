@@ -4,10 +4,11 @@ The guest (a busybox /init) loads the kernel's virtio modules, lists the PCI
 functions from sysfs as lspci would (vendor, device, class, bound driver, the
 MSI/MSI-X mode of each vector: /sys/bus/pci/devices/*/msi_irqs/*, see
 Documentation/ABI/testing/sysfs-bus-pci), mounts /dev/vda, prints the sha256 of a
-file the host put there, writes a file, syncs and unmounts, reads 64 bytes from
-/dev/hwrng and prints the virtio lines of /proc/interrupts; one marker line per
-check (``VIRTIO-TEST <check> ...``), then it powers off. The host makes the ext4
-image with ``mkfs.ext4 -d DIR`` and reads the guest's file back with ``debugfs``
+file the host put there, writes a file, syncs and unmounts, names the current
+hw_random source and reads 64 bytes from /dev/hwrng when there is one, and
+prints the virtio lines of /proc/interrupts; one marker line per check
+(``VIRTIO-TEST <check> ...``), then it powers off. The host makes the ext4 image
+with ``mkfs.ext4 -d DIR`` and reads the guest's file back with ``debugfs``
 (e2fsprogs): no mount, no root needed.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvm_vmm.initramfs import (
+    HW_RANDOM_CURRENT,
     INIT_REACHED_MARKER,
     MODULE_FAILED_MARKER,
     busybox_initramfs,
@@ -96,7 +98,9 @@ if [ -b /dev/vda ] && mount -t ext4 /dev/vda /mnt; then
 else
     echo "{MARKER} MOUNT failed"
 fi
-if [ -c /dev/hwrng ]; then
+rng=$(cat {HW_RANDOM_CURRENT} 2>/dev/null)
+echo "{MARKER} RNG ${{rng:-missing}}"
+if [ -n "$rng" ] && [ "$rng" != none ]; then
     echo "{MARKER} HWRNG $(head -c {HWRNG_BYTES} /dev/hwrng | od -An -v -tx1 | tr -d ' \\n')"
 else
     echo "{MARKER} HWRNG none"
@@ -148,6 +152,7 @@ class VirtioReport:
     sha256: str | None = None
     written: bool = False
     unmounted: bool = False
+    rng_source: str | None = None  # "virtio_rng.0"; "none" with no driver registered
     hwrng: bytes | None = None
     interrupts: list[InterruptLine] = field(default_factory=list)
     complete: bool = False
@@ -203,6 +208,8 @@ def parse_report(console: str) -> VirtioReport:
             report.written = fields == ["ok"]
         elif check == "UMOUNT":
             report.unmounted = fields == ["ok"]
+        elif check == "RNG" and fields:
+            report.rng_source = fields[0]
         elif check == "HWRNG" and fields and fields[0] != "none":
             report.hwrng = bytes.fromhex(fields[0])
         elif check == "IRQ" and fields:

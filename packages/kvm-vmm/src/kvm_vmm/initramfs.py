@@ -194,6 +194,10 @@ MODULES_PATH = "lib/modules"  # one <name>.ko each; the init script loads them i
 MODULE_FAILED_MARKER = "KVM-VMM-MODULE-FAILED"
 DISK_DEVICE = "/dev/vda"  # the first virtio-blk disk
 DISK_MOUNT_POINT = "/mnt"
+# The hw_random core is built into Debian's kernel: /dev/hwrng is there with no
+# device behind it (reads fail with ENODEV) and this file says "none" until a
+# driver such as virtio_rng registers (drivers/char/hw_random/core.c).
+HW_RANDOM_CURRENT = "/sys/class/misc/hw_random/rng_current"
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -231,7 +235,8 @@ done
 
 def demo_init(modules: Sequence[str]) -> str:
     """The demo's /init: load ``modules``, mount the first virtio disk (ext4) at /mnt
-    when there is one, say what the guest got, then a shell; leaving it unmounts the
+    when there is one, say what the guest got (the disk, an entropy source behind
+    /dev/hwrng), then a shell; leaving it unmounts the
     disk (its dirty blocks reach the image) and powers off."""
     return f"""#!/bin/sh
 # kvm-vmm demo: a busybox shell on the console; leaving it powers the guest off.
@@ -247,8 +252,9 @@ def demo_init(modules: Sequence[str]) -> str:
 else
     echo "no virtio disk ({DISK_DEVICE}): kvm-vmm demo --disk path=FILE gives one"
 fi
-if [ -c /dev/hwrng ]; then
-    echo "/dev/hwrng gives the host's entropy ($(cat /sys/class/misc/hw_random/rng_current))"
+rng=$(cat {HW_RANDOM_CURRENT} 2>/dev/null)
+if [ -n "$rng" ] && [ "$rng" != none ]; then
+    echo "/dev/hwrng gives the host's entropy ($rng)"
 fi
 echo "A busybox shell on ttyS0 (the VMM's 16550A). 'exit' powers off; Ctrl-A x quits the VMM."
 setsid cttyhack sh
