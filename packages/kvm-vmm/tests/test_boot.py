@@ -21,9 +21,9 @@ from kvm_vmm.boot import (
     describe_kernel,
 )
 from kvm_vmm.console import CaptureSink
-from kvm_vmm.debian import MANIFEST_NAME, SUBDIRECTORY, AssetsUnavailable
+from kvm_vmm.debian import MANIFEST_FORMAT, MANIFEST_NAME, SUBDIRECTORY, AssetsUnavailable
 from kvm_vmm.fast_boot import FAST_BOOT_PRESET
-from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
+from kvm_vmm.initramfs import busybox_initramfs, demo_init, module_entries
 from kvm_vmm.loaders import ImageFormatError
 from kvm_vmm.machine import Machine, MachineConfig, MachineStateError
 from kvmfast.testing import require_kvm
@@ -39,11 +39,16 @@ def _cached_assets(cache: Path) -> Path:
     directory.mkdir(parents=True)
     (directory / "vmlinuz").write_bytes(b"MZ kernel bytes")
     (directory / "busybox").write_bytes(b"\x7fELF busybox")
+    (directory / "modules").mkdir()
+    (directory / "modules/virtio_ring.ko").write_bytes(b"\x7fELF ring")
+    (directory / "modules/virtio.ko").write_bytes(b"\x7fELF virtio")
     manifest = {
+        "format": MANIFEST_FORMAT,
         "kernel": "vmlinuz",
         "busybox": "busybox",
         "kernel_package": "linux-image-6.1.0-9-cloud-amd64",
         "busybox_package": "busybox-static_1:1.35.0-4_amd64",
+        "modules": ["modules/virtio_ring.ko", "modules/virtio.ko"],
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     return directory
@@ -58,7 +63,10 @@ def test_the_default_guest_is_the_cached_kernel_and_a_shell_initramfs_written_be
     assert guest.kernel == directory / "vmlinuz"
     assert guest.cmdline == DEFAULT_GUEST_CMDLINE and guest.fast_boot
     assert guest.initrd is not None and guest.initrd.parent == directory
-    assert guest.initrd.read_bytes() == busybox_initramfs(b"\x7fELF busybox", DEMO_INIT)
+    modules = [("virtio_ring", b"\x7fELF ring"), ("virtio", b"\x7fELF virtio")]
+    assert guest.initrd.read_bytes() == busybox_initramfs(
+        b"\x7fELF busybox", demo_init(["virtio_ring", "virtio"]), module_entries(modules)
+    )
     written = guest.initrd.stat().st_mtime_ns
     assert default_guest(tmp_path / "cache", fast_boot=False) == LinuxBoot(
         guest.kernel, guest.initrd, DEFAULT_GUEST_CMDLINE, fast_boot=False

@@ -13,8 +13,9 @@ import pytest
 
 from kvm_vmm.initramfs import (
     BUSYBOX_PATH,
-    DEMO_INIT,
     HEADER_SIZE,
+    HW_RANDOM_CURRENT,
+    MODULE_FAILED_MARKER,
     TEST_BEGIN_MARKER,
     TEST_END_MARKER,
     TEST_INIT,
@@ -23,7 +24,10 @@ from kvm_vmm.initramfs import (
     CpioFormatError,
     busybox_initramfs,
     char_device,
+    demo_init,
     directory,
+    load_modules,
+    module_entries,
     read_newc,
     regular_file,
     symlink,
@@ -128,13 +132,67 @@ def test_busybox_image_has_init_console_and_links() -> None:
 
 
 def test_init_scripts_do_what_the_boot_tests_and_demo_need() -> None:
-    for script in (TEST_INIT, DEMO_INIT):
+    for script in (TEST_INIT, demo_init([]), demo_init(["virtio_ring", "virtio"])):
         assert script.startswith("#!/bin/sh\n")
         assert "mount -t proc proc /proc" in script
         assert script.rstrip().endswith("poweroff -f")
     begin, end = TEST_INIT.index(TEST_BEGIN_MARKER), TEST_INIT.index(TEST_END_MARKER)
     assert begin < TEST_INIT.index("cat /proc/interrupts") < end
     assert "nproc" in TEST_INIT[begin:end]
+
+
+def test_modules_go_to_lib_modules_under_their_names() -> None:
+    entries = module_entries([("virtio_ring", b"\x7fELF ring"), ("virtio", b"\x7fELF virtio")])
+    image = {e.path: e for e in read_newc(busybox_initramfs(b"bb", demo_init([]), entries))}
+    assert image["lib/modules/virtio_ring.ko"].data == b"\x7fELF ring"
+    assert image["lib/modules/virtio.ko"].data == b"\x7fELF virtio"
+    assert stat.S_ISDIR(image["lib/modules"].mode)
+    with pytest.raises(CpioFormatError, match="module name"):
+        module_entries([("a;reboot", b"")])
+    with pytest.raises(CpioFormatError, match="module name"):
+        load_modules(["$(reboot)"])
+
+
+def test_modules_load_in_order_and_each_failure_is_one_line(tmp_path: Path) -> None:
+    """The script's loop run by the host's sh, insmod replaced by one that fails for
+    virtio_pci as busybox's does (its message on stderr, status 1)."""
+    calls = tmp_path / "calls"
+    insmod = tmp_path / "insmod"
+    insmod.write_text(
+        f'#!/bin/sh\necho "$1" >> {calls}\n'
+        'case "$1" in *virtio_pci.ko) echo "insmod: can\'t insert \'$1\': No such device" >&2; '
+        "exit 1;; esac\n"
+    )
+    insmod.chmod(0o755)
+    names = ["virtio_ring", "virtio", "virtio_pci", "virtio_blk"]
+    result = subprocess.run(
+        ["sh", "-c", load_modules(names)],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert calls.read_text().split() == [f"/lib/modules/{name}.ko" for name in names]
+    assert result.stdout.splitlines() == [
+        f"{MODULE_FAILED_MARKER} virtio_pci: insmod: can't insert "
+        "'/lib/modules/virtio_pci.ko': No such device"
+    ]
+    assert result.stderr == ""
+    assert load_modules([]) == ""
+
+
+def test_the_demo_loads_modules_before_it_mounts_the_disk_and_unmounts_before_power_off() -> None:
+    script = demo_init(["virtio_ring", "virtio_blk"])
+    assert "for module in virtio_ring virtio_blk; do" in script
+    load, mount = script.index("insmod"), script.index("mount -t ext4 /dev/vda /mnt")
+    assert script.index("[ -b /dev/vda ]") < mount and load < mount
+    assert mount < script.index("setsid cttyhack sh") < script.index("umount /mnt")
+    assert script.index("umount /mnt") < script.index("poweroff -f")
+    # /dev/hwrng exists without virtio-rng (the hw_random core is built in): the
+    # demo names it only when a driver is current.
+    assert "[ -c /dev/hwrng ]" not in script
+    assert f"rng=$(cat {HW_RANDOM_CURRENT} 2>/dev/null)" in script
+    assert '[ "$rng" != none ]' in script
 
 
 cpio_tool = pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed")

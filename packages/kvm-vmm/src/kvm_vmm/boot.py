@@ -24,7 +24,7 @@ from kvm_vmm import board
 from kvm_vmm.debian import AssetsUnavailable, ProgressCallback, fetch_guest_assets
 from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot
 from kvm_vmm.hostcheck import host_report
-from kvm_vmm.initramfs import DEMO_INIT, busybox_initramfs
+from kvm_vmm.initramfs import busybox_initramfs, demo_init, module_entries
 from kvm_vmm.kernel_symbols import KallsymsNotFound, read_kallsyms, system_map
 from kvm_vmm.loaders import (
     ImageFormatError,
@@ -133,7 +133,8 @@ def default_guest(
 ) -> LinuxBoot:
     """Debian's cloud kernel with a busybox shell as /init, fetched with apt-get the
     first time and kept in ``cache_dir`` (None: $XDG_CACHE_HOME/kvm-vmm or
-    ~/.cache/kvm-vmm), with its initramfs written there too. Raises
+    ~/.cache/kvm-vmm), with its initramfs written there too: the kernel's virtio
+    modules, loaded by /init, which mounts the first virtio disk at /mnt. Raises
     AssetsUnavailable when there is no cache directory or no apt."""
     directory = cache_dir if cache_dir is not None else default_cache_dir(os.environ)
     if directory is None:
@@ -142,7 +143,13 @@ def default_guest(
             "$XDG_CACHE_HOME is set: pass --kernel PATH (and --initrd PATH)"
         )
     assets = fetch_guest_assets(directory, progress)
-    initrd = busybox_initramfs(read_boot_file(assets.busybox, "busybox"), DEMO_INIT)
+    # The cache names each module <name>.ko (kvm_vmm.debian).
+    modules = [(path.stem, read_boot_file(path, "module")) for path in assets.modules]
+    initrd = busybox_initramfs(
+        read_boot_file(assets.busybox, "busybox"),
+        demo_init([name for name, _ in modules]),
+        module_entries(modules),
+    )
     initrd_path = assets.busybox.parent / DEFAULT_GUEST_INITRD
     _write_if_changed(initrd_path, initrd)
     return LinuxBoot(

@@ -1,11 +1,15 @@
-"""The default guest's files: Debian's cloud kernel and a static busybox, fetched once.
+"""The default guest's files: Debian's cloud kernel, its virtio modules and a static
+busybox, fetched once.
 
 ``apt-get download`` fetches the packages (no root needed, nothing installed);
 the files are taken out of the .deb archives in pure Python: a .deb is an
 ``ar`` archive (deb(5)) whose ``data.tar.{xz,gz,bz2,zst}`` member holds the
-package's files. Only the kernel (``/boot/vmlinuz-*``) and ``busybox`` are
-kept, under the user's cache directory, with a manifest naming them: later
-runs read the manifest and never call apt again.
+package's files. Only the kernel (``/boot/vmlinuz-*``), the modules the guest
+loads for its virtio devices (kvm_vmm.kernel_modules: GUEST_MODULES and what
+they depend on, decompressed) and ``busybox`` are kept, under the user's cache
+directory, with a manifest naming them: later runs read the manifest and never
+call apt again. A manifest of an older format (no modules) means fetching the
+kernel package again.
 """
 
 from __future__ import annotations
@@ -22,17 +26,31 @@ import sys
 import tarfile
 import tempfile
 import urllib.parse
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import zstandard
 
+from kvm_vmm.kernel_modules import (
+    GUEST_MODULES,
+    ModuleFormatError,
+    ModuleSelectionError,
+    builtin_modules,
+    decompress_module,
+    load_order,
+    module_depends,
+    module_name,
+)
+
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MANIFEST_NAME = "assets.json"
+# 1: kernel and busybox (no "format" key); 2: and the kernel's modules.
+MANIFEST_FORMAT = 2
 SUBDIRECTORY = "debian"
+MODULES_DIRECTORY = "modules"  # beside the kernel, one <name>.ko each
 
 AR_MAGIC = b"!<arch>\n"
 AR_HEADER_SIZE = 60
@@ -40,6 +58,9 @@ AR_FILE_MAGIC = b"`\n"
 
 _KERNEL_MEMBER = re.compile(r"^(\./)?boot/vmlinuz-[^/]+$")
 _BUSYBOX_MEMBER = re.compile(r"^(\./)?(usr/)?bin/busybox$")
+_MODULES_ROOT = r"^(\./)?(usr/)?lib/modules/[^/]+/"
+_MODULE_MEMBER = re.compile(_MODULES_ROOT + r"kernel/.+\.ko(\.xz|\.zst|\.gz)?$")
+_BUILTIN_MEMBER = re.compile(_MODULES_ROOT + r"modules\.builtin$")
 _CONCRETE_KERNEL = re.compile(r"^linux-image-\d[^ ]*-cloud-amd64$")
 _DEPENDS_LINE = re.compile(r"^\s*\|?Depends:\s*(\S+)\s*$")
 # apt's machine-readable progress: "dlstatus:<item>:<percent>:<description>".
@@ -58,12 +79,24 @@ class DebFormatError(ValueError):
 
 @dataclass(frozen=True)
 class GuestAssets:
-    """Where the default guest's kernel and busybox are, and which packages they came from."""
+    """Where the default guest's kernel, its modules and busybox are, and which packages
+    they came from. ``modules``: each after the modules it needs (insmod's order)."""
 
     kernel: Path
     busybox: Path
     kernel_package: str
     busybox_package: str
+    modules: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class KernelPackage:
+    """What the guest takes from a kernel package: the kernel, and its modules by name
+    in load order (decompressed ELF objects)."""
+
+    kernel_member: str
+    kernel: bytes
+    modules: dict[str, bytes]
 
 
 # -- .deb archives ------------------------------------------------------------------
@@ -104,25 +137,65 @@ def _open_data_tar(name: str, data: bytes) -> tarfile.TarFile:
     return tarfile.open(fileobj=stream, mode=modes[suffix])  # type: ignore[call-overload,no-any-return]
 
 
+def _data_members(deb: bytes) -> Iterator[tuple[tarfile.TarInfo, IO[bytes] | None]]:
+    """The members of the package's data.tar in archive order, with a reader for
+    regular files. The tar is a stream: a reader is good until the next member."""
+    for name, data in ar_members(deb):
+        if not name.startswith("data.tar"):
+            continue
+        with _open_data_tar(name, data) as tar:
+            for info in tar:
+                yield info, tar.extractfile(info) if info.isfile() else None
+        return
+    raise DebFormatError("the package has no data.tar member")
+
+
 def extract_from_deb(deb: bytes, member: re.Pattern[str]) -> tuple[str, bytes]:
     """The first regular file in the package's data whose path matches ``member``.
 
     The tar is read as a stream and left at the first match: the kernel sits
     in /boot, near the start, so the package's modules are never decompressed.
     """
-    for name, data in ar_members(deb):
-        if not name.startswith("data.tar"):
+    for info, reader in _data_members(deb):
+        if member.match(info.name):
+            if reader is None:
+                raise DebFormatError(f"{info.name} in the package is not a regular file")
+            return info.name, reader.read()
+    raise DebFormatError(f"no file matching {member.pattern!r} in the package")
+
+
+def kernel_from_deb(deb: bytes, wanted: Sequence[str] = GUEST_MODULES) -> KernelPackage:
+    """The kernel of a linux-image package and the modules ``wanted`` needs loaded.
+
+    Two passes over the stream: the first reads every module's dependencies (the
+    package has no modules.dep: depmod writes it at installation) and which are
+    built in; the second keeps only the modules chosen, so memory holds those.
+    """
+    kernel: tuple[str, bytes] | None = None
+    builtin: frozenset[str] = frozenset()
+    members: dict[str, str] = {}
+    depends: dict[str, tuple[str, ...]] = {}
+    for info, reader in _data_members(deb):
+        if reader is None:
             continue
-        with _open_data_tar(name, data) as tar:
-            for info in tar:
-                if member.match(info.name):
-                    if not info.isfile():
-                        raise DebFormatError(f"{info.name} in the package is not a regular file")
-                    extracted = tar.extractfile(info)
-                    assert extracted is not None  # a regular file always has data
-                    return info.name, extracted.read()
-        raise DebFormatError(f"no file matching {member.pattern!r} in the package")
-    raise DebFormatError("the package has no data.tar member")
+        if kernel is None and _KERNEL_MEMBER.match(info.name):
+            kernel = info.name, reader.read()
+        elif _BUILTIN_MEMBER.match(info.name):
+            builtin = builtin_modules(reader.read().decode("utf-8", "replace"))
+        elif _MODULE_MEMBER.match(info.name):
+            name = module_name(info.name)
+            if name is not None and name not in members:
+                members[name] = info.name
+                depends[name] = module_depends(decompress_module(info.name, reader.read()))
+    if kernel is None:
+        raise DebFormatError(f"no file matching {_KERNEL_MEMBER.pattern!r} in the package")
+    order = load_order(depends, wanted, builtin)
+    chosen = {members[name]: name for name in order}
+    found: dict[str, bytes] = {}
+    for info, reader in _data_members(deb):
+        if reader is not None and info.name in chosen:
+            found[chosen[info.name]] = decompress_module(info.name, reader.read())
+    return KernelPackage(kernel[0], kernel[1], {name: found[name] for name in order})
 
 
 # -- apt ----------------------------------------------------------------------------
@@ -202,20 +275,55 @@ def apt_download(
 # -- the cache ----------------------------------------------------------------------
 
 
-def _read_manifest(directory: Path) -> GuestAssets | None:
+def _manifest_fields(directory: Path) -> dict[str, object] | None:
     try:
         fields = json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _read_manifest(directory: Path) -> GuestAssets | None:
+    fields = _manifest_fields(directory)
+    if fields is None or fields.get("format") != MANIFEST_FORMAT:
+        return None
+    try:
+        modules = fields["modules"]
+        if not isinstance(modules, list):
+            return None
         assets = GuestAssets(
-            kernel=directory / fields["kernel"],
-            busybox=directory / fields["busybox"],
+            kernel=directory / str(fields["kernel"]),
+            busybox=directory / str(fields["busybox"]),
             kernel_package=str(fields["kernel_package"]),
             busybox_package=str(fields["busybox_package"]),
+            modules=tuple(directory / str(module) for module in modules),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except KeyError:
         return None
-    if assets.kernel.is_file() and assets.busybox.is_file():
-        return assets
-    return None
+    files = (assets.kernel, assets.busybox, *assets.modules)
+    return assets if all(path.is_file() for path in files) else None
+
+
+def _cached_busybox(directory: Path) -> tuple[Path, str] | None:
+    """The busybox an older or partial cache already holds, and its package."""
+    fields = _manifest_fields(directory)
+    if fields is None or "busybox" not in fields or "busybox_package" not in fields:
+        return None
+    busybox = directory / str(fields["busybox"])
+    return (busybox, str(fields["busybox_package"])) if busybox.is_file() else None
+
+
+def _why_fetch(directory: Path) -> str:
+    """What a fetch says first: a first download, or why the cache is fetched again."""
+    fields = _manifest_fields(directory)
+    if fields is None:
+        return "fetching the default guest's kernel and busybox"
+    if fields.get("format", 1) != MANIFEST_FORMAT:
+        return (
+            f"the cached default guest ({directory / MANIFEST_NAME}) has no kernel modules: "
+            "fetching its kernel package again for its virtio modules"
+        )
+    return f"the cached default guest ({directory}) is missing files: fetching them again"
 
 
 def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -245,7 +353,8 @@ def cached_guest_assets(cache_dir: Path) -> GuestAssets | None:
 
 
 def fetch_guest_assets(cache_dir: Path, progress: ProgressCallback | None = None) -> GuestAssets:
-    """The default guest's kernel and busybox: from the cache, else fetched with apt."""
+    """The default guest's kernel, modules and busybox: from the cache, else fetched
+    with apt. The first progress report says why a fetch happens (an older cache)."""
     directory = cache_dir / SUBDIRECTORY
     cached = _read_manifest(directory)
     if cached is not None:
@@ -263,31 +372,55 @@ def fetch_guest_assets(cache_dir: Path, progress: ProgressCallback | None = None
         cached = _read_manifest(directory)
         if cached is not None:
             return cached
+        if progress is not None:
+            progress(0.0, _why_fetch(directory))
         return _download_assets(directory, progress)
 
 
 def _download_assets(directory: Path, progress: ProgressCallback | None) -> GuestAssets:
     kernel_package = resolve_kernel_package()
+    busybox = _cached_busybox(directory)  # an older cache's busybox is still good
+    packages = [kernel_package] if busybox is not None else [kernel_package, BUSYBOX_PACKAGE]
     with tempfile.TemporaryDirectory(dir=directory, prefix="download-") as scratch:
-        debs = apt_download([kernel_package, BUSYBOX_PACKAGE], Path(scratch), progress)
+        debs = apt_download(packages, Path(scratch), progress)
         kernel_deb = _package_of(debs, kernel_package)
-        busybox_deb = _package_of(debs, BUSYBOX_PACKAGE)
-        kernel_name, kernel = extract_from_deb(kernel_deb.read_bytes(), _KERNEL_MEMBER)
-        _, busybox = extract_from_deb(busybox_deb.read_bytes(), _BUSYBOX_MEMBER)
-    kernel_file = Path(kernel_deb.stem) / Path(kernel_name).name
-    busybox_file = Path(busybox_deb.stem) / "busybox"
-    _write_atomically(directory / kernel_file, kernel)
-    _write_atomically(directory / busybox_file, busybox, 0o755)
-    # apt names files name_version_arch.deb with the epoch's ':' as '%3a'.
-    assets = GuestAssets(
-        directory / kernel_file,
-        directory / busybox_file,
-        urllib.parse.unquote(kernel_deb.stem),
-        urllib.parse.unquote(busybox_deb.stem),
-    )
-    manifest = {**asdict(assets), "kernel": str(kernel_file), "busybox": str(busybox_file)}
+        try:
+            kernel = kernel_from_deb(kernel_deb.read_bytes())
+        except (ModuleFormatError, ModuleSelectionError) as error:
+            raise AssetsUnavailable(
+                f"{kernel_deb.name} cannot give the default guest its virtio modules "
+                f"({error}); pass --kernel PATH and --initrd PATH"
+            ) from error
+        if busybox is None:
+            busybox_deb = _package_of(debs, BUSYBOX_PACKAGE)
+            _, busybox_bytes = extract_from_deb(busybox_deb.read_bytes(), _BUSYBOX_MEMBER)
+            busybox_file = Path(busybox_deb.stem) / "busybox"
+            _write_atomically(directory / busybox_file, busybox_bytes, 0o755)
+            # apt names files name_version_arch.deb with the epoch's ':' as '%3a'.
+            busybox = directory / busybox_file, urllib.parse.unquote(busybox_deb.stem)
+    kernel_file = Path(kernel_deb.stem) / Path(kernel.kernel_member).name
+    _write_atomically(directory / kernel_file, kernel.kernel)
+    module_files = [
+        Path(kernel_deb.stem) / MODULES_DIRECTORY / f"{name}.ko" for name in kernel.modules
+    ]
+    for module_file, data in zip(module_files, kernel.modules.values(), strict=True):
+        _write_atomically(directory / module_file, data)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "kernel": str(kernel_file),
+        "busybox": str(busybox[0].relative_to(directory)),
+        "kernel_package": urllib.parse.unquote(kernel_deb.stem),
+        "busybox_package": busybox[1],
+        "modules": [str(path) for path in module_files],
+    }
     _write_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
-    return assets
+    return GuestAssets(
+        directory / kernel_file,
+        busybox[0],
+        urllib.parse.unquote(kernel_deb.stem),
+        busybox[1],
+        tuple(directory / path for path in module_files),
+    )
 
 
 # -- progress on a terminal ---------------------------------------------------------
@@ -295,20 +428,21 @@ def _download_assets(directory: Path, progress: ProgressCallback | None) -> Gues
 
 @dataclass
 class ProgressBar:
-    """A one-line bar on a terminal; on anything else, only the first and last message."""
+    """The first message whole on its own line (it says what is fetched, and why),
+    then on a terminal a one-line bar; on anything else nothing more."""
 
     stream: IO[str]
     width: int = 30
     _shown: bool = False
 
     def __call__(self, fraction: float, description: str) -> None:
+        if not self._shown:
+            self.stream.write(f"{description}\n")
         if self.stream.isatty():
             filled = round(fraction * self.width)
             bar = "#" * filled + "-" * (self.width - filled)
             self.stream.write(f"\r[{bar}] {fraction * 100:5.1f}% {description[:40]:<40}")
             self.stream.flush()
-        elif not self._shown:
-            self.stream.write(f"{description}\n")
         self._shown = True
 
     def finish(self) -> None:

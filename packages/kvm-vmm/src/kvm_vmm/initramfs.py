@@ -8,12 +8,13 @@ archive. Images are left uncompressed: where guest kernel code is emulated, an
 in-guest gunzip costs far more than the extra bytes copied into guest RAM.
 
 :func:`busybox_initramfs` builds the two images the VMM boots: the demo's
-(a busybox shell on the console) and the boot tests' (print what the tests
-check, then power off).
+(the virtio modules loaded, a disk mounted, a busybox shell on the console) and
+the boot tests' (print what the tests check, then power off).
 """
 
 from __future__ import annotations
 
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -189,13 +190,78 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 """
 
-DEMO_INIT = f"""#!/bin/sh
+MODULES_PATH = "lib/modules"  # one <name>.ko each; the init script loads them in order
+MODULE_FAILED_MARKER = "KVM-VMM-MODULE-FAILED"
+DISK_DEVICE = "/dev/vda"  # the first virtio-blk disk
+DISK_MOUNT_POINT = "/mnt"
+# The hw_random core is built into Debian's kernel: /dev/hwrng is there with no
+# device behind it (reads fail with ENODEV) and this file says "none" until a
+# driver such as virtio_rng registers (drivers/char/hw_random/core.c).
+HW_RANDOM_CURRENT = "/sys/class/misc/hw_random/rng_current"
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _checked_module_name(name: str) -> str:
+    # The names go into a shell script and into paths: module names are C identifiers.
+    if not _MODULE_NAME.match(name):
+        raise CpioFormatError(f"module name {name!r}: expected letters, digits and '_'")
+    return name
+
+
+def module_entries(modules: Sequence[tuple[str, bytes]]) -> list[CpioEntry]:
+    """/lib/modules/<name>.ko for each (name, ELF object): what :func:`load_modules` loads."""
+    return [
+        directory("lib"),
+        directory(MODULES_PATH),
+        *(
+            regular_file(f"{MODULES_PATH}/{_checked_module_name(name)}.ko", data)
+            for name, data in modules
+        ),
+    ]
+
+
+def load_modules(names: Sequence[str]) -> str:
+    """Shell lines that insmod each module in ``names``' order (dependencies first) and
+    print one line for each that fails, then go on: a driver missing is reported, and
+    what does not need it still runs."""
+    if not names:
+        return ""
+    listed = " ".join(_checked_module_name(name) for name in names)
+    return f"""for module in {listed}; do
+    error=$(insmod /{MODULES_PATH}/$module.ko 2>&1) || echo "{MODULE_FAILED_MARKER} $module: $error"
+done
+"""
+
+
+def demo_init(modules: Sequence[str]) -> str:
+    """The demo's /init: load ``modules``, mount the first virtio disk (ext4) at /mnt
+    when there is one, say what the guest got (the disk, an entropy source behind
+    /dev/hwrng), then a shell; leaving it unmounts the
+    disk (its dirty blocks reach the image) and powers off."""
+    return f"""#!/bin/sh
 # kvm-vmm demo: a busybox shell on the console; leaving it powers the guest off.
 {_MOUNT_PSEUDO_FILESYSTEMS}echo "{INIT_REACHED_MARKER}: $(uname -sr), $(nproc) CPU(s)"
+{load_modules(modules)}if [ -b {DISK_DEVICE} ]; then
+    mkdir -p {DISK_MOUNT_POINT}
+    if mount -t ext4 {DISK_DEVICE} {DISK_MOUNT_POINT}; then
+        mode=$(grep " {DISK_MOUNT_POINT} " /proc/mounts | cut -d " " -f 4 | cut -d , -f 1)
+        echo "{DISK_DEVICE} (ext4) is mounted at {DISK_MOUNT_POINT}, $mode"
+    else
+        echo "{DISK_DEVICE} is not mounted: no ext4 file system on it?"
+    fi
+else
+    echo "no virtio disk ({DISK_DEVICE}): kvm-vmm demo --disk path=FILE gives one"
+fi
+rng=$(cat {HW_RANDOM_CURRENT} 2>/dev/null)
+if [ -n "$rng" ] && [ "$rng" != none ]; then
+    echo "/dev/hwrng gives the host's entropy ($rng)"
+fi
 echo "A busybox shell on ttyS0 (the VMM's 16550A). 'exit' powers off; Ctrl-A x quits the VMM."
 setsid cttyhack sh
+umount {DISK_MOUNT_POINT} 2>/dev/null
 poweroff -f
 """
+
 
 TEST_INIT = f"""#!/bin/sh
 # kvm-vmm boot test: report the interrupt routing and the CPUs, then power off.
