@@ -4,7 +4,8 @@
  * virtio 1.2 §4.1.2), the device is initialised as §3.1.1 says, and one split queue
  * (§2.7) carries requests (§5.2.6): a write and a read-back of sector 1, a flush, a
  * read beyond the capacity (VIRTIO_BLK_S_IOERR), GET_ID (the serial), first with an
- * MSI-X interrupt per completion (§4.1.5.1.2, PCI 3.0 §6.8.2), then, after a device
+ * MSI-X interrupt per completion (§4.1.5.1.2, PCI 3.0 §6.8.2; a masked vector holds
+ * its interrupt in the PBA until it is unmasked), then, after a device
  * reset, with MSI-X off: INTx through the IOAPIC (level, active low) until the ISR
  * read (§4.1.4.5). Last a descriptor chain that loops (§2.7.5.3.1: "the driver MUST
  * NOT create a descriptor chain longer than the Queue Size") must set
@@ -27,6 +28,7 @@
         .set DEVICE_CFG, 0x2000
         .set NOTIFY, 0x3000
         .set MSIX_TABLE, 0x4000
+        .set MSIX_PBA, 0x5000
 
         /* struct virtio_pci_common_cfg (§4.1.4.3) */
         .set DFSELECT, 0x00
@@ -111,6 +113,37 @@ main:
         mov eax, [rip + msi_count]
         cmp eax, 5
         CHECK e, 6, "MSI-X: not one interrupt per request"
+
+        /* A masked vector (PCI 3.0 §6.8.2.9): the completion sets its pending bit and
+           nothing is delivered; unmasking delivers it once and clears the bit. */
+        mov dword ptr [rbx + MSIX_TABLE + 12], 1
+        mov dword ptr [rip + wait_interrupt], 0
+        mov edi, T_FLUSH
+        xor esi, esi
+        call request_no_data
+        cmp eax, S_OK
+        CHECK e, 14, "flush with the vector masked failed"
+        /* The used ring is written before the interrupt is sent: wait for the bit. */
+        mov ecx, COMPLETION_POLLS
+16:     mov eax, [rbx + MSIX_PBA]
+        test eax, 1
+        jnz 17f
+        call vm_exit
+        dec ecx
+        jnz 16b
+17:     mov eax, [rbx + MSIX_PBA]
+        test eax, 1
+        CHECK nz, 16, "MSI-X: no pending bit for the masked vector's interrupt"
+        cmp dword ptr [rip + msi_count], 5
+        CHECK e, 15, "MSI-X: a masked vector was delivered"
+        mov dword ptr [rbx + MSIX_TABLE + 12], 0
+        WAIT_COUNT msi_count, 6, COMPLETION_POLLS
+        test eax, eax
+        CHECK nz, 17, "MSI-X: unmasking a pending vector delivered nothing"
+        mov eax, [rbx + MSIX_PBA]
+        test eax, 1
+        CHECK z, 18, "MSI-X: pending bit still set after delivery"
+        mov dword ptr [rip + wait_interrupt], 1
 
         /* -------- reset, then INTx: MSI-X off, IOAPIC pin of the slot's INTA */
         mov byte ptr [rbx + COMMON + STATUS], 0
@@ -433,6 +466,8 @@ submit:
 12:     movzx eax, word ptr [USED_RING + 2]
         cmp rax, [rip + expected_used]
         jne 13f
+        cmp dword ptr [rip + wait_interrupt], 0
+        je 14f
         mov rax, [rip + counter]
         cmp [rax], ebx
         jae 14f
@@ -506,3 +541,4 @@ slot:   .long 0
 msi_count: .long 0
 intx_count: .long 0
 intx_bad_isr: .long 0
+wait_interrupt: .long 1
