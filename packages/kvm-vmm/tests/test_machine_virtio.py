@@ -108,6 +108,18 @@ def test_read_only_images_may_be_shared(image: Path) -> None:
         second.add_disk(image, readonly=True)
 
 
+def test_stats_count_each_virtio_devices_work_by_name(machine: Machine, image: Path) -> None:
+    with machine:
+        assert "virtio" not in machine.stats()
+        machine.add_disk(image)
+        machine.add_rng()
+        virtio = machine.stats()["virtio"]
+        assert isinstance(virtio, dict)
+        assert set(virtio) == {"virtio-blk", "virtio-rng"}
+        assert virtio["virtio-blk"]["requests"] == 0
+        assert "malformed_chains" in virtio["virtio-blk"]
+
+
 def test_save_state_refuses_a_machine_with_virtio_devices(machine: Machine) -> None:
     with machine:
         machine.add_rng()

@@ -715,13 +715,14 @@ class Machine:
     def stats(self) -> dict[str, object]:
         """The run as data (``kvm-vmm --stats``): seconds since start() (to the end of
         the run once it has ended), the outcome's reason (None while running), exits by
-        reason and by device, kvmfast's other counters, the console's milestones."""
+        reason and by device, kvmfast's other counters, the console's milestones, and
+        each virtio device's requests, bytes, errors and interrupts by its name."""
         with self._cond:
             started, finished = self._started_at, self._finished_at
         now = time.monotonic()
         started = now if started is None else started
         outcome = self.outcome
-        return run_statistics(
+        statistics = run_statistics(
             self.counters(),
             {
                 (window.space, window.base): entry.name
@@ -732,6 +733,12 @@ class Machine:
             (now if finished is None else finished) - started,
             self.serial.milestones(started),
         )
+        if self.pci.devices:
+            statistics["virtio"] = {
+                attached.name: dict(sorted(attached.counters().items()))
+                for attached in self.pci.devices
+            }
+        return statistics
 
     def close(self) -> None:
         """Stop a run still going, then free the VM (a second close does nothing)."""
