@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION_ROOTS = [*sorted(REPO.glob("packages/*/src")), REPO / "crates/kvmfast/python"]
 ALLOWED_TO_IMPORT_TEST_HELPERS = {REPO / "crates/kvmfast/python/kvmfast/testing.py"}
-TEST_HELPER_PACKAGES = {"kvmfast.testing", "kvm_devices.testing"}
+TEST_HELPER_PACKAGES = {"kvmfast.testing", "kvm_devices.testing", "kvm_vmm.testing"}
 TEST_DIRECTORIES = [
     REPO / "tests",
     *sorted(REPO.glob("packages/*/tests")),

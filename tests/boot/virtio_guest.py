@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from kvm_vmm.initramfs import (
     load_modules,
     module_entries,
 )
+from kvm_vmm.kernel_modules import driver_modules
 
 MARKER = "VIRTIO-TEST"
 BEGIN = f"{MARKER} BEGIN"
@@ -60,7 +62,9 @@ class GuestFiles:
             raise ValueError(f"text {self.text!r}: one line of letters, digits and punctuation")
 
 
-def virtio_test_init(modules: list[str], files: GuestFiles) -> str:
+def virtio_test_init(
+    modules: list[str], needed: Mapping[int, Sequence[str]], files: GuestFiles
+) -> str:
     """The test's /init (busybox sh)."""
     return f"""#!/bin/sh
 # kvm-vmm virtio boot test: what the guest found and did, one marker line each; power off.
@@ -69,7 +73,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "{INIT_REACHED_MARKER}"
 echo "{BEGIN}"
-{load_modules(modules)}for function in /sys/bus/pci/devices/*; do
+{load_modules(modules, needed)}for function in /sys/bus/pci/devices/*; do
     [ -e "$function/vendor" ] || continue
     driver=none
     [ -e "$function/driver" ] && driver=$(basename "$(readlink "$function/driver")")
@@ -116,7 +120,8 @@ def virtio_test_initramfs(
 ) -> bytes:
     """The test's initramfs: busybox, the modules (name, ELF object) in load order, /init."""
     names = [name for name, _ in modules]
-    return busybox_initramfs(busybox, virtio_test_init(names, files), module_entries(modules))
+    init = virtio_test_init(names, driver_modules(modules), files)
+    return busybox_initramfs(busybox, init, module_entries(modules))
 
 
 # -- what the guest printed ---------------------------------------------------------

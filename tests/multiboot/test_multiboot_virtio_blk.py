@@ -3,8 +3,9 @@
 The kernel (tests/guests/multiboot/virtio_blk.S) finds the function through PCI
 configuration mechanism #1, writes and reads sector 1, flushes, reads beyond the end
 (VIRTIO_BLK_S_IOERR) and asks GET_ID, once with MSI-X (then with its vector masked:
-pending bit, delivered on unmask) and once with INTx through the IOAPIC; then a looping chain must set DEVICE_NEEDS_RESET and a reset must bring the
-device back. The host then finds the guest's sector in the image.
+pending bit, delivered on unmask) and once with INTx through the IOAPIC; then a
+looping chain must set DEVICE_NEEDS_RESET and a reset must bring the device back.
+The host then finds the guest's sector in the image.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from kvm_vmm.fast_boot import FAST_BOOT_PRESET
 from kvm_vmm.initramfs import busybox_initramfs, demo_init, module_entries
 from kvm_vmm.loaders import ImageFormatError
 from kvm_vmm.machine import Machine, MachineConfig, MachineStateError
+from kvm_vmm.testing import fake_module
 from kvmfast.testing import require_kvm
 
 # struct boot_params (Documentation/arch/x86/zero-page.rst, boot.rst)
@@ -40,8 +41,8 @@ def _cached_assets(cache: Path) -> Path:
     (directory / "vmlinuz").write_bytes(b"MZ kernel bytes")
     (directory / "busybox").write_bytes(b"\x7fELF busybox")
     (directory / "modules").mkdir()
-    (directory / "modules/virtio_ring.ko").write_bytes(b"\x7fELF ring")
-    (directory / "modules/virtio.ko").write_bytes(b"\x7fELF virtio")
+    (directory / "modules/virtio_ring.ko").write_bytes(fake_module("virtio_ring"))
+    (directory / "modules/virtio.ko").write_bytes(fake_module("virtio", "virtio_ring"))
     manifest = {
         "format": MANIFEST_FORMAT,
         "kernel": "vmlinuz",
@@ -63,9 +64,12 @@ def test_the_default_guest_is_the_cached_kernel_and_a_shell_initramfs_written_be
     assert guest.kernel == directory / "vmlinuz"
     assert guest.cmdline == DEFAULT_GUEST_CMDLINE and guest.fast_boot
     assert guest.initrd is not None and guest.initrd.parent == directory
-    modules = [("virtio_ring", b"\x7fELF ring"), ("virtio", b"\x7fELF virtio")]
+    modules = [
+        ("virtio_ring", fake_module("virtio_ring")),
+        ("virtio", fake_module("virtio", "virtio_ring")),
+    ]
     assert guest.initrd.read_bytes() == busybox_initramfs(
-        b"\x7fELF busybox", demo_init(["virtio_ring", "virtio"]), module_entries(modules)
+        b"\x7fELF busybox", demo_init(["virtio_ring", "virtio"], {}), module_entries(modules)
     )
     written = guest.initrd.stat().st_mtime_ns
     assert default_guest(tmp_path / "cache", fast_boot=False) == LinuxBoot(

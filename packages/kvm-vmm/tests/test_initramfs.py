@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from kvm_vmm.initramfs import (
     symlink,
     write_newc,
 )
+from kvm_vmm.kernel_modules import SIGNATURE_MARKER
 
 ENTRIES = [
     directory("bin"),
@@ -132,7 +134,8 @@ def test_busybox_image_has_init_console_and_links() -> None:
 
 
 def test_init_scripts_do_what_the_boot_tests_and_demo_need() -> None:
-    for script in (TEST_INIT, demo_init([]), demo_init(["virtio_ring", "virtio"])):
+    needed = {0x1042: ["virtio_ring", "virtio"]}
+    for script in (TEST_INIT, demo_init([], {}), demo_init(["virtio_ring", "virtio"], needed)):
         assert script.startswith("#!/bin/sh\n")
         assert "mount -t proc proc /proc" in script
         assert script.rstrip().endswith("poweroff -f")
@@ -141,21 +144,28 @@ def test_init_scripts_do_what_the_boot_tests_and_demo_need() -> None:
     assert "nproc" in TEST_INIT[begin:end]
 
 
-def test_modules_go_to_lib_modules_under_their_names() -> None:
-    entries = module_entries([("virtio_ring", b"\x7fELF ring"), ("virtio", b"\x7fELF virtio")])
-    image = {e.path: e for e in read_newc(busybox_initramfs(b"bb", demo_init([]), entries))}
+def test_modules_go_to_lib_modules_under_their_names_without_their_signatures() -> None:
+    signature = b"RSA" * 10 + struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, 30) + SIGNATURE_MARKER
+    entries = module_entries(
+        [("virtio_ring", b"\x7fELF ring" + signature), ("virtio", b"\x7fELF virtio")]
+    )
+    image = {e.path: e for e in read_newc(busybox_initramfs(b"bb", demo_init([], {}), entries))}
     assert image["lib/modules/virtio_ring.ko"].data == b"\x7fELF ring"
     assert image["lib/modules/virtio.ko"].data == b"\x7fELF virtio"
     assert stat.S_ISDIR(image["lib/modules"].mode)
     with pytest.raises(CpioFormatError, match="module name"):
         module_entries([("a;reboot", b"")])
     with pytest.raises(CpioFormatError, match="module name"):
-        load_modules(["$(reboot)"])
+        load_modules(["$(reboot)"], {})
+    with pytest.raises(CpioFormatError, match="module name"):
+        load_modules(["virtio"], {0x1042: ["$(reboot)"]})
 
 
 def test_modules_load_in_order_and_each_failure_is_one_line(tmp_path: Path) -> None:
-    """The script's loop run by the host's sh, insmod replaced by one that fails for
-    virtio_pci as busybox's does (its message on stderr, status 1)."""
+    """The script's loop run by the host's sh over a fake sysfs with a virtio-blk
+    function, insmod replaced by one that fails for virtio_pci as busybox's does (its
+    message on stderr, status 1): what the disk needs loads, in order; the network
+    driver, whose device is absent, does not."""
     calls = tmp_path / "calls"
     insmod = tmp_path / "insmod"
     insmod.write_text(
@@ -164,25 +174,47 @@ def test_modules_load_in_order_and_each_failure_is_one_line(tmp_path: Path) -> N
         "exit 1;; esac\n"
     )
     insmod.chmod(0o755)
-    names = ["virtio_ring", "virtio", "virtio_pci", "virtio_blk"]
+    devices = tmp_path / "devices"
+    for name, vendor, device in (
+        ("0000:00:01.0", "0x8086", "0x1042"),
+        ("0000:00:02.0", "0x1af4", "0x1042"),
+    ):
+        (devices / name).mkdir(parents=True)
+        (devices / name / "vendor").write_text(vendor + "\n")
+        (devices / name / "device").write_text(device + "\n")
+    names = ["virtio_ring", "virtio", "virtio_pci", "virtio_blk", "failover", "virtio_net"]
+    needed = {
+        0x1042: ["virtio_ring", "virtio", "virtio_pci", "virtio_blk"],
+        0x1041: ["virtio_ring", "virtio", "virtio_pci", "failover", "virtio_net"],
+    }
     result = subprocess.run(
-        ["sh", "-c", load_modules(names)],
+        ["sh", "-c", load_modules(names, needed, str(devices))],
         env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
         capture_output=True,
         text=True,
         check=True,
     )
-    assert calls.read_text().split() == [f"/lib/modules/{name}.ko" for name in names]
+    assert calls.read_text().split() == [f"/lib/modules/{name}.ko" for name in names[:4]]
     assert result.stdout.splitlines() == [
         f"{MODULE_FAILED_MARKER} virtio_pci: insmod: can't insert "
         "'/lib/modules/virtio_pci.ko': No such device"
     ]
     assert result.stderr == ""
-    assert load_modules([]) == ""
+    assert load_modules([], {}) == ""
+
+
+def test_a_guest_without_virtio_devices_loads_no_module(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    insmod = tmp_path / "insmod"
+    insmod.write_text(f'#!/bin/sh\necho "$1" >> {calls}\n')
+    insmod.chmod(0o755)
+    script = load_modules(["virtio_ring"], {0x1042: ["virtio_ring"]}, str(tmp_path / "none"))
+    subprocess.run(["sh", "-c", script], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=True)
+    assert not calls.exists()
 
 
 def test_the_demo_loads_modules_before_it_mounts_the_disk_and_unmounts_before_power_off() -> None:
-    script = demo_init(["virtio_ring", "virtio_blk"])
+    script = demo_init(["virtio_ring", "virtio_blk"], {0x1042: ["virtio_ring", "virtio_blk"]})
     assert "for module in virtio_ring virtio_blk; do" in script
     load, mount = script.index("insmod"), script.index("mount -t ext4 /dev/vda /mnt")
     assert script.index("[ -b /dev/vda ]") < mount and load < mount

@@ -25,6 +25,7 @@ from kvm_vmm.debian import AssetsUnavailable, ProgressCallback, fetch_guest_asse
 from kvm_vmm.fast_boot import LinuxBootPlan, hide_cpuid_flags, plan_linux_boot
 from kvm_vmm.hostcheck import host_report
 from kvm_vmm.initramfs import busybox_initramfs, demo_init, module_entries
+from kvm_vmm.kernel_modules import driver_modules
 from kvm_vmm.kernel_symbols import KallsymsNotFound, read_kallsyms, system_map
 from kvm_vmm.loaders import (
     ImageFormatError,
@@ -147,7 +148,7 @@ def default_guest(
     modules = [(path.stem, read_boot_file(path, "module")) for path in assets.modules]
     initrd = busybox_initramfs(
         read_boot_file(assets.busybox, "busybox"),
-        demo_init([name for name, _ in modules]),
+        demo_init([name for name, _ in modules], driver_modules(modules)),
         module_entries(modules),
     )
     initrd_path = assets.busybox.parent / DEFAULT_GUEST_INITRD

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from kvm_vmm.kernel_modules import VIRTIO_PCI_VENDOR, strip_signature
 
 NEWC_MAGIC = b"070701"
 HEADER_SIZE = 110  # magic + 13 fields of 8 hex digits
@@ -209,39 +211,66 @@ def _checked_module_name(name: str) -> str:
 
 
 def module_entries(modules: Sequence[tuple[str, bytes]]) -> list[CpioEntry]:
-    """/lib/modules/<name>.ko for each (name, ELF object): what :func:`load_modules` loads."""
+    """/lib/modules/<name>.ko for each (name, ELF object), signature stripped: what
+    :func:`load_modules` loads."""
     return [
         directory("lib"),
         directory(MODULES_PATH),
         *(
-            regular_file(f"{MODULES_PATH}/{_checked_module_name(name)}.ko", data)
+            regular_file(f"{MODULES_PATH}/{_checked_module_name(name)}.ko", strip_signature(data))
             for name, data in modules
         ),
     ]
 
 
-def load_modules(names: Sequence[str]) -> str:
-    """Shell lines that insmod each module in ``names``' order (dependencies first) and
-    print one line for each that fails, then go on: a driver missing is reported, and
-    what does not need it still runs."""
+# Where the guest's kernel lists the PCI functions it found (scanned before /init).
+PCI_DEVICES = "/sys/bus/pci/devices"
+
+
+def load_modules(
+    names: Sequence[str],
+    needed: Mapping[int, Sequence[str]],
+    pci_devices: str = PCI_DEVICES,
+) -> str:
+    """Shell lines that insmod, in ``names``' order (dependencies first), the modules
+    ``needed`` lists for each virtio-pci device ID the guest has (in ``pci_devices``;
+    :func:`kvm_vmm.kernel_modules.driver_modules` makes the map), and print one line
+    for each that fails, then go on: a driver missing is reported, and what does not
+    need it still runs. A guest with no virtio device loads nothing (each module costs
+    seconds of emulated code here)."""
     if not names:
         return ""
     listed = " ".join(_checked_module_name(name) for name in names)
-    return f"""for module in {listed}; do
-    error=$(insmod /{MODULES_PATH}/$module.ko 2>&1) || echo "{MODULE_FAILED_MARKER} $module: $error"
+    cases = "".join(
+        f'        {device:#06x}) wanted="$wanted '
+        f'{" ".join(_checked_module_name(name) for name in modules)}" ;;\n'
+        for device, modules in needed.items()
+    )
+    insmod = f"insmod /{MODULES_PATH}/$module.ko 2>&1"
+    return f"""wanted=""
+for function in {pci_devices}/*; do
+    [ "$(cat "$function/vendor" 2>/dev/null)" = {VIRTIO_PCI_VENDOR:#06x} ] || continue
+    case "$(cat "$function/device")" in
+{cases}    esac
+done
+for module in {listed}; do
+    case " $wanted " in
+        *" $module "*) error=$({insmod}) || echo "{MODULE_FAILED_MARKER} $module: $error" ;;
+    esac
 done
 """
 
 
-def demo_init(modules: Sequence[str]) -> str:
-    """The demo's /init: load ``modules``, mount the first virtio disk (ext4) at /mnt
+def demo_init(modules: Sequence[str], needed: Mapping[int, Sequence[str]]) -> str:
+    """The demo's /init: load the ``modules`` its devices need (:func:`load_modules`),
+    mount the first virtio disk (ext4) at /mnt
     when there is one, say what the guest got (the disk, an entropy source behind
     /dev/hwrng), then a shell; leaving it unmounts the
     disk (its dirty blocks reach the image) and powers off."""
     return f"""#!/bin/sh
 # kvm-vmm demo: a busybox shell on the console; leaving it powers the guest off.
 {_MOUNT_PSEUDO_FILESYSTEMS}echo "{INIT_REACHED_MARKER}: $(uname -sr), $(nproc) CPU(s)"
-{load_modules(modules)}if [ -b {DISK_DEVICE} ]; then
+{load_modules(modules, needed)}if [ -b {DISK_DEVICE} ]; then
     mkdir -p {DISK_MOUNT_POINT}
     if mount -t ext4 {DISK_DEVICE} {DISK_MOUNT_POINT}; then
         mode=$(grep " {DISK_MOUNT_POINT} " /proc/mounts | cut -d " " -f 4 | cut -d , -f 1)
