@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import struct
 
 import pytest
 import zstandard
 
 from kvm_vmm.kernel_modules import (
     GUEST_MODULES,
+    SIGNATURE_MARKER,
     ModuleFormatError,
     ModuleSelectionError,
     builtin_modules,
     decompress_module,
+    driver_modules,
     load_order,
     modinfo,
     module_depends,
     module_name,
+    strip_signature,
 )
 from kvm_vmm.testing import fake_module
 
@@ -165,3 +169,41 @@ def test_damaged_or_unknown_module_files_are_refused() -> None:
         decompress_module("virtio_blk.ko.gz", gzip.compress(b"not an object"))
     with pytest.raises(ModuleFormatError, match="not a kernel module file"):
         decompress_module("virtio_blk.ko.bz2", module)
+
+
+def debian_modules() -> list[tuple[str, bytes]]:
+    order = load_order(DEBIAN_DEPENDS, DEBIAN_DEPENDS)
+    return [(name, fake_module(name, ",".join(DEBIAN_DEPENDS[name]))) for name in order]
+
+
+def test_each_virtio_device_needs_its_driver_the_transport_and_their_dependencies() -> None:
+    modules = debian_modules()
+    needed = driver_modules(modules)
+    position = {name: index for index, (name, _) in enumerate(modules)}
+    transport = {"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"}
+    assert set(needed[0x1042]) == transport | {"virtio_pci", "virtio_blk"}
+    assert set(needed[0x1044]) == transport | {"virtio_pci", "virtio_rng"}
+    assert set(needed[0x1041]) == transport | {
+        "virtio_pci",
+        "failover",
+        "net_failover",
+        "virtio_net",
+    }
+    assert "vsock" in needed[0x1053]
+    for names in needed.values():
+        assert [position[name] for name in names] == sorted(position[name] for name in names)
+    assert (
+        driver_modules([(name, elf) for name, elf in modules if name != "virtio_net"]).get(0x1041)
+        is None
+    )
+
+
+def test_an_appended_signature_is_stripped_and_an_unsigned_module_kept() -> None:
+    module = fake_module("virtio")
+    signature = bytes(range(40)) + struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, 40) + SIGNATURE_MARKER
+    assert strip_signature(module + signature) == module
+    assert strip_signature(module) == module
+    with pytest.raises(ModuleFormatError, match="longer than the module"):
+        strip_signature(
+            b"\x7fELF" + struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, 4096) + SIGNATURE_MARKER
+        )

@@ -128,8 +128,9 @@ SIGNATURE_MARKER = b"~Module signature appended~\n"
 _SIGNATURE_INFO = struct.Struct(">BBBBB3xI")
 
 # The modern virtio-pci device ID (vendor 0x1af4) each driver module binds: 0x1040 + the
-# virtio device type (virtio 1.2 §4.1.2.1, §5).
+# virtio device type (virtio 1.2 §4.1.2.1, §5); every one also needs the transport.
 VIRTIO_PCI_VENDOR = 0x1AF4
+VIRTIO_PCI_TRANSPORT = "virtio_pci"
 DRIVER_PCI_DEVICES = {
     "virtio_net": 0x1041,
     "virtio_blk": 0x1042,
@@ -157,8 +158,8 @@ def strip_signature(elf: bytes) -> bytes:
 
 def driver_modules(modules: Sequence[tuple[str, bytes]]) -> dict[int, list[str]]:
     """For each virtio-pci device ID a driver in ``modules`` (name, ELF, in load order)
-    binds: that driver and what it needs, in load order; what a guest with that device
-    loads."""
+    binds: that driver, the virtio-pci transport and what they need, in load order;
+    what a guest with that device loads."""
     depends = {name: module_depends(elf) for name, elf in modules}
     order = [name for name, _ in modules]
     needed: dict[int, list[str]] = {}
@@ -166,7 +167,7 @@ def driver_modules(modules: Sequence[tuple[str, bytes]]) -> dict[int, list[str]]
         if driver not in depends:
             continue
         closure: set[str] = set()
-        pending = [driver]
+        pending = [driver, VIRTIO_PCI_TRANSPORT]
         while pending:
             name = pending.pop()
             if name in closure or name not in depends:
