@@ -31,10 +31,6 @@ from kvm_vmm.kernel_modules import (
 )
 from kvm_vmm.testing import fake_module
 
-SHT_PROGBITS = 1
-SHT_STRTAB = 3
-
-
 # The Debian 6.1 cloud kernel's virtio modules as their .modinfo says (depends=).
 DEBIAN_DEPENDS: dict[str, tuple[str, ...]] = {
     "virtio_ring": (),
