@@ -1,7 +1,9 @@
 """examples/script_a_guest.py as a reader runs it: the default guest (Debian's cloud
 kernel, the demo's busybox shell as /init) boots to the shell's prompt, the script
 types a command and reads its answer off the console, and `exit` at the shell
-powers the guest off (the script then exits 0). The kvm-vmm command's own paths
+powers the guest off (the script then exits 0). Given an ext4 image, the demo's
+/init finds it as /dev/vda (virtio-blk on PCI) and mounts it at /mnt, and
+virtio-rng is the guest's hw_random source. The kvm-vmm command's own paths
 (stdin to the guest, Ctrl-A x) are tested in packages/kvm-vmm/tests/test_cli.py."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BootFiles, boot_timeout
+from virtio_guest import make_ext4_image
 
 pytestmark = [pytest.mark.kvm, pytest.mark.boot]
 
@@ -23,11 +26,15 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "script_a_guest.py"
 @pytest.mark.usefixtures("boots_to_init")
 def test_the_example_scripts_the_default_guest_and_powers_it_off(
     boot_files: BootFiles,  # the default guest's assets, fetched once for all boot tests
+    tmp_path: Path,
 ) -> None:
     if os.environ.get("KVM_VMM_TEST_KERNEL"):
         pytest.skip("the example boots the default guest's own kernel, not $KVM_VMM_TEST_KERNEL")
+    image = tmp_path / "disk.img"
+    greeting = f"from-the-host-{os.getpid()}"
+    make_ext4_image(image, {"hello.txt": greeting.encode()})
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE)],
+        [sys.executable, str(EXAMPLE), str(image)],
         capture_output=True,
         text=True,
         timeout=boot_timeout() + 600,
@@ -37,4 +44,5 @@ def test_the_example_scripts_the_default_guest_and_powers_it_off(
     answer = re.search(r"^6\*7 = 42 on 1 CPU\(s\), Linux (\S+)$", result.stdout, re.MULTILINE)
     assert answer is not None, result.stdout
     assert answer.group(1) in boot_files.kernel.name  # vmlinuz-<release>: the guest's uname -r
+    assert f"/mnt/hello.txt says {greeting}; entropy from virtio_rng" in result.stdout
     assert result.stdout.endswith("outcome: guest powered off (status 0)\n"), result.stdout
