@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from kvmfast import Kvm, bench_virtio
+from kvmfast import Kvm, bench_host, bench_virtio
 from kvmfast.bench_virtio import (
     QUEUE_SIZE,
     check_completed,
@@ -60,7 +62,7 @@ def test_a_short_run_reports_both_paths_and_the_used_ring_advanced_once_per_requ
 def test_without_a_compiler_ours_still_runs_and_no_ratio_is_claimed(
     kvm: Kvm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bench_virtio.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bench_host.shutil, "which", lambda name: None)
     warnings: list[str] = []
     report = run_benchmark(REQUESTS, repeat=1, data_bytes=4096, warn=warnings.append)
     ours = cast(dict[str, Any], report["ours"])
@@ -86,3 +88,24 @@ def test_a_request_the_device_did_not_complete_is_an_error(kvm: Kvm, tmp_path: P
             check_completed(vm, image, 512)
         vm.write(bench_virtio.DATA_AT, image.read_bytes()[:512])
         check_completed(vm, image, 512)
+
+
+def test_a_threads_cpu_time_is_read_from_proc_and_grows_while_it_runs() -> None:
+    """How the I/O thread's time is taken, tried on this thread: found by its name, its
+    utime + stime and its schedstat time grow by the CPU time it spent (user-mode work
+    here, so a misread field shows)."""
+    tid = threading.get_native_id()
+    name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+    assert tid in bench_host.threads_named(name)
+    start = time.thread_time_ns()
+    before = bench_host.thread_cpu(tid)
+    total = 0
+    while time.thread_time_ns() - start < 200_000_000:
+        for value in range(100_000):
+            total += value
+    after = bench_host.thread_cpu(tid)
+    spent = time.thread_time_ns() - start
+    # Two reads of clock ticks (10 ms at most: USER_HZ >= 100) and a little slack.
+    assert abs((after.cpu_ns - before.cpu_ns) - spent) <= 30_000_000
+    if before.run_ns is not None and after.run_ns is not None:
+        assert abs((after.run_ns - before.run_ns) - spent) <= 5_000_000

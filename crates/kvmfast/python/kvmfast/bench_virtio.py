@@ -29,20 +29,13 @@ import argparse
 import json
 import os
 import platform
-import resource
-import select
-import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 from kvmfast._native import EventFd, EventLoop, Kvm, Vcpu, VirtioDevice, Vm
@@ -55,13 +48,21 @@ from kvmfast.bench import (
     new_guest,
     timed_run,
 )
+from kvmfast.bench_host import (
+    build_relay,
+    children_cpu_ns,
+    host_pread_ns,
+    new_thread_named,
+    relay_process,
+    thread_cpu,
+    threads_named,
+)
 
 # linux/kvm.h; kvmfast does not depend on kvm_abi.
 KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 VIRTIO_F_VERSION_1 = 1 << 32
 TARGET_RATIO = 1.2
 IO_THREAD_NAME = "kvmfast-ioevent"  # the EventLoop's thread (ioevent_loop.rs)
-RELAY_SOURCE = "eventfd_relay.c"
 
 # The queue, in the guest's 4 MiB of RAM above its stack (bench.py's shape).
 QUEUE_SIZE = 16
@@ -200,43 +201,6 @@ def run_guest(vcpu: Vcpu, requests: int) -> TimedRun:
         watchdog.cancel()
 
 
-def _task_stat(tid: int) -> tuple[int, int | None]:
-    """(utime + stime in ns, from clock ticks; run time in ns from schedstat or None)."""
-    text = Path(f"/proc/self/task/{tid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3, state
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (proc(5) fields 14, 15)
-    cpu_ns = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    try:
-        run_ns: int | None = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        run_ns = None
-    return cpu_ns, run_ns
-
-
-def threads_named(name: str) -> set[int]:
-    found = set()
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            if (task / "comm").read_text().strip() == name:
-                found.add(int(task.name))
-        except OSError:
-            continue  # the thread ended meanwhile
-    return found
-
-
-def new_thread_named(name: str, before: set[int], timeout: float = 5.0) -> int:
-    """The thread that appeared since ``before`` with this name (it names itself)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        new = threads_named(name) - before
-        if len(new) == 1:
-            return new.pop()
-        if len(new) > 1:
-            raise RuntimeError(f"more than one new {name} thread: {sorted(new)}")
-        time.sleep(0.001)
-    raise RuntimeError(f"no {name} thread appeared within {timeout} s")
-
-
 def ours(kvm: Kvm, image: Path, requests: int, data_bytes: int) -> Sample:
     """The virtio-blk request path: kvmfast's device on the EventLoop."""
     guest = new_request_guest(kvm, requests, data_bytes)
@@ -251,9 +215,9 @@ def ours(kvm: Kvm, image: Path, requests: int, data_bytes: int) -> Sample:
             loop.add(device.queue_notifier(0), device.queue_handler(0))
             loop.start()
             thread = new_thread_named(IO_THREAD_NAME, before)
-            cpu_before, run_before = _task_stat(thread)
+            before_run = thread_cpu(thread)
             run = run_guest(guest.vcpu, requests)
-            cpu_after, run_after = _task_stat(thread)
+            after_run = thread_cpu(thread)
             device.reset()
         served = device.counters()["requests"]
         check_completed(vm, image, data_bytes)
@@ -265,10 +229,14 @@ def ours(kvm: Kvm, image: Path, requests: int, data_bytes: int) -> Sample:
         raise RuntimeError(
             f"{requests} requests made, the device served {served}, used index at {advanced}"
         )
-    run_ns = None if run_before is None or run_after is None else run_after - run_before
+    run_ns = (
+        None
+        if before_run.run_ns is None or after_run.run_ns is None
+        else after_run.run_ns - before_run.run_ns
+    )
     return Sample(
         ns_per_request=(run.stop - run.start) / requests * 1e9,
-        host_cpu_ns_per_request=(cpu_after - cpu_before) / requests,
+        host_cpu_ns_per_request=(after_run.cpu_ns - before_run.cpu_ns) / requests,
         host_run_ns_per_request=None if run_ns is None else run_ns / requests,
         guest_exits=run.guest_exits,
         used_ring_advanced=advanced,
@@ -283,39 +251,6 @@ def check_completed(vm: Vm, image: Path, data_bytes: int) -> None:
         expected = source.read(data_bytes)
     if status != 0 or vm.read(DATA_AT, data_bytes) != expected:
         raise RuntimeError(f"the last request did not read sector 0 (status {status:#x})")
-
-
-@contextmanager
-def relay_process(binary: Path, doorbell: EventFd, irq: EventFd, requests: int) -> Iterator[None]:
-    """eventfd_relay running and ready to read the doorbell; reaped on exit."""
-    process = subprocess.Popen(
-        [str(binary), "relay", str(doorbell.fd), str(irq.fd), str(requests)],
-        pass_fds=(doorbell.fd, irq.fd),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 10)
-        if not ready or process.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{binary} relay did not start")
-        yield
-    finally:
-        if process.poll() is None:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-    if process.returncode != 0:
-        raise RuntimeError(f"{binary} relay exited with {process.returncode}")
-
-
-def children_cpu_ns() -> int:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return round((usage.ru_utime + usage.ru_stime) * 1e9)
 
 
 def floor(kvm: Kvm, relay: Path, requests: int, data_bytes: int) -> Sample:
@@ -344,44 +279,6 @@ def floor(kvm: Kvm, relay: Path, requests: int, data_bytes: int) -> Sample:
         used_ring_advanced=advanced,
         device_requests=0,
     )
-
-
-def relay_source() -> str:
-    return resources.files("kvmfast").joinpath(RELAY_SOURCE).read_text()
-
-
-def build_relay(scratch: Path) -> Path | None:
-    """eventfd_relay built with ``cc -O2`` in ``scratch``; None without a C compiler."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    source = scratch / RELAY_SOURCE
-    source.write_text(relay_source())
-    binary = scratch / "eventfd_relay"
-    subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True)
-    return binary
-
-
-def host_pread_ns(relay: Path | None, image: Path, data_bytes: int, count: int) -> float:
-    """The host's own cost of the device's read: preads of the same bytes of the same
-    image (page cache warm), in C when there is a compiler, else in Python."""
-    if relay is not None:
-        output = subprocess.run(
-            [str(relay), "pread", str(image), str(data_bytes), str(count)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        return float(json.loads(output)["ns_per_pread"])
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        os.pread(fd, data_bytes, 0)
-        start = time.perf_counter_ns()
-        for _ in range(count):
-            os.pread(fd, data_bytes, 0)
-        return (time.perf_counter_ns() - start) / count
-    finally:
-        os.close(fd)
 
 
 def make_image(path: Path) -> None:
