@@ -120,6 +120,9 @@ impl LoopShared {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
         // (token, end of its window, that window's length)
         let mut deferred: Vec<(u64, Instant, Duration)> = Vec::new();
+        // The timer's deadline as last set: a wake-up with no window opened or closed
+        // (every single ring of a request/response doorbell) makes no timerfd call.
+        let mut timer_at: Option<Instant> = None;
         loop {
             // SAFETY: epoll_wait writes at most events.len() entries into our array.
             let ready = unsafe {
@@ -146,6 +149,7 @@ impl LoopShared {
                     }
                     TIMER_TOKEN => {
                         let _ = read_counter(self.timer.as_raw_fd());
+                        timer_at = None; // a timerfd that fired is disarmed
                         let now = Instant::now();
                         let (due, waiting): (Vec<_>, Vec<_>) =
                             deferred.drain(..).partition(|(_, at, _)| *at <= now);
@@ -165,7 +169,11 @@ impl LoopShared {
                     }
                 }
             }
-            self.set_timer(deferred.iter().map(|(_, at, _)| *at).min());
+            let next = deferred.iter().map(|(_, at, _)| *at).min();
+            if next != timer_at {
+                self.set_timer(next);
+                timer_at = next;
+            }
         }
     }
 
