@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import kvm_abi
 import kvmfast
@@ -113,18 +113,28 @@ class NativeBackend:
             self.device.queue_notifier(queue).write(1)
 
 
-class Doorbells:
-    """The notify addresses' ioeventfds of one device, moved with its BAR."""
+DoorbellKind = Literal["zero-length ioeventfd", "datamatch ioeventfd", "mmio exit"]
+DOORBELL_KINDS: tuple[DoorbellKind, ...] = get_args(DoorbellKind)
 
-    def __init__(self, vm: kvmfast.Vm, device: kvmfast.VirtioDevice) -> None:
+
+def best_doorbell(vm: kvmfast.Vm) -> DoorbellKind:
+    """The fastest doorbell this host's KVM offers."""
+    if vm.check_extension(kvm_abi.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0:
+        return "zero-length ioeventfd"
+    if vm.check_extension(kvm_abi.KVM_CAP_IOEVENTFD) > 0:
+        return "datamatch ioeventfd"
+    return "mmio exit"
+
+
+class Doorbells:
+    """The notify addresses' ioeventfds of one device, moved with its BAR. With
+    ``kind`` "mmio exit" there are none: the transport's notify register rings the
+    device's eventfd from the vCPU's exit instead."""
+
+    def __init__(self, vm: kvmfast.Vm, device: kvmfast.VirtioDevice, kind: DoorbellKind) -> None:
         self._vm = vm
         self._device = device
-        if vm.check_extension(kvm_abi.KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0:
-            self.kind = "zero-length ioeventfd"
-        elif vm.check_extension(kvm_abi.KVM_CAP_IOEVENTFD) > 0:
-            self.kind = "datamatch ioeventfd"
-        else:
-            self.kind = "mmio exit"
+        self.kind = kind
         self._registered: list[tuple[int, int, int, int | None]] = []
 
     def _request(self, queue: int, address: int) -> tuple[int, int, int, int | None]:
@@ -304,6 +314,7 @@ class VirtioPciDevice:
         gsis: GsiAllocator,
         intx: PciIntxLine,
         window: Window,
+        doorbell: DoorbellKind,
     ) -> None:
         self.name = name
         self.slot = slot
@@ -318,7 +329,7 @@ class VirtioPciDevice:
             bar0_address=bar0_address,
         )
         self.wiring.transport = self.transport
-        self.doorbells = Doorbells(host.vm, device)
+        self.doorbells = Doorbells(host.vm, device, doorbell)
         self._bar = GuardedDevice(name, window, Bar0(self.transport))
         self._mapped_at: int | None = None
         self._map_lock = threading.Lock()
@@ -384,6 +395,8 @@ class PciSlots:
     table: PlatformTable
     intx: PciIntxWires
     gsis: GsiAllocator
+    # None: the best the host has (best_doorbell); a test may ask for a slower one.
+    doorbell: DoorbellKind | None = None
     devices: list[VirtioPciDevice] = field(default_factory=list)
 
     def attach(self, host: VirtioHost, device: kvmfast.VirtioDevice, name: str) -> VirtioPciDevice:
@@ -403,6 +416,7 @@ class PciSlots:
             gsis=self.gsis,
             intx=self.intx.line(slot, 0),
             window=window,
+            doorbell=self.doorbell if self.doorbell is not None else best_doorbell(host.vm),
         )
         self.bus.add(slot, attached.transport)
         self.devices.append(attached)
