@@ -73,6 +73,9 @@ def test_every_doorbell_kind_serves_the_same_driver(
         serial = console.data.decode(errors="replace")
         assert outcome.status == 1 and "PASS" in serial, (outcome, serial)
         assert disk.doorbells.kind == doorbell
+        # The guest's MSI-X vector got a GSI of its own above the IOAPIC pins' routes.
+        gsis = disk.wiring.vector_gsis
+        assert gsis and min(gsis.values()) >= machine.vm.ioapic_routes
         requests = disk.counters()["requests"]
         assert requests >= 12  # 5 + 1 masked-vector flush, 5 over INTx, 1 after the reset
         # The stores that reached the transport's notify register (an exit each).
