@@ -5,6 +5,7 @@ and in memory, so that a pause can be checked to lose or repeat nothing."""
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,3 +286,26 @@ def test_pause_from_a_vcpu_thread_is_an_error_not_a_hang(
     assert isinstance(outcome.error.__cause__, MachineStateError), outcome
     assert "'pausing' failed on a 1-byte write" in outcome.reason
     assert "from a vCPU's thread" in outcome.reason
+
+
+def test_ctrl_c_while_start_is_starting_the_vcpus_is_an_interrupted_run(
+    machines: list[Machine], program: GuestProgram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT may land while start() is still starting vCPU threads (the first vCPU's
+    guest already printing): run() ends as for any Ctrl-C, status 130, the threads
+    started joined and the one never started skipped."""
+    machine = _machine(machines, program, cpus=2, bsp="spin", ap="spin")
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start_then_interrupt(thread: threading.Thread) -> None:
+        if thread.name.startswith("vcpu"):
+            if started:
+                raise KeyboardInterrupt
+            started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    outcome = machine.run(timeout=30)
+    assert (outcome.status, outcome.reason) == (130, "interrupted")
+    assert len(started) == 1 and not started[0].is_alive()

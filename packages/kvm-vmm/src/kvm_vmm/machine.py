@@ -556,8 +556,10 @@ class Machine:
     def run(self, timeout: float | None = None) -> Outcome:
         """start() and wait(): run every vCPU until the machine finishes (or ``timeout``
         seconds pass: Outcome status 124, or Ctrl-C: status 130)."""
-        self.start()
         try:
+            # Inside the try: a Ctrl-C may come as soon as the first vCPU runs, while
+            # start() is still starting the others.
+            self.start()
             if self.wait(timeout) is None:
                 self.finish(
                     Outcome(
@@ -573,7 +575,8 @@ class Machine:
         for kicker in self.kickers:
             kicker.stop()
         for thread in self._threads:
-            if thread is not threading.current_thread():
+            # (one never started: start() was interrupted before it)
+            if thread is not threading.current_thread() and thread.ident is not None:
                 thread.join()
         self.timers.stop()
         outcome = self.outcome
