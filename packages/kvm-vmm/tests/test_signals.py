@@ -172,6 +172,9 @@ def test_a_signal_while_paused_ends_the_run_with_128_plus_n(number: int) -> None
     )
     try:
         assert process.stdout is not None
+        # A pause that never comes fails the test rather than hanging the suite.
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        assert ready, "the machine did not report 'paused' within 120 s"
         assert process.stdout.readline() == "paused\n"
         process.send_signal(number)
         stdout, stderr = process.communicate(timeout=30)
