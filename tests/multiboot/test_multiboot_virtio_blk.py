@@ -31,12 +31,15 @@ def written_pattern() -> bytes:
     return bytes((i * 7 + 3) & 0xFF for i in range(SECTOR))
 
 
+@pytest.mark.parametrize("cache", ["", ",direct=on"], ids=["buffered", "direct"])
 def test_a_guest_driver_reads_writes_flushes_and_survives_a_looping_chain(
-    kernels: KernelBuilder, runner: KernelRunner, tmp_path: Path
+    kernels: KernelBuilder, runner: KernelRunner, tmp_path: Path, cache: str
 ) -> None:
+    """Through the page cache and with O_DIRECT (sectors through an aligned buffer)."""
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(IMAGE_SECTORS * SECTOR))
-    run = runner.run(kernels.build("virtio_blk"), "--disk", f"path={image},serial=KVMTEST")
+    disk = f"path={image},serial=KVMTEST{cache}"
+    run = runner.run(kernels.build("virtio_blk"), "--disk", disk)
     assert run.passed, run.describe()
     data = image.read_bytes()
     assert data[SECTOR : 2 * SECTOR] == written_pattern()
