@@ -214,6 +214,19 @@ def test_nothing_is_served_after_reset(blk: Ring) -> None:
 
 
 @pytest.mark.kvm
+def test_a_paused_device_leaves_the_rings_alone_and_serves_them_on_resume(blk: Ring) -> None:
+    blk.activate()
+    blk.device.pause()
+    status = blk.blk(0, T_FLUSH, 0, [])
+    blk.ring_doorbell()
+    assert wait_readable(blk.device.queue_interrupt(0), timeout=0.3) == 0
+    assert blk.status(status) == 0xFF and blk.used_idx() == 0
+    blk.device.resume()  # the ring taken while paused is not lost
+    assert wait_readable(blk.device.queue_interrupt(0)) > 0
+    assert blk.status(status) == 0 and blk.used_idx() == 1
+
+
+@pytest.mark.kvm
 def test_rng_fills_a_buffer(vm: Vm) -> None:
     for ring in serve(vm, VirtioDevice.rng()):
         assert (ring.device.device_type, ring.device.config_size) == (4, 0)

@@ -76,6 +76,8 @@ pub struct DeviceCore {
     config_interrupt: OwnedFd,
     needs_reset: AtomicBool,
     closed: AtomicBool,
+    /// While the machine is paused: doorbells are not served (guest RAM stands still).
+    paused: AtomicBool,
     pub counters: DeviceCounters,
 }
 
@@ -104,6 +106,7 @@ impl DeviceCore {
             config_interrupt: new_eventfd(true)?,
             needs_reset: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             counters: DeviceCounters::default(),
         })
     }
@@ -219,6 +222,26 @@ impl DeviceCore {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
+    /// Serves no doorbell until resume(), and returns once the request in flight (if
+    /// any) has completed: a paused machine's RAM and rings are the device's no more.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        for slot in &self.queues {
+            slot.stopping.store(true, Ordering::SeqCst);
+            drop(locks::lock(&slot.active));
+            slot.stopping.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Serves doorbells again, and each queue once now: a ring taken while paused, or
+    /// the rest of a queue a pause cut short, is not lost.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        for slot in &self.queues {
+            let _ = add_to_counter(slot.notifier.as_raw_fd(), 1);
+        }
+    }
+
     /// Stops for good: reset(), no activation after it, the image's lock released
     /// (a machine closed is no longer the image's user).
     pub fn close(&self) {
@@ -236,6 +259,9 @@ impl DeviceCore {
         };
         bump(&self.counters.notifications, 1);
         let mut guard = locks::lock(&slot.active);
+        if self.paused.load(Ordering::SeqCst) {
+            return; // resume() rings every queue again
+        }
         let Some(active) = guard.as_mut() else {
             return; // not activated (or reset): the doorbell means nothing
         };

@@ -236,6 +236,18 @@ impl VirtioDevice {
         py.detach(move || core.reset());
     }
 
+    /// Serves no doorbell until resume(); returns once the request in flight (if any)
+    /// has completed (a paused machine's RAM is left alone).
+    fn pause(&self, py: Python<'_>) {
+        let core = self.core.clone();
+        py.detach(move || core.pause());
+    }
+
+    /// Serves doorbells again, and every queue once now (nothing rung meanwhile is lost).
+    fn resume(&self) {
+        self.core.resume();
+    }
+
     /// reset() for good: no activation after it, and a disk image's lock is released
     /// (another process may then open it).
     fn close(&self, py: Python<'_>) {

@@ -701,3 +701,23 @@ fn close_stops_activation_and_lets_another_process_lock_the_image() {
         .activate(rig.ram.clone(), COMMON_FEATURES, &[Some(config())]);
     assert!(matches!(again, Err(ActivateError::Closed)), "{again:?}");
 }
+
+#[test]
+fn a_paused_device_serves_nothing_and_resume_serves_what_was_rung() {
+    let image = TempImage::new(8 * 512);
+    let mut rig = Rig::block(&image, false);
+    rig.activate(FEATURES);
+    // activate() rang the doorbell once: take that ring as the loop would.
+    let _ = read_counter(rig.core.notifier(0).unwrap().as_raw_fd());
+    rig.core.pause();
+    let flush = rig.offer_blk(0, T_FLUSH, 0, &[]);
+    rig.core.serve(0);
+    assert_eq!(rig.driver.used_idx(rig.memory()), 0);
+    assert_eq!(rig.interrupts(), 0);
+    rig.core.resume();
+    let rung = read_counter(rig.core.notifier(0).unwrap().as_raw_fd()).unwrap();
+    assert_eq!(rung, Some(1));
+    rig.core.serve(0);
+    assert_eq!(rig.status(flush), S_OK);
+    assert_eq!(rig.driver.used_idx(rig.memory()), 1);
+}

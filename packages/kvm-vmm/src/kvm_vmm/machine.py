@@ -497,7 +497,8 @@ class Machine:
             thread.start()
 
     def pause(self) -> None:
-        """Stop every vCPU and the device timers; returns when every vCPU is out of
+        """Stop every vCPU, the device timers and the virtio devices' queues (a request
+        in flight completes first); returns when every vCPU is out of
         KVM_RUN at a clean point (kvmfast's VcpuKicker.pause: no SYSCALL repair, no
         acknowledged ExtINT vector and no I/O completion in flight), registers readable
         and settable.
@@ -520,9 +521,14 @@ class Machine:
                     or self._state is MachineState.FINISHED
                 )
             )
+        # The guest can ring no doorbell now; a request in flight completes first.
+        self.pci.pause()
 
     def resume(self) -> None:
         """Continue every vCPU exactly where pause() left it, and the timers."""
+        with self._cond:
+            self._require("resume()", MachineState.PAUSED)
+        self.pci.resume()  # before the vCPUs: what was rung before the pause is served
         with self._cond:
             self._require("resume()", MachineState.PAUSED)
             self._state = MachineState.RUNNING

@@ -422,6 +422,15 @@ class PciSlots:
         self.devices.append(attached)
         return attached
 
+    def pause(self) -> None:
+        """No device touches guest RAM until resume()."""
+        for attached in self.devices:
+            attached.device.pause()
+
+    def resume(self) -> None:
+        for attached in self.devices:
+            attached.device.resume()
+
     def close(self) -> None:
         for attached in self.devices:
             attached.close()
