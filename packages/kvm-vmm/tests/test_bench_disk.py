@@ -162,7 +162,8 @@ def _sample(requests: int, read_bytes: int, io_ns: int, vcpu_ns: int, exits: int
         io=ThreadTimes(io_ns // 2, io_ns // 2, 0, io_ns),
         vcpu=ThreadTimes(vcpu_ns // 4, vcpu_ns // 2, vcpu_ns // 4, vcpu_ns),
         device={"requests": requests, "read_bytes": read_bytes},
-        exits=exits,
+        exits={"mmio": exits // 2, "io": exits - exits // 2, "hlt": 0},
+        completions={"clac": exits // 4},
     )
 
 
@@ -179,6 +180,8 @@ def test_a_phase_is_reported_per_device_request_with_the_time_shares() -> None:
     assert report["vcpu_thread_ns_per_request"] == pytest.approx(1e9 / 512)
     assert report["vcpu_thread_user_system_guest_ns"] == [250_000_000, 500_000_000, 250_000_000]
     assert report["exits_per_request"] == 1.0
+    assert report["exits"] == {"io": 256, "mmio": 256}  # nothing new: left out
+    assert report["completions"] == {"clac": 128}
     assert report["share_vcpu_thread"] == pytest.approx(0.5)
     assert report["share_io_thread"] == pytest.approx(0.256)
     assert report["share_other"] == pytest.approx(0.244)

@@ -143,7 +143,8 @@ class Sample:
     io: ThreadTimes
     vcpu: ThreadTimes
     device: dict[str, int]
-    exits: int
+    exits: dict[str, int]  # the VM's exits to userspace by reason
+    completions: dict[str, int]  # instructions kvmfast completed for KVM, by mnemonic
 
 
 def _delta(end: ThreadTimes, begin: ThreadTimes) -> ThreadTimes:
@@ -161,7 +162,8 @@ def phase_report(guest: ReadResult, begin: Sample, end: Sample) -> dict[str, obj
     requests = end.device["requests"] - begin.device["requests"]
     read_bytes = end.device["read_bytes"] - begin.device["read_bytes"]
     io, vcpu = _delta(end.io, begin.io), _delta(end.vcpu, begin.vcpu)
-    exits = end.exits - begin.exits
+    exits = _counts(end.exits, begin.exits)
+    completions = _counts(end.completions, begin.completions)
     wall_ns = guest.seconds * 1e9
     per = max(requests, 1)
     report: dict[str, object] = {
@@ -177,7 +179,9 @@ def phase_report(guest: ReadResult, begin: Sample, end: Sample) -> dict[str, obj
         "io_thread_user_system_ns": [io.user_ns, io.system_ns],
         "vcpu_thread_ns_per_request": vcpu.run_ns / per,
         "vcpu_thread_user_system_guest_ns": [vcpu.user_ns, vcpu.system_ns, vcpu.guest_ns],
-        "exits_per_request": exits / per,
+        "exits_per_request": sum(exits.values()) / per,
+        "exits": exits,
+        "completions": completions,
         # Of the guest's wall time: the vCPU's thread on a CPU (the guest, with its
         # kernel code emulated, and KVM), our I/O thread on a CPU, and the rest
         # (waiting for the host's disk, scheduling, the two overlapping).
@@ -190,6 +194,12 @@ def phase_report(guest: ReadResult, begin: Sample, end: Sample) -> dict[str, obj
     else:
         report["iops"] = guest.iops
     return report
+
+
+def _counts(end: Mapping[str, int], begin: Mapping[str, int]) -> dict[str, int]:
+    """What grew between two samples of a counter map, by key (none: left out)."""
+    grown = {key: count - begin.get(key, 0) for key, count in end.items()}
+    return {key: count for key, count in sorted(grown.items()) if count}
 
 
 def host_ratios(guest: ReadResult, host: Sequence[ReadResult]) -> dict[str, object]:
@@ -284,8 +294,14 @@ def _vcpu_tid() -> int:
 
 
 def _sample(machine: Machine, device: VirtioPciDevice, io_tid: int, vcpu_tid: int) -> Sample:
-    exits = sum(machine.counters()["exits"].values())
-    return Sample(thread_times(io_tid), thread_times(vcpu_tid), device.counters(), exits)
+    counters = machine.counters()
+    return Sample(
+        thread_times(io_tid),
+        thread_times(vcpu_tid),
+        device.counters(),
+        dict(counters["exits"]),
+        dict(counters["completions"]),
+    )
 
 
 @dataclass
@@ -305,8 +321,10 @@ def run_guest(
     kernel: Path,
     disks: dict[str, tuple[Path, bool]],
     timeout: float,
+    console: Path | None = None,
 ) -> GuestRun:
-    """Boot, follow the guest's marker lines, sample around each phase."""
+    """Boot, follow the guest's marker lines, sample around each phase; the guest's
+    console output goes to ``console`` at the end."""
     run = GuestRun(disks=[], phases={}, dd=[], errors=[], results={})
     assert run.disks is not None and run.phases is not None and run.dd is not None
     assert run.errors is not None and run.results is not None
@@ -359,6 +377,8 @@ def run_guest(
         if outcome is None:
             outcome = machine.stop()
         run.outcome = outcome.reason
+        if console is not None:
+            console.write_bytes(machine.serial.transcript())
         run.completions = sum(machine.counters()["completions"].values())
     return run
 
@@ -384,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="whole guest run")
     parser.add_argument("--no-cached", action="store_true", help="only the O_DIRECT disk")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--console", type=Path, help="write the guest's console output here")
     args = parser.parse_args(argv)
     if args.size < 1 << 20 or args.size % 4096:
         parser.error("--size: at least 1 MiB, a multiple of 4096")
@@ -416,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         disks = {"direct": (image, True)}
         if not args.no_cached:
             disks["cached"] = (image, False)
-        guest = run_guest(initrd, assets.kernel, disks, args.timeout)
+        guest = run_guest(initrd, assets.kernel, disks, args.timeout, args.console)
         host_after = host_runs(reader, image, args.random_reads, args.seed)
         both = {f"before_{key}": run for key, run in host_before.items()}
         both.update({f"after_{key}": run for key, run in host_after.items()})
