@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvm_vmm.bench_disk_reader import (
@@ -306,14 +306,17 @@ def _sample(machine: Machine, device: VirtioPciDevice, io_tid: int, vcpu_tid: in
 
 @dataclass
 class GuestRun:
+    """What the guest printed and the host sampled; ``results`` are the reader's own
+    figures behind ``phases`` (by "<label>_<mode>")."""
+
     boot_seconds: float = 0.0
     outcome: str = ""
-    disks: list[dict[str, object]] | None = None
-    phases: dict[str, dict[str, object]] | None = None
-    dd: list[dict[str, object]] | None = None
-    errors: list[str] | None = None
+    disks: list[dict[str, object]] = field(default_factory=list)
+    phases: dict[str, dict[str, object]] = field(default_factory=dict)
+    dd: list[dict[str, object]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     completions: int = 0
-    results: dict[str, ReadResult] | None = None
+    results: dict[str, ReadResult] = field(default_factory=dict)
 
 
 def run_guest(
@@ -325,9 +328,7 @@ def run_guest(
 ) -> GuestRun:
     """Boot, follow the guest's marker lines, sample around each phase; the guest's
     console output goes to ``console`` at the end."""
-    run = GuestRun(disks=[], phases={}, dd=[], errors=[], results={})
-    assert run.disks is not None and run.phases is not None and run.dd is not None
-    assert run.errors is not None and run.results is not None
+    run = GuestRun()
     with Machine(MachineConfig(memory_size=512 << 20, cpus=1)) as machine:
         devices = {
             label: machine.add_disk(path, readonly=True, serial=label, direct=direct)
@@ -348,8 +349,7 @@ def run_guest(
             while True:
                 found = machine.serial.expect(_LINE, deadline - time.monotonic())
                 line = found[0].decode(errors="replace").strip()
-                kind = line.split()[1]
-                label = line.split()[2] if len(line.split()) > 2 else ""
+                kind, label = [*line.split(), ""][1:3]
                 if kind == "END":
                     break
                 if kind in ("READY", "RESULT") and label in devices and tids is None:
@@ -441,8 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host_after = host_runs(reader, image, args.random_reads, args.seed)
         both = {f"before_{key}": run for key, run in host_before.items()}
         both.update({f"after_{key}": run for key, run in host_after.items()})
-        for name, result in (guest.results or {}).items():
-            assert guest.phases is not None
+        for name, result in guest.results.items():
             label = name.rsplit("_", 1)[0]
             guest.phases[name].update(
                 host_ratios(result, host_reference(both, result, disks[label][1]))
