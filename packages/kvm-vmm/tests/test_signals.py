@@ -14,12 +14,15 @@ import subprocess
 import sys
 import termios
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from test_cli import _multiboot_kernel
 
+from kvm_vmm.machine import Machine, MachineConfig
+from kvm_vmm.signals import ending_run
 from kvmfast.testing import require_kvm
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
@@ -186,3 +189,36 @@ def test_a_signal_while_paused_ends_the_run_with_128_plus_n(number: int) -> None
     assert TRACEBACK not in stderr
     expected = "interrupted" if number == signal.SIGINT else "terminated by"
     assert stdout.startswith(expected), stdout
+
+
+@pytest.mark.kvm
+def test_a_sigterm_landing_while_the_main_thread_holds_the_finished_events_lock_ends_the_run() -> (
+    None
+):
+    """Python runs a signal's handler between two bytecodes of the main thread, which
+    may then be inside Event.wait() holding the machine's finished event's lock: the
+    handler must not take it itself (seen as a hang under load: finish() waiting on the
+    main thread's own lock, the vCPUs never kicked)."""
+    require_kvm()
+    with Machine(MachineConfig()) as machine, ending_run(machine):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        finished_lock = machine._finished._cond  # what Event.wait() holds between bytecodes
+        returned = threading.Event()
+        deadlocked: list[bool] = []
+
+        def watchdog() -> None:  # a plain Lock may be released by another thread
+            if not returned.wait(3):
+                deadlocked.append(True)
+                finished_lock.release()
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        finished_lock.acquire()
+        handler(signal.SIGTERM, None)
+        returned.set()
+        if not deadlocked:
+            finished_lock.release()
+        assert not deadlocked, "the handler waited for a lock its own thread held"
+        assert machine._finished.wait(10)
+        outcome = machine.outcome
+        assert outcome is not None and outcome.reason == "terminated by SIGTERM"

@@ -113,6 +113,7 @@ STATUS_GUEST_CRASHED = 4  # triple fault, instruction nobody completes, device f
 STATUS_TIMED_OUT = 124  # timeout(1)'s status
 STATUS_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 STOPPED = "stopped"
+INTERRUPTED = "interrupted"
 POWERED_OFF = "guest powered off"
 
 
@@ -573,7 +574,7 @@ class Machine:
                     )
                 )
         except KeyboardInterrupt:
-            self.finish(Outcome(STATUS_INTERRUPTED, "interrupted", stopped_from_outside=True))
+            self.finish(Outcome(STATUS_INTERRUPTED, INTERRUPTED, stopped_from_outside=True))
         return self._join()
 
     def _join(self) -> Outcome:

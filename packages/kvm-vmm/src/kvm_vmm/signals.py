@@ -7,20 +7,23 @@ ended (130, 143, 129), with the terminal restored and no traceback:
   SIGHUP raise :class:`Terminated` in the main thread, as SIGINT raises
   KeyboardInterrupt: the ``finally`` blocks that close the machine and restore
   the terminal run;
-- while a machine runs or is paused, :func:`ending_run` turns SIGTERM and
-  SIGHUP into ``machine.finish()``, as a timeout ends it (statistics, the vCPUs'
-  positions), and ``Machine.run()`` does the same for Ctrl-C (SIGINT).
+- while a machine runs or is paused, :func:`ending_run` turns SIGINT, SIGTERM
+  and SIGHUP into ``machine.finish()``, as a timeout ends it (statistics, the
+  vCPUs' positions); without it ``Machine.run()`` does the same for a
+  KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from kvm_vmm.machine import Outcome
+from kvm_vmm.machine import INTERRUPTED, STATUS_INTERRUPTED, Outcome
 
 if TYPE_CHECKING:
     from kvm_vmm.machine import Machine
@@ -46,8 +49,11 @@ def _raise_terminated(number: int, _frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def _handling(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
-    previous = {number: signal.signal(number, handler) for number in ENDING}
+def _handling(
+    handler: Callable[[int, FrameType | None], None],
+    numbers: tuple[signal.Signals, ...] = ENDING,
+) -> Iterator[None]:
+    previous = {number: signal.signal(number, handler) for number in numbers}
     try:
         yield
     finally:
@@ -62,16 +68,42 @@ def raising_terminated() -> Iterator[None]:
         yield
 
 
+def _outcome_of(number: int) -> Outcome:
+    if number == signal.SIGINT:
+        return Outcome(STATUS_INTERRUPTED, INTERRUPTED, stopped_from_outside=True)
+    name = signal.Signals(number).name
+    return Outcome(status_of_signal(number), f"terminated by {name}", stopped_from_outside=True)
+
+
 @contextlib.contextmanager
 def ending_run(machine: Machine) -> Iterator[None]:
-    """SIGTERM and SIGHUP end ``machine``'s run (running or paused) as a timeout
-    does, with status 128 + n, while the block runs."""
+    """SIGINT, SIGTERM and SIGHUP end ``machine``'s run (running or paused) as a
+    timeout does, with status 128 + n ("interrupted" for SIGINT, as ``run()`` says of
+    a KeyboardInterrupt), while the block runs.
 
-    def stop(number: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(number).name
-        machine.finish(
-            Outcome(status_of_signal(number), f"terminated by {name}", stopped_from_outside=True)
-        )
+    The handler only writes the signal's number to a pipe; a thread of this block's
+    reads it and calls ``machine.finish()``. Python runs a handler between two
+    bytecodes of the main thread, which may hold any lock then (inside Event.wait() on
+    the machine's finished event, or between taking a lock and entering the block that
+    releases it): a handler that took one itself, or raised there, could wait forever
+    with the vCPUs never kicked (seen under load).
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
 
-    with _handling(stop):
-        yield
+    def handler(number: int, _frame: FrameType | None) -> None:
+        os.write(write_end, bytes([number]))
+
+    def watch() -> None:
+        while (data := os.read(read_end, 1)) and data[0] != 0:
+            machine.finish(_outcome_of(data[0]))
+
+    watcher = threading.Thread(target=watch, name="signal-watcher", daemon=True)
+    watcher.start()
+    try:
+        with _handling(handler, (signal.SIGINT, *ENDING)):
+            yield
+    finally:
+        os.write(write_end, b"\0")
+        watcher.join()
+        os.close(read_end)
+        os.close(write_end)
