@@ -234,8 +234,18 @@ def doorbell_path(
     return sample_of(run, writes, finished=last_handled[0])
 
 
+# The round-trip guests' interrupt handler: EOI to the LAPIC, return.
+EOI_HANDLER = f"""
+    handler:
+        push rsi
+        mov rsi, {LAPIC_BASE + 0xB0:#x}
+        mov dword ptr [rsi], 0
+        pop rsi
+        iretq
+"""
+
+
 def round_trip_source() -> str:
-    eoi = LAPIC_BASE + 0xB0
     svr = LAPIC_BASE + 0xF0
     return f"""
     .global entry, handler
@@ -252,13 +262,7 @@ def round_trip_source() -> str:
         dec ecx
         jnz again
         out {EXIT_PORT:#x}, al
-    handler:
-        push rsi
-        mov rsi, {eoi:#x}
-        mov dword ptr [rsi], 0
-        pop rsi
-        iretq
-    """
+    {EOI_HANDLER}"""
 
 
 def round_trip_path(kvm: Kvm, rounds: int) -> Sample:

@@ -41,6 +41,7 @@ from pathlib import Path
 from kvmfast._native import EventFd, EventLoop, Kvm, Vcpu, VirtioDevice, Vm
 from kvmfast.bench import (
     DOORBELL_VECTOR,
+    EOI_HANDLER,
     EXIT_PORT,
     LAPIC_BASE,
     MMIO_ADDR,
@@ -113,7 +114,6 @@ class PathReport:
 
 def request_loop_source() -> str:
     """rdi requests: publish head 0, ring, wait for the MSI; then a write to EXIT_PORT."""
-    eoi = LAPIC_BASE + 0xB0
     svr = LAPIC_BASE + 0xF0
     return f"""
     .global entry, handler
@@ -137,13 +137,7 @@ def request_loop_source() -> str:
         dec ecx
         jnz again
         out {EXIT_PORT:#x}, al
-    handler:
-        push rsi
-        mov rsi, {eoi:#x}
-        mov dword ptr [rsi], 0
-        pop rsi
-        iretq
-    """
+    {EOI_HANDLER}"""
 
 
 def write_chain(vm: Vm, data_bytes: int) -> None:
