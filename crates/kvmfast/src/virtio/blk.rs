@@ -230,19 +230,13 @@ impl Block {
         offset: u64,
         bounce: &mut Bounce,
     ) -> Result<(), Failure> {
-        let mut rest = data.clone();
-        let mut at = offset;
-        while rest.total() > 0 {
-            let (chunk, tail) = rest.split_at(BOUNCE_CHUNK as u64);
+        for_each_chunk(data, offset, |chunk, at| {
             let buffer = bounce.get(chunk.total() as usize);
             self.disk
                 .read_exact_at(buffer, at)
                 .map_err(|_| Failure::Host)?;
-            expect_layout(chunk.write(memory, buffer))?;
-            at += chunk.total();
-            rest = tail;
-        }
-        Ok(())
+            expect_layout(chunk.write(memory, buffer))
+        })
     }
 
     fn write(
@@ -252,19 +246,13 @@ impl Block {
         offset: u64,
         bounce: &mut Bounce,
     ) -> Result<(), Failure> {
-        let mut rest = data.clone();
-        let mut at = offset;
-        while rest.total() > 0 {
-            let (chunk, tail) = rest.split_at(BOUNCE_CHUNK as u64);
+        for_each_chunk(data, offset, |chunk, at| {
             let buffer = bounce.get(chunk.total() as usize);
             expect_layout(chunk.read(memory, buffer))?;
             self.disk
                 .write_all_at(buffer, at)
-                .map_err(|_| Failure::Host)?;
-            at += chunk.total();
-            rest = tail;
-        }
-        Ok(())
+                .map_err(|_| Failure::Host)
+        })
     }
 
     /// DISCARD and WRITE_ZEROES: every range checked before any is applied.
@@ -324,4 +312,22 @@ impl Block {
 
 fn expect_layout(holds: bool) -> Result<(), Failure> {
     if holds { Ok(()) } else { Err(Failure::Layout) }
+}
+
+/// `f(chunk, disk offset)` for each bounce-buffer-sized piece of `data`, in order, from
+/// disk offset `offset`; the first failure ends it.
+fn for_each_chunk(
+    data: &Segments,
+    offset: u64,
+    mut f: impl FnMut(&Segments, u64) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let mut rest = data.clone();
+    let mut at = offset;
+    while rest.total() > 0 {
+        let (chunk, tail) = rest.split_at(BOUNCE_CHUNK as u64);
+        f(&chunk, at)?;
+        at += chunk.total();
+        rest = tail;
+    }
+    Ok(())
 }
