@@ -411,15 +411,7 @@ request:
         mov r8d, 512
 /* ... of r8d bytes. */
 request_sized:
-        mov dword ptr [HEADER], edi
-        mov dword ptr [HEADER + 4], 0
-        mov qword ptr [HEADER + 8], rsi
-        mov byte ptr [STATUS_BYTE], 0xFF
-        mov rax, DESC_TABLE
-        mov qword ptr [rax + 0], HEADER
-        mov dword ptr [rax + 8], 16
-        mov word ptr [rax + 12], VRING_DESC_F_NEXT
-        mov word ptr [rax + 14], 1
+        call header_descriptor
         mov qword ptr [rax + 16], rdx
         mov dword ptr [rax + 24], r8d
         or ecx, VRING_DESC_F_NEXT
@@ -431,8 +423,9 @@ request_sized:
         mov word ptr [rax + 46], 0
         jmp submit
 
-/* Type edi, sector rsi, no data buffer (flush). */
-request_no_data:
+/* The header (type edi, sector rsi), the status byte unwritten (0xFF) and descriptor 0
+   -> descriptor 1; rax = the descriptor table. */
+header_descriptor:
         mov dword ptr [HEADER], edi
         mov dword ptr [HEADER + 4], 0
         mov qword ptr [HEADER + 8], rsi
@@ -442,6 +435,11 @@ request_no_data:
         mov dword ptr [rax + 8], 16
         mov word ptr [rax + 12], VRING_DESC_F_NEXT
         mov word ptr [rax + 14], 1
+        ret
+
+/* Type edi, sector rsi, no data buffer (flush). */
+request_no_data:
+        call header_descriptor
         mov qword ptr [rax + 16], STATUS_BYTE
         mov dword ptr [rax + 24], 1
         mov word ptr [rax + 28], VRING_DESC_F_WRITE
