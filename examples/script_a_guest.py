@@ -26,12 +26,14 @@ COMMAND_SECONDS = 120.0  # a fork+exec costs ~0.6 s there: a command line takes 
 PROMPT = b"/ # "  # busybox sh's prompt for root in /
 COMMAND = b"echo answer=$((6*7)) cpus=$(nproc) kernel=$(uname -r)\n"
 # The shell echoes the typed line too ("answer=$((6*7)) ..."): only its output
-# has digits right after "answer=".
-ANSWER = re.compile(rb"answer=(\d+) cpus=(\d+) kernel=(\S+)")
+# has digits right after "answer=". Each pattern ends at the line's end: the
+# console is matched as its bytes arrive, and an open-ended \S+ would match the
+# first few characters of a word the UART has not finished sending.
+ANSWER = re.compile(rb"answer=(\d+) cpus=(\d+) kernel=(\S+)\r?\n")
 DISK_COMMAND = (
     b"echo hello=$(cat /mnt/hello.txt) rng=$(cat /sys/class/misc/hw_random/rng_current)\n"
 )
-DISK_ANSWER = re.compile(rb"hello=([^ ]+) rng=(\S+)")
+DISK_ANSWER = re.compile(rb"hello=([^ ]+) rng=(\S+)\r?\n")
 
 
 def main(argv: list[str]) -> int:

@@ -68,7 +68,9 @@ class SerialConsole:
         """The first match of ``pattern`` (bytes: literally; a compiled pattern: as a
         regular expression) in the output after the previous expect()'s match, waiting
         up to ``timeout`` seconds for it. Match positions are offsets in transcript().
-        Raises ConsoleTimeout when none came in time or the run ended without one."""
+        Raises ConsoleTimeout when none came in time or the run ended without one.
+        The output is searched as it arrives: end a pattern with a delimiter (such as
+        ``\\r?\\n``) where an open-ended repeat would otherwise match a partial word."""
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
         deadline = time.monotonic() + timeout
         while True:
