@@ -474,6 +474,13 @@ class Machine:
         for kicker in self.kickers:
             kicker.stop()
 
+    def press_power_button(self) -> None:
+        """Press the ACPI power button (PM1_STS.PWRBTN_STS, an SCI where the guest enabled
+        it): a guest with ACPI shuts down in its own way, as on QEMU's system_powerdown."""
+        with self._cond:
+            self._require("press_power_button()", MachineState.RUNNING, MachineState.PAUSED)
+        self.platform.acpi_pm.press_power_button()
+
     def raise_lint1(self) -> None:
         """Drive every LAPIC's LINT1 input: an NMI where LVT LINT1 says NMI, unmasked.
 
