@@ -36,6 +36,7 @@ pub mod run_loop;
 pub mod run_page;
 pub mod symbols;
 pub mod vcpu;
+pub mod vcpu_snapshot;
 pub mod virtio;
 pub mod vm;
 pub mod volatile_copy;

@@ -1,12 +1,13 @@
 //! The VM handle: memory slots, the address map, GSI routing, irqfd and ioeventfd,
 //! vCPU creation and the VM-wide counters.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_bindings::{
-    KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE, kvm_enable_cap, kvm_ioeventfd, kvm_irqfd,
-    kvm_msi, kvm_userspace_memory_region,
+    KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE, kvm_clock_data, kvm_enable_cap,
+    kvm_ioeventfd, kvm_irqfd, kvm_msi, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
 use pyo3::PyTraverseError;
@@ -289,6 +290,28 @@ impl Vm {
         self.with_fd(|fd, _| {
             fd.set_identity_map_address(address)
                 .map_err(|e| kvm_error("KVM_SET_IDENTITY_MAP_ADDR", e))
+        })
+    }
+
+    /// KVM_GET_CLOCK: kvmclock's base as {"clock": ns, "flags": KVM_CLOCK_* bits}.
+    fn get_clock(&self) -> PyResult<BTreeMap<&'static str, u64>> {
+        let data =
+            self.with_fd(|fd, _| fd.get_clock().map_err(|e| kvm_error("KVM_GET_CLOCK", e)))?;
+        Ok(BTreeMap::from([
+            ("clock", data.clock),
+            ("flags", u64::from(data.flags)),
+        ]))
+    }
+
+    /// KVM_SET_CLOCK: kvmclock continues from `clock` ns (flags 0: no realtime fix-up).
+    fn set_clock(&self, clock: u64) -> PyResult<()> {
+        let data = kvm_clock_data {
+            clock,
+            ..Default::default()
+        };
+        self.with_fd(|fd, _| {
+            fd.set_clock(&data)
+                .map_err(|e| kvm_error("KVM_SET_CLOCK", e))
         })
     }
 
