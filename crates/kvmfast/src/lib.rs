@@ -28,6 +28,7 @@ pub mod kvm;
 pub mod lapic;
 pub mod locks;
 pub mod memory;
+pub mod memory_file;
 #[cfg(test)]
 mod module_graph;
 pub mod regs;

@@ -5,14 +5,25 @@ a flat guest's vCPU and RAM moved mid-run into a fresh VM ends as an uninterrupt
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import time
+from pathlib import Path
 
 import pytest
 from emulation_support import RAM_SIZE, Guest, make_guest
-from kvmfast_guest_support import VcpuThread, wait_until, wait_until_in_kvm_run
+from kvmfast_guest_support import (
+    CODE_AT,
+    STACK_TOP,
+    VcpuThread,
+    boot_guest,
+    wait_until,
+    wait_until_in_kvm_run,
+)
 
 from kvmfast import ExitSink, Kvm, KvmError, Vcpu, Vm
+from kvmfast.testing import setup_long_mode
 
 pytestmark = pytest.mark.kvm
 
@@ -187,3 +198,125 @@ def test_tsc_khz_and_kvmclock(kvm: Kvm) -> None:
     assert vm.get_clock()["clock"] - first["clock"] >= 10_000_000
     vm.set_clock(1 << 40)
     assert 1 << 40 <= vm.get_clock()["clock"] < (1 << 40) + 1_000_000_000
+
+
+# ---- guest RAM to and from a memory file ------------------------------------------------
+
+PAGE = 4096
+FILE_RAM = 4 << 20
+MARK_AT = 0x20_0000
+# Stores rax at MARK_AT and leaves: each VM's guest writes its own value.
+MARKER = f"""
+.global entry
+entry:
+    mov rbx, {MARK_AT:#x}
+    mov [rbx], rax
+    out {EXIT_PORT:#x}, al
+"""
+
+
+def _saved_guest(kvm: Kvm, path: Path) -> None:
+    """A memory file holding MARKER's code, page tables and GDT (a sparse file: only its
+    non-zero pages written)."""
+    guest = boot_guest(kvm, MARKER)
+    assert guest.memory.size == FILE_RAM
+    with path.open("wb") as out:
+        out.truncate(FILE_RAM)
+        guest.memory.save_to(out.fileno(), 0)
+    guest.vm.close()
+
+
+def _run_marker(kvm: Kvm, path: Path, value: int, *, copy: bool) -> Vm:
+    vm = kvm.create_vm()
+    memory = vm.add_memory(0, FILE_RAM, backing=path, copy=copy)
+    vm.add_pio(EXIT_PORT, 1, ExitSink())
+    vcpu = vm.create_vcpu(0)
+    # The tables are in the file already; this loads the registers (and rewrites the
+    # tables with the same bytes).
+    setup_long_mode(vm, vcpu, memory, entry=CODE_AT, stack=STACK_TOP)
+    vcpu.set_regs({"rax": value})
+    assert vcpu.run().reason == "device_exit"
+    return vm
+
+
+def _mark(vm: Vm) -> int:
+    value: int = struct.unpack("<Q", vm.read(MARK_AT, 8))[0]
+    return value
+
+
+def test_save_to_writes_only_non_zero_pages(kvm: Kvm, tmp_path: Path) -> None:
+    vm = kvm.create_vm()
+    memory = vm.add_memory(0x10_0000, FILE_RAM)
+    vm.write(0x10_0000 + 5 * PAGE + 100, b"five")
+    vm.write(0x10_0000 + 6 * PAGE, b"\x01")
+    vm.write(0x10_0000 + FILE_RAM - 1, b"\xff")
+    path = tmp_path / "memory.bin"
+    header = 2 * PAGE
+    with path.open("wb") as out:
+        out.truncate(header + FILE_RAM)
+        written = memory.save_to(out.fileno(), header)
+    assert written == 3 * PAGE
+    data = path.read_bytes()
+    assert data[:header] == bytes(header)
+    assert data[header:] == vm.read(0x10_0000, FILE_RAM)
+    # The file system allocated the written pages only (SEEK_DATA finds them).
+    allocated = os.stat(path).st_blocks * 512
+    assert allocated <= 8 * PAGE, f"{allocated} bytes allocated for 3 pages"
+    with path.open("rb") as again:
+        assert os.lseek(again.fileno(), 0, os.SEEK_DATA) == header + 5 * PAGE
+    with pytest.raises(OSError) as bad:
+        memory.save_to(-1, 0)
+    assert bad.value.errno == errno.EBADF
+
+
+def test_two_vms_on_one_memory_file_do_not_see_each_others_writes(kvm: Kvm, tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    _saved_guest(kvm, path)
+    before = path.read_bytes()
+    first = _run_marker(kvm, path, 0x1111, copy=False)
+    second = _run_marker(kvm, path, 0x2222, copy=False)
+    assert (_mark(first), _mark(second)) == (0x1111, 0x2222)
+    first.write(MARK_AT + 8, b"host")
+    assert second.read(MARK_AT + 8, 4) == bytes(4)
+    assert path.read_bytes() == before
+
+
+def test_copy_mode_reads_the_file_into_anonymous_memory(kvm: Kvm, tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    _saved_guest(kvm, path)
+    before = path.read_bytes()
+    vm = kvm.create_vm()
+    vm.add_memory(0, FILE_RAM, backing=path, copy=True)
+    assert vm.read(0, FILE_RAM) == before
+    vm.close()
+    assert _mark(_run_marker(kvm, path, 0x3333, copy=True)) == 0x3333
+    assert path.read_bytes() == before
+
+
+def test_backing_offset_selects_the_slots_bytes(kvm: Kvm, tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    path.write_bytes(b"H" * PAGE + b"slot" + bytes(2 * PAGE - 4))
+    for copy in (False, True):
+        vm = kvm.create_vm()
+        vm.add_memory(0x1000, 2 * PAGE, backing=str(path), backing_offset=PAGE, copy=copy)
+        assert vm.read(0x1000, 5) == b"slot\0"
+
+
+def test_a_bad_memory_file_is_refused_and_nothing_is_mapped(kvm: Kvm, tmp_path: Path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(bytes(3 * PAGE))
+    vm = kvm.create_vm()
+    for copy in (False, True):
+        with pytest.raises(ValueError, match=r"short\.bin.*0x3000.*0x1000.*0x3000"):
+            vm.add_memory(0, 3 * PAGE, backing=path, backing_offset=PAGE, copy=copy)
+        with pytest.raises(ValueError, match=r"short\.bin.*offset 0x10 "):
+            vm.add_memory(0, PAGE, backing=path, backing_offset=0x10, copy=copy)
+        with pytest.raises(FileNotFoundError, match="missing") as missing:
+            vm.add_memory(0, PAGE, backing=tmp_path / "missing.bin", copy=copy)
+        assert missing.value.filename == str(tmp_path / "missing.bin")
+    with pytest.raises(ValueError, match="need a backing file"):
+        vm.add_memory(0, PAGE, copy=True)
+    # Nothing was mapped: the range is still free.
+    vm.add_memory(0, 3 * PAGE, backing=path)
+    with pytest.raises(ValueError, match="overlaps"):
+        vm.add_memory(0, PAGE, backing=path)

@@ -226,6 +226,11 @@ class GuestMemory:
     @property
     def slot(self) -> int: ...
     def __len__(self) -> int: ...
+    def save_to(self, fd: int, file_offset: int) -> int:
+        """pwrite every 4 KiB page of the slot that is not all zeros to ``fd`` at
+        ``file_offset`` + the page's offset; zero pages are skipped (holes of a file the
+        caller has ftruncated to its full size). Returns the bytes written. Runs without
+        the GIL; the caller keeps the vCPUs paused. OSError when a write fails."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
@@ -322,8 +327,22 @@ class Vm:
     def set_tss_address(self, address: int) -> None: ...
     def set_identity_map_address(self, address: int) -> None: ...
     def add_memory(
-        self, guest_phys_addr: int, size: int, *, hugepages: bool = False
-    ) -> GuestMemory: ...
+        self,
+        guest_phys_addr: int,
+        size: int,
+        *,
+        hugepages: bool = False,
+        backing: str | PathLike[str] | None = None,
+        backing_offset: int = 0,
+        copy: bool = False,
+    ) -> GuestMemory:
+        """A new slot of ``size`` bytes at ``guest_phys_addr``: fresh zeroed memory, or
+        [backing_offset, +size) of the memory file ``backing``. ``copy=False`` maps the
+        file MAP_PRIVATE (opened read-only: pages load on demand, guest writes are
+        copied on write, the file never changes); ``copy=True`` reads it now into
+        anonymous memory (holes skipped). A file shorter than backing_offset + size or
+        an offset not page aligned is a ValueError, a missing or unreadable file an
+        OSError; both name the file, and nothing is mapped."""
     def read(self, guest_phys_addr: int, length: int) -> bytes: ...
     def write(self, guest_phys_addr: int, data: bytes) -> None: ...
     def get_clock(self) -> ClockData:
