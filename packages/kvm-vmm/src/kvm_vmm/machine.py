@@ -593,6 +593,10 @@ class Machine:
             )
         # The guest can ring no doorbell now; a request in flight completes first.
         self.pci.pause()
+        for vcpu in self.vcpus:
+            # Tells a kvmclock guest it was stopped, so that its watchdogs do not
+            # take the pause for a lockup (a guest without kvmclock: nothing to do).
+            vcpu.kvmclock_ctrl()
 
     def resume(self) -> None:
         """Continue every vCPU exactly where pause() left it, and the timers."""
@@ -908,8 +912,10 @@ class Machine:
             )
         except ShapeError as error:
             raise SnapshotError(directory, f"state.json: {error}") from None
-        fresh = cpuid_for_vcpu(self.kvm.supported_cpuid(), 0, self.config.cpus)
         for index, vcpu_state in enumerate(checked):
+            # What this host shows a vCPU (KVM reads back what the guest would see: on
+            # some hosts more than KVM_GET_SUPPORTED_CPUID lists, HOST-KVM.md).
+            fresh = self.vcpus[index].get_cpuid()
             lacking = missing_features([tuple(e) for e in vcpu_state["cpuid"]], fresh)
             if lacking:
                 raise SnapshotError(

@@ -15,9 +15,13 @@ accepted while the LAPIC's timer is in TSC-deadline mode), and the vCPU events l
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import kvmfast
+
+if TYPE_CHECKING:
+    from kvmfast._native import VcpuEvents
+
 from kvm_vmm.snapshot.shape import ShapeError, check_like, check_u64, hex_bytes, int_pairs
 
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -97,4 +101,4 @@ def restore_vcpu(vcpu: kvmfast.Vcpu, state: Mapping[str, Any]) -> None:
         vcpu.set_msrs({MSR_IA32_TSC_DEADLINE: deadline})
     events = dict(state["events"])
     events["flags"] = events["flags"] | RESTORED_EVENTS
-    vcpu.set_vcpu_events(cast("kvmfast.VcpuEvents", events))
+    vcpu.set_vcpu_events(cast("VcpuEvents", events))
