@@ -72,6 +72,15 @@ impl Kvm {
             .collect())
     }
 
+    /// KVM_GET_MSR_INDEX_LIST: the MSRs a snapshot saves, in KVM's order.
+    fn msr_index_list(&self) -> PyResult<Vec<u32>> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| kvm_error("KVM_GET_MSR_INDEX_LIST", e))?;
+        Ok(list.as_slice().to_vec())
+    }
+
     /// A new VM. irqchip: "split" (LAPIC in KVM, IOAPIC/PIC in userspace, with
     /// `ioapic_routes` GSIs reserved for the IOAPIC), "kernel" (KVM_CREATE_IRQCHIP) or
     /// "none".

@@ -28,6 +28,7 @@ pub mod kvm;
 pub mod lapic;
 pub mod locks;
 pub mod memory;
+pub mod memory_file;
 #[cfg(test)]
 mod module_graph;
 pub mod regs;
@@ -36,6 +37,7 @@ pub mod run_loop;
 pub mod run_page;
 pub mod symbols;
 pub mod vcpu;
+pub mod vcpu_snapshot;
 pub mod virtio;
 pub mod vm;
 pub mod volatile_copy;

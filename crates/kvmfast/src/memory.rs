@@ -1,5 +1,5 @@
-//! Guest RAM: anonymous host mappings, the Python view of one slot, and reads and
-//! writes by guest-physical address across slots.
+//! Guest RAM: host mappings (anonymous, or a memory file's private copy), the Python
+//! view of one slot, and reads and writes by guest-physical address across slots.
 
 use std::ffi::c_int;
 use std::ptr::NonNull;
@@ -10,6 +10,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::locks;
+use crate::memory_file::{self, BackingError};
 use crate::volatile_copy;
 
 /// How every guest RAM mapping is made (vm-memory is told the same when it describes one:
@@ -17,12 +18,16 @@ use crate::volatile_copy;
 pub const MAPPING_PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 pub const MAPPING_FLAGS: libc::c_int =
     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+/// A memory file's pages load on demand and guest writes are copied on write: the
+/// file never changes.
+pub const FILE_MAPPING_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
 
-/// An anonymous private read-write mapping, unmapped when the last owner drops it.
+/// A private read-write mapping, unmapped when the last owner drops it.
 #[derive(Debug)]
 pub struct Mapping {
     address: NonNull<u8>,
     size: usize,
+    flags: libc::c_int,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; concurrent guest and host
@@ -35,24 +40,71 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `size` bytes of zeroed memory; `hugepages` asks for transparent huge pages.
     pub fn anonymous(size: usize, hugepages: bool) -> std::io::Result<Self> {
-        // SAFETY: a fresh anonymous mapping at an address the kernel chooses touches no
-        // existing memory.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                MAPPING_PROT,
-                MAPPING_FLAGS,
-                -1,
-                0,
-            )
+        Self::map(size, MAPPING_FLAGS, -1, 0, hugepages)
+    }
+
+    /// Maps `size` bytes of `file` from `offset` (page aligned) copy-on-write: reads
+    /// load the file's pages on demand, writes go to private copies.
+    pub fn private_file(
+        file: &std::fs::File,
+        offset: u64,
+        size: usize,
+        hugepages: bool,
+    ) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        Self::map(
+            size,
+            FILE_MAPPING_FLAGS,
+            file.as_raw_fd(),
+            offset,
+            hugepages,
+        )
+    }
+
+    /// Guest RAM from [offset, offset+size) of the memory file at `path`: mapped
+    /// copy-on-write, or (`copy`) read into anonymous memory now.
+    pub fn from_backing(
+        path: &std::path::Path,
+        offset: u64,
+        size: usize,
+        hugepages: bool,
+        copy: bool,
+    ) -> Result<Self, BackingError> {
+        let file = memory_file::open_backing(path, offset, size as u64)?;
+        let io_error = |error| BackingError::Io {
+            path: path.to_path_buf(),
+            error,
         };
+        if !copy {
+            return Self::private_file(&file, offset, size, hugepages).map_err(io_error);
+        }
+        let mapping = Self::anonymous(size, hugepages).map_err(io_error)?;
+        memory_file::copy_from_file(path, &file, offset, size as u64, |at, data| {
+            mapping.write_from(at, data);
+        })?;
+        Ok(mapping)
+    }
+
+    fn map(
+        size: usize,
+        flags: libc::c_int,
+        fd: libc::c_int,
+        offset: libc::off_t,
+        hugepages: bool,
+    ) -> std::io::Result<Self> {
+        // SAFETY: a fresh mapping at an address the kernel chooses touches no existing
+        // memory; a file mapped MAP_PRIVATE is never written through it.
+        let address =
+            unsafe { libc::mmap(std::ptr::null_mut(), size, MAPPING_PROT, flags, fd, offset) };
         if address == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
         let mapping = Self {
             address: NonNull::new(address.cast()).ok_or_else(std::io::Error::last_os_error)?,
             size,
+            flags,
         };
         if hugepages {
             // SAFETY: the range is exactly the mapping created above.
@@ -61,6 +113,11 @@ impl Mapping {
             }
         }
         Ok(mapping)
+    }
+
+    /// The mmap flags it was made with.
+    pub fn flags(&self) -> libc::c_int {
+        self.flags
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -98,7 +155,7 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping was created by Mapping::anonymous with this size and nothing
+        // SAFETY: the mapping was created by Mapping::map with this size and nothing
         // refers to it any more (the last Arc is gone).
         unsafe { libc::munmap(self.address.as_ptr().cast(), self.size) };
     }
@@ -141,6 +198,22 @@ impl GuestMemory {
 
     fn __len__(&self) -> usize {
         self.mapping.size()
+    }
+
+    /// pwrite()s each 4 KiB page that is not all zeros to `fd` at `file_offset` + the
+    /// page's offset, without the GIL; returns the bytes written. Zero pages are left
+    /// to be holes of a file the caller has sized. The vCPUs must be paused.
+    fn save_to(&self, py: Python<'_>, fd: i32, file_offset: u64) -> PyResult<u64> {
+        let mapping = self.mapping.clone();
+        py.detach(|| {
+            memory_file::save_pages(
+                mapping.size(),
+                |at, out| mapping.read_into(at, out),
+                fd,
+                file_offset,
+            )
+        })
+        .map_err(crate::errors::io_error)
     }
 
     fn __repr__(&self) -> String {
@@ -404,6 +477,60 @@ mod tests {
         assert!(ram.pieces(u64::MAX, 2).is_none());
         assert!(ram.pieces(0x3ff0, 0x10).is_some());
         assert!(ram.pieces(0x5000, 0).is_some());
+    }
+
+    /// A memory file of `pages` pages, page i starting with byte i + 1; removed on drop.
+    struct MemoryFile(std::path::PathBuf);
+
+    impl MemoryFile {
+        fn new(name: &str, pages: usize) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("kvmfast-memory-{name}-{}", std::process::id()));
+            let mut bytes = vec![0u8; pages * 4096];
+            for page in 0..pages {
+                bytes[page * 4096] = page as u8 + 1;
+            }
+            std::fs::write(&path, bytes).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for MemoryFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn first_byte(mapping: &Mapping, page: usize) -> u8 {
+        let mut byte = [0u8];
+        mapping.read_into(page * 4096, &mut byte);
+        byte[0]
+    }
+
+    #[test]
+    fn private_file_mappings_do_not_see_each_other_nor_change_the_file() {
+        let file = MemoryFile::new("private", 4);
+        let before = std::fs::read(&file.0).unwrap();
+        let one = Mapping::from_backing(&file.0, 4096, 3 * 4096, false, false).unwrap();
+        let two = Mapping::from_backing(&file.0, 4096, 3 * 4096, false, false).unwrap();
+        assert_eq!(one.flags(), FILE_MAPPING_FLAGS);
+        assert_eq!(first_byte(&one, 0), 2);
+        one.write_from(0, &[0xAA]);
+        two.write_from(4096, &[0xBB]);
+        assert_eq!((first_byte(&one, 0), first_byte(&one, 1)), (0xAA, 3));
+        assert_eq!((first_byte(&two, 0), first_byte(&two, 1)), (2, 0xBB));
+        drop((one, two));
+        assert_eq!(std::fs::read(&file.0).unwrap(), before);
+    }
+
+    #[test]
+    fn a_copied_file_is_anonymous_memory_with_its_bytes() {
+        let file = MemoryFile::new("copy", 3);
+        let copy = Mapping::from_backing(&file.0, 0, 3 * 4096, false, true).unwrap();
+        assert_eq!(copy.flags(), MAPPING_FLAGS);
+        let firsts: Vec<u8> = (0..3).map(|page| first_byte(&copy, page)).collect();
+        assert_eq!(firsts, [1, 2, 3]);
+        assert!(Mapping::from_backing(&file.0, 4096, 3 * 4096, false, true).is_err());
     }
 
     #[test]

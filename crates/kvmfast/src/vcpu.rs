@@ -30,6 +30,7 @@ use crate::regs::{self, CpuidTuple};
 use crate::run_loop::{Hooks, VcpuCore};
 use crate::run_page::RunPage;
 use crate::symbols::SharedSymbols;
+use crate::vcpu_snapshot::{self, MsrReadError};
 
 /// What a vCPU shares with its VM.
 pub struct VcpuShared {
@@ -291,6 +292,18 @@ impl Vcpu {
         Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect())
     }
 
+    /// Every MSR of `indices` that KVM_GET_MSRS reads; one it refuses is left out.
+    fn save_msrs(&self, py: Python<'_>, indices: Vec<u32>) -> PyResult<BTreeMap<u32, u64>> {
+        let fd = &self.core.fd;
+        let values =
+            py.detach(|| vcpu_snapshot::read_readable_msrs(&indices, |msrs| fd.get_msrs(msrs)));
+        match values {
+            Ok(values) => Ok(values.into_iter().collect()),
+            Err(MsrReadError::Ioctl(e)) => Err(kvm_error("KVM_GET_MSRS", e)),
+            Err(MsrReadError::Batch) => Err(PyValueError::new_err("too many MSRs in one batch")),
+        }
+    }
+
     /// Writes MSRs in the dict's order; the first one KVM refuses is a KvmError naming it.
     fn set_msrs(&self, py: Python<'_>, values: &Bound<'_, PyDict>) -> PyResult<()> {
         let values: Vec<(u32, u64)> = values
@@ -340,6 +353,35 @@ impl Vcpu {
         let cpuid = CpuId::from_entries(&entries)
             .map_err(|e| PyValueError::new_err(format!("too many CPUID entries: {e:?}")))?;
         self.ioctl(py, "KVM_SET_CPUID2", |fd| fd.set_cpuid2(&cpuid))
+    }
+
+    /// KVM_GET_CPUID2: the table set_cpuid gave (empty before any).
+    fn get_cpuid(&self, py: Python<'_>) -> PyResult<Vec<CpuidTuple>> {
+        self.ioctl(py, "KVM_GET_CPUID2", vcpu_snapshot::get_cpuid)
+    }
+
+    /// KVM_GET_DEBUGREGS as {"db": [DR0..DR3], "dr6", "dr7", "flags"}.
+    fn get_debugregs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let state = self.ioctl(py, "KVM_GET_DEBUGREGS", VcpuFd::get_debug_regs)?;
+        vcpu_snapshot::debugregs_to_dict(py, &state)
+    }
+
+    /// KVM_SET_DEBUGREGS with the given keys changed; the others keep their values.
+    fn set_debugregs(&self, py: Python<'_>, changes: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut state = self.ioctl(py, "KVM_GET_DEBUGREGS", VcpuFd::get_debug_regs)?;
+        vcpu_snapshot::update_debugregs(&mut state, changes)?;
+        self.ioctl(py, "KVM_SET_DEBUGREGS", |fd| fd.set_debug_regs(&state))
+    }
+
+    /// KVM_GET_TSC_KHZ: the guest's TSC frequency.
+    fn tsc_khz(&self, py: Python<'_>) -> PyResult<u32> {
+        self.ioctl(py, "KVM_GET_TSC_KHZ", VcpuFd::get_tsc_khz)
+    }
+
+    /// KVM_KVMCLOCK_CTRL (tells the guest it was paused, against soft-lockup reports):
+    /// False when KVM answers EINVAL, the guest having no kvmclock.
+    fn kvmclock_ctrl(&self, py: Python<'_>) -> PyResult<bool> {
+        self.ioctl(py, "KVM_KVMCLOCK_CTRL", vcpu_snapshot::kvmclock_ctrl)
     }
 
     fn get_vcpu_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -1,12 +1,14 @@
 //! The VM handle: memory slots, the address map, GSI routing, irqfd and ioeventfd,
 //! vCPU creation and the VM-wide counters.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_bindings::{
-    KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE, kvm_enable_cap, kvm_ioeventfd, kvm_irqfd,
-    kvm_msi, kvm_userspace_memory_region,
+    KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE, kvm_clock_data, kvm_enable_cap,
+    kvm_ioeventfd, kvm_irqfd, kvm_msi, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
 use pyo3::PyTraverseError;
@@ -191,6 +193,13 @@ impl Vm {
         locks::write(space).take_all()
     }
 
+    fn check_free(&self, guest_phys_addr: u64, size: u64) -> PyResult<()> {
+        if self.ram.snapshot().overlaps(guest_phys_addr, size) {
+            return Err(overlap_error(guest_phys_addr, size));
+        }
+        Ok(())
+    }
+
     fn commit_routes(fd: &VmFd, routes: &RoutingTable) -> PyResult<()> {
         let table = routes
             .to_kvm()
@@ -222,6 +231,12 @@ impl Vm {
             ..Default::default()
         }
     }
+}
+
+fn overlap_error(guest_phys_addr: u64, size: u64) -> PyErr {
+    PyValueError::new_err(format!(
+        "guest memory {guest_phys_addr:#x}+{size:#x} overlaps an existing slot"
+    ))
 }
 
 fn split_msi_address(address: u64) -> (u32, u32) {
@@ -292,13 +307,45 @@ impl Vm {
         })
     }
 
-    /// Maps `size` bytes of fresh anonymous memory at `guest_phys_addr` in a new slot.
-    #[pyo3(signature = (guest_phys_addr, size, *, hugepages = false))]
+    /// KVM_GET_CLOCK: kvmclock's base as {"clock": ns, "flags": KVM_CLOCK_* bits}.
+    fn get_clock(&self) -> PyResult<BTreeMap<&'static str, u64>> {
+        let data =
+            self.with_fd(|fd, _| fd.get_clock().map_err(|e| kvm_error("KVM_GET_CLOCK", e)))?;
+        Ok(BTreeMap::from([
+            ("clock", data.clock),
+            ("flags", u64::from(data.flags)),
+        ]))
+    }
+
+    /// KVM_SET_CLOCK: kvmclock continues from `clock` ns (flags 0: no realtime fix-up).
+    fn set_clock(&self, clock: u64) -> PyResult<()> {
+        let data = kvm_clock_data {
+            clock,
+            ..Default::default()
+        };
+        self.with_fd(|fd, _| {
+            fd.set_clock(&data)
+                .map_err(|e| kvm_error("KVM_SET_CLOCK", e))
+        })
+    }
+
+    /// Maps `size` bytes at `guest_phys_addr` in a new slot: fresh anonymous memory, or
+    /// [backing_offset, +size) of the memory file `backing`, mapped copy-on-write (the
+    /// file never changes) or, with `copy`, read into anonymous memory now.
+    #[pyo3(signature = (
+        guest_phys_addr, size, *, hugepages = false, backing = None, backing_offset = 0,
+        copy = false
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn add_memory(
         &self,
+        py: Python<'_>,
         guest_phys_addr: u64,
         size: u64,
         hugepages: bool,
+        backing: Option<PathBuf>,
+        backing_offset: u64,
+        copy: bool,
     ) -> PyResult<GuestMemory> {
         if size == 0 || size % PAGE_SIZE != 0 || guest_phys_addr % PAGE_SIZE != 0 {
             return Err(PyValueError::new_err(format!(
@@ -308,25 +355,36 @@ impl Vm {
         if guest_phys_addr.checked_add(size).is_none() {
             return Err(PyOverflowError::new_err("guest memory ends beyond 2^64"));
         }
+        if backing.is_none() && (copy || backing_offset != 0) {
+            return Err(PyValueError::new_err(
+                "backing_offset and copy need a backing file",
+            ));
+        }
         let length =
             usize::try_from(size).map_err(|_| PyOverflowError::new_err("size too large"))?;
+        // Checked before a file is read, and again when the slot is added.
+        self.check_free(guest_phys_addr, size)?;
+        let mapping = match backing {
+            // Without the GIL: a copy reads the whole file.
+            Some(path) => {
+                py.detach(|| Mapping::from_backing(&path, backing_offset, length, hugepages, copy))?
+            }
+            None => Mapping::anonymous(length, hugepages)
+                .map_err(|e| errno_error("mmap", e.raw_os_error().unwrap_or(libc::ENOMEM)))?,
+        };
+        let mapping = Arc::new(mapping);
         self.with_fd(|fd, _| {
             // A copy, installed whole once KVM has the slot: the vCPUs never see a slot
             // KVM does not know, nor wait for this to finish.
             let mut ram = GuestRam::clone(&self.ram.snapshot());
             if ram.overlaps(guest_phys_addr, size) {
-                return Err(PyValueError::new_err(format!(
-                    "guest memory {guest_phys_addr:#x}+{size:#x} overlaps an existing slot"
-                )));
+                return Err(overlap_error(guest_phys_addr, size));
             }
             let used: Vec<u32> = ram.slots_in_use().collect();
             let slot = (0u32..)
                 .take(self.max_slots)
                 .find(|slot| !used.contains(slot))
                 .ok_or_else(|| PyValueError::new_err("no free memory slot"))?;
-            let mapping = Mapping::anonymous(length, hugepages)
-                .map_err(|e| errno_error("mmap", e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
-            let mapping = Arc::new(mapping);
             let region = kvm_userspace_memory_region {
                 slot,
                 flags: 0,

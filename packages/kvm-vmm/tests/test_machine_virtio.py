@@ -13,7 +13,6 @@ from kvm_devices.virtio.constants import BAR0_SIZE
 from kvm_vmm import board
 from kvm_vmm.cli import main
 from kvm_vmm.machine import Machine, MachineConfig
-from kvm_vmm.machine_state import NotSnapshottable
 from kvmfast.testing import require_kvm
 
 pytestmark = pytest.mark.kvm
@@ -118,13 +117,6 @@ def test_stats_count_each_virtio_devices_work_by_name(machine: Machine, image: P
         assert set(virtio) == {"virtio-blk", "virtio-rng"}
         assert virtio["virtio-blk"]["requests"] == 0
         assert "malformed_chains" in virtio["virtio-blk"]
-
-
-def test_save_state_refuses_a_machine_with_virtio_devices(machine: Machine) -> None:
-    with machine:
-        machine.add_rng()
-        with pytest.raises(NotSnapshottable, match="virtio-rng"):
-            machine.save_state()
 
 
 def test_the_cli_names_a_bad_disk_and_exits_2(tmp_path: Path) -> None:

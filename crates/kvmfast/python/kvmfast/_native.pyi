@@ -162,6 +162,23 @@ class Counters(TypedDict):
 CpuidEntry = tuple[int, int, int, int, int, int, int]
 """(function, index, flags, eax, ebx, ecx, edx)."""
 
+class DebugRegs(TypedDict, total=False):
+    """KVM_GET/SET_DEBUGREGS (api.rst 4.32/4.33)."""
+
+    db: list[int]
+    """DR0..DR3."""
+    dr6: int
+    dr7: int
+    flags: int
+
+class ClockData(TypedDict):
+    """KVM_GET_CLOCK (api.rst 4.48)."""
+
+    clock: int
+    """kvmclock's current value, ns."""
+    flags: int
+    """KVM_CLOCK_* bits (TSC_STABLE, REALTIME, HOST_TSC)."""
+
 # ---- handlers -----------------------------------------------------------------------
 
 class Device(Protocol):
@@ -209,6 +226,11 @@ class GuestMemory:
     @property
     def slot(self) -> int: ...
     def __len__(self) -> int: ...
+    def save_to(self, fd: int, file_offset: int) -> int:
+        """pwrite every 4 KiB page of the slot that is not all zeros to ``fd`` at
+        ``file_offset`` + the page's offset; zero pages are skipped (holes of a file the
+        caller has ftruncated to its full size). Returns the bytes written. Runs without
+        the GIL; the caller keeps the vCPUs paused. OSError when a write fails."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
@@ -245,8 +267,24 @@ class Vcpu:
     def get_lapic(self) -> bytes: ...
     def set_lapic(self, page: bytes) -> None: ...
     def get_msrs(self, indices: list[int]) -> dict[int, int]: ...
-    def set_msrs(self, values: dict[int, int]) -> None: ...
+    def save_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Every MSR of ``indices`` KVM_GET_MSRS reads; one it refuses is left out (the
+        others are still read). KvmError only when the ioctl itself fails."""
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """KVM_SET_MSRS in the dict's order; KvmError naming the first MSR KVM refused
+        (those before it are set)."""
     def set_cpuid(self, entries: list[CpuidEntry]) -> None: ...
+    def get_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2: the table set_cpuid gave (empty before any)."""
+    def get_debugregs(self) -> DebugRegs:
+        """KVM_GET_DEBUGREGS: every key present."""
+    def set_debugregs(self, changes: DebugRegs) -> None:
+        """KVM_SET_DEBUGREGS with the given keys changed; the others keep their values."""
+    def tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ."""
+    def kvmclock_ctrl(self) -> bool:
+        """KVM_KVMCLOCK_CTRL: True when done, False when KVM answers EINVAL (the guest has
+        not enabled kvmclock)."""
     def get_vcpu_events(self) -> VcpuEvents: ...
     def set_vcpu_events(self, changes: VcpuEvents) -> None: ...
     def get_mp_state(self) -> int: ...
@@ -289,10 +327,28 @@ class Vm:
     def set_tss_address(self, address: int) -> None: ...
     def set_identity_map_address(self, address: int) -> None: ...
     def add_memory(
-        self, guest_phys_addr: int, size: int, *, hugepages: bool = False
-    ) -> GuestMemory: ...
+        self,
+        guest_phys_addr: int,
+        size: int,
+        *,
+        hugepages: bool = False,
+        backing: str | PathLike[str] | None = None,
+        backing_offset: int = 0,
+        copy: bool = False,
+    ) -> GuestMemory:
+        """A new slot of ``size`` bytes at ``guest_phys_addr``: fresh zeroed memory, or
+        [backing_offset, +size) of the memory file ``backing``. ``copy=False`` maps the
+        file MAP_PRIVATE (opened read-only: pages load on demand, guest writes are
+        copied on write, the file never changes); ``copy=True`` reads it now into
+        anonymous memory (holes skipped). A file shorter than backing_offset + size or
+        an offset not page aligned is a ValueError, a missing or unreadable file an
+        OSError; both name the file, and nothing is mapped."""
     def read(self, guest_phys_addr: int, length: int) -> bytes: ...
     def write(self, guest_phys_addr: int, data: bytes) -> None: ...
+    def get_clock(self) -> ClockData:
+        """KVM_GET_CLOCK."""
+    def set_clock(self, clock: int) -> None:
+        """KVM_SET_CLOCK: kvmclock continues from ``clock`` ns (flags 0)."""
     def add_pio(self, base: int, length: int, handler: Handler) -> None: ...
     def add_mmio(self, base: int, length: int, handler: Handler) -> None: ...
     def remove_pio(self, base: int) -> None: ...
@@ -332,6 +388,8 @@ class Kvm:
     @property
     def vcpu_mmap_size(self) -> int: ...
     def supported_cpuid(self) -> list[CpuidEntry]: ...
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST (api.rst 4.3), in KVM's order."""
     def create_vm(self, irqchip: str = "split", ioapic_routes: int = 24) -> Vm: ...
     def host_quirks(self) -> dict[str, int]: ...
 
@@ -383,6 +441,22 @@ class EventLoop:
 class VirtioError(ValueError):
     """A bad, missing, empty or locked image, or a queue setup the device refuses."""
 
+class QueueState(TypedDict):
+    """One virtqueue's ring state (virtio-queue's QueueState)."""
+
+    ready: bool
+    """False for a queue never activated (every other field then 0 / False / None)."""
+    size: int
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    next_avail: int
+    next_used: int
+    event_idx: bool
+    signalled_used: int | None
+    """next_used at the device's last interrupt decision; None when unknown (the next
+    completion then interrupts)."""
+
 @final
 class VirtioQueueHandler:
     """An event-loop handler that serves one queue of a VirtioDevice on the loop thread."""
@@ -428,3 +502,12 @@ class VirtioDevice:
     def resume(self) -> None: ...
     def close(self) -> None: ...
     def counters(self) -> dict[str, int]: ...
+    def queue_states(self) -> list[QueueState]:
+        """One per queue; meaningful while the device is paused or not served."""
+    def restore_queue_states(self, states: list[QueueState]) -> None:
+        """After activate() and before the device serves anything (pause() it before
+        activate(), resume() after this): each ready queue continues from the given
+        next_avail / next_used / event_idx / signalled_used. VirtioError, nothing
+        changed, for a list of the wrong length, a missing or extra key, a wrong type,
+        a size or ring address other than activate()'s, an index not u16, or a queue
+        already served."""

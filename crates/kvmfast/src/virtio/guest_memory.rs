@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::memory::{GuestRam, MAPPING_FLAGS, MAPPING_PROT};
+use crate::memory::{GuestRam, MAPPING_PROT};
 
 /// The vm-memory type every queue and request is read and written through.
 pub type Memory = GuestMemoryMmap<()>;
@@ -44,7 +44,7 @@ impl DeviceMemory {
         let mut regions = Vec::with_capacity(ram.regions().len());
         for region in ram.regions() {
             // SAFETY: the range is exactly one of the VM's own mappings (memory::Mapping,
-            // made with MAPPING_PROT and MAPPING_FLAGS), and `ram`, kept in self beside
+            // made with MAPPING_PROT and the flags it reports), and `ram`, kept in self beside
             // the regions, holds its Arc: it stays mapped while vm-memory can reach it. A
             // raw region is never unmapped by vm-memory.
             let mmap = unsafe {
@@ -52,7 +52,7 @@ impl DeviceMemory {
                     region.mapping.as_ptr(),
                     region.mapping.size(),
                     MAPPING_PROT,
-                    MAPPING_FLAGS,
+                    region.mapping.flags(),
                 )
             }
             .map_err(|e| MemoryError::Region(e.to_string()))?;

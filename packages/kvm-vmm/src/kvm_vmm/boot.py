@@ -11,6 +11,7 @@ profiles. Nothing here prints: what was decided comes back in a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
@@ -93,6 +94,16 @@ class BootReport:
     plan: LinuxBootPlan | None = None
     notes: tuple[str, ...] = ()
     symbols: str = ""
+
+
+def describe_boot(description: BootDescription) -> dict[str, object]:
+    """What was booted, as JSON-able data (a snapshot records it for people)."""
+    fields = {
+        name: [str(item) for item in value] if isinstance(value, tuple) else value
+        for name, value in dataclasses.asdict(description).items()
+    }
+    plain = {name: str(v) if isinstance(v, Path) else v for name, v in fields.items()}
+    return {"kind": type(description).__name__, **plain}
 
 
 def is_linux_image(image: bytes) -> bool:

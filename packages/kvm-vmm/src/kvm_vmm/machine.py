@@ -14,6 +14,8 @@ running``; ``stop()`` (or the guest) ends the run: ``finished``; ``close()``:
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import enum
 import errno
 import os
@@ -23,14 +25,16 @@ import weakref
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as ReadOnlyMapping
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import kvmfast
 from kvm_devices.debug_exit import DebugExit
-from kvm_devices.interfaces import ByteSink, Device
+from kvm_devices.interfaces import ByteSink, Device, Snapshottable
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.snapshot import StateError
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi_placement import place_acpi_tables
 from kvm_vmm.added_devices import (
@@ -40,11 +44,11 @@ from kvm_vmm.added_devices import (
     GuardedDevice,
     check_decodable,
 )
-from kvm_vmm.boot import BootDescription, BootReport, load_boot
+from kvm_vmm.boot import BootDescription, BootReport, describe_boot, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
 from kvm_vmm.cpuid import cpuid_for_vcpu
-from kvm_vmm.device_options import add_device_option
+from kvm_vmm.device_options import DeviceSpecError, add_device_option
 from kvm_vmm.disk_options import parse_disk_spec
 from kvm_vmm.interrupts import PciIntxWires
 from kvm_vmm.lapic import LINT0_EXTINT, LINT1_NMI, with_lvt
@@ -63,12 +67,31 @@ from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Window
 from kvm_vmm.resources import ResourceError
 from kvm_vmm.serial_console import SerialConsole
+from kvm_vmm.snapshot.disks import disk_identity, rebuild_records
+from kvm_vmm.snapshot.errors import SnapshotError
+from kvm_vmm.snapshot.host_facts import host_facts, host_problem, missing_features
+from kvm_vmm.snapshot.memory_file import MEMORY_FILE, RamBacking, slots_for, write_memory_file
+from kvm_vmm.snapshot.shape import ShapeError, check_u64
+from kvm_vmm.snapshot.state_file import (
+    SnapshotFile,
+    read_snapshot,
+    snapshot_directory,
+    write_state,
+)
+from kvm_vmm.snapshot.vcpu_state import check_vcpu, restore_vcpu, save_vcpu
 from kvm_vmm.statistics import run_statistics
+from kvm_vmm.virtio_state import virtio_snapshottables
 
 if TYPE_CHECKING:
     from kvmfast._native import Counters
 
 MIN_MEMORY = 2 * layout.MIB
+
+
+def kvm_vmm_version() -> str:
+    return version("kvm-vmm")
+
+
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 
@@ -170,7 +193,15 @@ def _intr_line(machine: Machine) -> Callable[[bool], None]:
 class Machine:
     """A split-irqchip PC: in-kernel LAPICs, our IOAPIC, PIC pair, PIT and the rest."""
 
-    def __init__(self, config: MachineConfig, kvm: kvmfast.Kvm | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        kvm: kvmfast.Kvm | None = None,
+        *,
+        ram: RamBacking | None = None,
+    ) -> None:
+        """``ram``: guest RAM from a snapshot's memory file (what restore() passes);
+        None: zeroed memory."""
         if config.memory_size < MIN_MEMORY:
             raise MachineConfigError(
                 f"memory {config.memory_size} bytes is too small: at least {MIN_MEMORY >> 20} MiB"
@@ -182,7 +213,7 @@ class Machine:
         self.vm = self.kvm.create_vm("split", board.IOAPIC_PINS)
         self.vm.emulation_fallback = config.emulation_fallback  # vCPUs inherit it
         self.ram = [
-            self.vm.add_memory(region.start, region.size)
+            self._add_ram(region.start, region.size, ram)
             for region in layout.ram_regions(config.memory_size)
         ]
         self.timers = TimerThread()
@@ -198,6 +229,10 @@ class Machine:
         self._ended: set[int] = set()  # vCPU threads that have returned
         self._resumes = 0  # bumped by resume(): a parked thread runs again
         self._symbols_loaded = False
+        # How to rebuild each device a snapshot restores before its state (in order),
+        # None for one that cannot be rebuilt from a state file; what was booted.
+        self._rebuild: dict[str, dict[str, object] | None] = {}
+        self._booted: dict[str, object] | None = None
         self._started_at: float | None = None  # time.monotonic() at start()
         self._finished_at: float | None = None
         # COM1's output passes through it on its way to config.console.
@@ -241,6 +276,18 @@ class Machine:
         self.vcpus[0].set_extint_controller(self.platform.pic)
 
     # -- building -----------------------------------------------------------------
+
+    def _add_ram(self, start: int, size: int, backing: RamBacking | None) -> kvmfast.GuestMemory:
+        if backing is None:
+            return self.vm.add_memory(start, size)
+        slot = backing.slot_for(start, size)
+        return self.vm.add_memory(
+            start,
+            size,
+            backing=backing.path,
+            backing_offset=slot.file_offset,
+            copy=backing.copy,
+        )
 
     def map_device(self, mapping: Mapping) -> None:
         if mapping.space == "pio":
@@ -320,10 +367,13 @@ class Machine:
             self.map_device(Mapping(window.space, window.base, window.length, guarded, name))
         self._devices[name] = model
         self._added[name] = model
+        self._rebuild[name] = None  # a device object of the user's: not in a state file
 
     def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
-        return add_device_option(self, spec)[1]
+        name, device = add_device_option(self, spec)
+        self._rebuild[name] = {"kind": "device-option", "spec": spec}
+        return device
 
     def add_virtio_device(self, device: kvmfast.VirtioDevice, name: str) -> VirtioPciDevice:
         """Put a kvmfast virtio device on PCI bus 0 (virtio-pci, modern), before start():
@@ -334,6 +384,7 @@ class Machine:
             self._require("add_virtio_device()", MachineState.CREATED)
         attached = self.pci.attach(self, device, name)
         self._devices[attached.name] = attached.transport
+        self._rebuild[attached.name] = None  # a kvmfast device of the user's
         return attached
 
     def add_disk(
@@ -353,7 +404,15 @@ class Machine:
         device = kvmfast.VirtioDevice.block(
             str(path), readonly=readonly, direct=direct, serial=serial
         )
-        return self.add_virtio_device(device, "virtio-blk")
+        attached = self.add_virtio_device(device, "virtio-blk")
+        self._rebuild[attached.name] = {
+            "kind": "virtio-blk",
+            "path": str(Path(path).absolute()),
+            "readonly": readonly,
+            "serial": serial,
+            "direct": direct,
+        }
+        return attached
 
     def add_disk_option(self, spec: str) -> VirtioPciDevice:
         """A disk in ``--disk``'s spelling (see kvm_vmm.disk_options)."""
@@ -364,7 +423,9 @@ class Machine:
 
     def add_rng(self) -> VirtioPciDevice:
         """A virtio-rng device: entropy from the host's getrandom()."""
-        return self.add_virtio_device(kvmfast.VirtioDevice.rng(), "virtio-rng")
+        attached = self.add_virtio_device(kvmfast.VirtioDevice.rng(), "virtio-rng")
+        self._rebuild[attached.name] = {"kind": "virtio-rng"}
+        return attached
 
     def set_isa_irq(self, irq: int, level: bool) -> None:
         self.platform.isa_line(irq).set_level(level)
@@ -433,6 +494,7 @@ class Machine:
             self._require("boot()", MachineState.CREATED)
         if cache_dir is None:
             cache_dir = default_cache_dir(os.environ)
+        self._booted = describe_boot(description)
         return load_boot(
             self,
             description,
@@ -531,6 +593,10 @@ class Machine:
             )
         # The guest can ring no doorbell now; a request in flight completes first.
         self.pci.pause()
+        for vcpu in self.vcpus:
+            # Tells a kvmclock guest it was stopped, so that its watchdogs do not
+            # take the pause for a lockup (a guest without kvmclock: nothing to do).
+            vcpu.kvmclock_ctrl()
 
     def resume(self) -> None:
         """Continue every vCPU exactly where pause() left it, and the timers."""
@@ -700,21 +766,20 @@ class Machine:
         A device added with add_device() is saved if it has the Snapshottable methods
         (kvm_devices.interfaces); one without them is refused with
         :class:`NotSnapshottable` naming it, rather than left out of a state that would
-        then not restore the machine. The vCPUs and RAM are not part of it."""
+        then not restore the machine. A virtio device's state is its transport's and
+        its queues' positions (kvm_vmm.virtio_state). The vCPUs and RAM are not part of
+        it: snapshot() writes the whole machine."""
         with self._cond:
             self._require(
                 "save_state()", MachineState.CREATED, MachineState.PAUSED, MachineState.FINISHED
             )
-        self._refuse_virtio("save_state()")
-        return save_machine_state(self.platform, snapshottable(self._added, "save_state()"))
+        return save_machine_state(self.platform, self._snapshottables("save_state()"))
 
-    def _refuse_virtio(self, call: str) -> None:
-        if self.pci.devices:
-            names = ", ".join(attached.name for attached in self.pci.devices)
-            raise NotSnapshottable(
-                f"{call}: the queues of {names} are kvmfast's and not saved yet"
-                " (a machine with virtio devices cannot be saved)"
-            )
+    def _snapshottables(self, call: str) -> dict[str, Snapshottable[Any]]:
+        return {
+            **snapshottable(self._added, call),
+            **virtio_snapshottables(self.pci.devices),
+        }
 
     def restore_state(self, state: object) -> None:
         """Restore what save_state() gave, on a machine built with the same config and
@@ -723,8 +788,181 @@ class Machine:
         nothing). The IOAPIC's routes reach KVM again from the restored IOAPIC."""
         with self._cond:
             self._require("restore_state()", MachineState.CREATED, MachineState.PAUSED)
-        self._refuse_virtio("restore_state()")
-        restore_machine_state(self.platform, state, snapshottable(self._added, "restore_state()"))
+            paused = self._state is MachineState.PAUSED
+        # A virtio device serves nothing while its queues are put back (kvm_vmm.virtio_state);
+        # a paused machine's devices stay paused until resume().
+        self.pci.pause()
+        try:
+            restore_machine_state(self.platform, state, self._snapshottables("restore_state()"))
+        finally:
+            if not paused:
+                self.pci.resume()
+
+    # -- snapshots ----------------------------------------------------------------
+
+    def snapshot(self, path: Path | str) -> None:
+        """Write the whole machine to the directory ``path``: state.json (every vCPU,
+        kvmclock, every device, what to rebuild) and the guest RAM as a sparse
+        memory.bin (docs/snapshots.md). Before start() or while paused.
+
+        The directory is written beside ``path`` and renamed into place when complete;
+        an existing snapshot there is replaced, anything else refused
+        (:class:`SnapshotError`). A device the state file cannot rebuild (an object
+        given to add_device() or add_virtio_device()) is refused with
+        :class:`NotSnapshottable` naming it. A disk's identity is recorded: restore
+        refuses an image changed since, so the guest should not write to its disks
+        after a snapshot it is to be restored from."""
+        with self._cond:
+            self._require("snapshot()", MachineState.CREATED, MachineState.PAUSED)
+        unable = [name for name, record in self._rebuild.items() if record is None]
+        if unable:
+            raise NotSnapshottable(
+                f"snapshot(): device(s) {', '.join(map(repr, unable))} cannot be rebuilt"
+                " from a state file (only add_disk(), add_rng() and add_device_option()"
+                " devices can)"
+            )
+        supported = self.kvm.supported_cpuid()
+        state: dict[str, object] = {
+            "kvm_vmm": kvm_vmm_version(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "host": host_facts(supported, self.vcpus[0].tsc_khz()),
+            "config": {
+                "memory_size": self.config.memory_size,
+                "cpus": self.config.cpus,
+                "emulation_fallback": self.config.emulation_fallback,
+            },
+            "boot": self._booted,
+            "memory": {
+                "file": MEMORY_FILE,
+                "size": self.config.memory_size,
+                "slots": [
+                    dataclasses.asdict(slot)
+                    for slot in slots_for([(ram.guest_phys_addr, ram.size) for ram in self.ram])
+                ],
+            },
+            "devices": [self._device_record(name) for name in self._rebuild],
+            "clock": self.vm.get_clock(),
+            "vcpus": [save_vcpu(vcpu, self.kvm.msr_index_list()) for vcpu in self.vcpus],
+            "platform": self.save_state(),
+        }
+        with snapshot_directory(Path(path)) as directory:
+            write_memory_file(directory / MEMORY_FILE, self.ram)
+            write_state(directory, state)
+
+    def _device_record(self, name: str) -> dict[str, object]:
+        record = self._rebuild[name]
+        assert record is not None
+        if record["kind"] == "virtio-blk":
+            record = {**record, "identity": disk_identity(Path(str(record["path"])))}
+        return {"name": name, **record}
+
+    @classmethod
+    def restore(
+        cls,
+        path: Path | str,
+        *,
+        console: ByteSink | None = None,
+        force: bool = False,
+        copy: bool = False,
+        kvm: kvmfast.Kvm | None = None,
+    ) -> Machine:
+        """A new machine, not yet started, holding the snapshot at ``path``: start()
+        continues the guest where snapshot() found it paused.
+
+        RAM maps the memory file copy-on-write (pages load as the guest touches them;
+        the file never changes, and two machines restored from it do not see each
+        other); ``copy`` reads it in instead. ``force`` restores over a disk image
+        that changed since the snapshot. Anything that does not fit (a malformed or
+        foreign state file, a schema from a newer kvm-vmm, a truncated memory file, a
+        host whose CPU lacks a feature the guest used) raises :class:`SnapshotError`
+        (``.status`` 2) naming it, with nothing changed."""
+        directory = Path(path)
+        snapshot = read_snapshot(directory)
+        records = rebuild_records(directory, snapshot.state["devices"], force)
+        shape = snapshot.shape
+        config = MachineConfig(
+            memory_size=shape.memory_size,
+            cpus=shape.cpus,
+            console=console if console is not None else DiscardSink(),
+            emulation_fallback=shape.emulation_fallback,
+        )
+        expected = [(region.start, region.size) for region in layout.ram_regions(shape.memory_size)]
+        if [(slot.guest_phys_addr, slot.size) for slot in snapshot.slots] != expected:
+            raise SnapshotError(directory, "its RAM slots are not this kvm-vmm's layout")
+        try:
+            machine = cls(config, kvm, ram=RamBacking(snapshot.memory_path, snapshot.slots, copy))
+        except (MachineConfigError, OSError, ValueError) as error:
+            raise SnapshotError(directory, str(error)) from None
+        try:
+            machine._restore_from(snapshot, records)
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    def _restore_from(self, snapshot: SnapshotFile, records: list[dict[str, object]]) -> None:
+        directory, state = snapshot.directory, snapshot.state
+        here = host_facts(self.kvm.supported_cpuid(), self.vcpus[0].tsc_khz())
+        problem = host_problem(state["host"] if isinstance(state["host"], dict) else {}, here)
+        if problem is not None:
+            raise SnapshotError(directory, problem)
+        vcpus = state["vcpus"]
+        if not isinstance(vcpus, list) or len(vcpus) != len(self.vcpus):
+            raise SnapshotError(directory, f"vcpus is not a list of {len(self.vcpus)} vCPUs")
+        try:
+            checked = [
+                check_vcpu(data, vcpu, f"vcpus[{index}]")
+                for index, (data, vcpu) in enumerate(zip(vcpus, self.vcpus, strict=True))
+            ]
+            clock = check_u64(
+                state["clock"].get("clock") if isinstance(state["clock"], dict) else None,
+                "clock.clock",
+            )
+        except ShapeError as error:
+            raise SnapshotError(directory, f"state.json: {error}") from None
+        for index, vcpu_state in enumerate(checked):
+            # What this host shows a vCPU (KVM reads back what the guest would see: on
+            # some hosts more than KVM_GET_SUPPORTED_CPUID lists, HOST-KVM.md).
+            fresh = self.vcpus[index].get_cpuid()
+            lacking = missing_features([tuple(e) for e in vcpu_state["cpuid"]], fresh)
+            if lacking:
+                raise SnapshotError(
+                    directory,
+                    f"vCPU {index} was using CPU features this host lacks: {', '.join(lacking)}",
+                )
+        try:
+            for record in records:
+                self._rebuild_device(record)
+            if list(self._rebuild) != [record["name"] for record in records]:
+                raise SnapshotError(directory, f"its devices came back as {list(self._rebuild)}")
+            self.restore_state(state["platform"])
+        except (StateError, DeviceSpecError, kvmfast.VirtioError, ResourceError) as error:
+            raise SnapshotError(directory, str(error)) from None
+        self._booted = state["boot"] if isinstance(state["boot"], dict) else None
+        try:
+            self.vm.set_clock(clock)
+            for index, (vcpu, vcpu_state) in enumerate(zip(self.vcpus, checked, strict=True)):
+                try:
+                    restore_vcpu(vcpu, vcpu_state)
+                except (kvmfast.KvmError, ValueError, OverflowError) as error:
+                    raise SnapshotError(directory, f"vCPU {index}: KVM refused {error}") from None
+        except kvmfast.KvmError as error:
+            raise SnapshotError(directory, f"KVM refused the clock: {error}") from None
+
+    def _rebuild_device(self, record: dict[str, object]) -> None:
+        kind = record["kind"]
+        if kind == "device-option":
+            self.add_device_option(str(record["spec"]))
+        elif kind == "virtio-blk":
+            serial = record["serial"]
+            self.add_disk(
+                str(record["path"]),
+                readonly=record["readonly"] is True,
+                serial=serial if isinstance(serial, str) else None,
+                direct=record["direct"] is True,
+            )
+        else:
+            self.add_rng()
 
     def counters(self) -> Counters:
         return self.vm.counters()
