@@ -3,7 +3,9 @@
     kvm-vmm run [--kernel PATH] [--initrd PATH] [--cmdline STR] [--memory 512M]
                 [--cpus N] [--serial stdio|file:PATH|null] [--device SPEC]...
                 [--fast-boot] [--no-host-workarounds] [--stats] [--quiet] [--verbose]
+                [--api-socket PATH]
     kvm-vmm demo [--tiny] [--memory SIZE] [--cpus N] [--no-host-workarounds] ...
+    kvm-vmm remote --api-socket PATH info|pause|resume|counters|shutdown|stop
     kvm-vmm host-check [--refresh] [--json] [--verbose]
     kvm-vmm qemu QEMU-ARGS...   (also the script kvm-vmm-qemu-system-x86_64)
 
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import kvmfast
 from kvm_devices.interfaces import ByteSink
+from kvm_vmm.api_client import COMMANDS, remote
+from kvm_vmm.api_socket import ApiServer
 from kvm_vmm.boot import (
     BootDescription,
     BootReport,
@@ -162,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--verbose", action="store_true", help="also the Linux switches and CPUID it implies"
     )
+    control = commands.add_parser(
+        "remote",
+        help="control a running kvm-vmm through its --api-socket (docs/api-socket.md)",
+        description="Send one command to the API socket of `kvm-vmm run --api-socket PATH` "
+        "and print its JSON reply. Exit status 0: done; 1: an error reply (on stderr); "
+        "2: a usage error or no server at PATH.",
+    )
+    control.add_argument("--api-socket", required=True, metavar="PATH", help="the socket")
+    control.add_argument("remote_command", metavar="COMMAND", choices=tuple(COMMANDS))
+    control.add_argument("argument", nargs="?", metavar="ARG", help="snapshot: the directory")
     # Listed for --help; main() hands its arguments to qemu_main before argparse,
     # which would take QEMU's single-dash options for its own.
     commands.add_parser(
@@ -201,6 +215,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="a virtio-rng device fed by the host's getrandom() (default: on for Linux guests)",
     )
     parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
+    parser.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="serve the control API (HTTP/JSON: kvm-vmm remote, curl --unix-socket) on a "
+        "Unix socket at PATH, owner-only, for the run (docs/api-socket.md)",
+    )
     parser.add_argument(
         "--stats",
         action="store_true",
@@ -327,6 +347,8 @@ def _stderr_fd() -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "host-check":
         return _host_check(args)
+    if args.command == "remote":
+        return remote(args.api_socket, args.remote_command, args.argument)
     tiny = args.command == "demo" and args.tiny
     default_memory = DEMO_MEMORY if tiny else LINUX_MEMORY
     memory = parse_size(getattr(args, "memory", None) or default_memory)
@@ -344,7 +366,12 @@ def _run(args: argparse.Namespace) -> int:
             emulation_fallback=not args.no_emulation_fallback,
         )
     )
+    api: ApiServer | None = None
     try:
+        if args.api_socket is not None:
+            api = ApiServer(machine, args.api_socket)  # before the boot: a taken path fails fast
+            api.start()
+            _say(args, f"API socket {args.api_socket}")
         if args.symbols is not None:
             try:
                 count = machine.load_symbols(args.symbols)
@@ -379,6 +406,8 @@ def _run(args: argparse.Namespace) -> int:
         _report(args, machine, outcome, time.monotonic() - started)
         return outcome.status
     finally:
+        if api is not None:
+            api.close()  # a request still being answered gets its reply first
         machine.close()
 
 
