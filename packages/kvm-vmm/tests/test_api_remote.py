@@ -1,7 +1,8 @@
 """``kvm-vmm run --api-socket`` end to end and ``kvm-vmm remote``, its client: a Multiboot
 guest that polls PM1_STS and powers off when the ACPI power button is pressed, run in a
-subprocess and driven by ``kvm-vmm remote`` subprocesses; the client's exit statuses (0
-done, 1 an error reply, 2 usage or no server) and one-line messages."""
+subprocess and driven by ``kvm-vmm remote`` subprocesses, snapshotted and continued by
+``kvm-vmm restore``; the client's exit statuses (0 done, 1 an error reply, 2 usage or no
+server) and one-line messages."""
 
 from __future__ import annotations
 
@@ -38,14 +39,31 @@ POWER_BUTTON_BODY = f"""
 """
 
 
-def kvm_vmm_remote(path: Path, *command: str) -> subprocess.CompletedProcess[str]:
+def kvm_vmm_remote(
+    path: Path, *command: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kvm_vmm.cli", "remote", "--api-socket", str(path), *command],
         capture_output=True,
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
+
+
+def _wait_until_running(process: subprocess.Popen[str], path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the API socket never said running"
+        try:
+            reply = request(path, "GET", "vm.info", timeout=5)
+        except ApiUnavailable:
+            reply = None
+        if reply is not None and isinstance(reply.body, dict) and reply.body["state"] == "running":
+            return
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -74,16 +92,7 @@ def vmm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the API socket never said running"
-            try:
-                if request(path, "GET", "vm.info", timeout=5).body["state"] == "running":  # type: ignore[index]
-                    break
-            except ApiUnavailable:
-                pass
-            time.sleep(0.05)
+        _wait_until_running(process, path)
         yield process, path
     finally:
         if process.poll() is None:
@@ -267,3 +276,82 @@ def test_a_reply_that_is_not_json_is_still_an_error_reply(tmp_path: Path) -> Non
         thread.join()
     assert (status, out) == (1, "")
     assert err == "kvm-vmm remote: info: HTTP 404 without an error message (HTTP 404)\n"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("mode", ["private", "copy"])
+def test_snapshot_through_remote_then_kvm_vmm_restore_continues_the_guest(
+    vmm: tuple[subprocess.Popen[str], Path], tmp_path: Path, mode: str
+) -> None:
+    """The guest only powers off if it runs after the restore: it polls PM1_STS for the
+    power button that ``remote shutdown`` presses in the restored process."""
+    process, path = vmm
+    running = kvm_vmm_remote(path, "snapshot", "snap", cwd=tmp_path)
+    assert running.returncode == 1
+    assert "(it is running) (HTTP 409)" in running.stderr
+    assert kvm_vmm_remote(path, "pause").returncode == 0
+    taken = kvm_vmm_remote(path, "snapshot", "snap", cwd=tmp_path)  # relative to the client
+    assert taken.returncode == 0, taken.stderr
+    assert json.loads(taken.stdout) == {"state": "paused", "destination": str(tmp_path / "snap")}
+    assert kvm_vmm_remote(path, "stop").returncode == 0
+    assert _ended(process)[0] == 0
+
+    second = tmp_path / "restored.sock"
+    restored = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvm_vmm.cli",
+            "restore",
+            str(tmp_path / "snap"),
+            "--restore-mode",
+            mode,
+            "--serial",
+            "null",
+            "--api-socket",
+            str(second),
+            "--verbose",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_until_running(restored, second)
+        info = json.loads(kvm_vmm_remote(second, "info").stdout)
+        assert info["config"]["memory_size"] == 512 << 20
+        assert kvm_vmm_remote(second, "shutdown").returncode == 0
+        status, stderr = _ended(restored)
+    finally:
+        if restored.poll() is None:
+            restored.kill()
+            restored.communicate()
+    assert status == 0, stderr
+    assert f"kvm-vmm: restored {tmp_path / 'snap'} in" in stderr
+    assert "kvm-vmm: guest powered off after" in stderr
+    assert TRACEBACK not in stderr
+    assert not second.exists()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("what", ["missing", "empty", "not a snapshot"])
+def test_restore_of_something_that_is_no_snapshot_is_status_2_in_one_line(
+    tmp_path: Path, what: str
+) -> None:
+    require_kvm()
+    directory = tmp_path / "snap"
+    if what != "missing":
+        directory.mkdir()
+    if what == "not a snapshot":
+        (directory / "state.json").write_text('{"schema": "something else"}')
+    result = subprocess.run(
+        [sys.executable, "-m", "kvm_vmm.cli", "restore", str(directory), "--serial", "null"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"kvm-vmm: error: snapshot {directory}")
+    assert result.stderr.count("\n") == 1, result.stderr

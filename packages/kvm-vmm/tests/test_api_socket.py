@@ -522,3 +522,103 @@ def test_a_path_too_long_for_sockaddr_un_works(program: GuestProgram, tmp_path: 
         with pytest.raises(ApiSocketError, match="a server already answers there"):
             ApiServer(machine, path)
     assert not path.exists()
+
+
+def test_snapshot_while_running_is_a_409_and_the_guest_runs_on(
+    served: Served, tmp_path: Path
+) -> None:
+    reply = _ask(served, "PUT", "vm.snapshot", {"destination": str(tmp_path / "snap")})
+    assert reply.status == 409
+    assert reply.error == "snapshot() on a machine that is not created or paused (it is running)"
+    assert not (tmp_path / "snap").exists()
+    assert served.still_counting()
+
+
+def test_a_snapshot_of_the_paused_guest_restores_and_runs_on(
+    served: Served, tmp_path: Path
+) -> None:
+    destination = tmp_path / "snap"
+    assert _ask(served, "PUT", "vm.pause").status == 200
+    held = served.count()
+    reply = _ask(served, "PUT", "vm.snapshot", {"destination": str(destination)})
+    assert (reply.status, reply.body) == (200, {"state": "paused", "destination": str(destination)})
+    assert sorted(os.listdir(destination)) == ["memory.bin", "state.json"]
+    assert _ask(served, "PUT", "vm.resume").status == 200
+    assert served.still_counting()  # the snapshot left the machine as it was
+    with Machine.restore(destination) as restored:
+        copy = Served(restored, served.server, served.count_at)
+        assert copy.count() == held  # the snapshot's memory
+        restored.start()
+        assert copy.still_counting()
+        restored.press_power_button()
+        outcome = restored.wait(30)
+        assert outcome is not None and outcome.reason == POWERED_OFF
+
+
+SNAPSHOT_BODIES = {
+    "no destination": ({}, "vm.snapshot needs the field 'destination'"),
+    "a number": ({"destination": 7}, "vm.snapshot: 'destination' is a JSON int, not a string"),
+    "a list": ({"destination": ["/tmp/x"]}, "'destination' is a JSON list, not a string"),
+    "null": ({"destination": None}, "'destination' is a JSON NoneType, not a string"),
+    "an extra field": (
+        {"destination": "/tmp/x", "compress": True},
+        "vm.snapshot takes only 'destination', not 'compress'",
+    ),
+    "relative": ({"destination": "snap"}, "destination 'snap' is not an absolute path"),
+    "empty": ({"destination": ""}, "destination '' is not an absolute path"),
+    "a NUL": ({"destination": "/tmp/a\0b"}, "is not an absolute path"),
+}
+
+
+@pytest.mark.parametrize("case", SNAPSHOT_BODIES)
+def test_a_bad_snapshot_request_is_a_400_and_nothing_is_written(
+    served: Served, tmp_path: Path, case: str
+) -> None:
+    body, message = SNAPSHOT_BODIES[case]
+    assert _ask(served, "PUT", "vm.pause").status == 200
+    before = sorted(os.listdir(tmp_path))
+    reply = _ask(served, "PUT", "vm.snapshot", body)
+    assert reply.status == 400, reply.error
+    assert message in reply.error
+    assert sorted(os.listdir(tmp_path)) == before
+    assert _ask(served, "PUT", "vm.resume").status == 200
+    assert served.still_counting()
+
+
+def test_a_destination_the_snapshot_refuses_is_a_400_naming_it(
+    served: Served, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("mine")
+    assert _ask(served, "PUT", "vm.pause").status == 200
+    reply = _ask(served, "PUT", "vm.snapshot", {"destination": str(precious)})
+    assert reply.status == 400
+    assert (
+        reply.error == f"snapshot {precious}: exists and is not a snapshot: refusing to replace it"
+    )
+    assert precious.read_text() == "mine"
+    missing = tmp_path / "no" / "snap"
+    reply = _ask(served, "PUT", "vm.snapshot", {"destination": str(missing)})
+    assert reply.status == 400 and f"snapshot {missing}:" in reply.error
+    assert _ask(served, "PUT", "vm.resume").status == 200
+    assert served.still_counting()
+
+
+def test_a_machine_with_a_device_a_snapshot_cannot_rebuild_is_a_409(
+    program: GuestProgram, tmp_path: Path
+) -> None:
+    class Scratch:
+        def read(self, offset: int, size: int) -> int:
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            pass
+
+    with _machine(program) as machine:
+        machine.add_device(Scratch(), name="scratch", pio=(0x710, 1))
+        with ApiServer(machine, tmp_path / "api.sock") as server:
+            server.start()
+            reply = request(server.path, "PUT", "vm.snapshot", {"destination": str(tmp_path / "s")})
+            assert reply.status == 409
+            assert "'scratch'" in reply.error
+            assert not (tmp_path / "s").exists()

@@ -43,6 +43,8 @@ COMMANDS = {
     "info": Command("GET", "vm.info"),
     "pause": Command("PUT", "vm.pause"),
     "resume": Command("PUT", "vm.resume"),
+    # The server's working directory is not ours: the path goes absolute.
+    "snapshot": Command("PUT", "vm.snapshot", lambda path: {"destination": os.path.abspath(path)}),
     "counters": Command("GET", "vm.counters"),
     "shutdown": Command("PUT", "vm.shutdown"),
     "stop": Command("PUT", "vm.stop"),

@@ -39,6 +39,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvm_vmm.machine import Machine, MachineStateError, Outcome
+from kvm_vmm.machine_state import NotSnapshottable
+from kvm_vmm.snapshot import SnapshotError
 
 API_PREFIX = "/api/v1/"
 MAX_BODY = 64 * 1024
@@ -80,6 +82,25 @@ def _no_fields(name: str, body: Fields) -> None:
     if body:
         unknown = ", ".join(map(repr, sorted(body)))
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} takes no fields: {unknown}")
+
+
+def _string_field(name: str, body: Fields, field_name: str) -> str:
+    """``body``'s one field ``field_name``, a string."""
+    unknown = sorted(set(body) - {field_name})
+    if unknown:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name} takes only {field_name!r}, not {', '.join(map(repr, unknown))}",
+        )
+    if field_name not in body:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} needs the field {field_name!r}")
+    value = body[field_name]
+    if not isinstance(value, str):
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name}: {field_name!r} is a JSON {type(value).__name__}, not a string",
+        )
+    return value
 
 
 def _outcome(outcome: Outcome | None) -> dict[str, object] | None:
@@ -133,6 +154,29 @@ def _shutdown(machine: Machine, body: Fields) -> dict[str, object]:
     return _state(machine)
 
 
+def _snapshot(machine: Machine, body: Fields) -> dict[str, object]:
+    destination = _string_field("vm.snapshot", body, "destination")
+    # The server's working directory is not the client's: a relative path would land
+    # where the client does not expect it.
+    if not os.path.isabs(destination) or "\0" in destination:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f"vm.snapshot: destination {destination!r} is not an absolute path",
+        )
+    try:
+        machine.snapshot(destination)
+    except SnapshotError as error:
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(error)) from None
+    except NotSnapshottable as error:  # the machine's devices, not the request
+        raise RequestError(HTTPStatus.CONFLICT, str(error)) from None
+    except OSError as error:  # the destination cannot be written (EACCES, ENOSPC...)
+        where = error.filename or destination
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"snapshot {destination}: {where}: {error.strerror}"
+        ) from None
+    return {**_state(machine), "destination": destination}
+
+
 def _stop(machine: Machine, body: Fields) -> dict[str, object]:
     _no_fields("vm.stop", body)
     outcome = machine.stop()
@@ -144,6 +188,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "vm.counters": Endpoint("GET", _counters),
     "vm.pause": Endpoint("PUT", _pause),
     "vm.resume": Endpoint("PUT", _resume),
+    "vm.snapshot": Endpoint("PUT", _snapshot),
     "vm.shutdown": Endpoint("PUT", _shutdown),
     "vm.stop": Endpoint("PUT", _stop),
 }
