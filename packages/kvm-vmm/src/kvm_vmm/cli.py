@@ -3,7 +3,11 @@
     kvm-vmm run [--kernel PATH] [--initrd PATH] [--cmdline STR] [--memory 512M]
                 [--cpus N] [--serial stdio|file:PATH|null] [--device SPEC]...
                 [--fast-boot] [--no-host-workarounds] [--stats] [--quiet] [--verbose]
+                [--api-socket PATH]
     kvm-vmm demo [--tiny] [--memory SIZE] [--cpus N] [--no-host-workarounds] ...
+    kvm-vmm restore DIR [--force] [--restore-mode private|copy] [--serial ...]
+                [--api-socket PATH] [--timeout S] [--stats] [--quiet] [--verbose]
+    kvm-vmm remote --api-socket PATH info|pause|resume|snapshot DIR|counters|shutdown|stop
     kvm-vmm host-check [--refresh] [--json] [--verbose]
     kvm-vmm qemu QEMU-ARGS...   (also the script kvm-vmm-qemu-system-x86_64)
 
@@ -29,6 +33,8 @@ from pathlib import Path
 
 import kvmfast
 from kvm_devices.interfaces import ByteSink
+from kvm_vmm.api_client import COMMANDS, remote
+from kvm_vmm.api_socket import ApiServer
 from kvm_vmm.boot import (
     BootDescription,
     BootReport,
@@ -71,7 +77,8 @@ from kvm_vmm.qemu_frontend import (
 )
 from kvm_vmm.resources import ResourceError
 from kvm_vmm.signals import Terminated, ending_run, raising_terminated, status_of_signal
-from kvm_vmm.status_line import machine_status, showing, terminal_status_line
+from kvm_vmm.snapshot import SnapshotError
+from kvm_vmm.status_line import StatusLine, machine_status, showing, terminal_status_line
 from kvmfast.assembler import AssemblerMissing
 
 USAGE_ERROR = 2
@@ -154,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     _add_common(demo)
 
+    restore = commands.add_parser(
+        "restore",
+        help="continue a snapshot (kvm-vmm remote snapshot DIR) in this process",
+        epilog=RUN_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    restore.add_argument("directory", type=Path, metavar="DIR", help="the snapshot's directory")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even over a disk image that changed since the snapshot",
+    )
+    restore.add_argument(
+        "--restore-mode",
+        choices=("private", "copy"),
+        default="private",
+        help="guest RAM: map the memory file copy-on-write, pages loading as the guest "
+        "touches them (private, default), or read it all in first (copy)",
+    )
+    _add_run_options(restore)
+
     check = commands.add_parser(
         "host-check", help="probe what this host's KVM does for guests (PASS/WARN/FAIL)"
     )
@@ -162,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--verbose", action="store_true", help="also the Linux switches and CPUID it implies"
     )
+    control = commands.add_parser(
+        "remote",
+        help="control a running kvm-vmm through its --api-socket (docs/api-socket.md)",
+        description="Send one command to the API socket of `kvm-vmm run --api-socket PATH` "
+        "and print its JSON reply. Exit status 0: done; 1: an error reply (on stderr); "
+        "2: a usage error or no server at PATH.",
+    )
+    control.add_argument("--api-socket", required=True, metavar="PATH", help="the socket")
+    control.add_argument("remote_command", metavar="COMMAND", choices=tuple(COMMANDS))
+    control.add_argument("argument", nargs="?", metavar="ARG", help="snapshot: the directory")
     # Listed for --help; main() hands its arguments to qemu_main before argparse,
     # which would take QEMU's single-dash options for its own.
     commands.add_parser(
@@ -173,11 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--serial",
-        default="stdio",
-        help="where COM1 goes: stdio (default), file:PATH (truncated first) or null",
-    )
+    _add_run_options(parser)
     parser.add_argument(
         "--device",
         action="append",
@@ -200,12 +234,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a virtio-rng device fed by the host's getrandom() (default: on for Linux guests)",
     )
-    parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
-    parser.add_argument(
-        "--stats",
-        action="store_true",
-        help="print at exit: exits by reason and by device, the boot's milestones",
-    )
     parser.add_argument(
         "--no-host-workarounds",
         action="store_true",
@@ -224,6 +252,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="stop at the first instruction the host's KVM cannot emulate, as QEMU does, "
         "instead of completing it in kvmfast",
+    )
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What run, demo and restore share: where the guest's console goes and how its
+    run is watched and ended."""
+    parser.add_argument(
+        "--serial",
+        default="stdio",
+        help="where COM1 goes: stdio (default), file:PATH (truncated first) or null",
+    )
+    parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
+    parser.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="serve the control API (HTTP/JSON: kvm-vmm remote, curl --unix-socket) on a "
+        "Unix socket at PATH, owner-only, for the run (docs/api-socket.md)",
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print at exit: exits by reason and by device, the boot's milestones",
     )
     parser.add_argument(
         "--profile",
@@ -280,6 +330,7 @@ def _reporting_errors(action: Callable[[], int]) -> int:
         MachineConfigError,
         LoaderError,
         AssetsUnavailable,
+        SnapshotError,
     ) as error:
         print(f"kvm-vmm: error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -327,15 +378,17 @@ def _stderr_fd() -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "host-check":
         return _host_check(args)
+    if args.command == "remote":
+        return remote(args.api_socket, args.remote_command, args.argument)
+    if args.command == "restore":
+        return _restore(args)
     tiny = args.command == "demo" and args.tiny
     default_memory = DEMO_MEMORY if tiny else LINUX_MEMORY
     memory = parse_size(getattr(args, "memory", None) or default_memory)
     cpus: int = args.cpus
     cache_dir = default_cache_dir(os.environ)
     status = terminal_status_line(_stderr_fd(), not args.quiet)
-    console: ByteSink = open_serial_sink(args.serial)
-    if status is not None and args.serial == "stdio" and sys.stdout.isatty():
-        console = status.guard(console)  # the guest's output erases the line first
+    console = _console(args, status)
     machine = Machine(
         MachineConfig(
             memory_size=memory,
@@ -344,7 +397,9 @@ def _run(args: argparse.Namespace) -> int:
             emulation_fallback=not args.no_emulation_fallback,
         )
     )
+    api: ApiServer | None = None
     try:
+        api = _serve_api(args, machine)  # before the boot: a taken path fails at once
         if args.symbols is not None:
             try:
                 count = machine.load_symbols(args.symbols)
@@ -361,25 +416,68 @@ def _run(args: argparse.Namespace) -> int:
             machine.add_rng()
         _tell_boot(args, machine.boot(description, cache_dir=cache_dir))
         _say(args, f"{cpus} vCPU(s), {memory >> 20} MiB, serial {args.serial}")
-        interactive = args.serial == "stdio" and sys.stdin.isatty()
-        if args.serial == "stdio":
-            start_stdin_reader(
-                machine.serial.write,
-                lambda: machine.finish(Outcome(0, "quit from the console (Ctrl-A x)")),
-            )
-        started = time.monotonic()
-        profiler = GuestProfiler(machine.kickers, args.profile) if args.profile else None
-        with (
-            raw_terminal(interactive),
-            ending_run(machine),
-            _profiling(profiler),
-            showing(status, machine_status(machine)),
-        ):
-            outcome = machine.run(args.timeout)
-        _report(args, machine, outcome, time.monotonic() - started)
-        return outcome.status
+        return _run_machine(args, machine, status)
     finally:
+        if api is not None:
+            api.close()  # a request still being answered gets its reply first
         machine.close()
+
+
+def _console(args: argparse.Namespace, status: StatusLine | None) -> ByteSink:
+    console: ByteSink = open_serial_sink(args.serial)
+    if status is not None and args.serial == "stdio" and sys.stdout.isatty():
+        console = status.guard(console)  # the guest's output erases the line first
+    return console
+
+
+def _serve_api(args: argparse.Namespace, machine: Machine) -> ApiServer | None:
+    if args.api_socket is None:
+        return None
+    api = ApiServer(machine, args.api_socket)
+    api.start()
+    _say(args, f"API socket {args.api_socket}")
+    return api
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """``kvm-vmm restore DIR``: the snapshot's machine, run from where it was paused."""
+    status = terminal_status_line(_stderr_fd(), not args.quiet)
+    console = _console(args, status)
+    started = time.monotonic()
+    machine = Machine.restore(
+        args.directory, console=console, force=args.force, copy=args.restore_mode == "copy"
+    )
+    api: ApiServer | None = None
+    try:
+        _say(args, f"restored {args.directory} in {time.monotonic() - started:.3f} s")
+        api = _serve_api(args, machine)
+        return _run_machine(args, machine, status)
+    finally:
+        if api is not None:
+            api.close()
+        machine.close()
+
+
+def _run_machine(args: argparse.Namespace, machine: Machine, status: StatusLine | None) -> int:
+    """Run a built machine to its end, the console on stdin where it is stdio; its
+    outcome reported; the exit status."""
+    interactive = args.serial == "stdio" and sys.stdin.isatty()
+    if args.serial == "stdio":
+        start_stdin_reader(
+            machine.serial.write,
+            lambda: machine.finish(Outcome(0, "quit from the console (Ctrl-A x)")),
+        )
+    started = time.monotonic()
+    profiler = GuestProfiler(machine.kickers, args.profile) if args.profile else None
+    with (
+        raw_terminal(interactive),
+        ending_run(machine),
+        _profiling(profiler),
+        showing(status, machine_status(machine)),
+    ):
+        outcome = machine.run(args.timeout)
+    _report(args, machine, outcome, time.monotonic() - started)
+    return outcome.status
 
 
 @contextlib.contextmanager
