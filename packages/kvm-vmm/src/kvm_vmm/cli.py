@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import kvmfast
@@ -65,6 +65,7 @@ from kvm_vmm.machine import (
     MachineConfig,
     MachineConfigError,
     Outcome,
+    kvm_vmm_version,
 )
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvm_vmm.qemu_frontend import (
@@ -78,7 +79,9 @@ from kvm_vmm.qemu_frontend import (
 from kvm_vmm.resources import ResourceError
 from kvm_vmm.signals import Terminated, ending_run, raising_terminated, status_of_signal
 from kvm_vmm.snapshot import SnapshotError
+from kvm_vmm.snapshot.host_facts import cpu_model
 from kvm_vmm.status_line import StatusLine, machine_status, showing, terminal_status_line
+from kvm_vmm.warm_start import WarmStartCache, snapshot_at_prompt, warm_start_key
 from kvmfast.assembler import AssemblerMissing
 
 USAGE_ERROR = 2
@@ -159,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--memory", help=f"guest RAM (default {LINUX_MEMORY}; --tiny {DEMO_MEMORY})")
     demo.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    demo.add_argument(
+        "--cold",
+        action="store_true",
+        help="boot even if a snapshot of the demo's shell is cached (it is taken again)",
+    )
     _add_common(demo)
 
     restore = commands.add_parser(
@@ -388,6 +396,15 @@ def _run(args: argparse.Namespace) -> int:
     cpus: int = args.cpus
     cache_dir = default_cache_dir(os.environ)
     status = terminal_status_line(_stderr_fd(), not args.quiet)
+    warm: DemoSnapshot | None = None
+    description: BootDescription | None = None
+    if args.command == "demo" and not tiny and not args.disk and args.symbols is None:
+        description = _describe_boot(args, cache_dir)
+        warm = _demo_snapshot(args, description, memory, cache_dir)
+        if warm is not None and not args.cold:
+            restored = _warm_demo(args, warm, status)
+            if restored is not None:
+                return restored
     console = _console(args, status)
     machine = Machine(
         MachineConfig(
@@ -411,11 +428,20 @@ def _run(args: argparse.Namespace) -> int:
         for spec in args.disk:
             machine.add_disk_option(spec)
         # Only input that is known good is worth a download.
-        description = DemoBoot() if tiny else _describe_boot(args, cache_dir)
+        if description is None:
+            description = DemoBoot() if tiny else _describe_boot(args, cache_dir)
         if args.rng or (args.rng is None and isinstance(description, LinuxBoot)):
             machine.add_rng()
         _tell_boot(args, machine.boot(description, cache_dir=cache_dir))
         _say(args, f"{cpus} vCPU(s), {memory >> 20} MiB, serial {args.serial}")
+        if warm is not None:
+            print(
+                "kvm-vmm: booting the demo (minutes where guest kernel code is emulated);"
+                " its shell is kept as a snapshot, and the next run starts there",
+                file=sys.stderr,
+            )
+            destination = warm.cache.prepare(warm.key)
+            snapshot_at_prompt(machine, destination, lambda line: _say(args, line))
         return _run_machine(args, machine, status)
     finally:
         if api is not None:
@@ -450,6 +476,69 @@ def _restore(args: argparse.Namespace) -> int:
     api: ApiServer | None = None
     try:
         _say(args, f"restored {args.directory} in {time.monotonic() - started:.3f} s")
+        api = _serve_api(args, machine)
+        return _run_machine(args, machine, status)
+    finally:
+        if api is not None:
+            api.close()
+        machine.close()
+
+
+@dataclass(frozen=True)
+class DemoSnapshot:
+    """Where the demo's snapshot of this guest on this host is kept (kvm_vmm.warm_start)."""
+
+    cache: WarmStartCache
+    key: str
+
+
+def _demo_snapshot(
+    args: argparse.Namespace, description: BootDescription, memory: int, cache_dir: Path | None
+) -> DemoSnapshot | None:
+    """The demo's snapshot for these options, or None where it keeps none (no cache
+    directory). The caller keeps none with a disk (its contents change between runs) or
+    a symbol file."""
+    if cache_dir is None or not isinstance(description, LinuxBoot):
+        return None
+    key = warm_start_key(
+        description,
+        memory_size=memory,
+        cpus=args.cpus,
+        devices=[*args.device, f"rng={args.rng}"],
+        emulation_fallback=not args.no_emulation_fallback,
+        host={"cpu": cpu_model(), "kernel": os.uname().release},
+        version=kvm_vmm_version(),
+    )
+    return DemoSnapshot(WarmStartCache(cache_dir), key)
+
+
+def _warm_demo(
+    args: argparse.Namespace, warm: DemoSnapshot, status: StatusLine | None
+) -> int | None:
+    """Run the demo from its snapshot; None when there is none or it does not fit (it is
+    then discarded, with a one-line note, and the demo boots and takes a new one)."""
+    path = warm.cache.usable(warm.key)
+    if path is None:
+        return None
+    started = time.monotonic()
+    try:
+        machine = Machine.restore(path, console=_console(args, status))
+    except SnapshotError as error:
+        print(
+            f"kvm-vmm: note: the demo's snapshot does not fit ({error.problem});"
+            " booting and taking a new one",
+            file=sys.stderr,
+        )
+        warm.cache.discard(warm.key)
+        return None
+    print(
+        f"kvm-vmm: the demo's shell, restored from its snapshot in"
+        f" {(time.monotonic() - started) * 1000:.0f} ms (--cold boots it again)",
+        file=sys.stderr,
+    )
+    machine.serial.write(b"\n")  # the shell prints its prompt again
+    api: ApiServer | None = None
+    try:
         api = _serve_api(args, machine)
         return _run_machine(args, machine, status)
     finally:
