@@ -156,10 +156,13 @@ def assert_profiled(boot: Boot, hz: float) -> None:
 
 
 @pytest.mark.usefixtures("boots_to_init")
-@pytest.mark.parametrize("cpus", [1, 2])
+@pytest.mark.parametrize("cpus", [2])
 def test_noapic_routes_through_the_8259_pair(boot_files: BootFiles, cpus: int) -> None:
     # Two vCPUs: Linux's first IPIs to several CPUs would be paravirtual (a hypercall
     # that never completes on some hosts) unless the host check hides KVM's PV IPI.
+    # One vCPU is not booted again: the PIC's path is the BSP's alone either way (the
+    # 8259's INTR reaches LINT0 of vCPU 0 only), and CI's boot budget goes to the
+    # snapshot tests (docs/benchmarks.md: about 6.5 min a boot on the slowest host).
     boot = boot_linux(boot_files, cpus=cpus, cmdline=f"noapic {PIT_TICK}")
     assert_powered_off(boot)
     nproc, interrupts = proc_interrupts(boot.console)
