@@ -162,7 +162,7 @@ def test_noapic_routes_through_the_8259_pair(boot_files: BootFiles, cpus: int) -
     # that never completes on some hosts) unless the host check hides KVM's PV IPI.
     # One vCPU is not booted again: the PIC's path is the BSP's alone either way (the
     # 8259's INTR reaches LINT0 of vCPU 0 only), and CI's boot budget goes to the
-    # snapshot tests (docs/benchmarks.md: about 6.5 min a boot on the slowest host).
+    # snapshot tests (a boot is about 6.5 min on the slowest host of this kind).
     boot = boot_linux(boot_files, cpus=cpus, cmdline=f"noapic {PIT_TICK}")
     assert_powered_off(boot)
     nproc, interrupts = proc_interrupts(boot.console)
