@@ -56,7 +56,7 @@ def _rotl32(value: int, count: int) -> int:
 
 def _pshufd(dwords: Sequence[int], imm: int) -> list[int]:
     """PSHUFD / VPSHUFD: within each 128-bit lane, dword i = dword (imm >> 2i) & 3."""
-    out = []
+    out: list[int] = []
     for lane in range(0, len(dwords), 4):
         out += [dwords[lane + (imm >> (2 * i) & 3)] for i in range(4)]
     return out
@@ -64,7 +64,7 @@ def _pshufd(dwords: Sequence[int], imm: int) -> list[int]:
 
 def _vpermq(dwords: Sequence[int], imm: int) -> list[int]:
     """VPERMQ: qword i = qword (imm >> 2i) & 3 of the whole YMM."""
-    out = []
+    out: list[int] = []
     for i in range(4):
         source = imm >> (2 * i) & 3
         out += dwords[2 * source : 2 * source + 2]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +21,6 @@ SERIAL_LINE = b"snap\r"
 # 8042's translation the guest reads set 1: 0x25 and its break code 0xA5.
 KEY_SET2 = (0x42, 0xF0, 0x42)
 KEY_SET1 = (0x25, 0xA5)
-PHASE1 = b"phase 1: counting\n"
-PHASE4 = b"phase 4: counting\n"
 POLL_SECONDS = 0.001
 MEMORY_SIZE = 16 << 20
 DEVICES = ("isa-debug-exit,iobase=0xf4,iosize=0x4",)
@@ -58,12 +56,13 @@ class Feeder:
     def console(self) -> bytes:
         return self.history + self.machine.serial.transcript()
 
-    def feed_due(self, *, hold: bool = False) -> list[str]:
-        """Give what is due; with ``hold``, give nothing and only say what is due."""
+    def feed_due(self, hold: Collection[str] = ()) -> list[str]:
+        """The inputs due (their prompt is out, not given yet): each given unless named
+        in ``hold``."""
         console = self.console()
         due = [item for item in INPUTS if item.name not in self.fed and item.prompt in console]
-        if not hold:
-            for item in due:
+        for item in due:
+            if item.name not in hold:
                 item.give(self.machine)
                 self.fed.append(item.name)
         return [item.name for item in due]
@@ -72,10 +71,12 @@ class Feeder:
 StopRule = Callable[[Feeder, list[str], float], bool]
 
 
-def run_until(feeder: Feeder, stop: StopRule | None, timeout: float, hold: bool = False) -> bool:
+def run_until(
+    feeder: Feeder, stop: StopRule | None, timeout: float, hold: Collection[str] = ()
+) -> bool:
     """Run the started machine, feeding it, until ``stop(feeder, due,
     seconds_since_start)`` says so (then pause it and return True) or the run ends
-    (False). ``due``: the inputs whose prompts just came, given unless ``hold``."""
+    (False). ``due``: the inputs whose prompts are out, given unless named in ``hold``."""
     machine = feeder.machine
     started = time.monotonic()
     while True:
@@ -89,6 +90,23 @@ def run_until(feeder: Feeder, stop: StopRule | None, timeout: float, hold: bool 
             return machine.state is MachineState.PAUSED
         if machine.wait(POLL_SECONDS) is not None:
             return False
+
+
+@dataclass(frozen=True)
+class DriverReport:
+    """What one process of a run did (tests/multiboot/snapshot_driver.py), as JSON."""
+
+    paused: bool  # False: the run ended
+    status: int | None  # the outcome's exit status, None while paused
+    reason: str | None
+    console: str  # this process's COM1 output, as latin-1
+    fed: list[str]  # every input given so far, in this process or before
+    given_while_paused: list[str]  # of those, the ones given after the pause
+    counters: dict[str, int]  # the guest's counters after the pause or the end
+    setup_seconds: float  # building or restoring the machine
+    snapshot_seconds: float | None
+    started_at: float  # time.time() at start() and at the end
+    ended_at: float
 
 
 def guest_symbols(elf: Path, names: Sequence[str]) -> dict[str, int]:
