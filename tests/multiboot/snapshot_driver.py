@@ -50,6 +50,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--kernel", type=Path)
     source.add_argument("--restore", type=Path)
+    parser.add_argument("--copy", action="store_true", help="restore reading RAM in eagerly")
     parser.add_argument("--cmdline", default="")
     parser.add_argument("--elf", type=Path, required=True, help="the kernel's symbols")
     parser.add_argument("--history", type=Path, help="console text of earlier processes")
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     symbols = guest_symbols(arguments.elf, COUNTERS)
     started = time.monotonic()
     if arguments.restore is not None:
-        machine = Machine.restore(arguments.restore, console=DiscardSink())
+        machine = Machine.restore(arguments.restore, console=DiscardSink(), copy=arguments.copy)
     else:
         machine = Machine(MachineConfig(memory_size=MEMORY_SIZE))
         for spec in DEVICES:
