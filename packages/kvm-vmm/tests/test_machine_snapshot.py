@@ -46,6 +46,20 @@ def machine_with_devices(image: Path, *, readonly: bool = False) -> Machine:
     return machine
 
 
+def untimed(state: object) -> object:
+    """``state`` without the fields that are points on a device clock (the PIT's ticks,
+    the PM timer's phase): a restore moves them onto its own clock, by design."""
+    if isinstance(state, dict):
+        return {
+            key: untimed(value)
+            for key, value in state.items()
+            if not key.endswith(("_tick", "_ticks", "_phase"))
+        }
+    if isinstance(state, list):
+        return [untimed(item) for item in state]
+    return state
+
+
 def edit(snapshot: Path, change: object) -> None:
     path = snapshot / STATE_FILE
     state = json.loads(path.read_text())
@@ -64,7 +78,7 @@ def test_a_restored_machine_has_the_state_memory_and_devices_it_was_saved_with(
         sregs = original.vcpus[0].get_sregs()
         lapic = original.vcpus[0].get_lapic()
     with Machine.restore(snapshot) as restored:
-        assert restored.save_state() == saved
+        assert untimed(restored.save_state()) == untimed(saved)
         assert restored.vcpus[0].get_regs() == regs
         assert restored.vcpus[0].get_sregs() == sregs
         assert restored.vcpus[0].get_lapic() == lapic
@@ -151,13 +165,13 @@ def claim_every_leaf7_feature(state: dict[str, Any]) -> None:
         (lambda s: s["vcpus"][0]["regs"].pop("rax"), r"vcpus\[0\]\.regs: fields missing"),
         (lambda s: s["vcpus"][0].update(lapic="00"), r"vcpus\[0\]\.lapic: 1 bytes"),
         (lambda s: s["vcpus"].append(s["vcpus"][0]), "not a list of 1 vCPUs"),
-        (lambda s: s["platform"]["pit"].clear(), "pit"),
+        (lambda s: s["platform"]["pit"].clear(), "PIT state: <top>: missing field"),
         (lambda s: s["platform"].pop("rtc"), "no state for device.s. rtc"),
         (lambda s: s["platform"]["virtio-blk"]["queues"].pop(), "virtio-blk"),
         (lambda s: s["host"].update(cpu_vendor="CyrixInstead"), "CyrixInstead"),
         (lambda s: s["clock"].update(clock=-1), "clock.clock"),
         (claim_every_leaf7_feature, r"CPU features this host lacks: .*leaf 0x7\.0 edx bit"),
-        (lambda s: s["devices"].pop(0), "devices came back as|no state for"),
+        (lambda s: s["devices"].pop(0), r"state for unknown device.s. virtio-blk"),
     ],
 )
 def test_a_damaged_state_is_refused_by_name_with_nothing_changed(

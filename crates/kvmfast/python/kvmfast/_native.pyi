@@ -441,6 +441,22 @@ class EventLoop:
 class VirtioError(ValueError):
     """A bad, missing, empty or locked image, or a queue setup the device refuses."""
 
+class QueueState(TypedDict):
+    """One virtqueue's ring state (virtio-queue's QueueState)."""
+
+    ready: bool
+    """False for a queue never activated (every other field then 0 / False / None)."""
+    size: int
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    next_avail: int
+    next_used: int
+    event_idx: bool
+    signalled_used: int | None
+    """next_used at the device's last interrupt decision; None when unknown (the next
+    completion then interrupts)."""
+
 @final
 class VirtioQueueHandler:
     """An event-loop handler that serves one queue of a VirtioDevice on the loop thread."""
@@ -486,3 +502,12 @@ class VirtioDevice:
     def resume(self) -> None: ...
     def close(self) -> None: ...
     def counters(self) -> dict[str, int]: ...
+    def queue_states(self) -> list[QueueState]:
+        """One per queue; meaningful while the device is paused or not served."""
+    def restore_queue_states(self, states: list[QueueState]) -> None:
+        """After activate() and before the device serves anything (pause() it before
+        activate(), resume() after this): each ready queue continues from the given
+        next_avail / next_used / event_idx / signalled_used. VirtioError, nothing
+        changed, for a list of the wrong length, a missing or extra key, a wrong type,
+        a size or ring address other than activate()'s, an index not u16, or a queue
+        already served."""

@@ -15,6 +15,7 @@ use super::blk::Block;
 use super::counters::{DeviceCounters, bump};
 use super::guest_memory::{DeviceMemory, MemoryError};
 use super::queue::{ActiveQueue, QueueConfig, SetupError};
+use super::queue_state::{QueueState, StateError};
 use super::{
     COMMON_FEATURES, DEVICE_ID_BLOCK, DEVICE_ID_ENTROPY, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, rng,
@@ -207,6 +208,52 @@ impl DeviceCore {
         drop(guards);
         for slot in &self.queues {
             let _ = add_to_counter(slot.notifier.as_raw_fd(), 1);
+        }
+        Ok(())
+    }
+
+    /// Each queue's ring state (a queue not activated: ready false, all zero, signalled
+    /// used unknown). Meaningful while the device is paused or not served.
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.queues
+            .iter()
+            .map(|slot| {
+                locks::lock(&slot.active)
+                    .as_ref()
+                    .map_or_else(QueueState::default, ActiveQueue::state)
+            })
+            .collect()
+    }
+
+    /// Sets the activated queues' indices from a snapshot, all or none: refused when the
+    /// count, ready, size or a ring differs from activate()'s, or a queue was already
+    /// served (its rings would be rewound under the driver).
+    pub fn restore_queue_states(&self, states: &[QueueState]) -> Result<(), StateError> {
+        if states.len() != self.queues.len() {
+            return Err(StateError::Count {
+                given: states.len(),
+                expected: self.queues.len(),
+            });
+        }
+        let mut guards: Vec<_> = self
+            .queues
+            .iter()
+            .map(|slot| locks::lock(&slot.active))
+            .collect();
+        for (queue, (guard, state)) in guards.iter().zip(states).enumerate() {
+            let active = guard.as_ref();
+            let current = active.map_or_else(QueueState::default, ActiveQueue::state);
+            if let Some(key) = state.mismatch(&current) {
+                return Err(StateError::Mismatch { queue, key });
+            }
+            if active.is_some_and(ActiveQueue::served) {
+                return Err(StateError::AlreadyServed { queue });
+            }
+        }
+        for (guard, state) in guards.iter_mut().zip(states) {
+            if let Some(active) = guard.as_mut() {
+                active.restore(state);
+            }
         }
         Ok(())
     }

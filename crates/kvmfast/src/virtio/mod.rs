@@ -13,6 +13,7 @@ pub mod disk;
 pub mod guest_memory;
 pub mod python;
 pub mod queue;
+pub mod queue_state;
 pub mod rng;
 #[cfg(test)]
 mod test_ring;

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
 
 use super::MAX_QUEUE_SIZE;
 use super::blk::Block;
 use super::device::{Backend, DeviceCore};
 use super::disk::Disk;
 use super::queue::QueueConfig;
+use super::queue_state::QueueState;
 use crate::errors::io_error;
 use crate::eventfd::EventFd;
 use crate::vm::Vm;
@@ -253,6 +255,30 @@ impl VirtioDevice {
     fn close(&self, py: Python<'_>) {
         let core = self.core.clone();
         py.detach(move || core.close());
+    }
+
+    /// One dict per queue: ready, size, desc_table, avail_ring, used_ring, next_avail,
+    /// next_used, event_idx, signalled_used (None when unknown).
+    fn queue_states<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let core = self.core.clone();
+        let states = py.detach(move || core.queue_states());
+        states.iter().map(|state| state.to_dict(py)).collect()
+    }
+
+    /// After activate() and before the device serves anything: each ready queue
+    /// continues from the given indices. VirtioError, nothing changed, for a bad list.
+    fn restore_queue_states(&self, py: Python<'_>, states: &Bound<'_, PyAny>) -> PyResult<()> {
+        let states = states
+            .cast::<PyList>()
+            .map_err(|_| VirtioError::new_err("queue states must be a list of dicts"))?
+            .iter()
+            .enumerate()
+            .map(|(queue, dict)| QueueState::from_dict(queue, &dict))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| VirtioError::new_err(error.to_string()))?;
+        let core = self.core.clone();
+        py.detach(move || core.restore_queue_states(&states))
+            .map_err(|error| VirtioError::new_err(error.to_string()))
     }
 
     fn counters(&self) -> HashMap<&'static str, u64> {

@@ -3,7 +3,9 @@
 //! its request runs; a chain or ring that breaks the rules stops the queue.
 
 use std::fmt;
+use std::num::Wrapping;
 use std::sync::Arc;
+use std::sync::atomic::fence;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -13,6 +15,7 @@ use super::MAX_QUEUE_SIZE;
 use super::chain::{Chain, ChainError, Table, walk};
 use super::disk::Bounce;
 use super::guest_memory::{DeviceMemory, Memory};
+use super::queue_state::QueueState;
 
 pub const MAX_QUEUE_SIZE_USIZE: usize = MAX_QUEUE_SIZE as usize;
 
@@ -115,6 +118,12 @@ pub struct ActiveQueue {
     table: Table,
     bounce: Bounce,
     broken: bool,
+    /// next_used at the last interrupt decision (None: unknown, interrupt next time).
+    /// Kept here rather than in virtio-queue (its num_added), which a snapshot cannot
+    /// read or restore.
+    signalled_used: Option<Wrapping<u16>>,
+    /// process() has run since activation: the rings may have been read or written.
+    served: bool,
 }
 
 fn check_ring(
@@ -186,11 +195,41 @@ impl ActiveQueue {
             },
             bounce: Bounce::default(),
             broken: false,
+            signalled_used: Some(Wrapping(0)),
+            served: false,
         })
     }
 
     pub fn broken(&self) -> bool {
         self.broken
+    }
+
+    pub fn served(&self) -> bool {
+        self.served
+    }
+
+    /// The ring state a snapshot keeps (meaningful while nothing is being served).
+    pub fn state(&self) -> QueueState {
+        let queue = self.queue.state();
+        QueueState {
+            ready: queue.ready,
+            size: u64::from(queue.size),
+            desc_table: queue.desc_table,
+            avail_ring: queue.avail_ring,
+            used_ring: queue.used_ring,
+            next_avail: queue.next_avail,
+            next_used: queue.next_used,
+            event_idx: queue.event_idx_enabled,
+            signalled_used: self.signalled_used.map(|used| used.0),
+        }
+    }
+
+    /// Continues from a snapshot's indices (the caller has checked the rings match).
+    pub fn restore(&mut self, state: &QueueState) {
+        self.queue.set_next_avail(state.next_avail);
+        self.queue.set_next_used(state.next_used);
+        self.queue.set_event_idx(state.event_idx);
+        self.signalled_used = state.signalled_used.map(Wrapping);
     }
 
     /// Serves every available chain with `run`, until the ring is empty with
@@ -205,6 +244,7 @@ impl ActiveQueue {
         if self.broken {
             return outcome;
         }
+        self.served = true;
         let memory = self.memory.clone();
         let guest = memory.memory();
         match self.drain(guest, stop, run, &mut outcome.completed) {
@@ -265,15 +305,28 @@ impl ActiveQueue {
         }
     }
 
-    /// EVENT_IDX: used_event decides (virtio-queue's needs_notification); without it the
-    /// avail ring's NO_INTERRUPT flag, which virtio-queue does not read.
+    /// EVENT_IDX: the driver wants an interrupt once used_event is among the entries
+    /// used since the last decision (2.7.10, vring_need_event as virtio-queue's
+    /// needs_notification computes it); without it the avail ring's NO_INTERRUPT flag.
     fn driver_wants_interrupt(&mut self, guest: &Memory) -> bool {
-        let wanted = self.queue.needs_notification(guest).unwrap_or(true);
+        let used = Wrapping(self.queue.next_used());
+        let since = self.signalled_used.replace(used);
+        // The used ring's writes are visible before the driver's used_event is read.
+        fence(Ordering::SeqCst);
+        let avail = self.queue.avail_ring();
         if self.queue.event_idx_enabled() {
-            return wanted;
+            let Some(old) = since else {
+                return true;
+            };
+            let used_event_at = avail + 4 + 2 * u64::from(self.table.size);
+            let Ok(used_event) = guest.read_obj::<u16>(GuestAddress(used_event_at)) else {
+                return true;
+            };
+            let used_event = Wrapping(u16::from_le(used_event));
+            return used - used_event - Wrapping(1) < used - old;
         }
         let flags = guest
-            .read_obj::<u16>(GuestAddress(self.queue.avail_ring()))
+            .read_obj::<u16>(GuestAddress(avail))
             .map(u16::from_le)
             .unwrap_or(0);
         flags & AVAIL_F_NO_INTERRUPT == 0

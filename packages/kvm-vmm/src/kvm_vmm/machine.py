@@ -788,7 +788,15 @@ class Machine:
         nothing). The IOAPIC's routes reach KVM again from the restored IOAPIC."""
         with self._cond:
             self._require("restore_state()", MachineState.CREATED, MachineState.PAUSED)
-        restore_machine_state(self.platform, state, self._snapshottables("restore_state()"))
+            paused = self._state is MachineState.PAUSED
+        # A virtio device serves nothing while its queues are put back (kvm_vmm.virtio_state);
+        # a paused machine's devices stay paused until resume().
+        self.pci.pause()
+        try:
+            restore_machine_state(self.platform, state, self._snapshottables("restore_state()"))
+        finally:
+            if not paused:
+                self.pci.resume()
 
     # -- snapshots ----------------------------------------------------------------
 
@@ -940,11 +948,6 @@ class Machine:
                     raise SnapshotError(directory, f"vCPU {index}: KVM refused {error}") from None
         except kvmfast.KvmError as error:
             raise SnapshotError(directory, f"KVM refused the clock: {error}") from None
-        # A doorbell the guest rang just before the pause was served (pause() lets it
-        # complete), but one rung as the vCPUs stopped may not have been: look again.
-        for attached in self.pci.devices:
-            for queue in range(attached.device.num_queues):
-                attached.device.queue_notifier(queue).write(1)
 
     def _rebuild_device(self, record: dict[str, object]) -> None:
         kind = record["kind"]

@@ -14,7 +14,7 @@ has let the request in flight complete and no doorbell can ring.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from kvm_devices.snapshot import StateError, bits, state_from_data, state_to_data
 from kvm_devices.virtio.constants import (
@@ -24,6 +24,9 @@ from kvm_devices.virtio.constants import (
 )
 from kvm_devices.virtio.pci_transport import VirtioPciState
 from kvm_vmm.pci_virtio import VirtioPciDevice
+
+if TYPE_CHECKING:
+    from kvmfast._native import QueueState
 
 
 @dataclass
@@ -91,10 +94,13 @@ class VirtioDeviceSnapshot:
         return VirtioDeviceState(transport, queues)
 
     def restore_state(self, state: VirtioDeviceState) -> None:
+        """The caller has paused the device: activate() rings every doorbell, and the
+        device must serve nothing until the queues stand where they stood."""
         self.attached.transport.restore_state(state.transport)  # activates the device
         status = state.transport.virtio.status
         if status & STATUS_DRIVER_OK and not status & STATUS_DEVICE_NEEDS_RESET:
-            self.attached.device.restore_queue_states([asdict(queue) for queue in state.queues])
+            positions = [cast("QueueState", asdict(queue)) for queue in state.queues]
+            self.attached.device.restore_queue_states(positions)
 
     def save(self) -> dict[str, object]:
         state = self.save_state()
