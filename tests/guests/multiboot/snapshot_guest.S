@@ -15,8 +15,9 @@
  *     folded into the checksum.
  *  3. "key> ": i8042 keyboard bytes (IRQ1, translated to set 1) until a break code.
  *  4. "phase 4: counting": more PIT ticks.
- *  Then one "summary:" line (mode, tick counts, the input, both checksums, CR4 and
- *  XCR0 as read back) and isa-debug-exit through main's return.
+ *  Then one "summary:" line (mode, tick counts, keyboard interrupts that found no
+ *  byte: none on a correct machine, the 8042 raises IRQ1 once per byte; CR4 and XCR0
+ *  as read back, both checksums) and isa-debug-exit through main's return.
  *
  * Interrupt delivery: Intel SDM Vol. 3A 10.5.4.1 (TSC-deadline mode), 82093AA
  * datasheet 3.2.4 (redirection entries), 8254 datasheet (mode 2), PC16550D 8.6/8.7
@@ -474,7 +475,7 @@ start_keyboard_input:
 keyboard_receive:
         in al, I8042_STATUS
         test al, 1
-        jz 1f
+        jz 2f
         in al, I8042_DATA
         mov ecx, [rip + key_length]
         cmp ecx, KEYS_MAX
@@ -487,6 +488,10 @@ keyboard_receive:
         jz 1f
         mov byte ptr [rip + keys_done], 1
 1:      jmp lapic_eoi
+/* The 8042 raises IRQ1 once per byte it puts in its output buffer: an interrupt
+   with the buffer empty is one no byte caused (a restore replaying an edge...). */
+2:      inc dword ptr [rip + empty_key_interrupts]
+        jmp lapic_eoi
 
 /* ----------------------------------------------------------------- summary */
 
@@ -502,6 +507,9 @@ print_summary:
         call put_hex
         PRINT " lapic "
         mov edi, [rip + lapic_ticks]
+        call put_hex
+        PRINT " empty-key-interrupts "
+        mov edi, [rip + empty_key_interrupts]
         call put_hex
         PRINT " cr4 "
         mov rdi, cr4
@@ -635,6 +643,8 @@ lapic_ticks:
 serial_length:
         .long 0
 key_length:
+        .long 0
+empty_key_interrupts:
         .long 0
 serial_buffer:
         .skip SERIAL_MAX

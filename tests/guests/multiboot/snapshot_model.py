@@ -123,5 +123,6 @@ def summary_line(avx2: bool, serial: bytes, keys: Sequence[int]) -> str:
     return (
         f"summary: mode {'avx2' if avx2 else 'sse2'}"
         f" pit {FIRST_PIT_TICKS + SECOND_PIT_TICKS:#x} lapic {LAPIC_TICKS:#x}"
+        " empty-key-interrupts 0x0"
         f" cr4 {cr4:#x} xcr0 {xcr0:#x} sum {_qwords(sums.a)} lapic-sum {_qwords(sums.lapic)}"
     )
