@@ -2,7 +2,7 @@
 machine started in the same run.
 
 ``python -m kvm_vmm.bench_snapshot [--sizes 256M,2G] [--runs N] [--seed S] [--no-demo]
-[--demo-timeout SECONDS] [--output FILE]`` does, for each size:
+[--demo-timeout SECONDS] [--output FILE] [--note TEXT]`` does, for each size:
 
 - the guest: two instructions at 1 MiB in 64-bit mode, ``spin: jmp spin`` and
   ``out 0xf4, al`` (isa-debug-exit, status 85). Before it starts, one page in each
@@ -444,6 +444,7 @@ def measure_size(
             in_process_restores(taken.snapshot, memory_size, guest, runs), errors
         ),
         "restore_command": command_report(taken.snapshot, runs, use_cli, errors),
+        "load_average_after": [round(load, 2) for load in os.getloadavg()],
     }
     shutil.rmtree(taken.snapshot)
     return report, errors
@@ -479,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-demo", action="store_true", help="skip the demo's warm start")
     parser.add_argument("--demo-timeout", type=float, default=DEFAULT_DEMO_TIMEOUT)
     parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--note", default="", help="the conditions of the run, kept in the JSON (e.g. the load)"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -501,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "python -m kvm_vmm.bench_snapshot",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {**machine_facts(cache_dir), "load_average_before": before},
+        "note": args.note,
         "runs": args.runs,
         "guest": {
             "code": GUEST_SOURCE.splitlines(),

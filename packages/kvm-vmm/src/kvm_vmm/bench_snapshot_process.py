@@ -44,7 +44,7 @@ sys.exit(outcome.status)
 """
 FLOOR_SCRIPT = "import kvm_vmm.machine"
 CHILD_TIMEOUT = 120.0  # a restore that needs longer has failed
-NO_DEMO_SNAPSHOT = "skipped: no demo snapshot; run kvm-vmm demo once"
+NO_DEMO_SNAPSHOT = "no demo snapshot; run kvm-vmm demo once"  # under the key "skipped"
 DEMO_COMMAND = "echo ok\n"
 DEMO_ANSWER = re.compile(rb"(?m)^ok\r?$")  # the echo's output, not the echoed command line
 QUIT = b"\x01x"  # Ctrl-A x: the console's quit (kvm_vmm.console)
