@@ -74,6 +74,8 @@ def test_the_benchmark_runs_a_tiny_guest_and_every_restore_reaches_the_debug_exi
     for mode in ("private", "copy", "private_cold_cache", "copy_cold_cache"):
         assert in_process[mode]["exit_statuses"] == [EXIT_STATUS], mode
         assert set(in_process[mode]["ratio_to_floor"]) == SUMMARY
+        assert len(in_process[mode]["each_total_ms"]) == 2
+        assert len(in_process[mode]["each_floor_total_ms"]) == 2
         assert in_process[mode]["target_ms"] == 50.0
     command = size["restore_command"]
     assert command["floor"]["command"] == ["python", "-c", "import kvm_vmm.machine"]

@@ -298,6 +298,11 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
     return summary(seconds, 1000.0)
 
 
+def each_ms(seconds: Sequence[float]) -> list[float]:
+    """Every run in order, in milliseconds: where an outlier fell."""
+    return [round(value * 1000, 3) for value in seconds]
+
+
 def _bad_statuses(what: str, statuses: Sequence[int]) -> list[str]:
     bad = [status for status in statuses if status != EXIT_STATUS]
     if not bad:
@@ -327,6 +332,8 @@ def in_process_report(
         median_ms = statistics.median(run.total_s for run in restores) * 1000
         report[name] = {
             "total_ms": summary_ms([run.total_s for run in restores]),
+            "each_total_ms": each_ms([run.total_s for run in restores]),
+            "each_floor_total_ms": each_ms([floor.total_s for floor, _ in mode_pairs]),
             "restore_ms": summary_ms([run.build_s for run in restores]),
             "start_to_exit_ms": summary_ms([run.run_s for run in restores]),
             "ratio_to_floor": summary(
@@ -403,6 +410,7 @@ def command_report(
         entry: dict[str, object] = {
             "command": command.shown,
             "spawn_to_exit_ms": summary_ms([child.seconds for child in children]),
+            "each_spawn_to_exit_ms": each_ms([child.seconds for child in children]),
             "median_beyond_floor_ms": round(median_ms - floor_ms, 3),
             "ratio_to_floor": summary(
                 [child.seconds / floor.seconds for floor, child, _ in spawned]
@@ -437,6 +445,7 @@ def measure_size(
         "host_write_of_dirtied_pages_ms": round(taken.write_s * 1000, 3),
         "snapshot": {
             "pause_to_written_ms": summary_ms(taken.snapshot_s),
+            "each_pause_to_written_ms": each_ms(taken.snapshot_s),
             "pause_ms": summary_ms(taken.pause_s),
         },
         "memory_file": memory_file_report(taken.snapshot, taken.dirtied_pages),
