@@ -6,6 +6,7 @@ timestamps, the demo's answer and its skip. No figure is judged: times vary."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,22 @@ def test_without_a_demo_snapshot_the_demo_is_skipped_with_the_reason(tmp_path: P
     assert demo_snapshots(tmp_path) == []
     (tmp_path / "snapshots" / "demo-0123").mkdir()
     assert demo_snapshots(tmp_path) == [tmp_path / "snapshots" / "demo-0123"]
+
+
+# Stand-ins for the demo: a shell that answers the typed line, and one that never does
+# and leaves only on the console's Ctrl-A x.
+ANSWERS = "import sys; line = sys.stdin.readline(); print('ok' if line == 'echo ok\\n' else line)"
+SILENT = "import os\nseen = b''\nwhile b'\\x01x' not in seen:\n    seen += os.read(0, 64)"
+
+
+def test_the_demo_is_timed_to_its_answer_and_one_that_never_answers_is_reported(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "snapshots" / "demo-0123").mkdir(parents=True)
+    answered = demo_warm_start(tmp_path, timeout=30.0, argv=[sys.executable, "-c", ANSWERS])
+    assert "error" not in answered
+    assert isinstance(answered["spawn_to_answer_s"], float)
+    assert answered["snapshots_in_cache"] == ["demo-0123"]
+    silent = demo_warm_start(tmp_path, timeout=0.5, argv=[sys.executable, "-c", SILENT])
+    assert "spawn_to_answer_s" not in silent
+    assert "no answer within 0.5 s" in str(silent["error"])

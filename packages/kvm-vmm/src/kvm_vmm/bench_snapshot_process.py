@@ -150,14 +150,20 @@ def _read_output(fd: int, answer: _Answer) -> None:
     answer.seen.set()  # the demo ended
 
 
-def demo_warm_start(cache_dir: Path | None, timeout: float) -> dict[str, object]:
-    """Spawn ``kvm-vmm demo``, type ``echo ok`` until its shell answers; seconds from
-    spawn to the answer. Without a demo snapshot in the cache: skipped. The demo is
-    then quit (Ctrl-A x; terminated if it does not go)."""
+def demo_command() -> list[str]:
+    return [sys.executable, "-m", "kvm_vmm.cli", "demo"]
+
+
+def demo_warm_start(
+    cache_dir: Path | None, timeout: float, argv: Sequence[str] | None = None
+) -> dict[str, object]:
+    """Spawn ``argv`` (``kvm-vmm demo``), type ``echo ok`` until its shell answers;
+    seconds from spawn to the answer. Without a demo snapshot in the cache: skipped.
+    The demo is then quit (Ctrl-A x; terminated if it does not go)."""
     snapshots = demo_snapshots(cache_dir)
     if not snapshots:
         return {"skipped": NO_DEMO_SNAPSHOT}
-    argv = [sys.executable, "-m", "kvm_vmm.cli", "demo"]
+    argv = demo_command() if argv is None else list(argv)
     answer = _Answer()
     with tempfile.TemporaryFile() as errors:
         began = time.monotonic()
@@ -178,7 +184,7 @@ def demo_warm_start(cache_dir: Path | None, timeout: float) -> dict[str, object]
         errors.seek(0)
         stderr = errors.read().decode(errors="replace")
     report: dict[str, object] = {
-        "command": " ".join(["kvm-vmm", *argv[3:]]),
+        "command": ["python", *argv[1:]],
         "snapshots_in_cache": [path.name for path in snapshots],
         "typed": DEMO_COMMAND.strip(),
         "retyped_every_s": RETYPE_SECONDS,
