@@ -30,6 +30,7 @@ from kvm_vmm.machine import (
 from kvm_vmm.machine_state import NotSnapshottable
 from kvm_vmm.milestones import Milestone
 from kvm_vmm.serial_console import ConsoleTimeout, SerialConsole
+from kvm_vmm.snapshot import SnapshotError
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "NotSnapshottable",
     "Outcome",
     "SerialConsole",
+    "SnapshotError",
     "default_guest",
     "describe_kernel",
 ]
