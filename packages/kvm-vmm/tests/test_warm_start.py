@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvm_vmm.boot import DemoBoot, LinuxBoot
+from kvm_vmm.cli import DemoSnapshot, _warm_demo, build_parser
 from kvm_vmm.machine import Machine, MachineConfig
 from kvm_vmm.warm_start import WarmStartCache, snapshot_at_prompt, warm_start_key
 from kvmfast.testing import require_kvm
@@ -92,3 +93,19 @@ def test_a_run_that_ends_before_the_prompt_leaves_no_snapshot(tmp_path: Path) ->
         taker.join(timeout=30)
         assert not taker.is_alive()
     assert not destination.exists()
+
+
+def test_a_cached_snapshot_that_does_not_fit_is_set_aside_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_kvm()
+    cache = WarmStartCache(tmp_path)
+    damaged = cache.prepare("demo-damaged")
+    damaged.mkdir()
+    (damaged / "state.json").write_text('{"schema": "kvm-vmm-snapshot", "version": 99}')
+    args = build_parser().parse_args(["demo", "--serial", "null", "--quiet"])
+    assert _warm_demo(args, DemoSnapshot(cache, "demo-damaged"), None) is None
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "the demo's snapshot does not fit" in note
+    assert "schema version 99 is newer" in note and "booting and taking a new one" in note
+    assert cache.usable("demo-damaged") is None  # discarded: the cold run takes a new one
