@@ -4,7 +4,7 @@
 //! it again at once, or to leave it parked (its input left in the kernel's queue) until
 //! the handler's owner re-arms it through the `Rearm` the loop handed it.
 
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -19,8 +19,11 @@ pub enum Readiness {
 }
 
 pub trait ReadableHandler: Send + Sync {
-    /// The fd to watch, open for as long as the handler lives.
+    /// The fd to watch (-1 once its owner closed it).
     fn fd(&self) -> RawFd;
+    /// A duplicate of the fd for the loop to watch, made while the owner keeps it open
+    /// (an error once it closed it).
+    fn duplicate_fd(&self) -> std::io::Result<OwnedFd>;
     /// The fd is readable (or in error): take what can be taken.
     fn ready(&self) -> Readiness;
     /// The loop's way to watch the fd again (None: no longer in a loop).
@@ -45,15 +48,22 @@ impl Rearm {
 #[pyclass(frozen, module = "kvmfast")]
 pub struct FdHandler {
     handler: Arc<dyn ReadableHandler>,
+    /// The fd as it was when made: the loop's key for it, even once its owner closed it.
+    fd: RawFd,
 }
 
 impl FdHandler {
     pub fn new(handler: Arc<dyn ReadableHandler>) -> Self {
-        Self { handler }
+        let fd = handler.fd();
+        Self { handler, fd }
     }
 
     pub fn handler(&self) -> Arc<dyn ReadableHandler> {
         self.handler.clone()
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
     }
 }
 
@@ -61,10 +71,10 @@ impl FdHandler {
 impl FdHandler {
     #[getter]
     fn fd(&self) -> RawFd {
-        self.handler.fd()
+        self.fd
     }
 
     fn __repr__(&self) -> String {
-        format!("FdHandler(fd={})", self.handler.fd())
+        format!("FdHandler(fd={})", self.fd)
     }
 }

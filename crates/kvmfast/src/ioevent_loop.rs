@@ -4,7 +4,7 @@
 //! with native handlers (fd_watch: a TAP's frames), armed one-shot like the doorbells.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
@@ -440,17 +440,17 @@ impl EventLoop {
     /// it is readable, and says whether to watch it again at once or to wait until the
     /// handler's owner re-arms it.
     fn add_readable(&self, handler: &FdHandler) -> PyResult<()> {
+        let caller_fd = handler.raw_fd();
         let handler = handler.handler();
-        let caller_fd = handler.fd();
+        if caller_fd < 0 {
+            return Err(PyValueError::new_err("the handler's fd is closed"));
+        }
         if !is_nonblocking(caller_fd) {
             return Err(PyValueError::new_err(format!(
                 "fd {caller_fd} is blocking: the loop thread must never wait in a handler"
             )));
         }
-        // SAFETY: the handler keeps its fd open for as long as it lives, and we hold it.
-        let fd = unsafe { BorrowedFd::borrow_raw(caller_fd) }
-            .try_clone_to_owned()
-            .map_err(io_error)?;
+        let fd = handler.duplicate_fd().map_err(io_error)?;
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         {
             let mut registrations = self.shared.registrations();
@@ -483,9 +483,8 @@ impl EventLoop {
 
     /// Stops watching the fd of `handler`; ValueError if it was not added.
     fn remove_readable(&self, handler: &FdHandler) -> PyResult<()> {
-        let handler = handler.handler();
-        self.remove_fd(handler.fd())?;
-        handler.attach(None);
+        self.remove_fd(handler.raw_fd())?;
+        handler.handler().attach(None);
         Ok(())
     }
 

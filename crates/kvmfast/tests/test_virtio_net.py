@@ -6,23 +6,18 @@ loop: the TX doorbell and the TAP's readability (EventLoop.add_readable)."""
 
 from __future__ import annotations
 
-import ctypes
-import os
 import select
-import shutil
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from kvmfast_guest_support import wait_until
 
 from kvmfast import EventFd, EventLoop, Kvm, VirtioDevice, VirtioError, Vm
+from kvmfast.netns import Namespace, netns_unavailable_reason, private_netns
 
 RAM_SIZE = 0x40000
 SIZE = 16
@@ -38,67 +33,15 @@ GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP, HOST_IP = "10.77.0.2", "10.77.0.1"
 TAP = "kvmt0"
 ETH_P_ALL, ETH_P_IP = 0x0003, 0x0800
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"setns: {os.strerror(errno)}")
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces and TAPs need root (CAP_NET_ADMIN)"
-    if not Path("/dev/net/tun").exists():
-        return "no /dev/net/tun on this host"
-    if shutil.which("ip") is None:
-        return "no ip(8) (iproute2) to make the network namespace"
-    return None
-
-
-@dataclass
-class Namespace:
-    name: str
-
-    def ip(self, *args: str) -> None:
-        subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
-
-    def links(self) -> str:
-        result = subprocess.run(
-            ["ip", "-n", self.name, "-o", "link"], check=True, capture_output=True, text=True
-        )
-        return result.stdout
-
-    @contextmanager
-    def inside(self) -> Iterator[None]:
-        """This thread in the namespace: TAPs it creates and sockets it opens are there."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(home)
-        finally:
-            os.close(target)
-            os.close(home)
 
 
 @pytest.fixture
 def netns() -> Iterator[Namespace]:
-    reason = _skip_reason()
+    reason = netns_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    name = f"kvmfast-net-{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    try:
-        yield Namespace(name)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+    with private_netns("kvmfast-net") as namespace:
+        yield namespace
 
 
 @pytest.fixture
@@ -217,8 +160,7 @@ def link(netns: Namespace, vm: Vm) -> Iterator[Link]:
 
 
 def tap_mac(ns: Namespace) -> bytes:
-    line = next(line for line in ns.links().splitlines() if f" {TAP}:" in line)
-    return bytes.fromhex(line.split("link/ether ")[1].split()[0].replace(":", ""))
+    return ns.link_mac(TAP)
 
 
 def checksum(data: bytes) -> int:
@@ -373,7 +315,7 @@ def test_a_new_tap_gets_a_kernel_name_and_bad_taps_and_macs_are_refused(
     assert f" {device.tap_name}:" in netns.links()
     assert device.device_type == 1 and device.num_queues == 2
     mac = device.read_config(0, 6).to_bytes(6, "little")
-    assert mac[:3] == GUEST_MAC[:3]
+    assert mac[:3] == GUEST_MAC[:3] and device.mac == mac.hex(":")
     device.close()
 
 

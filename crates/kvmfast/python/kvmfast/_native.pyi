@@ -498,6 +498,9 @@ class VirtioDevice:
     @property
     def tap_name(self) -> str | None:
         """A virtio-net device's TAP; None for other devices."""
+    @property
+    def mac(self) -> str | None:
+        """A virtio-net device's MAC address (lower-case hex pairs); None for others."""
     def readable_handler(self) -> FdHandler | None:
         """What the event loop watches besides the doorbells (a virtio-net device's
         TAP); None for devices with nothing to read."""

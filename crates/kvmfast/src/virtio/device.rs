@@ -309,13 +309,15 @@ impl DeviceCore {
         }
     }
 
-    /// Stops for good: reset(), no activation after it, the image's lock released
-    /// (a machine closed is no longer the image's user).
+    /// Stops for good: reset(), no activation after it, the image's lock released or
+    /// the TAP let go (a machine closed is no longer their user).
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.reset();
-        if let Backend::Block(block) = &self.backend {
-            block.close();
+        match &self.backend {
+            Backend::Block(block) => block.close(),
+            Backend::Net(net) => net.tap().close(),
+            Backend::Rng => {}
         }
     }
 
@@ -422,6 +424,13 @@ pub struct TapWatch(pub Arc<DeviceCore>);
 impl ReadableHandler for TapWatch {
     fn fd(&self) -> RawFd {
         self.0.net().map_or(-1, |net| net.tap().as_raw_fd())
+    }
+
+    fn duplicate_fd(&self) -> std::io::Result<OwnedFd> {
+        match self.0.net() {
+            Some(net) => net.tap().duplicate(),
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        }
     }
 
     fn ready(&self) -> Readiness {

@@ -170,6 +170,13 @@ impl VirtioDevice {
         self.core.net().map(|net| net.tap().name().to_string())
     }
 
+    /// A virtio-net device's MAC address ("52:54:00:12:34:56"; None for other devices).
+    #[getter]
+    fn mac(&self) -> Option<String> {
+        let mac = self.core.net()?.mac();
+        Some(mac.map(|byte| format!("{byte:02x}")).join(":"))
+    }
+
     /// What EventLoop.add_readable watches for this device besides its doorbells: a
     /// virtio-net device's TAP (None for devices with nothing to read).
     fn readable_handler(&self) -> Option<FdHandler> {

@@ -6,7 +6,10 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::RwLock;
+
+use crate::locks;
 
 use super::HEADER_SIZE;
 
@@ -102,7 +105,8 @@ impl fmt::Display for TapError {
 
 #[derive(Debug)]
 pub struct Tap {
-    fd: OwnedFd,
+    /// None once closed: the interface is let go (a TAP we created disappears).
+    fd: RwLock<Option<OwnedFd>>,
     name: String,
     /// What TUNSETOFFLOAD accepted when probed at open.
     offloads: Offloads,
@@ -167,7 +171,7 @@ impl Tap {
             });
         }
         let mut tap = Self {
-            fd,
+            fd: RwLock::new(Some(fd)),
             name,
             offloads: Offloads::NONE,
         };
@@ -180,7 +184,7 @@ impl Tap {
     #[cfg(test)]
     pub fn from_fd(fd: OwnedFd, offloads: Offloads) -> Self {
         Self {
-            fd,
+            fd: RwLock::new(Some(fd)),
             name: "fake".into(),
             offloads,
         }
@@ -211,7 +215,31 @@ impl Tap {
     }
 
     fn try_offload(&self, offloads: Offloads) -> bool {
-        set_offload(self.fd.as_raw_fd(), offloads.flags()).is_ok()
+        self.with_fd(|fd| set_offload(fd, offloads.flags())).is_ok()
+    }
+
+    /// `f` on the open fd; EBADFD (as for a TAP gone) once closed.
+    fn with_fd<T>(&self, f: impl FnOnce(RawFd) -> io::Result<T>) -> io::Result<T> {
+        let fd = locks::read(&self.fd);
+        match fd.as_ref() {
+            Some(fd) => f(fd.as_raw_fd()),
+            None => Err(io::Error::from_raw_os_error(libc::EBADFD)),
+        }
+    }
+
+    /// A duplicate of the fd (for the event loop's watch), made while it is open.
+    pub fn duplicate(&self) -> io::Result<OwnedFd> {
+        self.with_fd(|fd| {
+            // SAFETY: the fd stays open while with_fd holds the lock around this call.
+            unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+        })
+    }
+
+    /// Lets the interface go: a TAP we created is deleted by the kernel with its last
+    /// fd (the event loop's watch must be removed too), one we attached to is free for
+    /// another process.
+    pub fn close(&self) {
+        drop(locks::write(&self.fd).take());
     }
 
     pub fn name(&self) -> &str {
@@ -245,37 +273,35 @@ impl Tap {
 
     /// Whether a frame (or an error) waits, without taking it.
     pub fn readable(&self) -> bool {
-        let mut poll = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes the one pollfd we own; timeout 0 never waits.
-        let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
-        ready > 0
+        self.with_fd(|fd| {
+            let mut poll = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes the one pollfd we own; timeout 0 never waits.
+            Ok(unsafe { libc::poll(&raw mut poll, 1, 0) } > 0)
+        })
+        .unwrap_or(false)
     }
 
     /// One frame (header first) into `buffer`: Ok(None) when none is queued.
     pub fn read_frame(&self, buffer: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            // SAFETY: read writes at most buffer.len() bytes into the buffer we borrow.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                )
-            };
-            if n >= 0 {
-                return Ok(Some(n as usize));
+        self.with_fd(|fd| {
+            loop {
+                // SAFETY: read writes at most buffer.len() bytes into the buffer we borrow.
+                let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+                if n >= 0 {
+                    return Ok(Some(n as usize));
+                }
+                let error = io::Error::last_os_error();
+                match error.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return Ok(None),
+                    _ => return Err(error),
+                }
             }
-            let error = io::Error::last_os_error();
-            match error.kind() {
-                io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(error),
-            }
-        }
+        })
     }
 
     /// One frame from its parts (header, then the frame), in one writev: the TAP takes
@@ -288,29 +314,28 @@ impl Tap {
                 iov_len: part.len(),
             })
             .collect();
-        loop {
-            // SAFETY: writev reads iovecs.len() iovecs, each a slice we borrow for the call.
-            let n = unsafe {
-                libc::writev(
-                    self.fd.as_raw_fd(),
-                    iovecs.as_ptr(),
-                    iovecs.len() as libc::c_int,
-                )
-            };
-            if n >= 0 {
-                return Ok(n as usize);
+        self.with_fd(|fd| {
+            loop {
+                // SAFETY: writev reads iovecs.len() iovecs, each a slice we borrow for the call.
+                let n = unsafe { libc::writev(fd, iovecs.as_ptr(), iovecs.len() as libc::c_int) };
+                if n >= 0 {
+                    return Ok(n as usize);
+                }
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
             }
-            let error = io::Error::last_os_error();
-            if error.kind() != io::ErrorKind::Interrupted {
-                return Err(error);
-            }
-        }
+        })
     }
 }
 
 impl AsRawFd for Tap {
+    /// -1 once closed.
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        locks::read(&self.fd)
+            .as_ref()
+            .map_or(-1, AsRawFd::as_raw_fd)
     }
 }
 

@@ -466,6 +466,19 @@ fn the_peer_going_away_takes_the_link_down() {
 }
 
 #[test]
+fn close_lets_the_tap_go() {
+    let mut rig = Rig::new(Offloads::NONE);
+    rig.activate(BASE);
+    rig.core.close();
+    let mut buffer = [0u8; 16];
+    // The device's end is closed: the peer reads the end of the stream.
+    assert_eq!(rig.peer.recv(&mut buffer).unwrap(), 0);
+    rig.send(0, &[(&with_header(0, 0, &[1, 2, 3]), false)]);
+    rig.core.serve(TX_QUEUE); // a closed device serves nothing, and does not crash
+    assert_eq!(rig.counter("tx_packets"), 0);
+}
+
+#[test]
 fn mac_addresses_are_checked() {
     assert_eq!(parse_mac("52:54:00:12:34:56"), Ok(MAC));
     for bad in [
