@@ -332,3 +332,61 @@ def test_a_tap_deleted_while_rx_waits_for_buffers_is_found_by_the_next_transmiss
     assert link.device.read_config(6, 2) == 0
     assert link.device.counters()["tx_errors"] == 1
     assert not link.device.needs_reset
+
+
+F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6 = (
+    1 << bit for bit in (0, 1, 7, 8, 11, 12)
+)
+F_MAC, F_STATUS = 1 << 5, 1 << 16
+NEEDS_CSUM, GSO_TCPV4 = 1, 1
+
+
+def tcp_segment(destination_mac: bytes, payload: bytes) -> bytes:
+    """An Ethernet frame: one TCP segment from the guest to the TAP's address, its
+    checksum left to the device (NEEDS_CSUM: only the pseudo-header sum is in it)."""
+    tcp_length = 20 + len(payload)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + tcp_length,
+        1,
+        0x4000,
+        64,
+        socket.IPPROTO_TCP,
+        0,
+        socket.inet_aton(GUEST_IP),
+        socket.inet_aton(HOST_IP),
+    )
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    pseudo = socket.inet_aton(GUEST_IP) + socket.inet_aton(HOST_IP)
+    pseudo_sum = ~checksum(pseudo + struct.pack("!BBH", 0, socket.IPPROTO_TCP, tcp_length))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 9, 1, 0, 5 << 4, 0x18, 65535, pseudo_sum & 0xFFFF, 0)
+    return destination_mac + GUEST_MAC + struct.pack("!H", ETH_P_IP) + ip + tcp + payload
+
+
+@pytest.mark.kvm
+def test_a_real_tap_offers_the_offloads_and_takes_a_tso_packet(link: Link) -> None:
+    features = link.device.device_features
+    wanted = F_MAC | F_STATUS | F_MRG_RXBUF | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
+    assert features & wanted == wanted
+    # This kernel's TAP takes TUNSETOFFLOAD: the guest offloads are offered too.
+    assert features & (F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6) == (
+        F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6
+    )
+    link.driver.activate(VERSION_1 | F_CSUM | F_HOST_TSO4 | F_GUEST_CSUM | F_GUEST_TSO4)
+    segment = tcp_segment(tap_mac(link.ns), bytes(range(256)) * 16)  # 4 KiB: 3 segments
+    # hdr_len, gso_size, csum_start, csum_offset (virtio 1.2 section 5.1.6.2)
+    header = struct.pack("<BBHHHHH", NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0)
+    link.driver.transmit(header, segment)
+    assert wait_until(lambda: link.driver.used_idx(TX) == 1)
+    counters = link.device.counters()
+    assert (counters["tx_packets"], counters["tx_errors"], counters["tx_dropped"]) == (1, 0, 0)
+    # The kernel took it as one GSO packet of the whole length (a packet socket sees
+    # it before segmentation).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if len(link.packet.recv(65536)) == len(segment):
+            break
+    else:
+        raise AssertionError("the TSO packet never appeared on the TAP")

@@ -66,6 +66,29 @@ impl Ring {
     }
 }
 
+/// A net device on a fake TAP, and the TAP's other end.
+fn net_core(offloads: Offloads) -> (Arc<DeviceCore>, UnixDatagram) {
+    // SEQPACKET: one read per frame, as a TAP, and an end of file when the peer goes.
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we own.
+    let made =
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(made, 0);
+    // SAFETY: both fds were just made and are owned by nothing else.
+    let (fd, peer) = unsafe {
+        (
+            OwnedFd::from_raw_fd(fds[0]),
+            UnixDatagram::from_raw_fd(fds[1]),
+        )
+    };
+    // SAFETY: F_SETFL on the open fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let net = Net::new(Tap::from_fd(fd, offloads), MAC);
+    (Arc::new(DeviceCore::new(Backend::Net(net)).unwrap()), peer)
+}
+
 struct Rig {
     core: Arc<DeviceCore>,
     ram: Arc<GuestRam>,
@@ -77,22 +100,7 @@ struct Rig {
 
 impl Rig {
     fn new(offloads: Offloads) -> Self {
-        // SEQPACKET: one read per frame, as a TAP, and an end of file when the peer goes.
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two fds into the array we own.
-        let made =
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
-        assert_eq!(made, 0);
-        // SAFETY: both fds were just made and are owned by nothing else.
-        let (fd, peer) = unsafe {
-            (
-                OwnedFd::from_raw_fd(fds[0]),
-                UnixDatagram::from_raw_fd(fds[1]),
-            )
-        };
-        // SAFETY: F_SETFL on the open fd we own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        let net = Net::new(Tap::from_fd(fd, offloads), MAC);
+        let (core, peer) = net_core(offloads);
         let mut ram = GuestRam::default();
         ram.insert(RamRegion {
             guest_phys_addr: 0,
@@ -100,10 +108,8 @@ impl Rig {
             mapping: Arc::new(Mapping::anonymous(RAM, false).unwrap()),
         });
         let ram = Arc::new(ram);
-        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
         Self {
-            core: Arc::new(DeviceCore::new(Backend::Net(net)).unwrap()),
+            core,
             view: DeviceMemory::new(ram.clone()).unwrap(),
             ram,
             peer,
@@ -476,6 +482,71 @@ fn close_lets_the_tap_go() {
     rig.send(0, &[(&with_header(0, 0, &[1, 2, 3]), false)]);
     rig.core.serve(TX_QUEUE); // a closed device serves nothing, and does not crash
     assert_eq!(rig.counter("tx_packets"), 0);
+}
+
+#[test]
+fn queue_states_carry_both_rings_to_a_new_device() {
+    let mut rig = Rig::new(Offloads::NONE);
+    rig.activate(BASE);
+    rig.send(0, &[(&with_header(0, 0, &frame(60, 1)), false)]);
+    rig.core.serve(TX_QUEUE);
+    rig.offer_rx(0, 2, 2048);
+    rig.peer.send(&with_header(0, 0, &frame(60, 2))).unwrap();
+    rig.core.receive();
+    rig.core.pause();
+    let states = rig.core.queue_states();
+    assert_eq!(
+        (states[RX_QUEUE].next_avail, states[RX_QUEUE].next_used),
+        (1, 1)
+    );
+    assert_eq!(
+        (states[TX_QUEUE].next_avail, states[TX_QUEUE].next_used),
+        (1, 1)
+    );
+    rig.core.close();
+
+    let (core, peer) = net_core(Offloads::NONE);
+    core.pause();
+    core.activate(
+        rig.ram.clone(),
+        BASE,
+        &[Some(rig.rx.config()), Some(rig.tx.config())],
+    )
+    .unwrap();
+    core.restore_queue_states(&states).unwrap();
+    core.resume();
+    rig.send(2, &[(&with_header(0, 0, &frame(70, 3)), false)]);
+    core.serve(TX_QUEUE);
+    assert_eq!(rig.tx.used_idx(rig.memory()), 2);
+    assert_eq!(rig.tx.used(rig.memory(), 1), (2, 0));
+    let mut sent = vec![0u8; 200];
+    assert_eq!(peer.recv(&mut sent).unwrap(), HEADER_SIZE + 70);
+    peer.send(&with_header(0, 0, &frame(80, 4))).unwrap();
+    assert_eq!(core.receive(), Readiness::Rearm);
+    // The second buffer, the one the first device had not used.
+    assert_eq!(rig.rx.used_idx(rig.memory()), 2);
+    assert_eq!(rig.rx.used(rig.memory(), 1), (1, 92));
+}
+
+#[test]
+fn event_idx_holds_rx_interrupts_until_used_event() {
+    let mut rig = Rig::new(Offloads::NONE);
+    rig.activate(BASE | 1 << VIRTIO_F_RING_EVENT_IDX);
+    rig.offer_rx(0, 4, 2048);
+    // used_event (after the avail ring's entries, 2.7.10) = 1: interrupt once entry 1
+    // is used, not for entry 0.
+    put_u16(
+        rig.memory(),
+        rig.rx.base + 0x400 + 4 + 2 * u64::from(SIZE),
+        1,
+    );
+    rig.peer.send(&with_header(0, 0, &frame(60, 1))).unwrap();
+    rig.core.receive();
+    assert_eq!(rig.interrupts(RX_QUEUE), 0);
+    rig.peer.send(&with_header(0, 0, &frame(60, 2))).unwrap();
+    rig.core.receive();
+    assert_eq!(rig.interrupts(RX_QUEUE), 1);
+    assert_eq!(rig.counter("suppressed_interrupts"), 1);
 }
 
 #[test]
