@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +76,11 @@ def test_the_cli_names_a_bad_net_and_exits_2(netns: Namespace) -> None:
             status = main(["demo", "--tiny", "--net", spec, "--serial", "null"])
         assert status == 2
         assert message in stderr.getvalue()
+
+
+def test_the_cli_prints_the_name_of_a_tap_the_kernel_made(netns: Namespace) -> None:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), netns.inside():
+        status = main(["demo", "--tiny", "--net", f"mac={MAC}", "--serial", "null"])
+    assert status == 0
+    assert re.search(rf"virtio-net on TAP tap\d+ \(MAC {MAC}\)", stderr.getvalue())
