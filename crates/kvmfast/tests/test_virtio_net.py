@@ -390,3 +390,21 @@ def test_a_real_tap_offers_the_offloads_and_takes_a_tso_packet(link: Link) -> No
             break
     else:
         raise AssertionError("the TSO packet never appeared on the TAP")
+
+
+@pytest.mark.kvm
+def test_a_paused_device_leaves_frames_in_the_tap_and_resume_delivers_them(link: Link) -> None:
+    link.driver.activate(VERSION_1 | F_MRG_RXBUF)
+    link.driver.add_rx_buffers(8)
+    link.device.pause()
+    used = link.driver.used_idx(RX)
+    frame = GUEST_MAC + tap_mac(link.ns) + struct.pack("!H", 0x88B5) + b"paused" * 10
+    link.packet.send(frame)
+    time.sleep(0.2)
+    assert link.driver.used_idx(RX) == used  # guest RAM stands still while paused
+    link.device.resume()
+    for _ in range(10):
+        if link.driver.received()[HEADER:] == frame:
+            break
+    else:
+        raise AssertionError("the frame that came while paused was lost")
