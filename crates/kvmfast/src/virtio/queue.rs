@@ -330,10 +330,10 @@ impl ActiveQueue {
         let idx = self
             .queue
             .avail_idx(guest, Ordering::Acquire)
-            .map_err(|_| self.mark_broken(Broken::Ring))?;
+            .map_err(|_| self.fail(Broken::Ring))?;
         let count = (idx - Wrapping(self.queue.next_avail())).0;
         if count > self.table.size {
-            return Err(self.mark_broken(Broken::AvailIndex));
+            return Err(self.fail(Broken::AvailIndex));
         }
         Ok(count)
     }
@@ -349,14 +349,14 @@ impl ActiveQueue {
         }
         let head = match self.queue.iter(guest) {
             Ok(mut available) => available.next().map(|chain| chain.head_index()),
-            Err(_) => return Err(self.mark_broken(Broken::Ring)),
+            Err(_) => return Err(self.fail(Broken::Ring)),
         };
         let Some(head) = head else {
             return Ok(None);
         };
         walk(guest, self.table, head)
             .map(Some)
-            .map_err(|error| self.mark_broken(Broken::Chain(error)))
+            .map_err(|error| self.fail(Broken::Chain(error)))
     }
 
     /// Used entries for `completions`, all published by one used-index store: a driver
@@ -375,7 +375,7 @@ impl ActiveQueue {
             entry[4..].copy_from_slice(&completion.used_len.to_le_bytes());
             guest
                 .write_slice(&entry, GuestAddress(used + 4 + 8 * slot))
-                .map_err(|_| self.mark_broken(Broken::Ring))?;
+                .map_err(|_| self.fail(Broken::Ring))?;
             next += Wrapping(1);
         }
         guest
@@ -384,7 +384,7 @@ impl ActiveQueue {
                 GuestAddress(used + 2),
                 Ordering::Release,
             )
-            .map_err(|_| self.mark_broken(Broken::Ring))?;
+            .map_err(|_| self.fail(Broken::Ring))?;
         self.queue.set_next_used(next.0);
         Ok(())
     }
@@ -393,7 +393,7 @@ impl ActiveQueue {
     pub fn enable_notification(&mut self, guest: &Memory) -> Result<bool, Broken> {
         self.queue
             .enable_notification(guest)
-            .map_err(|_| self.mark_broken(Broken::Ring))
+            .map_err(|_| self.fail(Broken::Ring))
     }
 
     /// Whether the driver wants an interrupt for what was used since the last decision.
@@ -401,7 +401,7 @@ impl ActiveQueue {
         self.driver_wants_interrupt(guest)
     }
 
-    fn mark_broken(&mut self, broken: Broken) -> Broken {
+    pub fn fail(&mut self, broken: Broken) -> Broken {
         self.broken = true;
         broken
     }

@@ -73,7 +73,7 @@ pub fn place(
         let take = (frame.len() - at).min(usize::try_from(chain.writable.total()).unwrap_or(0));
         let (target, _) = chain.writable.split_at(take as u64);
         if !target.write(guest, &frame[at..at + take]) {
-            return Err(Broken::Ring);
+            return Err(queue.fail(Broken::Ring));
         }
         at += take;
         completions.push(Completion {
