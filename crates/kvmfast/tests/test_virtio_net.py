@@ -6,12 +6,17 @@ loop: the TX doorbell and the TAP's readability (EventLoop.add_readable)."""
 
 from __future__ import annotations
 
+import os
 import select
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from kvmfast_guest_support import wait_until
@@ -408,3 +413,51 @@ def test_a_paused_device_leaves_frames_in_the_tap_and_resume_delivers_them(link:
             break
     else:
         raise AssertionError("the frame that came while paused was lost")
+
+
+def test_without_cap_net_admin_the_error_names_the_tap_and_the_permission(
+    netns: Namespace,
+) -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("no setpriv(1) (util-linux) to drop CAP_NET_ADMIN")
+    code = (
+        "import kvmfast\n"
+        "try:\n"
+        "    kvmfast.VirtioDevice.net(tap='kvmt9')\n"
+        "except kvmfast.VirtioError as error:\n"
+        "    print(error)\n"
+    )
+    dropped = ["--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns.name, setpriv, *dropped, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "TAP kvmt9: no permission" in result.stdout
+    assert " kvmt9:" not in netns.links()
+
+
+def test_without_dev_net_tun_the_error_names_the_tap() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("hiding /dev/net/tun needs root and unshare(1) for a mount namespace")
+    code = (
+        "import kvmfast\n"
+        "try:\n"
+        "    kvmfast.VirtioDevice.net(tap='kvmt9')\n"
+        "except kvmfast.VirtioError as error:\n"
+        "    print(error)\n"
+    )
+    # An empty /dev/net in a mount namespace of the child's own (the host's is untouched).
+    script = f'mount -t tmpfs none /dev/net && exec {sys.executable} -c "$0"'
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "TAP kvmt9: /dev/net/tun: No such file or directory" in result.stdout
+    assert Path("/dev/net/tun").exists()

@@ -65,7 +65,10 @@ impl Offloads {
 pub enum TapError {
     /// The name does not fit IFNAMSIZ or holds a NUL.
     BadName(String),
-    OpenTun(io::Error),
+    OpenTun {
+        name: String,
+        error: io::Error,
+    },
     /// TUNSETIFF refused (EPERM: not allowed to create or attach; EBUSY: attached elsewhere
     /// without multi-queue; EINVAL: a TUN, not a TAP, of that name).
     Attach {
@@ -86,7 +89,7 @@ impl fmt::Display for TapError {
                 "TAP {name:?}: not an interface name (1 to {} bytes, no NUL)",
                 IFNAMSIZ - 1
             ),
-            Self::OpenTun(error) => write!(f, "/dev/net/tun: {error}"),
+            Self::OpenTun { name, error } => write!(f, "TAP {name}: /dev/net/tun: {error}"),
             Self::Attach { name, error } => {
                 let why = match error.raw_os_error() {
                     Some(libc::EPERM) => "no permission (CAP_NET_ADMIN, or the TAP's owner)",
@@ -142,12 +145,15 @@ impl Tap {
                 libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
             )
         };
+        let shown = name.unwrap_or("(new)").to_string();
         if fd < 0 {
-            return Err(TapError::OpenTun(io::Error::last_os_error()));
+            return Err(TapError::OpenTun {
+                name: shown,
+                error: io::Error::last_os_error(),
+            });
         }
         // SAFETY: the fd was just opened and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let shown = name.unwrap_or("(new)").to_string();
         // SAFETY: TUNSETIFF reads and rewrites one struct ifreq, which `request` is
         // (40 bytes, name first, flags at offset 16).
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &raw mut request) } < 0 {
