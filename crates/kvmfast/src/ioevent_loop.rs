@@ -1,11 +1,12 @@
 //! The ioeventfd fast path: one Rust thread waits on registered eventfds with epoll
 //! and runs their handlers, Python ones with the GIL taken only for the call, native
-//! ones (IrqfdTrigger, VirtioQueueHandler) without Python at all.
+//! ones (IrqfdTrigger, VirtioQueueHandler) without Python at all; and readable fds
+//! with native handlers (fd_watch: a TAP's frames), armed one-shot like the doorbells.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use pyo3::prelude::*;
 
 use crate::errors::io_error;
 use crate::eventfd::{EventFd, add_to_counter, new_eventfd, read_counter};
+use crate::fd_watch::{FdHandler, ReadableHandler, Readiness, Rearm};
 use crate::locks;
 use crate::virtio::device::DeviceCore;
 use crate::virtio::python::VirtioQueueHandler;
@@ -43,6 +45,8 @@ enum LoopHandler {
     Irqfd(Arc<OwnedFd>),
     /// A virtio queue's doorbell: its requests run here, on the loop thread.
     Virtio(Arc<DeviceCore>, usize),
+    /// Not an eventfd: a readable fd whose handler reads it (nothing is read here).
+    Readable(Arc<dyn ReadableHandler>),
 }
 
 struct Registration {
@@ -190,6 +194,13 @@ impl LoopShared {
         let Some(registration) = self.registrations().get(&token).cloned() else {
             return true; // removed meanwhile
         };
+        if let LoopHandler::Readable(handler) = &registration.handler {
+            registration.notifications.fetch_add(1, Ordering::Relaxed);
+            if handler.ready() == Readiness::Rearm {
+                self.rearm(token);
+            }
+            return true;
+        }
         let count = read_counter(registration.fd.as_raw_fd()).ok().flatten();
         if let Some(count) = count
             && !self.notify(&registration, count)
@@ -220,6 +231,14 @@ impl LoopShared {
             registration.in_epoll.store(true, Ordering::Relaxed);
         }
         true
+    }
+
+    /// Arms readable registration `token` again, if it is still in the loop.
+    fn rearm(&self, token: u64) {
+        let registrations = self.registrations();
+        if let Some(registration) = registrations.get(&token) {
+            let _ = self.arm(libc::EPOLL_CTL_MOD, registration, token);
+        }
     }
 
     fn set_timer(&self, at: Option<Instant>) {
@@ -258,6 +277,7 @@ impl LoopShared {
                 device.serve(*queue);
                 true
             }
+            LoopHandler::Readable(_) => true, // served in serve(), never counted
             LoopHandler::Python(callback) => Python::try_attach(|py| {
                 if let Err(err) = callback.call1(py, (count,)) {
                     // Nobody to raise to on this thread: report like an unraisable error.
@@ -286,6 +306,24 @@ pub struct EventLoop {
 impl EventLoop {
     fn thread(&self) -> MutexGuard<'_, Option<JoinHandle<()>>> {
         locks::lock(&self.thread)
+    }
+
+    fn remove_fd(&self, caller_fd: RawFd) -> PyResult<()> {
+        let mut registrations = self.shared.registrations();
+        let token = registrations
+            .iter()
+            .find(|(_, r)| r.caller_fd == caller_fd)
+            .map(|(token, _)| *token)
+            .ok_or_else(|| PyValueError::new_err(format!("fd {caller_fd} is not in the loop")))?;
+        if let Some(registration) = registrations.remove(&token) {
+            // Out of the set already while it coalesces a window.
+            if registration.in_epoll.load(Ordering::Relaxed) {
+                self.shared
+                    .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0, 0)
+                    .map_err(io_error)?;
+            }
+        }
+        Ok(())
     }
 
     /// Signals the thread to end and hands back its handle (None if not running).
@@ -398,24 +436,61 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Watches the fd of `handler` for input; the handler runs on the loop thread when
+    /// it is readable, and says whether to watch it again at once or to wait until the
+    /// handler's owner re-arms it.
+    fn add_readable(&self, handler: &FdHandler) -> PyResult<()> {
+        let caller_fd = handler.raw_fd();
+        let handler = handler.handler();
+        if caller_fd < 0 {
+            return Err(PyValueError::new_err("the handler's fd is closed"));
+        }
+        if !is_nonblocking(caller_fd) {
+            return Err(PyValueError::new_err(format!(
+                "fd {caller_fd} is blocking: the loop thread must never wait in a handler"
+            )));
+        }
+        let fd = handler.duplicate_fd().map_err(io_error)?;
+        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut registrations = self.shared.registrations();
+            if registrations.values().any(|r| r.caller_fd == caller_fd) {
+                return Err(PyValueError::new_err(format!(
+                    "fd {caller_fd} is already in the loop"
+                )));
+            }
+            let registration = Registration {
+                caller_fd,
+                fd,
+                handler: LoopHandler::Readable(handler.clone()),
+                notifications: AtomicU64::new(0),
+                in_epoll: AtomicBool::new(true),
+            };
+            self.shared
+                .arm(libc::EPOLL_CTL_ADD, &registration, token)
+                .map_err(io_error)?;
+            registrations.insert(token, Arc::new(registration));
+        }
+        // Outside the registrations' lock: the handler may be re-arming meanwhile.
+        let shared: Weak<LoopShared> = Arc::downgrade(&self.shared);
+        handler.attach(Some(Rearm::new(move || {
+            if let Some(shared) = shared.upgrade() {
+                shared.rearm(token);
+            }
+        })));
+        Ok(())
+    }
+
+    /// Stops watching the fd of `handler`; ValueError if it was not added.
+    fn remove_readable(&self, handler: &FdHandler) -> PyResult<()> {
+        self.remove_fd(handler.raw_fd())?;
+        handler.handler().attach(None);
+        Ok(())
+    }
+
     /// Stops watching `eventfd`; ValueError if it was not added.
     fn remove(&self, eventfd: &EventFd) -> PyResult<()> {
-        let caller_fd = eventfd.raw_fd()?;
-        let mut registrations = self.shared.registrations();
-        let token = registrations
-            .iter()
-            .find(|(_, r)| r.caller_fd == caller_fd)
-            .map(|(token, _)| *token)
-            .ok_or_else(|| PyValueError::new_err(format!("fd {caller_fd} is not in the loop")))?;
-        if let Some(registration) = registrations.remove(&token) {
-            // Out of the set already while it coalesces a window.
-            if registration.in_epoll.load(Ordering::Relaxed) {
-                self.shared
-                    .epoll_ctl(libc::EPOLL_CTL_DEL, registration.fd.as_raw_fd(), 0, 0)
-                    .map_err(io_error)?;
-            }
-        }
-        Ok(())
+        self.remove_fd(eventfd.raw_fd()?)
     }
 
     /// Starts the loop thread (no-op when it runs).

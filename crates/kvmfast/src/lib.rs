@@ -7,8 +7,9 @@
 //! `kick` (leaving KVM_RUN from other threads), `extint` (PIC interrupts through
 //! KVM_INTERRUPT), `ioevent_loop` (the eventfd thread), `emulate` (instructions KVM
 //! cannot complete), `symbols`, `memory`, `volatile_copy` (bytes to and from guest RAM
-//! and the run page), `virtio` (blk and rng queues served on the event loop thread), `counters`, `errors`. Dependencies run one way, from `kvm` down (`module_graph`,
-//! a unit test, fails on a cycle).
+//! and the run page), `virtio` (blk, rng and net queues served on the event loop thread),
+//! `fd_watch` (readable fds the loop serves natively), `counters`, `errors`. Dependencies
+//! run one way, from `kvm` down (`module_graph`, a unit test, fails on a cycle).
 
 use pyo3::prelude::*;
 
@@ -20,6 +21,7 @@ pub mod errors;
 pub mod eventfd;
 pub mod exits;
 pub mod extint;
+pub mod fd_watch;
 pub mod handlers;
 pub mod ioctls;
 pub mod ioevent_loop;
@@ -56,6 +58,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<eventfd::EventFd>()?;
     module.add_class::<ioevent_loop::EventLoop>()?;
     module.add_class::<ioevent_loop::IrqfdTrigger>()?;
+    module.add_class::<fd_watch::FdHandler>()?;
     virtio::python::register(module)?;
     module.add("EXIT_REASON_NAMES", counters::EXIT_NAMES.to_vec())?;
     Ok(())

@@ -2,7 +2,7 @@
 
 VM and vCPU handles, the vCPU run loop (in Rust, GIL released around KVM_RUN), the
 guest address map, the ExtINT injector, the ioeventfd event loop and counters, and
-virtio-blk / virtio-rng devices whose queues that loop serves in Rust.
+virtio-blk / virtio-rng / virtio-net devices whose queues that loop serves in Rust.
 :mod:`kvmfast.assembler` builds small guests from assembly and :mod:`kvmfast.flat_guest`
 enters them; :mod:`kvmfast.testing` has the helpers the KVM-backed tests of every
 package share.
@@ -17,6 +17,7 @@ from kvmfast._native import (
     EventLoop,
     Exit,
     ExitSink,
+    FdHandler,
     GuestMemory,
     GuestStop,
     InterruptAlreadyQueued,
@@ -44,6 +45,7 @@ __all__ = [
     "EventLoop",
     "Exit",
     "ExitSink",
+    "FdHandler",
     "GuestMemory",
     "GuestStop",
     "InterruptAlreadyQueued",

@@ -428,6 +428,11 @@ class EventLoop:
         handler: Callable[[int], object] | IrqfdTrigger | VirtioQueueHandler,
     ) -> None: ...
     def remove(self, eventfd: EventFd) -> None: ...
+    def add_readable(self, handler: FdHandler) -> None:
+        """Watches a non-blocking fd for input (one-shot); its native handler runs on the
+        loop thread and either has it watched again or parks it until the handler's
+        owner re-arms it."""
+    def remove_readable(self, handler: FdHandler) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     @property
@@ -436,10 +441,18 @@ class EventLoop:
     def __enter__(self) -> EventLoop: ...
     def __exit__(self, *exc_info: object) -> None: ...
 
+class FdHandler:
+    """A readable fd with a native handler (a virtio-net device's TAP), for
+    EventLoop.add_readable."""
+
+    @property
+    def fd(self) -> int: ...
+
 # ---- virtio devices served in Rust --------------------------------------------------
 
 class VirtioError(ValueError):
-    """A bad, missing, empty or locked image, or a queue setup the device refuses."""
+    """A bad, missing, empty or locked image, a TAP that cannot be attached, a bad MAC
+    address, or a queue setup the device refuses."""
 
 class QueueState(TypedDict):
     """One virtqueue's ring state (virtio-queue's QueueState)."""
@@ -476,6 +489,21 @@ class VirtioDevice:
     ) -> VirtioDevice: ...
     @staticmethod
     def rng() -> VirtioDevice: ...
+    @staticmethod
+    def net(tap: str | None = None, mac: str | None = None) -> VirtioDevice:
+        """virtio-net on the TAP ``tap`` (attached, or created if there is none), or on
+        a new TAP the kernel names (see ``tap_name``); ``mac`` the guest's address,
+        random under 52:54:00 when None. VirtioError names the TAP (no permission, no
+        /dev/net/tun) or the bad MAC."""
+    @property
+    def tap_name(self) -> str | None:
+        """A virtio-net device's TAP; None for other devices."""
+    @property
+    def mac(self) -> str | None:
+        """A virtio-net device's MAC address (lower-case hex pairs); None for others."""
+    def readable_handler(self) -> FdHandler | None:
+        """What the event loop watches besides the doorbells (a virtio-net device's
+        TAP); None for devices with nothing to read."""
     @property
     def device_type(self) -> int: ...
     @property

@@ -41,6 +41,20 @@ device_counters!(
     interrupts,
     suppressed_interrupts,
     config_interrupts,
+    // virtio-net: frames sent to the TAP, and their bytes (without the header);
+    // packets dropped for a malformed chain or header; writes the TAP refused.
+    tx_packets,
+    tx_bytes,
+    tx_dropped,
+    tx_errors,
+    // virtio-net: frames received into the guest's buffers, and their bytes; frames
+    // dropped (too big for every buffer, or shorter than a header); reads that failed;
+    // times the TAP was left unread for want of buffers.
+    rx_packets,
+    rx_bytes,
+    rx_dropped,
+    rx_errors,
+    rx_deferred,
 );
 
 pub fn bump(counter: &AtomicU64, by: u64) {

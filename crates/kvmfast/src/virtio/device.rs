@@ -1,5 +1,5 @@
 //! A device's state shared by its Python handle and the event loop thread: the backend
-//! (blk or rng), its queues once activated, and the eventfds it signals through.
+//! (blk, rng or net), its queues once activated, and the eventfds it signals through.
 //!
 //! Each queue's state sits behind its own mutex, held by the loop thread while it drains
 //! the queue; reset() raises the queue's `stopping` flag (checked between requests) and
@@ -7,26 +7,29 @@
 //! nothing touches the rings or signals after it.
 
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::blk::Block;
 use super::counters::{DeviceCounters, bump};
 use super::guest_memory::{DeviceMemory, MemoryError};
+use super::net::{self, backend::Net};
 use super::queue::{ActiveQueue, QueueConfig, SetupError};
 use super::queue_state::{QueueState, StateError};
 use super::{
-    COMMON_FEATURES, DEVICE_ID_BLOCK, DEVICE_ID_ENTROPY, VIRTIO_F_RING_EVENT_IDX,
+    COMMON_FEATURES, DEVICE_ID_BLOCK, DEVICE_ID_ENTROPY, DEVICE_ID_NET, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, rng,
 };
 use crate::eventfd::{add_to_counter, new_eventfd};
+use crate::fd_watch::{ReadableHandler, Readiness, Rearm};
 use crate::locks;
 use crate::memory::GuestRam;
 
 pub enum Backend {
     Block(Block),
     Rng,
+    Net(Net),
 }
 
 #[derive(Debug)]
@@ -84,11 +87,12 @@ pub struct DeviceCore {
 
 impl DeviceCore {
     pub fn new(backend: Backend) -> std::io::Result<Self> {
-        let (device_type, features, config) = match &backend {
-            Backend::Block(block) => (DEVICE_ID_BLOCK, block.features(), block.config()),
-            Backend::Rng => (DEVICE_ID_ENTROPY, 0, Vec::new()),
+        let (device_type, features, config, queues) = match &backend {
+            Backend::Block(block) => (DEVICE_ID_BLOCK, block.features(), block.config(), 1),
+            Backend::Rng => (DEVICE_ID_ENTROPY, 0, Vec::new(), 1),
+            Backend::Net(net) => (DEVICE_ID_NET, net.features(), net.config(), net::NUM_QUEUES),
         };
-        let queues = (0..1)
+        let queues = (0..queues)
             .map(|_| {
                 Ok(QueueSlot {
                     active: Mutex::new(None),
@@ -128,6 +132,13 @@ impl DeviceCore {
         self.config.len()
     }
 
+    pub fn net(&self) -> Option<&Net> {
+        match &self.backend {
+            Backend::Net(net) => Some(net),
+            _ => None,
+        }
+    }
+
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
     }
@@ -147,11 +158,14 @@ impl DeviceCore {
     /// Little-endian bytes of the device config at [offset, offset+size); bytes beyond
     /// it read as 0.
     pub fn read_config(&self, offset: u64, size: u64) -> u64 {
+        // A network device's link status changes under the driver.
+        let live = self.net().map(Net::config);
+        let config = live.as_ref().unwrap_or(&self.config);
         (0..size.min(8)).fold(0, |value, i| {
             let byte = offset
                 .checked_add(i)
                 .and_then(|at| usize::try_from(at).ok())
-                .and_then(|at| self.config.get(at))
+                .and_then(|at| config.get(at))
                 .copied()
                 .unwrap_or(0);
             value | u64::from(byte) << (8 * i)
@@ -204,6 +218,9 @@ impl DeviceCore {
         }
         for (guard, queue) in guards.iter_mut().zip(active) {
             **guard = queue;
+        }
+        if let Some(net) = self.net() {
+            net.activate(driver_features);
         }
         drop(guards);
         for slot in &self.queues {
@@ -266,6 +283,9 @@ impl DeviceCore {
             slot.stopping.store(false, Ordering::SeqCst);
             drop(taken);
         }
+        if let Some(net) = self.net() {
+            net.reset();
+        }
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
@@ -289,13 +309,15 @@ impl DeviceCore {
         }
     }
 
-    /// Stops for good: reset(), no activation after it, the image's lock released
-    /// (a machine closed is no longer the image's user).
+    /// Stops for good: reset(), no activation after it, the image's lock released or
+    /// the TAP let go (a machine closed is no longer their user).
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.reset();
-        if let Backend::Block(block) = &self.backend {
-            block.close();
+        match &self.backend {
+            Backend::Block(block) => block.close(),
+            Backend::Net(net) => net.tap().close(),
+            Backend::Rng => {}
         }
     }
 
@@ -305,6 +327,15 @@ impl DeviceCore {
             return;
         };
         bump(&self.counters.notifications, 1);
+        if let Some(net) = self.net()
+            && queue == net::RX_QUEUE
+        {
+            // The driver added receive buffers: frames waiting in the TAP can go.
+            if self.receive() == Readiness::Rearm {
+                net.rearm();
+            }
+            return;
+        }
         let mut guard = locks::lock(&slot.active);
         if self.paused.load(Ordering::SeqCst) {
             return; // resume() rings every queue again
@@ -318,6 +349,7 @@ impl DeviceCore {
         {
             Backend::Block(block) => block.execute(memory, chain, bounce, counters),
             Backend::Rng => Some(rng::execute(memory, chain, counters)),
+            Backend::Net(net) => Some(net::tx::transmit(net, memory, chain, bounce, counters)),
         });
         bump(&counters.requests, outcome.completed);
         if outcome.completed > 0 {
@@ -332,6 +364,49 @@ impl DeviceCore {
             bump(&counters.malformed_chains, 1);
             self.signal_needs_reset();
         }
+        self.signal_link_change();
+    }
+
+    /// The TAP is readable, or the driver added receive buffers: frames go into the
+    /// receive queue's buffers. Park when the TAP must wait (no buffers, a paused or
+    /// inactive device, a dead TAP); the rx doorbell (rung by activate() and resume()
+    /// too) comes back here.
+    pub fn receive(&self) -> Readiness {
+        let Some((net, slot)) = self.net().zip(self.queues.get(net::RX_QUEUE)) else {
+            return Readiness::Park;
+        };
+        let mut guard = locks::lock(&slot.active);
+        if self.paused.load(Ordering::SeqCst) {
+            return Readiness::Park;
+        }
+        let Some(active) = guard.as_mut() else {
+            return Readiness::Park;
+        };
+        let outcome = net::rx::receive(net, active, &slot.stopping, &self.counters);
+        drop(guard);
+        if outcome.delivered > 0 {
+            bump(&self.counters.requests, outcome.delivered);
+            if outcome.interrupt {
+                bump(&self.counters.interrupts, 1);
+                let _ = add_to_counter(slot.interrupt.as_raw_fd(), 1);
+            } else {
+                bump(&self.counters.suppressed_interrupts, 1);
+            }
+        }
+        if outcome.broken.is_some() {
+            bump(&self.counters.malformed_chains, 1);
+            self.signal_needs_reset();
+        }
+        self.signal_link_change();
+        outcome.readiness()
+    }
+
+    /// A network device's link went down: the driver rereads the status (5.1.4).
+    fn signal_link_change(&self) {
+        if self.net().is_some_and(Net::take_link_change) {
+            bump(&self.counters.config_interrupts, 1);
+            let _ = add_to_counter(self.config_interrupt.as_raw_fd(), 1);
+        }
     }
 
     /// NEEDS_RESET is signalled once, until reset() clears it.
@@ -339,6 +414,32 @@ impl DeviceCore {
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
             bump(&self.counters.config_interrupts, 1);
             let _ = add_to_counter(self.config_interrupt.as_raw_fd(), 1);
+        }
+    }
+}
+
+/// A network device's TAP as the event loop watches it.
+pub struct TapWatch(pub Arc<DeviceCore>);
+
+impl ReadableHandler for TapWatch {
+    fn fd(&self) -> RawFd {
+        self.0.net().map_or(-1, |net| net.tap().as_raw_fd())
+    }
+
+    fn duplicate_fd(&self) -> std::io::Result<OwnedFd> {
+        match self.0.net() {
+            Some(net) => net.tap().duplicate(),
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        }
+    }
+
+    fn ready(&self) -> Readiness {
+        self.0.receive()
+    }
+
+    fn attach(&self, rearm: Option<Rearm>) {
+        if let Some(net) = self.0.net() {
+            net.attach(rearm);
         }
     }
 }

@@ -3,7 +3,8 @@
 //! on the event loop thread (never a vCPU's), completions signalled through eventfds
 //! (irqfds for MSI-X). `device` is the state a device shares with the loop, `python` its
 //! Python face; `chain` checks what the guest put in a descriptor chain, `queue` drains
-//! one queue, `blk` and `rng` execute requests, `disk` is the host image.
+//! one queue, `blk` and `rng` execute requests, `disk` is the host image, `net` moves
+//! frames between a TAP and the queues.
 
 pub mod blk;
 pub mod chain;
@@ -11,6 +12,7 @@ pub mod counters;
 pub mod device;
 pub mod disk;
 pub mod guest_memory;
+pub mod net;
 pub mod python;
 pub mod queue;
 pub mod queue_state;
@@ -30,6 +32,7 @@ pub const COMMON_FEATURES: u64 =
     1 << VIRTIO_F_RING_INDIRECT_DESC | 1 << VIRTIO_F_RING_EVENT_IDX | 1 << VIRTIO_F_VERSION_1;
 
 /// Device IDs (virtio 1.2 section 5).
+pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_ENTROPY: u32 = 4;
 

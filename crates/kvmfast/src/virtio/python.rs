@@ -13,19 +13,23 @@ use pyo3::types::{PyDict, PyList};
 
 use super::MAX_QUEUE_SIZE;
 use super::blk::Block;
-use super::device::{Backend, DeviceCore};
+use super::device::{Backend, DeviceCore, TapWatch};
 use super::disk::Disk;
+use super::net::backend::Net;
+use super::net::mac::{parse_mac, random_mac};
+use super::net::tap::Tap;
 use super::queue::QueueConfig;
 use super::queue_state::QueueState;
 use crate::errors::io_error;
 use crate::eventfd::EventFd;
+use crate::fd_watch::FdHandler;
 use crate::vm::Vm;
 
 create_exception!(
     kvmfast,
     VirtioError,
     PyValueError,
-    "A virtio device cannot be made or activated: a bad, missing or locked image, a bad queue setup."
+    "A virtio device cannot be made or activated: a bad, missing or locked image, a TAP that cannot be attached, a bad MAC address, a bad queue setup."
 );
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -65,7 +69,7 @@ impl VirtioQueueHandler {
     }
 }
 
-/// A virtio device whose queues are served in Rust (blk, rng).
+/// A virtio device whose queues are served in Rust (blk, rng, net).
 #[pyclass(frozen, module = "kvmfast")]
 pub struct VirtioDevice {
     core: Arc<DeviceCore>,
@@ -143,6 +147,41 @@ impl VirtioDevice {
     fn rng(py: Python<'_>) -> PyResult<Self> {
         let core = DeviceCore::new(Backend::Rng).map_err(io_error)?;
         Self::with_core(py, core)
+    }
+
+    /// A virtio-net device on the TAP `tap` (attached, or created if there is none),
+    /// or on a new TAP whose name the kernel picks (`tap_name` says which); `mac` the
+    /// guest's address ("52:54:00:12:34:56"), random under 52:54:00 if None.
+    #[staticmethod]
+    #[pyo3(signature = (tap = None, mac = None))]
+    fn net(py: Python<'_>, tap: Option<&str>, mac: Option<&str>) -> PyResult<Self> {
+        let mac = match mac {
+            Some(text) => parse_mac(text).map_err(VirtioError::new_err)?,
+            None => random_mac(),
+        };
+        let tap = Tap::open(tap).map_err(|error| VirtioError::new_err(error.to_string()))?;
+        let core = DeviceCore::new(Backend::Net(Net::new(tap, mac))).map_err(io_error)?;
+        Self::with_core(py, core)
+    }
+
+    /// The TAP of a virtio-net device (None for other devices).
+    #[getter]
+    fn tap_name(&self) -> Option<String> {
+        self.core.net().map(|net| net.tap().name().to_string())
+    }
+
+    /// A virtio-net device's MAC address ("52:54:00:12:34:56"; None for other devices).
+    #[getter]
+    fn mac(&self) -> Option<String> {
+        let mac = self.core.net()?.mac();
+        Some(mac.map(|byte| format!("{byte:02x}")).join(":"))
+    }
+
+    /// What EventLoop.add_readable watches for this device besides its doorbells: a
+    /// virtio-net device's TAP (None for devices with nothing to read).
+    fn readable_handler(&self) -> Option<FdHandler> {
+        self.core.net()?;
+        Some(FdHandler::new(Arc::new(TapWatch(self.core.clone()))))
     }
 
     #[getter]

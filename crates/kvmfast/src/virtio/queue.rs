@@ -305,6 +305,107 @@ impl ActiveQueue {
         }
     }
 
+    // -- The receive side of a network device: chains taken as frames arrive, not
+    // as the driver rings, and several chains used at once for one merged frame.
+
+    pub fn memory(&self) -> Arc<DeviceMemory> {
+        self.memory.clone()
+    }
+
+    pub fn size(&self) -> u16 {
+        self.table.size
+    }
+
+    pub fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// Gives back the chains taken since `next_avail` was `to` (not used).
+    pub fn rewind(&mut self, to: u16) {
+        self.queue.set_next_avail(to);
+    }
+
+    /// Chains the driver made available and we have not taken.
+    pub fn available(&mut self, guest: &Memory) -> Result<u16, Broken> {
+        let idx = self
+            .queue
+            .avail_idx(guest, Ordering::Acquire)
+            .map_err(|_| self.fail(Broken::Ring))?;
+        let count = (idx - Wrapping(self.queue.next_avail())).0;
+        if count > self.table.size {
+            return Err(self.fail(Broken::AvailIndex));
+        }
+        Ok(count)
+    }
+
+    /// The next available chain, checked (None: the ring is empty).
+    pub fn pop(&mut self, guest: &Memory) -> Result<Option<Chain>, Broken> {
+        if self.broken {
+            return Err(Broken::Ring);
+        }
+        self.served = true;
+        if self.available(guest)? == 0 {
+            return Ok(None);
+        }
+        let head = match self.queue.iter(guest) {
+            Ok(mut available) => available.next().map(|chain| chain.head_index()),
+            Err(_) => return Err(self.fail(Broken::Ring)),
+        };
+        let Some(head) = head else {
+            return Ok(None);
+        };
+        walk(guest, self.table, head)
+            .map(Some)
+            .map_err(|error| self.fail(Broken::Chain(error)))
+    }
+
+    /// Used entries for `completions`, all published by one used-index store: a driver
+    /// reading a merged frame's buffers never finds only some of them (5.1.6.4).
+    pub fn add_used_all(
+        &mut self,
+        guest: &Memory,
+        completions: &[Completion],
+    ) -> Result<(), Broken> {
+        let used = self.queue.used_ring();
+        let mut next = Wrapping(self.queue.next_used());
+        for completion in completions {
+            let slot = u64::from(next.0 % self.table.size);
+            let mut entry = [0u8; 8];
+            entry[..4].copy_from_slice(&u32::from(completion.head).to_le_bytes());
+            entry[4..].copy_from_slice(&completion.used_len.to_le_bytes());
+            guest
+                .write_slice(&entry, GuestAddress(used + 4 + 8 * slot))
+                .map_err(|_| self.fail(Broken::Ring))?;
+            next += Wrapping(1);
+        }
+        guest
+            .store(
+                u16::to_le(next.0),
+                GuestAddress(used + 2),
+                Ordering::Release,
+            )
+            .map_err(|_| self.fail(Broken::Ring))?;
+        self.queue.set_next_used(next.0);
+        Ok(())
+    }
+
+    /// Asks the driver to ring when it adds chains; true when some arrived meanwhile.
+    pub fn enable_notification(&mut self, guest: &Memory) -> Result<bool, Broken> {
+        self.queue
+            .enable_notification(guest)
+            .map_err(|_| self.fail(Broken::Ring))
+    }
+
+    /// Whether the driver wants an interrupt for what was used since the last decision.
+    pub fn interrupt_wanted(&mut self, guest: &Memory) -> bool {
+        self.driver_wants_interrupt(guest)
+    }
+
+    pub fn fail(&mut self, broken: Broken) -> Broken {
+        self.broken = true;
+        broken
+    }
+
     /// EVENT_IDX: the driver wants an interrupt once used_event is among the entries
     /// used since the last decision (2.7.10, vring_need_event as virtio-queue's
     /// needs_notification computes it); without it the avail ring's NO_INTERRUPT flag.

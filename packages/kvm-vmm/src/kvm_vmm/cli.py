@@ -67,6 +67,7 @@ from kvm_vmm.machine import (
     Outcome,
     kvm_vmm_version,
 )
+from kvm_vmm.net_options import NetSpecError, parse_net_spec
 from kvm_vmm.profiler import DEFAULT_HZ, MAX_PROFILE_HZ, GuestProfiler, summarize
 from kvm_vmm.qemu_frontend import (
     PROGRAM,
@@ -237,6 +238,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "path=FILE[,readonly=on][,serial=ID][,direct=on], or FILE (repeatable)",
     )
     parser.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a virtio-net device on a TAP: tap=NAME[,mac=52:54:00:12:34:56][,queues=2]; "
+        "without tap= the kernel makes one and its name is printed (repeatable)",
+    )
+    parser.add_argument(
         "--rng",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -333,6 +342,7 @@ def _reporting_errors(action: Callable[[], int]) -> int:
         SerialSpecError,
         DeviceSpecError,
         DiskSpecError,
+        NetSpecError,
         kvmfast.VirtioError,
         ResourceError,
         MachineConfigError,
@@ -427,6 +437,8 @@ def _run(args: argparse.Namespace) -> int:
             machine.add_device_option(spec)
         for spec in args.disk:
             machine.add_disk_option(spec)
+        for spec in args.net:
+            _add_net(machine, spec)
         # Only input that is known good is worth a download.
         if description is None:
             description = DemoBoot() if tiny else _describe_boot(args, cache_dir)
@@ -680,6 +692,17 @@ def _print_implications(report: HostReport) -> None:
     print(f"Linux switches the VMM adds on this host: {switches}")
     print(f"CPUID flags the VMM hides on this host: {hidden}")
     print("(kvm-vmm run/demo --no-host-workarounds boots without them)")
+
+
+def _add_net(machine: Machine, spec: str) -> None:
+    net = parse_net_spec(spec)
+    attached = machine.add_net(tap=net.tap, mac=net.mac)
+    if net.tap is None:
+        # The user configures the host side: they need the name the kernel chose.
+        print(
+            f"kvm-vmm: virtio-net on TAP {attached.device.tap_name} (MAC {attached.device.mac})",
+            file=sys.stderr,
+        )
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

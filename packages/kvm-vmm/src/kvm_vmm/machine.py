@@ -427,6 +427,23 @@ class Machine:
         self._rebuild[attached.name] = {"kind": "virtio-rng"}
         return attached
 
+    def add_net(self, tap: str | None = None, mac: str | None = None) -> VirtioPciDevice:
+        """A virtio-net device on the TAP ``tap`` (attached, or created if there is
+        none), or on a new TAP the kernel names (``device.tap_name``); ``mac`` the
+        guest's address, random under 52:54:00 when None. The host side of the link is
+        the caller's to configure. :class:`kvmfast.VirtioError` names a TAP that cannot
+        be attached (no permission, no /dev/net/tun) or a bad MAC."""
+        device = kvmfast.VirtioDevice.net(tap, mac)
+        attached = self.add_virtio_device(device, "virtio-net")
+        # The names in use, not those asked for: a restore brings back the same TAP
+        # name and the MAC the guest knows.
+        self._rebuild[attached.name] = {
+            "kind": "virtio-net",
+            "tap": device.tap_name,
+            "mac": device.mac,
+        }
+        return attached
+
     def set_isa_irq(self, irq: int, level: bool) -> None:
         self.platform.isa_line(irq).set_level(level)
 
@@ -961,6 +978,8 @@ class Machine:
                 serial=serial if isinstance(serial, str) else None,
                 direct=record["direct"] is True,
             )
+        elif kind == "virtio-net":
+            self.add_net(tap=str(record["tap"]), mac=str(record["mac"]))
         else:
             self.add_rng()
 

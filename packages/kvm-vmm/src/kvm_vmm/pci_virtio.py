@@ -337,6 +337,11 @@ class VirtioPciDevice:
         loop = host.event_loop
         for queue in range(device.num_queues):
             loop.add(device.queue_notifier(queue), device.queue_handler(queue))
+        # What the device reads besides its doorbells (a virtio-net device's TAP).
+        self._loop = loop
+        self._readable = device.readable_handler()
+        if self._readable is not None:
+            loop.add_readable(self._readable)
         self.wiring.bindings_changed()
         self.transport.config.on_bars_changed = self._bars_changed
 
@@ -381,6 +386,10 @@ class VirtioPciDevice:
     def close(self) -> None:
         """Stop the device for good (a disk's image is unlocked) and take its eventfds
         out of KVM and the loop."""
+        if self._readable is not None:
+            # The loop holds the TAP open while it watches it.
+            self._loop.remove_readable(self._readable)
+            self._readable = None
         self.device.close()
         self.wiring.close()
         self.doorbells.remove()

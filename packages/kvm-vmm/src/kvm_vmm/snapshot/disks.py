@@ -51,6 +51,7 @@ DEVICE_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "identity": (dict,),
     },
     "virtio-rng": {},
+    "virtio-net": {"tap": (str,), "mac": (str,)},
 }
 
 
