@@ -835,8 +835,8 @@ class Machine:
         if unable:
             raise NotSnapshottable(
                 f"snapshot(): device(s) {', '.join(map(repr, unable))} cannot be rebuilt"
-                " from a state file (only add_disk(), add_rng() and add_device_option()"
-                " devices can)"
+                " from a state file (only add_disk(), add_net(), add_rng() and"
+                " add_device_option() devices can)"
             )
         supported = self.kvm.supported_cpuid()
         state: dict[str, object] = {
