@@ -17,6 +17,7 @@ from kvm_vmm.bench_snapshot import (
     EXIT_STATUS,
     GROUP,
     PAGE,
+    demo_warm_starts,
     dirty_pages,
     main,
     page_data,
@@ -175,3 +176,13 @@ def test_the_demo_is_timed_to_its_answer_and_one_that_never_answers_is_reported(
     silent = demo_warm_start(tmp_path, timeout=0.5, argv=[sys.executable, "-c", SILENT])
     assert "spawn_to_answer_s" not in silent
     assert "no answer within 0.5 s" in str(silent["error"])
+
+
+def test_the_demo_is_timed_as_many_times_as_the_runs(tmp_path: Path) -> None:
+    (tmp_path / "snapshots" / "demo-0123").mkdir(parents=True)
+    timed = demo_warm_starts(tmp_path, 30.0, 3, argv=[sys.executable, "-c", ANSWERS])
+    assert "errors" not in timed
+    assert len(timed["each_spawn_to_answer_s"]) == 3  # type: ignore[arg-type]
+    assert set(timed["spawn_to_answer_s"]) == SUMMARY  # type: ignore[arg-type]
+    silent = demo_warm_starts(tmp_path, 0.5, 2, argv=[sys.executable, "-c", SILENT])
+    assert silent["each_spawn_to_answer_s"] == [] and len(silent["errors"]) == 2  # type: ignore[arg-type]
