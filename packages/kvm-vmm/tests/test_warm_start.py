@@ -63,6 +63,17 @@ def test_the_cache_keeps_discards_and_prepares_by_key(tmp_path: Path) -> None:
     assert cache.usable("demo-x") is None
 
 
+def test_only_the_newest_snapshots_are_kept(tmp_path: Path) -> None:
+    cache = WarmStartCache(tmp_path)
+    for age, name in enumerate(["demo-old", "demo-older", "demo-new"]):
+        path = cache.prepare(name)
+        path.mkdir()
+        os.utime(path, ns=(0, 10**9 * (100 - age if name != "demo-new" else 200)))
+    cache.prepare("demo-next")  # three kept: this one and the two newest others
+    assert cache.usable("demo-new") is not None and cache.usable("demo-old") is not None
+    assert cache.usable("demo-older") is None
+
+
 @pytest.mark.kvm
 def test_the_snapshot_is_taken_at_the_prompt_and_the_run_goes_on(tmp_path: Path) -> None:
     require_kvm()

@@ -29,6 +29,7 @@ from kvm_vmm.serial_console import ConsoleTimeout, SerialConsole
 SHELL_PROMPT = b"/ # "  # busybox sh's prompt for root in / (the default guest's /init)
 FOREVER = 10.0 * 365 * 24 * 3600  # Condition.wait cannot take an infinite timeout
 CACHE_SUBDIRECTORY = "snapshots"
+KEPT_SNAPSHOTS = 3  # demo snapshots kept (different options, or a kvm-vmm just upgraded)
 
 
 def _identity(path: Path | None) -> list[object]:
@@ -81,8 +82,18 @@ class WarmStartCache:
         shutil.rmtree(self.path(key), ignore_errors=True)
 
     def prepare(self, key: str) -> Path:
+        """Where a new snapshot for ``key`` goes; the oldest others beyond
+        :data:`KEPT_SNAPSHOTS` are removed (a snapshot holds the guest's used RAM,
+        tens of MiB, and one whose key no run makes again would stay for ever)."""
         path = self.path(key)
         os.makedirs(path.parent, mode=0o700, exist_ok=True)
+        others = sorted(
+            (entry for entry in path.parent.glob("demo-*") if entry.name != key),
+            key=lambda entry: entry.stat().st_mtime_ns,
+            reverse=True,
+        )
+        for stale in others[KEPT_SNAPSHOTS - 1 :]:
+            shutil.rmtree(stale, ignore_errors=True)
         return path
 
 
