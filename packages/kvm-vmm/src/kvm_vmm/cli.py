@@ -485,9 +485,14 @@ def _restore(args: argparse.Namespace) -> int:
     machine = Machine.restore(
         args.directory, console=console, force=args.force, copy=args.restore_mode == "copy"
     )
+    _say(args, f"restored {args.directory} in {time.monotonic() - started:.3f} s")
+    return _run_restored(args, machine, status)
+
+
+def _run_restored(args: argparse.Namespace, machine: Machine, status: StatusLine | None) -> int:
+    """Run a restored machine with its API socket (if asked) to its end; close both."""
     api: ApiServer | None = None
     try:
-        _say(args, f"restored {args.directory} in {time.monotonic() - started:.3f} s")
         api = _serve_api(args, machine)
         return _run_machine(args, machine, status)
     finally:
@@ -549,14 +554,7 @@ def _warm_demo(
         file=sys.stderr,
     )
     machine.serial.write(b"\n")  # the shell prints its prompt again
-    api: ApiServer | None = None
-    try:
-        api = _serve_api(args, machine)
-        return _run_machine(args, machine, status)
-    finally:
-        if api is not None:
-            api.close()
-        machine.close()
+    return _run_restored(args, machine, status)
 
 
 def _run_machine(args: argparse.Namespace, machine: Machine, status: StatusLine | None) -> int:
