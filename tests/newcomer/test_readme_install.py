@@ -106,6 +106,7 @@ def test_the_default_guest_is_loaded_and_entered(newcomer_env: dict[str, str]) -
     result = kvm_vmm(
         newcomer_env,
         "demo",
+        "--cold",  # a boot: a demo snapshot an earlier run kept would start at the shell
         "--serial",
         "null",
         "--stats",
