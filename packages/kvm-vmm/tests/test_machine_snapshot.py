@@ -188,3 +188,15 @@ def test_a_damaged_state_is_refused_by_name_with_nothing_changed(
     # The image's lock went with the refused machine: it can be opened again.
     with Machine(MachineConfig(memory_size=MEMORY)) as again:
         again.add_disk(image)
+
+
+def test_the_guest_functions_names_come_back_with_the_snapshot(tmp_path: Path) -> None:
+    require_kvm()
+    snapshot = tmp_path / "snap"
+    with Machine(MachineConfig(memory_size=MEMORY)) as machine:
+        machine.load_symbol_map("ffffffff81000000 T start_kernel\nffffffff81000100 T rest_init\n")
+        machine.snapshot(snapshot)
+    assert (snapshot / "symbols.map").is_file()
+    with Machine.restore(snapshot) as restored:
+        where = restored.vm.describe_address(0xFFFF_FFFF_8100_0010)
+        assert where is not None and where.startswith("start_kernel")

@@ -194,6 +194,7 @@ class BootTarget(Protocol):
     def load(self, image: LoadedImage) -> None: ...
     def write_memory(self, gpa: int, data: bytes) -> None: ...
     def enter(self, entry: EntryState) -> None: ...
+    def load_symbol_map(self, text: str) -> int: ...
 
 
 def load_boot(
@@ -241,7 +242,7 @@ def _load_linux(
     image = load_linux_image(
         kernel, ram_size, plan.cmdline, initrd, boot.boot_path, rsdp, cache_dir
     )
-    symbols = _load_kernel_symbols(target.vm, kernel, ram_size, cache_dir) if kernel_symbols else ""
+    symbols = _load_kernel_symbols(target, kernel, ram_size, cache_dir) if kernel_symbols else ""
     target.load(image)
     return BootReport(plan=plan, notes=tuple(image.notes), symbols=symbols)
 
@@ -257,7 +258,7 @@ def multiboot_command_line(kernel_path: Path, cmdline: str) -> str:
 
 
 def _load_kernel_symbols(
-    vm: kvmfast.Vm, image: bytes, ram_size: int, cache_dir: Path | None
+    target: BootTarget, image: bytes, ram_size: int, cache_dir: Path | None
 ) -> str:
     """The kernel's own kallsyms name functions in failure reports, stopped vCPUs and
     profiles (docs/linux-boot.md); a kernel whose tables are not found boots all the
@@ -266,10 +267,7 @@ def _load_kernel_symbols(
         symbols = read_kallsyms(kernel_elf(image, ram_size, cache_dir))
     except (KallsymsNotFound, LoaderError) as reason:
         return f"no symbols from the kernel image ({reason}); --symbols FILE names them"
-    with tempfile.NamedTemporaryFile("w", prefix="kvm-vmm-kallsyms-", suffix=".map") as table:
-        table.write(system_map(symbols))
-        table.flush()
-        count = vm.load_symbols(table.name)
+    count = target.load_symbol_map(system_map(symbols))
     return f"{count} symbols from the kernel image's kallsyms"
 
 

@@ -19,6 +19,7 @@ import datetime
 import enum
 import errno
 import os
+import tempfile
 import threading
 import time
 import weakref
@@ -73,6 +74,7 @@ from kvm_vmm.snapshot.host_facts import host_facts, host_problem, missing_featur
 from kvm_vmm.snapshot.memory_file import MEMORY_FILE, RamBacking, slots_for, write_memory_file
 from kvm_vmm.snapshot.shape import ShapeError, check_u64
 from kvm_vmm.snapshot.state_file import (
+    SYMBOLS_FILE,
     SnapshotFile,
     read_snapshot,
     snapshot_directory,
@@ -229,6 +231,8 @@ class Machine:
         self._ended: set[int] = set()  # vCPU threads that have returned
         self._resumes = 0  # bumped by resume(): a parked thread runs again
         self._symbols_loaded = False
+        # The System.map text that names the guest's functions (a snapshot keeps it).
+        self._symbol_map: str | None = None
         # How to rebuild each device a snapshot restores before its state (in order),
         # None for one that cannot be rebuilt from a state file; what was booted.
         self._rebuild: dict[str, dict[str, object] | None] = {}
@@ -499,7 +503,18 @@ class Machine:
         """Name guest functions from a System.map or /proc/kallsyms-format file (failure
         reports, vcpu_positions(), profiles); a Linux boot then keeps these."""
         count = self.vm.load_symbols(str(path))
+        self._symbol_map = Path(path).read_text(errors="replace")
         self._symbols_loaded = True
+        return count
+
+    def load_symbol_map(self, text: str) -> int:
+        """Name guest functions from System.map-format ``text`` (what a Linux boot reads
+        from the kernel's own kallsyms); a snapshot keeps it."""
+        with tempfile.NamedTemporaryFile("w", prefix="kvm-vmm-symbols-", suffix=".map") as table:
+            table.write(text)
+            table.flush()
+            count = self.vm.load_symbols(table.name)
+        self._symbol_map = text
         return count
 
     def boot(self, description: BootDescription, *, cache_dir: Path | None = None) -> BootReport:
@@ -864,6 +879,8 @@ class Machine:
         }
         with snapshot_directory(Path(path)) as directory:
             write_memory_file(directory / MEMORY_FILE, self.ram)
+            if self._symbol_map is not None:
+                (directory / SYMBOLS_FILE).write_text(self._symbol_map)
             write_state(directory, state)
 
     def _device_record(self, name: str) -> dict[str, object]:
@@ -956,6 +973,10 @@ class Machine:
         except (StateError, DeviceSpecError, kvmfast.VirtioError, ResourceError) as error:
             raise SnapshotError(directory, str(error)) from None
         self._booted = state["boot"] if isinstance(state["boot"], dict) else None
+        symbols = directory / SYMBOLS_FILE
+        if symbols.is_file():
+            # Failure reports and profiles of the restored guest name its functions.
+            self.load_symbols(symbols)
         try:
             self.vm.set_clock(clock)
             for index, (vcpu, vcpu_state) in enumerate(zip(self.vcpus, checked, strict=True)):

@@ -39,6 +39,7 @@ from kvm_vmm.snapshot.memory_file import MEMORY_FILE, RamSlot, memory_file_probl
 SCHEMA = "kvm-vmm-snapshot"
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
+SYMBOLS_FILE = "symbols.map"  # optional: the System.map naming the guest's functions
 MAX_STATE_BYTES = 64 << 20  # a state file is kilobytes; a larger one is not ours
 TOP_LEVEL_KEYS = frozenset(
     {
