@@ -854,6 +854,7 @@ class Machine:
                 " add_device_option() devices can)"
             )
         supported = self.kvm.supported_cpuid()
+        msr_indices = self.kvm.msr_index_list()
         state: dict[str, object] = {
             "kvm_vmm": kvm_vmm_version(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -874,7 +875,7 @@ class Machine:
             },
             "devices": [self._device_record(name) for name in self._rebuild],
             "clock": self.vm.get_clock(),
-            "vcpus": [save_vcpu(vcpu, self.kvm.msr_index_list()) for vcpu in self.vcpus],
+            "vcpus": [save_vcpu(vcpu, msr_indices) for vcpu in self.vcpus],
             "platform": self.save_state(),
         }
         with snapshot_directory(Path(path)) as directory:
