@@ -153,7 +153,14 @@ impl Epoll {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the fd was just made and nothing else owns it.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Never waited on (epoll_wait with a 0 timeout), but the event loop watches
+        // only fds that cannot block its thread.
+        // SAFETY: F_SETFL on the open fd we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(fd))
     }
 
     pub fn fd(&self) -> &OwnedFd {
