@@ -461,3 +461,41 @@ def read_to_end(client: socket.socket) -> bytes:
     while chunk := client.recv(4096):
         data += chunk
     return data
+
+
+def test_a_restored_device_tells_the_driver_transport_reset(rig: Rig, vm: Vm, uds: Path) -> None:
+    """Streams are not in a snapshot: the device continuing the rings tells the driver
+    (5.10.6.6) in the first event buffer, once."""
+    rig.device.pause()
+    states = rig.device.queue_states()
+    restored = VirtioDevice.vsock(CID, str(uds.with_name("restored.sock")))
+    loop = EventLoop(coalesce_us=0)
+    for queue in (RX, TX, EVENT):
+        loop.add(restored.queue_notifier(queue), restored.queue_handler(queue))
+    loop.start()
+    try:
+        restored.pause()
+        queues = [(SIZE, base, base + 0x1000, base + 0x2000, True) for base in RINGS.values()]
+        restored.activate(vm, VERSION_1, queues)
+        restored.restore_queue_states(states)
+        guest = Guest(vm, restored)
+        event_buffer = 0xA000
+        vm.write(event_buffer, b"\xff" * 4)
+        guest.descriptor(EVENT, 0, event_buffer, 4, WRITE)
+        guest.offer(EVENT, 0)
+        restored.resume()
+        deadline = time.monotonic() + 5
+        while guest.used_idx(EVENT) == 0:
+            assert time.monotonic() < deadline, "no TRANSPORT_RESET"
+            time.sleep(0.005)
+        assert guest.used(EVENT, 0) == (0, 4)
+        assert vm.read(event_buffer, 4) == struct.pack("<I", 0)  # TRANSPORT_RESET
+        guest.descriptor(EVENT, 1, event_buffer, 4, WRITE)
+        guest.offer(EVENT, 1)
+        restored.queue_notifier(EVENT).write(1)
+        time.sleep(0.1)
+        assert guest.used_idx(EVENT) == 1, "once only"
+    finally:
+        restored.reset()
+        loop.stop()
+        restored.close()
