@@ -357,7 +357,7 @@ impl DeviceCore {
             }
             return;
         }
-        if let Some(vsock) = self.vsock() {
+        if self.vsock().is_some() {
             match queue {
                 vsock::RX_QUEUE => {}
                 vsock::EVENT_QUEUE => {
@@ -368,9 +368,7 @@ impl DeviceCore {
             }
             // Buffers were added, or the driver's packets owe it answers (and credit
             // may have opened for host bytes).
-            if self.vsock_receive() == Readiness::Rearm {
-                vsock.unpark();
-            }
+            self.vsock_receive();
             return;
         }
         self.serve_queue(slot);
@@ -444,24 +442,23 @@ impl DeviceCore {
         outcome.readiness()
     }
 
-    /// Packets owed to the driver go into its receive buffers. Park while some are
-    /// owed and no buffer waits (a paused, inactive or broken device too): the rx
-    /// doorbell, rung by activate() and resume() as well, comes back here.
-    pub fn vsock_receive(&self) -> Readiness {
+    /// Packets owed to the driver go into its receive buffers. Those without one wait
+    /// (a paused, inactive or broken device too): the rx doorbell, rung by activate()
+    /// and resume() as well, comes back here. Park: some wait.
+    pub fn vsock_receive(&self) {
         let Some((vsock, slot)) = self.vsock().zip(self.queues.get(vsock::RX_QUEUE)) else {
-            return Readiness::Park;
+            return;
         };
         let mut guard = locks::lock(&slot.active);
         if self.paused.load(Ordering::SeqCst) {
-            return Readiness::Park;
+            return;
         }
         let Some(active) = guard.as_mut() else {
-            return Readiness::Park;
+            return;
         };
         let memory = active.memory();
         let guest = memory.memory();
         let mut completions = Vec::new();
-        let mut readiness = Readiness::Rearm;
         let mut broken = None;
         while vsock.has_work() && !slot.stopping.load(Ordering::SeqCst) {
             let start = active.next_avail();
@@ -471,7 +468,6 @@ impl DeviceCore {
                     Ok(true) => continue,
                     Ok(false) => {
                         bump(&self.counters.rx_deferred, 1);
-                        readiness = Readiness::Park;
                         break;
                     }
                     Err(error) => {
@@ -522,9 +518,7 @@ impl DeviceCore {
         if broken.is_some() {
             bump(&self.counters.malformed_chains, 1);
             self.signal_needs_reset();
-            return Readiness::Park;
         }
-        readiness
     }
 
     /// The event queue: a TRANSPORT_RESET owed goes into the driver's next buffer.
@@ -651,18 +645,15 @@ impl ReadableHandler for VsockWatch {
             return Readiness::Park;
         };
         vsock.host_events(&self.0.counters);
-        // Parked before looking: an rx doorbell served meanwhile finds it so and re-arms.
-        vsock.park();
-        let readiness = self.0.vsock_receive();
-        if readiness == Readiness::Rearm {
-            vsock.unparked();
-        }
-        readiness
+        self.0.vsock_receive();
+        // Always watched again: host_events took every event the set reported
+        // (accepted, read lines to the end, stopped watching input it cannot pass on
+        // yet), so the set reports only what happens next, such as the REQUEST
+        // timer of a guest with no driver to answer. Packets waiting for buffers go
+        // at the rx doorbell.
+        Readiness::Rearm
     }
 
-    fn attach(&self, rearm: Option<Rearm>) {
-        if let Some(vsock) = self.0.vsock() {
-            vsock.attach(rearm);
-        }
-    }
+    /// Nothing to keep: the watch never parks.
+    fn attach(&self, _rearm: Option<Rearm>) {}
 }

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::credit::{BUF_ALLOC, Credit};
 use super::packet::{HOST_CID, Header, Op, SHUTDOWN_RECEIVE, SHUTDOWN_SEND, TYPE_STREAM};
@@ -88,6 +89,8 @@ pub struct Conn {
     pub watching: u32,
     /// In the muxer's queue of connections with something for the driver.
     pub queued: bool,
+    /// While our REQUEST waits: when the host client is given up on.
+    pub deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -107,6 +110,7 @@ impl Conn {
             host_write_shut: false,
             watching: 0,
             queued: false,
+            deadline: None,
         }
     }
 
@@ -155,8 +159,9 @@ impl Conn {
     }
 
     /// The line was a CONNECT to guest port `port`, with `local_port` ours.
-    pub fn start_request(&mut self, local_port: u32, port: u32) {
+    pub fn start_request(&mut self, local_port: u32, port: u32, deadline: Instant) {
         self.phase = Phase::LocalInit;
+        self.deadline = Some(deadline);
         self.local_port = local_port;
         self.peer_port = port;
         self.due.request = true;
@@ -165,6 +170,7 @@ impl Conn {
     /// The driver answered our REQUEST: the client hears `OK <host port>\n` first.
     pub fn established(&mut self) -> io::Result<()> {
         self.phase = Phase::Established;
+        self.deadline = None;
         let line = format!("OK {}\n", self.local_port);
         self.own_bytes += line.len();
         self.to_host.extend(line.bytes());
@@ -359,7 +365,7 @@ mod tests {
     /// A host-initiated stream past its handshake, the OK line read.
     fn established() -> (Conn, UnixStream) {
         let (mut conn, mut host) = pair();
-        conn.start_request(9, 80);
+        conn.start_request(9, 80, Instant::now());
         let mut scratch = [0u8; 8];
         assert!(matches!(
             conn.next_packet(3, 8, &mut scratch),
@@ -425,7 +431,7 @@ mod tests {
     #[test]
     fn the_handshake_owes_a_request_then_writes_ok_without_counting_it() {
         let (mut conn, mut host) = pair();
-        conn.start_request(1 << 30, 80);
+        conn.start_request(1 << 30, 80, Instant::now());
         assert_eq!(conn.phase, Phase::LocalInit);
         assert_eq!(
             conn.wanted_events(),
@@ -484,7 +490,7 @@ mod tests {
     #[test]
     fn a_host_that_does_not_read_holds_at_most_the_advertised_buffer() {
         let (mut conn, _host) = pair();
-        conn.start_request(9, 80);
+        conn.start_request(9, 80, Instant::now());
         conn.established().unwrap();
         let chunk = vec![0x55u8; 60 * 1024];
         let mut sent = 0usize;

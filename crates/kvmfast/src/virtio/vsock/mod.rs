@@ -29,7 +29,6 @@ use super::counters::{DeviceCounters, bump};
 use super::disk::Bounce;
 use super::guest_memory::Memory;
 use super::queue::Completion;
-use crate::fd_watch::Rearm;
 use crate::locks;
 
 pub const RX_QUEUE: usize = 0;
@@ -72,9 +71,6 @@ pub struct Vsock {
     inode: (u64, u64),
     epoll: Epoll,
     muxer: Mutex<Muxer>,
-    /// How the event loop watches the epoll set again after it was parked.
-    rearm: Mutex<Option<Rearm>>,
-    parked: AtomicBool,
     /// A TRANSPORT_RESET is owed to the driver (after a restore).
     reset_event: AtomicBool,
     closed: AtomicBool,
@@ -100,8 +96,6 @@ impl Vsock {
             inode,
             epoll,
             muxer: Mutex::new(muxer),
-            rearm: Mutex::new(None),
-            parked: AtomicBool::new(false),
             reset_event: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         })
@@ -167,32 +161,14 @@ impl Vsock {
         self.muxer().fill(memory, chain, &self.epoll, counters)
     }
 
+    /// What the device's epoll set reports now, without taking it (for tests).
+    #[cfg(test)]
+    pub fn epoll_ready(&self, out: &mut Vec<(u64, u32)>) {
+        self.epoll.ready(out);
+    }
+
     pub fn has_work(&self) -> bool {
         self.muxer().has_work()
-    }
-
-    pub fn attach(&self, rearm: Option<Rearm>) {
-        *locks::lock(&self.rearm) = rearm;
-    }
-
-    pub fn park(&self) {
-        self.parked.store(true, Ordering::SeqCst);
-    }
-
-    /// The loop re-arms the watch itself.
-    pub fn unparked(&self) {
-        self.parked.store(false, Ordering::SeqCst);
-    }
-
-    /// Watches the epoll set again if it was parked (the loop reports it at once if
-    /// anything waits).
-    pub fn unpark(&self) {
-        if self.parked.swap(false, Ordering::SeqCst) {
-            let rearm = locks::lock(&self.rearm).clone();
-            if let Some(rearm) = rearm {
-                rearm.rearm();
-            }
-        }
     }
 }
 

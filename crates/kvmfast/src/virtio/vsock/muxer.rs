@@ -7,16 +7,19 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::conn::{Conn, Line, Next, Phase};
 use super::packet::{Header, MAX_PAYLOAD, Op};
-use super::unix::{Epoll, connect};
+use super::unix::{Epoll, Timer, connect};
 use crate::virtio::chain::Chain;
 use crate::virtio::counters::{DeviceCounters, bump};
 use crate::virtio::guest_memory::Memory;
 
-/// The epoll token of the listening socket; connections count from 1.
+/// The epoll tokens of the listening socket and of the REQUEST timer; connections
+/// count from 1.
 const LISTENER: u64 = 0;
+const TIMER: u64 = u64::MAX;
 
 /// The most streams at once (Firecracker's limit), host clients still writing their
 /// CONNECT line included. Beyond it a client is closed, a guest REQUEST reset.
@@ -25,6 +28,10 @@ pub const MAX_CONNECTIONS: usize = 1023;
 /// The most RSTs waiting for receive buffers (answers to packets for no stream): a
 /// driver sending such packets without giving buffers does not grow the VMM.
 const MAX_CONTROL: usize = 1024;
+
+/// How long a host client waits for the guest to answer its CONNECT (Firecracker's
+/// 2 s): a guest with no listener answers RST at once, one without a driver never.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Host ports the device hands to host-initiated streams (Firecracker's range).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -44,6 +51,9 @@ pub struct Muxer {
     guest_cid: u64,
     path: PathBuf,
     listener: Option<UnixListener>,
+    /// Fires at the earliest REQUEST deadline.
+    timer: Timer,
+    request_timeout: Duration,
     conns: HashMap<u64, Conn>,
     /// (host port, guest port) -> connection id.
     ports: HashMap<(u32, u32), u64>,
@@ -65,10 +75,14 @@ impl Muxer {
         epoll: &Epoll,
     ) -> std::io::Result<Self> {
         epoll.set(listener.as_raw_fd(), LISTENER, 0, libc::EPOLLIN as u32)?;
+        let timer = Timer::new()?;
+        epoll.set(timer.fd(), TIMER, 0, libc::EPOLLIN as u32)?;
         Ok(Self {
             guest_cid,
             path,
             listener: Some(listener),
+            timer,
+            request_timeout: REQUEST_TIMEOUT,
             conns: HashMap::new(),
             ports: HashMap::new(),
             next_id: 1,
@@ -134,7 +148,8 @@ impl Muxer {
         let _ = epoll.set(conn.stream.as_raw_fd(), id, conn.watching, 0);
         if !matches!(conn.phase, Phase::AwaitingLine(_)) {
             self.ports.remove(&(conn.local_port, conn.peer_port));
-            if tell_guest {
+            // A stream whose REQUEST never went out is unknown to the driver.
+            if tell_guest && !conn.due.request {
                 let rst = conn.header(self.guest_cid, Op::Rst);
                 self.push_control(rst, counters);
             }
@@ -210,6 +225,11 @@ impl Muxer {
                 self.accept(epoll);
                 continue;
             }
+            if token == TIMER {
+                self.timer.clear();
+                self.expire(epoll, counters);
+                continue;
+            }
             let Some(conn) = self.conns.get_mut(&token) else {
                 continue;
             };
@@ -218,10 +238,12 @@ impl Muxer {
                     Line::Pending => {}
                     Line::Connect(port) => {
                         let local = self.local_port_for(port);
+                        let deadline = Instant::now() + self.request_timeout;
                         if let Some(conn) = self.conns.get_mut(&token) {
-                            conn.start_request(local, port);
+                            conn.start_request(local, port, deadline);
                         }
                         self.ports.insert((local, port), token);
+                        self.arm_timer();
                         bump(&counters.vsock_connections, 1);
                     }
                     Line::Refused => {
@@ -242,6 +264,28 @@ impl Muxer {
             }
             self.settle(token, epoll, counters);
         }
+    }
+
+    /// Host clients whose REQUEST the guest has not answered in time are closed, and
+    /// the driver told with an RST (its answer, if it comes, is then for no stream).
+    fn expire(&mut self, epoll: &Epoll, counters: &DeviceCounters) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            self.kill(id, epoll, counters, true);
+        }
+        self.arm_timer();
+    }
+
+    fn arm_timer(&self) {
+        let next = self.conns.values().filter_map(|conn| conn.deadline).min();
+        self.timer
+            .set(next.map(|at| at.saturating_duration_since(Instant::now())));
     }
 
     fn accept(&mut self, epoll: &Epoll) {
@@ -400,6 +444,11 @@ impl Muxer {
             }
         }
         Filled::Nothing
+    }
+
+    #[cfg(test)]
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
     }
 
     /// A stream's state, for tests: (host port, guest port) -> (phase is established,

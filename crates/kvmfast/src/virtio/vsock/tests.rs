@@ -599,16 +599,79 @@ fn a_host_client_closing_is_a_shutdown_then_its_stream_is_reset_on_a_write() {
 }
 
 #[test]
-fn without_receive_buffers_the_watch_parks_and_the_rx_doorbell_delivers() {
+fn without_receive_buffers_packets_wait_for_the_rx_doorbell() {
     let mut rig = Rig::new();
     let mut client = UnixStream::connect(&rig.path).unwrap();
     client.write_all(b"CONNECT 80\n").unwrap();
-    assert_eq!(rig.watch.ready(), Readiness::Park);
+    assert_eq!(rig.watch.ready(), Readiness::Rearm);
+    assert_eq!(get_u16(rig.memory(), RINGS[0] + 0x800 + 2), 0);
+    // The set reports nothing more: the loop is not woken again and again.
+    let mut events = Vec::new();
+    rig.core.vsock().unwrap().epoll_ready(&mut events);
+    assert!(events.is_empty(), "{events:?}");
     rig.fill_rx();
     let packets = rig.received();
     assert_eq!(packets.len(), 1);
     assert_eq!(packets[0].0.op, REQUEST);
-    assert_eq!(rig.watch.ready(), Readiness::Rearm);
+}
+
+#[test]
+fn a_request_the_guest_never_answers_closes_the_client_and_resets_the_stream() {
+    let mut rig = Rig::new();
+    rig.core
+        .vsock()
+        .unwrap()
+        .muxer()
+        .set_request_timeout(Duration::from_millis(50));
+    rig.fill_rx();
+    let mut client = UnixStream::connect(&rig.path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.write_all(b"CONNECT 80\n").unwrap();
+    let packets = rig.received();
+    assert_eq!(packets[0].0.op, REQUEST);
+    // The driver never answers: the timer fires in the device's epoll set.
+    let mut fired = false;
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(5));
+        let mut events = Vec::new();
+        rig.core.vsock().unwrap().epoll_ready(&mut events);
+        if !events.is_empty() {
+            fired = true;
+            break;
+        }
+    }
+    assert!(fired, "the REQUEST timer never fired");
+    let packets = rig.received();
+    assert_eq!(packets.len(), 1);
+    assert_eq!((packets[0].0.op, packets[0].0.dst_port), (RST, 80));
+    let mut rest = Vec::new();
+    assert_eq!(client.read_to_end(&mut rest).unwrap(), 0);
+    // A client whose REQUEST never reached the driver (no buffers) goes quietly.
+    let mut quiet = UnixStream::connect(&rig.path).unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Every rx buffer taken, none given back: the REQUEST cannot go.
+    let used = get_u16(rig.memory(), RINGS[0] + 0x800 + 2);
+    rig.rx_seen = used;
+    for _ in 0..SIZE {
+        rig.send(rig.header(REQUEST, 9000, 99), &[]);
+    }
+    quiet.write_all(b"CONNECT 81\n").unwrap();
+    for _ in 0..200 {
+        let _ = rig.watch.ready();
+        if rig.core.vsock().unwrap().muxer().connections() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(quiet.read_to_end(&mut rest).unwrap(), 0);
+    let late = rig.received();
+    assert_eq!(late.len(), usize::from(SIZE), "the RSTs to port 9000 only");
+    assert!(late.iter().all(|(h, _)| h.dst_port == 9000));
+    assert_eq!(rig.core.vsock().unwrap().muxer().connections(), 0);
 }
 
 #[test]
