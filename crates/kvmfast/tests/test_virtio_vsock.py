@@ -11,6 +11,8 @@ import os
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -499,3 +501,66 @@ def test_a_restored_device_tells_the_driver_transport_reset(rig: Rig, vm: Vm, ud
         restored.reset()
         loop.stop()
         restored.close()
+
+
+_OUT_OF_FDS_CHILD = """
+import os, resource, sys, time
+from kvmfast import EventLoop, VirtioDevice
+
+device = VirtioDevice.vsock(3, sys.argv[1])
+loop = EventLoop(coalesce_us=0)
+loop.add_readable(device.readable_handler())
+loop.start()
+open_fds = len(os.listdir("/proc/self/fd")) - 1  # listdir's own fd is closed again
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds + 2, hard))
+print("ready", flush=True)
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+for line in sys.stdin:
+    if line == "cpu\\n":
+        start = cpu()
+        time.sleep(0.5)
+        print(cpu() - start, flush=True)
+    else:
+        time.sleep(0.2)
+        print(device.counters()["vsock_connections"], flush=True)
+"""
+
+
+def test_a_listener_out_of_fds_waits_for_a_stream_to_close_rather_than_spin(uds: Path) -> None:
+    """Clients beyond the process's fd limit wait in the backlog: the loop does not
+    spin on the listener, and they are taken once a stream closes."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _OUT_OF_FDS_CHILD, str(uds)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ready\n"
+        # The first client writes nothing yet (a stream it can end by closing).
+        clients = []
+        for n in range(5):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(str(uds))
+            if n:
+                client.sendall(b"CONNECT 80\n")
+            clients.append(client)
+        child.stdin.write("count\n")
+        child.stdin.flush()
+        assert int(child.stdout.readline()) == 1  # two fds: the silent client and one
+        child.stdin.write("cpu\n")
+        child.stdin.flush()
+        assert float(child.stdout.readline()) < 0.25, "the loop spins on the listener"
+        clients[0].close()
+        child.stdin.write("count\n")
+        child.stdin.flush()
+        assert int(child.stdout.readline()) == 2, "the next client waiting was taken"
+    finally:
+        child.kill()
+        child.wait()

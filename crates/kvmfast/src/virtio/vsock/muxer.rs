@@ -51,6 +51,8 @@ pub struct Muxer {
     guest_cid: u64,
     path: PathBuf,
     listener: Option<UnixListener>,
+    /// Not watched for a while: accept() ran out of fds.
+    listener_stalled: bool,
     /// Fires at the earliest REQUEST deadline.
     timer: Timer,
     request_timeout: Duration,
@@ -81,6 +83,7 @@ impl Muxer {
             guest_cid,
             path,
             listener: Some(listener),
+            listener_stalled: false,
             timer,
             request_timeout: REQUEST_TIMEOUT,
             conns: HashMap::new(),
@@ -116,6 +119,7 @@ impl Muxer {
         self.ports.clear();
         self.queue.clear();
         self.control.clear();
+        self.unstall(epoll);
     }
 
     /// Stops listening for good.
@@ -154,6 +158,8 @@ impl Muxer {
                 self.push_control(rst, counters);
             }
         }
+        drop(conn);
+        self.unstall(epoll);
     }
 
     /// Puts `id` in the queue if it owes the driver something, and has the epoll
@@ -288,18 +294,47 @@ impl Muxer {
             .set(next.map(|at| at.saturating_duration_since(Instant::now())));
     }
 
+    /// A stream closed: a listener that ran out of fds is watched again.
+    fn unstall(&mut self, epoll: &Epoll) {
+        if let Some(listener) = &self.listener
+            && self.listener_stalled
+            && epoll
+                .set(listener.as_raw_fd(), LISTENER, 0, libc::EPOLLIN as u32)
+                .is_ok()
+        {
+            self.listener_stalled = false;
+        }
+    }
+
     fn accept(&mut self, epoll: &Epoll) {
         let Some(listener) = &self.listener else {
             return;
         };
         let mut accepted = Vec::new();
         // A burst of clients beyond the limit is closed at once (they see end of file).
-        while let Ok((stream, _)) = listener.accept() {
-            if self.conns.len() + accepted.len() < MAX_CONNECTIONS
-                && stream.set_nonblocking(true).is_ok()
-            {
-                accepted.push(stream);
+        let stalled = loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() + accepted.len() < MAX_CONNECTIONS
+                        && stream.set_nonblocking(true).is_ok()
+                    {
+                        accepted.push(stream);
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break false,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of fds (EMFILE, ENFILE, ENOBUFS): the client waits in the
+                // backlog, and the listener, still readable, would be reported again
+                // and again. It is not watched until a stream closes.
+                Err(_) => break true,
             }
+        };
+        if stalled
+            && epoll
+                .set(listener.as_raw_fd(), LISTENER, libc::EPOLLIN as u32, 0)
+                .is_ok()
+        {
+            self.listener_stalled = true;
         }
         for stream in accepted {
             let id = self.insert(Conn::accepted(stream));
