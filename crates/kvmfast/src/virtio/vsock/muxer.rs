@@ -56,6 +56,7 @@ pub struct Muxer {
     /// Fires at the earliest REQUEST deadline.
     timer: Timer,
     request_timeout: Duration,
+    max_connections: usize,
     conns: HashMap<u64, Conn>,
     /// (host port, guest port) -> connection id.
     ports: HashMap<(u32, u32), u64>,
@@ -86,6 +87,7 @@ impl Muxer {
             listener_stalled: false,
             timer,
             request_timeout: REQUEST_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
             conns: HashMap::new(),
             ports: HashMap::new(),
             next_id: 1,
@@ -315,7 +317,7 @@ impl Muxer {
         let stalled = loop {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + accepted.len() < MAX_CONNECTIONS
+                    if self.conns.len() + accepted.len() < self.max_connections
                         && stream.set_nonblocking(true).is_ok()
                     {
                         accepted.push(stream);
@@ -406,7 +408,7 @@ impl Muxer {
 
     /// The driver's REQUEST to host port P: a listener at PATH_P, or an RST.
     fn guest_connects(&mut self, request: &Header, epoll: &Epoll, counters: &DeviceCounters) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             self.reset_reply(request, counters);
             return;
         }
@@ -479,6 +481,11 @@ impl Muxer {
             }
         }
         Filled::Nothing
+    }
+
+    #[cfg(test)]
+    pub fn set_max_connections(&mut self, limit: usize) {
+        self.max_connections = limit;
     }
 
     #[cfg(test)]

@@ -13,7 +13,6 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::credit::BUF_ALLOC;
-use super::muxer::MAX_CONNECTIONS;
 use super::packet::{HEADER_SIZE, HOST_CID, Header, SHUTDOWN_RECEIVE, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
 use crate::fd_watch::{ReadableHandler, Readiness};
@@ -721,20 +720,33 @@ fn reset_ends_every_stream_and_a_restore_owes_a_transport_reset() {
 }
 
 #[test]
-fn clients_beyond_the_limit_are_closed() {
-    let rig = Rig::new();
+fn streams_beyond_the_limit_are_refused_both_ways() {
+    let mut rig = Rig::new();
+    rig.fill_rx();
+    rig.core.vsock().unwrap().muxer().set_max_connections(4);
     let mut clients = Vec::new();
-    for _ in 0..MAX_CONNECTIONS + 5 {
-        clients.push(UnixStream::connect(&rig.path).unwrap());
-        if clients.len() % 64 == 0 {
-            let _ = rig.watch.ready();
-        }
+    for _ in 0..6 {
+        let client = UnixStream::connect(&rig.path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        clients.push(client);
     }
     let _ = rig.watch.ready();
-    assert_eq!(
-        rig.core.vsock().unwrap().muxer().connections(),
-        MAX_CONNECTIONS
-    );
+    assert_eq!(rig.core.vsock().unwrap().muxer().connections(), 4);
+    // The two beyond it were closed at once.
+    let mut rest = Vec::new();
+    assert_eq!(clients[5].read_to_end(&mut rest).unwrap(), 0);
+    assert_eq!(clients[4].read_to_end(&mut rest).unwrap(), 0);
+    // A guest REQUEST beyond it is reset, even to a listening PATH_<port>.
+    let mut listener_path = rig.path.clone().into_os_string();
+    listener_path.push("_77");
+    let _listener = UnixListener::bind(&listener_path).unwrap();
+    rig.send(rig.header(REQUEST, 5000, 77), &[]);
+    let packets = rig.received();
+    assert_eq!(packets.len(), 1);
+    assert_eq!(packets[0].0.op, RST);
+    std::fs::remove_file(&listener_path).unwrap();
 }
 
 mod random_packets {
