@@ -15,8 +15,7 @@ use super::blk::Block;
 use super::counters::{DeviceCounters, bump};
 use super::guest_memory::{DeviceMemory, MemoryError};
 use super::net::{self, backend::Net};
-use super::queue::Completion;
-use super::queue::{ActiveQueue, QueueConfig, SetupError};
+use super::queue::{ActiveQueue, Completion, QueueConfig, SetupError};
 use super::queue_state::{QueueState, StateError};
 use super::vsock::{self, Vsock, muxer::Filled};
 use super::{
@@ -444,7 +443,7 @@ impl DeviceCore {
 
     /// Packets owed to the driver go into its receive buffers. Those without one wait
     /// (a paused, inactive or broken device too): the rx doorbell, rung by activate()
-    /// and resume() as well, comes back here. Park: some wait.
+    /// and resume() as well, comes back here.
     pub fn vsock_receive(&self) {
         let Some((vsock, slot)) = self.vsock().zip(self.queues.get(vsock::RX_QUEUE)) else {
             return;
@@ -453,7 +452,8 @@ impl DeviceCore {
         if self.paused.load(Ordering::SeqCst) {
             return;
         }
-        let Some(active) = guard.as_mut() else {
+        // A broken queue (NEEDS_RESET signalled) is left alone until reset().
+        let Some(active) = guard.as_mut().filter(|active| !active.broken()) else {
             return;
         };
         let memory = active.memory();

@@ -877,3 +877,28 @@ fn a_paused_device_leaves_guest_ram_alone_and_resume_delivers() {
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hi");
 }
+
+#[test]
+fn a_malformed_receive_chain_needs_a_reset_once_and_nothing_more_is_written() {
+    let mut rig = Rig::new();
+    let mut client = UnixStream::connect(&rig.path).unwrap();
+    client.write_all(b"CONNECT 80\n").unwrap();
+    // A receive buffer beyond guest RAM.
+    put_descriptor(rig.memory(), RINGS[0], 0, RAM as u64, RX_BUFFER, WRITE, 0);
+    rig.offer(RX_QUEUE, 0);
+    rig.core.serve(RX_QUEUE);
+    let _ = rig.watch.ready();
+    assert!(rig.core.needs_reset());
+    let other = UnixStream::connect(&rig.path).unwrap();
+    (&other).write_all(b"CONNECT 81\n").unwrap();
+    for _ in 0..3 {
+        let _ = rig.watch.ready();
+        rig.core.serve(RX_QUEUE);
+    }
+    assert_eq!(rig.counter("malformed_chains"), 1);
+    assert_eq!(get_u16(rig.memory(), RINGS[0] + 0x800 + 2), 0);
+    // reset() brings it back: streams gone, a new driver served.
+    rig.core.reset();
+    assert!(!rig.core.needs_reset());
+    assert_eq!(rig.core.vsock().unwrap().muxer().connections(), 0);
+}
