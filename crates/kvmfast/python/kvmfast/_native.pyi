@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from os import PathLike
+from pathlib import Path
 from typing import Protocol, TypedDict, final
 
 EXIT_REASON_NAMES: list[str]
@@ -495,6 +496,21 @@ class VirtioDevice:
         a new TAP the kernel names (see ``tap_name``); ``mac`` the guest's address,
         random under 52:54:00 when None. VirtioError names the TAP (no permission, no
         /dev/net/tun) or the bad MAC."""
+    @staticmethod
+    def vsock(cid: int, uds_path: str | PathLike[str]) -> VirtioDevice:
+        """virtio-vsock for guest CID ``cid`` (3 to 2**32-1) with Firecracker's host
+        side: a Unix socket listening at ``uds_path`` (made 0600, removed by close());
+        a client writes ``CONNECT <port>\\n`` to reach the guest's port and reads
+        ``OK <host port>\\n``; a guest connecting to CID 2 port P reaches the socket
+        ``<uds_path>_P``. Streams are not kept in a snapshot: after
+        restore_queue_states() the device sends the driver TRANSPORT_RESET. VirtioError
+        for a bad CID or a path in use."""
+    @property
+    def guest_cid(self) -> int | None:
+        """A virtio-vsock device's guest CID; None for other devices."""
+    @property
+    def uds_path(self) -> Path | None:
+        """A virtio-vsock device's listening socket; None for other devices."""
     @property
     def tap_name(self) -> str | None:
         """A virtio-net device's TAP; None for other devices."""
@@ -503,7 +519,8 @@ class VirtioDevice:
         """A virtio-net device's MAC address (lower-case hex pairs); None for others."""
     def readable_handler(self) -> FdHandler | None:
         """What the event loop watches besides the doorbells (a virtio-net device's
-        TAP); None for devices with nothing to read."""
+        TAP, a virtio-vsock device's host sockets); None for devices with nothing to
+        read."""
     @property
     def device_type(self) -> int: ...
     @property

@@ -55,6 +55,10 @@ device_counters!(
     rx_dropped,
     rx_errors,
     rx_deferred,
+    // virtio-vsock (beside tx_packets/tx_dropped/tx_bytes for the driver's packets and
+    // RW bytes, rx_bytes for the host's): streams opened either way, RSTs sent.
+    vsock_connections,
+    vsock_resets,
 );
 
 pub fn bump(counter: &AtomicU64, by: u64) {

@@ -1,5 +1,5 @@
 //! A device's state shared by its Python handle and the event loop thread: the backend
-//! (blk, rng or net), its queues once activated, and the eventfds it signals through.
+//! (blk, rng, net or vsock), its queues once activated, and the eventfds it signals through.
 //!
 //! Each queue's state sits behind its own mutex, held by the loop thread while it drains
 //! the queue; reset() raises the queue's `stopping` flag (checked between requests) and
@@ -15,11 +15,12 @@ use super::blk::Block;
 use super::counters::{DeviceCounters, bump};
 use super::guest_memory::{DeviceMemory, MemoryError};
 use super::net::{self, backend::Net};
-use super::queue::{ActiveQueue, QueueConfig, SetupError};
+use super::queue::{ActiveQueue, Completion, QueueConfig, SetupError};
 use super::queue_state::{QueueState, StateError};
+use super::vsock::{self, Vsock, muxer::Filled};
 use super::{
-    COMMON_FEATURES, DEVICE_ID_BLOCK, DEVICE_ID_ENTROPY, DEVICE_ID_NET, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_RING_INDIRECT_DESC, rng,
+    COMMON_FEATURES, DEVICE_ID_BLOCK, DEVICE_ID_ENTROPY, DEVICE_ID_NET, DEVICE_ID_VSOCK,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, rng,
 };
 use crate::eventfd::{add_to_counter, new_eventfd};
 use crate::fd_watch::{ReadableHandler, Readiness, Rearm};
@@ -30,6 +31,8 @@ pub enum Backend {
     Block(Block),
     Rng,
     Net(Net),
+    /// Boxed: its streams' tables are many times the other backends' size.
+    Vsock(Box<Vsock>),
 }
 
 #[derive(Debug)]
@@ -91,6 +94,8 @@ impl DeviceCore {
             Backend::Block(block) => (DEVICE_ID_BLOCK, block.features(), block.config(), 1),
             Backend::Rng => (DEVICE_ID_ENTROPY, 0, Vec::new(), 1),
             Backend::Net(net) => (DEVICE_ID_NET, net.features(), net.config(), net::NUM_QUEUES),
+            // Stream sockets only: no feature bit of 5.10.3 (SEQPACKET not offered).
+            Backend::Vsock(vsock) => (DEVICE_ID_VSOCK, 0, vsock.config(), vsock::NUM_QUEUES),
         };
         let queues = (0..queues)
             .map(|_| {
@@ -135,6 +140,13 @@ impl DeviceCore {
     pub fn net(&self) -> Option<&Net> {
         match &self.backend {
             Backend::Net(net) => Some(net),
+            _ => None,
+        }
+    }
+
+    pub fn vsock(&self) -> Option<&Vsock> {
+        match &self.backend {
+            Backend::Vsock(vsock) => Some(vsock),
             _ => None,
         }
     }
@@ -272,6 +284,10 @@ impl DeviceCore {
                 active.restore(state);
             }
         }
+        if let Some(vsock) = self.vsock() {
+            // The driver's streams did not come with the snapshot (5.10.6.6).
+            vsock.owe_transport_reset();
+        }
         Ok(())
     }
 
@@ -285,6 +301,9 @@ impl DeviceCore {
         }
         if let Some(net) = self.net() {
             net.reset();
+        }
+        if let Some(vsock) = self.vsock() {
+            vsock.reset();
         }
         self.needs_reset.store(false, Ordering::SeqCst);
     }
@@ -317,6 +336,7 @@ impl DeviceCore {
         match &self.backend {
             Backend::Block(block) => block.close(),
             Backend::Net(net) => net.tap().close(),
+            Backend::Vsock(vsock) => vsock.close(),
             Backend::Rng => {}
         }
     }
@@ -336,6 +356,25 @@ impl DeviceCore {
             }
             return;
         }
+        if self.vsock().is_some() {
+            match queue {
+                vsock::RX_QUEUE => {}
+                vsock::EVENT_QUEUE => {
+                    self.vsock_event();
+                    return;
+                }
+                _ => self.serve_queue(slot),
+            }
+            // Buffers were added, or the driver's packets owe it answers (and credit
+            // may have opened for host bytes).
+            self.vsock_receive();
+            return;
+        }
+        self.serve_queue(slot);
+    }
+
+    /// Completes every chain the driver made available on `slot`.
+    fn serve_queue(&self, slot: &QueueSlot) {
         let mut guard = locks::lock(&slot.active);
         if self.paused.load(Ordering::SeqCst) {
             return; // resume() rings every queue again
@@ -350,6 +389,7 @@ impl DeviceCore {
             Backend::Block(block) => block.execute(memory, chain, bounce, counters),
             Backend::Rng => Some(rng::execute(memory, chain, counters)),
             Backend::Net(net) => Some(net::tx::transmit(net, memory, chain, bounce, counters)),
+            Backend::Vsock(vsock) => Some(vsock::transmit(vsock, memory, chain, bounce, counters)),
         });
         bump(&counters.requests, outcome.completed);
         if outcome.completed > 0 {
@@ -401,6 +441,146 @@ impl DeviceCore {
         outcome.readiness()
     }
 
+    /// Packets owed to the driver go into its receive buffers. Those without one wait
+    /// (a paused, inactive or broken device too): the rx doorbell, rung by activate()
+    /// and resume() as well, comes back here.
+    pub fn vsock_receive(&self) {
+        let Some((vsock, slot)) = self.vsock().zip(self.queues.get(vsock::RX_QUEUE)) else {
+            return;
+        };
+        let mut guard = locks::lock(&slot.active);
+        if self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        // A broken queue (NEEDS_RESET signalled) is left alone until reset().
+        let Some(active) = guard.as_mut().filter(|active| !active.broken()) else {
+            return;
+        };
+        let memory = active.memory();
+        let guest = memory.memory();
+        let mut completions = Vec::new();
+        let mut broken = None;
+        while vsock.has_work() && !slot.stopping.load(Ordering::SeqCst) {
+            let start = active.next_avail();
+            let chain = match active.pop(guest) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => match active.enable_notification(guest) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        bump(&self.counters.rx_deferred, 1);
+                        break;
+                    }
+                    Err(error) => {
+                        broken = Some(error);
+                        break;
+                    }
+                },
+                Err(error) => {
+                    broken = Some(error);
+                    break;
+                }
+            };
+            match vsock.fill(guest, &chain, &self.counters) {
+                Filled::Packet(length) => {
+                    bump(&self.counters.rx_packets, 1);
+                    completions.push(Completion {
+                        head: chain.head,
+                        used_len: length,
+                    });
+                }
+                Filled::TooSmall => {
+                    // A buffer no packet fits: given back empty (nothing is lost).
+                    bump(&self.counters.rx_dropped, 1);
+                    completions.push(Completion {
+                        head: chain.head,
+                        used_len: 0,
+                    });
+                }
+                Filled::Nothing => {
+                    active.rewind(start);
+                    break;
+                }
+            }
+        }
+        if broken.is_none()
+            && !completions.is_empty()
+            && let Err(error) = active.add_used_all(guest, &completions)
+        {
+            broken = Some(error);
+        }
+        let interrupt =
+            !completions.is_empty() && broken.is_none() && active.interrupt_wanted(guest);
+        drop(guard);
+        if !completions.is_empty() && broken.is_none() {
+            bump(&self.counters.requests, completions.len() as u64);
+            self.signal_used(slot, interrupt);
+        }
+        if broken.is_some() {
+            bump(&self.counters.malformed_chains, 1);
+            self.signal_needs_reset();
+        }
+    }
+
+    /// The event queue: a TRANSPORT_RESET owed goes into the driver's next buffer.
+    fn vsock_event(&self) {
+        let Some((vsock, slot)) = self.vsock().zip(self.queues.get(vsock::EVENT_QUEUE)) else {
+            return;
+        };
+        let mut guard = locks::lock(&slot.active);
+        if self.paused.load(Ordering::SeqCst) || !vsock.transport_reset_owed() {
+            return;
+        }
+        let Some(active) = guard.as_mut() else {
+            return;
+        };
+        let memory = active.memory();
+        let guest = memory.memory();
+        let chain = match active.pop(guest) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => return, // the driver rings when it adds an event buffer
+            Err(_) => {
+                drop(guard);
+                bump(&self.counters.malformed_chains, 1);
+                self.signal_needs_reset();
+                return;
+            }
+        };
+        let event = vsock::EVENT_TRANSPORT_RESET.to_le_bytes();
+        let (target, _) = chain.writable.split_at(event.len() as u64);
+        let used_len = if target.total() == event.len() as u64 && target.write(guest, &event) {
+            vsock.take_transport_reset();
+            event.len() as u32
+        } else {
+            0 // too small for an event: given back empty, the event waits for the next
+        };
+        let completion = Completion {
+            head: chain.head,
+            used_len,
+        };
+        if active.add_used_all(guest, &[completion]).is_err() {
+            drop(guard);
+            bump(&self.counters.malformed_chains, 1);
+            self.signal_needs_reset();
+            return;
+        }
+        let interrupt = active.interrupt_wanted(guest);
+        drop(guard);
+        bump(&self.counters.requests, 1);
+        self.signal_used(slot, interrupt);
+        if used_len == 0 {
+            self.vsock_event();
+        }
+    }
+
+    fn signal_used(&self, slot: &QueueSlot, interrupt: bool) {
+        if interrupt {
+            bump(&self.counters.interrupts, 1);
+            let _ = add_to_counter(slot.interrupt.as_raw_fd(), 1);
+        } else {
+            bump(&self.counters.suppressed_interrupts, 1);
+        }
+    }
+
     /// A network device's link went down: the driver rereads the status (5.1.4).
     fn signal_link_change(&self) {
         if self.net().is_some_and(Net::take_link_change) {
@@ -442,4 +622,38 @@ impl ReadableHandler for TapWatch {
             net.attach(rearm);
         }
     }
+}
+
+/// A vsock device's epoll set (every host socket of its streams) as the event loop
+/// watches it.
+pub struct VsockWatch(pub Arc<DeviceCore>);
+
+impl ReadableHandler for VsockWatch {
+    fn fd(&self) -> RawFd {
+        self.0.vsock().map_or(-1, Vsock::epoll_fd)
+    }
+
+    fn duplicate_fd(&self) -> std::io::Result<OwnedFd> {
+        match self.0.vsock() {
+            Some(vsock) => vsock.duplicate_epoll(),
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        }
+    }
+
+    fn ready(&self) -> Readiness {
+        let Some(vsock) = self.0.vsock() else {
+            return Readiness::Park;
+        };
+        vsock.host_events(&self.0.counters);
+        self.0.vsock_receive();
+        // Always watched again: host_events took every event the set reported
+        // (accepted, read lines to the end, stopped watching input it cannot pass on
+        // yet), so the set reports only what happens next, such as the REQUEST
+        // timer of a guest with no driver to answer. Packets waiting for buffers go
+        // at the rx doorbell.
+        Readiness::Rearm
+    }
+
+    /// Nothing to keep: the watch never parks.
+    fn attach(&self, _rearm: Option<Rearm>) {}
 }

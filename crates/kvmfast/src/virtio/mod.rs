@@ -4,7 +4,8 @@
 //! (irqfds for MSI-X). `device` is the state a device shares with the loop, `python` its
 //! Python face; `chain` checks what the guest put in a descriptor chain, `queue` drains
 //! one queue, `blk` and `rng` execute requests, `disk` is the host image, `net` moves
-//! frames between a TAP and the queues.
+//! frames between a TAP and the queues, `vsock` streams between the guest and
+//! host Unix sockets.
 
 pub mod blk;
 pub mod chain;
@@ -21,6 +22,7 @@ pub mod rng;
 mod test_ring;
 #[cfg(test)]
 mod tests;
+pub mod vsock;
 
 /// Device-independent feature bits (virtio 1.2 section 6).
 pub const VIRTIO_F_RING_INDIRECT_DESC: u32 = 28;
@@ -35,6 +37,7 @@ pub const COMMON_FEATURES: u64 =
 pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_ENTROPY: u32 = 4;
+pub const DEVICE_ID_VSOCK: u32 = 19;
 
 /// The largest queue a driver may configure (a power of two, section 2.7).
 pub const MAX_QUEUE_SIZE: u16 = 256;

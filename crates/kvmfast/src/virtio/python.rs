@@ -13,13 +13,14 @@ use pyo3::types::{PyDict, PyList};
 
 use super::MAX_QUEUE_SIZE;
 use super::blk::Block;
-use super::device::{Backend, DeviceCore, TapWatch};
+use super::device::{Backend, DeviceCore, TapWatch, VsockWatch};
 use super::disk::Disk;
 use super::net::backend::Net;
 use super::net::mac::{parse_mac, random_mac};
 use super::net::tap::Tap;
 use super::queue::QueueConfig;
 use super::queue_state::QueueState;
+use super::vsock::Vsock;
 use crate::errors::io_error;
 use crate::eventfd::EventFd;
 use crate::fd_watch::FdHandler;
@@ -29,7 +30,7 @@ create_exception!(
     kvmfast,
     VirtioError,
     PyValueError,
-    "A virtio device cannot be made or activated: a bad, missing or locked image, a TAP that cannot be attached, a bad MAC address, a bad queue setup."
+    "A virtio device cannot be made or activated: a bad, missing or locked image, a TAP that cannot be attached, a bad MAC address, a bad vsock CID or a vsock socket path in use, a bad queue setup."
 );
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -69,7 +70,7 @@ impl VirtioQueueHandler {
     }
 }
 
-/// A virtio device whose queues are served in Rust (blk, rng, net).
+/// A virtio device whose queues are served in Rust (blk, rng, net, vsock).
 #[pyclass(frozen, module = "kvmfast")]
 pub struct VirtioDevice {
     core: Arc<DeviceCore>,
@@ -164,6 +165,32 @@ impl VirtioDevice {
         Self::with_core(py, core)
     }
 
+    /// A virtio-vsock device for guest CID `cid` (3..2^32-1), its host side the Unix
+    /// socket it listens on at `uds_path` (made 0600, removed by close()): a client
+    /// writes `CONNECT <port>\n` to reach the guest's port and reads `OK <host port>\n`;
+    /// a guest connecting to the host (CID 2) on port P reaches `<uds_path>_P`. Streams
+    /// are not kept in a snapshot: restore_queue_states() has the device send the
+    /// driver TRANSPORT_RESET (its sockets see their peers gone), as Firecracker does.
+    #[staticmethod]
+    fn vsock(py: Python<'_>, cid: u64, uds_path: PathBuf) -> PyResult<Self> {
+        let vsock =
+            Vsock::new(cid, &uds_path).map_err(|error| VirtioError::new_err(error.to_string()))?;
+        let core = DeviceCore::new(Backend::Vsock(Box::new(vsock))).map_err(io_error)?;
+        Self::with_core(py, core)
+    }
+
+    /// A virtio-vsock device's guest CID (None for other devices).
+    #[getter]
+    fn guest_cid(&self) -> Option<u64> {
+        self.core.vsock().map(Vsock::cid)
+    }
+
+    /// A virtio-vsock device's listening socket (None for other devices).
+    #[getter]
+    fn uds_path(&self) -> Option<PathBuf> {
+        self.core.vsock().map(|vsock| vsock.path().to_path_buf())
+    }
+
     /// The TAP of a virtio-net device (None for other devices).
     #[getter]
     fn tap_name(&self) -> Option<String> {
@@ -178,8 +205,12 @@ impl VirtioDevice {
     }
 
     /// What EventLoop.add_readable watches for this device besides its doorbells: a
-    /// virtio-net device's TAP (None for devices with nothing to read).
+    /// virtio-net device's TAP, a virtio-vsock device's host sockets (None for
+    /// devices with nothing to read).
     fn readable_handler(&self) -> Option<FdHandler> {
+        if self.core.vsock().is_some() {
+            return Some(FdHandler::new(Arc::new(VsockWatch(self.core.clone()))));
+        }
         self.core.net()?;
         Some(FdHandler::new(Arc::new(TapWatch(self.core.clone()))))
     }

@@ -82,6 +82,7 @@ from kvm_vmm.signals import Terminated, ending_run, raising_terminated, status_o
 from kvm_vmm.snapshot import SnapshotError
 from kvm_vmm.snapshot.host_facts import cpu_model
 from kvm_vmm.status_line import StatusLine, machine_status, showing, terminal_status_line
+from kvm_vmm.vsock_options import VsockSpecError, parse_vsock_spec
 from kvm_vmm.warm_start import WarmStartCache, snapshot_at_prompt, warm_start_key
 from kvmfast.assembler import AssemblerMissing
 
@@ -246,6 +247,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "without tap= the kernel makes one and its name is printed (repeatable)",
     )
     parser.add_argument(
+        "--vsock",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a virtio-vsock device: cid=N,socket=PATH (a host client of PATH writes "
+        "'CONNECT <port>' to reach the guest; the guest reaches PATH_<port> on the host)",
+    )
+    parser.add_argument(
         "--rng",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -343,6 +352,7 @@ def _reporting_errors(action: Callable[[], int]) -> int:
         DeviceSpecError,
         DiskSpecError,
         NetSpecError,
+        VsockSpecError,
         kvmfast.VirtioError,
         ResourceError,
         MachineConfigError,
@@ -439,6 +449,11 @@ def _run(args: argparse.Namespace) -> int:
             machine.add_disk_option(spec)
         for spec in args.net:
             _add_net(machine, spec)
+        if len(args.vsock) > 1:
+            raise UsageError("--vsock: one device at most (a guest has one CID)")
+        for spec in args.vsock:
+            vsock = parse_vsock_spec(spec)
+            machine.add_vsock(vsock.cid, vsock.socket)
         # Only input that is known good is worth a download.
         if description is None:
             description = DemoBoot() if tiny else _describe_boot(args, cache_dir)

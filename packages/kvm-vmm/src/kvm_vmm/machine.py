@@ -448,6 +448,22 @@ class Machine:
         }
         return attached
 
+    def add_vsock(self, cid: int, socket: Path | str) -> VirtioPciDevice:
+        """A virtio-vsock device for guest CID ``cid`` (3 to 2**32-1) with
+        Firecracker's host side: a Unix socket listening at ``socket`` (made 0600,
+        removed at close()); a client writes ``CONNECT <port>\\n`` to reach the guest's
+        port, and a guest connecting to the host (CID 2) on port P reaches the socket
+        ``<socket>_P``. Streams are not part of a snapshot: a restored guest is told
+        TRANSPORT_RESET. :class:`kvmfast.VirtioError` for a bad CID or a path in use."""
+        device = kvmfast.VirtioDevice.vsock(cid, str(socket))
+        attached = self.add_virtio_device(device, "virtio-vsock")
+        self._rebuild[attached.name] = {
+            "kind": "virtio-vsock",
+            "cid": cid,
+            "socket": str(Path(socket).absolute()),
+        }
+        return attached
+
     def set_isa_irq(self, irq: int, level: bool) -> None:
         self.platform.isa_line(irq).set_level(level)
 
@@ -850,7 +866,7 @@ class Machine:
         if unable:
             raise NotSnapshottable(
                 f"snapshot(): device(s) {', '.join(map(repr, unable))} cannot be rebuilt"
-                " from a state file (only add_disk(), add_net(), add_rng() and"
+                " from a state file (only add_disk(), add_net(), add_rng(), add_vsock() and"
                 " add_device_option() devices can)"
             )
         supported = self.kvm.supported_cpuid()
@@ -1002,6 +1018,10 @@ class Machine:
             )
         elif kind == "virtio-net":
             self.add_net(tap=str(record["tap"]), mac=str(record["mac"]))
+        elif kind == "virtio-vsock":
+            cid = record["cid"]
+            assert isinstance(cid, int)  # rebuild_records checked it
+            self.add_vsock(cid, str(record["socket"]))
         else:
             self.add_rng()
 

@@ -52,6 +52,7 @@ DEVICE_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     },
     "virtio-rng": {},
     "virtio-net": {"tap": (str,), "mac": (str,)},
+    "virtio-vsock": {"cid": (int,), "socket": (str,)},
 }
 
 
