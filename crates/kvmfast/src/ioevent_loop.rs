@@ -17,6 +17,7 @@ use crate::errors::io_error;
 use crate::eventfd::{EventFd, add_to_counter, new_eventfd, read_counter};
 use crate::fd_watch::{FdHandler, ReadableHandler, Readiness, Rearm};
 use crate::locks;
+use crate::timerfd::OneShotTimer;
 use crate::virtio::device::DeviceCore;
 use crate::virtio::python::VirtioQueueHandler;
 
@@ -76,7 +77,7 @@ struct LoopShared {
     epoll: OwnedFd,
     wake: OwnedFd,
     /// A timerfd that ends the coalescing windows.
-    timer: OwnedFd,
+    timer: OneShotTimer,
     stopping: AtomicBool,
     next_token: AtomicU64,
     registrations: Mutex<HashMap<u64, Arc<Registration>>>,
@@ -152,7 +153,7 @@ impl LoopShared {
                         }
                     }
                     TIMER_TOKEN => {
-                        let _ = read_counter(self.timer.as_raw_fd());
+                        self.timer.clear();
                         timer_at = None; // a timerfd that fired is disarmed
                         let now = Instant::now();
                         let (due, waiting): (Vec<_>, Vec<_>) =
@@ -242,27 +243,8 @@ impl LoopShared {
     }
 
     fn set_timer(&self, at: Option<Instant>) {
-        let after = at.map(|at| at.saturating_duration_since(Instant::now()));
-        let value = match after {
-            // 0 would disarm the timer: a due window fires in 1 ns.
-            Some(after) => libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
-            },
-            None => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-        };
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
-        // SAFETY: timerfd_settime reads one itimerspec we own; the timerfd is open.
-        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        self.timer
+            .set(at.map(|at| at.saturating_duration_since(Instant::now())));
     }
 
     /// Calls the handler with `count`; false when Python is shutting down.
@@ -349,18 +331,7 @@ impl EventLoop {
         }
         // SAFETY: the fd was just created and nothing else owns it.
         let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-        // SAFETY: timerfd_create has no memory arguments.
-        let timer = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-            )
-        };
-        if timer < 0 {
-            return Err(io_error(std::io::Error::last_os_error()));
-        }
-        // SAFETY: the fd was just created and nothing else owns it.
-        let timer = unsafe { OwnedFd::from_raw_fd(timer) };
+        let timer = OneShotTimer::new().map_err(io_error)?;
         let shared = LoopShared {
             epoll,
             wake: new_eventfd(true).map_err(io_error)?,
@@ -379,12 +350,7 @@ impl EventLoop {
             )
             .map_err(io_error)?;
         shared
-            .epoll_ctl(
-                libc::EPOLL_CTL_ADD,
-                shared.timer.as_raw_fd(),
-                TIMER_TOKEN,
-                level,
-            )
+            .epoll_ctl(libc::EPOLL_CTL_ADD, shared.timer.fd(), TIMER_TOKEN, level)
             .map_err(io_error)?;
         Ok(Self {
             shared: Arc::new(shared),

@@ -38,6 +38,7 @@ pub mod routing;
 pub mod run_loop;
 pub mod run_page;
 pub mod symbols;
+pub mod timerfd;
 pub mod vcpu;
 pub mod vcpu_snapshot;
 pub mod virtio;

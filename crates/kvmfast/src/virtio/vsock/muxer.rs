@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::conn::{Conn, Line, Next, Phase};
 use super::packet::{Header, MAX_PAYLOAD, Op};
-use super::unix::{Epoll, Timer, connect};
+use super::unix::{Epoll, connect};
+use crate::timerfd::OneShotTimer as Timer;
 use crate::virtio::chain::Chain;
 use crate::virtio::counters::{DeviceCounters, bump};
 use crate::virtio::guest_memory::Memory;

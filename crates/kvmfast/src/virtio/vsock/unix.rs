@@ -202,61 +202,6 @@ impl Epoll {
     }
 }
 
-/// A one-shot timer as an fd the epoll set can watch (a timerfd, non-blocking).
-pub struct Timer(OwnedFd);
-
-impl Timer {
-    pub fn new() -> io::Result<Self> {
-        // SAFETY: timerfd_create has no memory arguments.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the fd was just made and nothing else owns it.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    /// Fires once after `after` (None: disarmed).
-    pub fn set(&self, after: Option<std::time::Duration>) {
-        let value = match after {
-            // 0 would disarm it: a deadline already past fires in 1 ns.
-            Some(after) => libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
-            },
-            None => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-        };
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
-        // SAFETY: timerfd_settime reads one itimerspec we own; the timerfd is open.
-        unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-    }
-
-    /// Takes the expiry count, so that the fd is no longer readable.
-    pub fn clear(&self) {
-        let mut count = 0u64;
-        // SAFETY: read writes at most 8 bytes into the u64 we own.
-        unsafe { libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
