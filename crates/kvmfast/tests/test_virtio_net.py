@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from kvmfast_guest_support import wait_until
+from split_rings import SplitRings
 
 from kvmfast import EventFd, EventLoop, Kvm, VirtioDevice, VirtioError, Vm
 from kvmfast.netns import Namespace, netns_unavailable_reason, private_netns
@@ -67,33 +68,27 @@ class Driver:
 
     vm: Vm
     device: VirtioDevice
-    avail: dict[int, int] = field(default_factory=lambda: {RX: 0, TX: 0})
+    rings: SplitRings = field(init=False)
     seen: dict[int, int] = field(default_factory=lambda: {RX: 0, TX: 0})
     next_rx: int = 0
 
     def activate(self, features: int) -> None:
-        queues = [(SIZE, base, base + 0x1000, base + 0x2000, True) for base in RINGS.values()]
-        self.device.activate(self.vm, features, queues)
+        self.device.activate(self.vm, features, self.rings.queues())
+
+    def __post_init__(self) -> None:
+        self.rings = SplitRings(self.vm, RINGS, SIZE)
 
     def descriptor(self, queue: int, index: int, address: int, length: int, flags: int) -> None:
-        entry = struct.pack("<QIHH", address, length, flags, index + 1)
-        self.vm.write(RINGS[queue] + 16 * index, entry)
+        self.rings.descriptor(queue, index, address, length, flags, index + 1)
 
     def offer(self, queue: int, head: int) -> None:
-        avail = RINGS[queue] + 0x1000
-        slot = self.avail[queue] % SIZE
-        self.vm.write(avail + 4 + 2 * slot, struct.pack("<H", head))
-        self.avail[queue] = (self.avail[queue] + 1) & 0xFFFF
-        self.vm.write(avail + 2, struct.pack("<H", self.avail[queue]))
+        self.rings.offer(queue, head)
 
     def used_idx(self, queue: int) -> int:
-        (value,) = struct.unpack("<H", self.vm.read(RINGS[queue] + 0x2000 + 2, 2))
-        return int(value)
+        return self.rings.used_idx(queue)
 
     def used(self, queue: int, n: int) -> tuple[int, int]:
-        at = RINGS[queue] + 0x2000 + 4 + 8 * (n % SIZE)
-        head, length = struct.unpack("<II", self.vm.read(at, 8))
-        return int(head), int(length)
+        return self.rings.used(queue, n)
 
     def add_rx_buffers(self, count: int) -> None:
         for _ in range(count):

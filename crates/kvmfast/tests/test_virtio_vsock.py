@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from split_rings import SplitRings
 
 from kvmfast import EventLoop, Kvm, VirtioDevice, VirtioError, Vm
 
@@ -78,7 +79,7 @@ class Guest:
 
     vm: Vm
     device: VirtioDevice
-    avail: dict[int, int] = field(default_factory=lambda: {RX: 0, TX: 0, EVENT: 0})
+    rings: SplitRings = field(init=False)
     rx_seen: int = 0
     tx_seen: int = 0
     tx_free: list[int] = field(default_factory=lambda: list(range(SIZE)))
@@ -88,31 +89,27 @@ class Guest:
     packets: int = 0
 
     def activate(self) -> None:
-        queues = [(SIZE, base, base + 0x1000, base + 0x2000, True) for base in RINGS.values()]
-        self.device.activate(self.vm, VERSION_1, queues)
+        self.device.activate(self.vm, VERSION_1, self.rings.queues())
         for index in range(SIZE):
             address = RX_BUFFERS + RX_BUFFER * index
             self.descriptor(RX, index, address, RX_BUFFER, WRITE)
             self.offer(RX, index)
         self.device.queue_notifier(RX).write(1)
 
+    def __post_init__(self) -> None:
+        self.rings = SplitRings(self.vm, RINGS, SIZE)
+
     def descriptor(self, queue: int, index: int, address: int, length: int, flags: int) -> None:
-        self.vm.write(RINGS[queue] + 16 * index, struct.pack("<QIHH", address, length, flags, 0))
+        self.rings.descriptor(queue, index, address, length, flags, 0)
 
     def offer(self, queue: int, head: int) -> None:
-        avail = RINGS[queue] + 0x1000
-        self.vm.write(avail + 4 + 2 * (self.avail[queue] % SIZE), struct.pack("<H", head))
-        self.avail[queue] = (self.avail[queue] + 1) & 0xFFFF
-        self.vm.write(avail + 2, struct.pack("<H", self.avail[queue]))
+        self.rings.offer(queue, head)
 
     def used_idx(self, queue: int) -> int:
-        (value,) = struct.unpack("<H", self.vm.read(RINGS[queue] + 0x2000 + 2, 2))
-        return int(value)
+        return self.rings.used_idx(queue)
 
     def used(self, queue: int, n: int) -> tuple[int, int]:
-        at = RINGS[queue] + 0x2000 + 4 + 8 * (n % SIZE)
-        head, length = struct.unpack("<II", self.vm.read(at, 8))
-        return int(head), int(length)
+        return self.rings.used(queue, n)
 
     def send(
         self, op: int, src_port: int, dst_port: int, data: bytes = b"", flags: int = 0
