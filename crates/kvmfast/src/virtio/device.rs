@@ -9,7 +9,7 @@
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::blk::Block;
 use super::counters::{DeviceCounters, bump};
@@ -203,11 +203,7 @@ impl DeviceCore {
                 expected: self.queues.len(),
             });
         }
-        let mut guards: Vec<_> = self
-            .queues
-            .iter()
-            .map(|slot| locks::lock(&slot.active))
-            .collect();
+        let mut guards = self.lock_all_queues();
         // Under the queues' locks: a close() racing this either finds the queues
         // active and stops them, or is seen here.
         if self.closed.load(Ordering::SeqCst) {
@@ -254,6 +250,14 @@ impl DeviceCore {
             .collect()
     }
 
+    /// Every queue's slot locked, in queue order (the one order anything takes them in).
+    fn lock_all_queues(&self) -> Vec<MutexGuard<'_, Option<ActiveQueue>>> {
+        self.queues
+            .iter()
+            .map(|slot| locks::lock(&slot.active))
+            .collect()
+    }
+
     /// Sets the activated queues' indices from a snapshot, all or none: refused when the
     /// count, ready, size or a ring differs from activate()'s, or a queue was already
     /// served (its rings would be rewound under the driver).
@@ -264,11 +268,7 @@ impl DeviceCore {
                 expected: self.queues.len(),
             });
         }
-        let mut guards: Vec<_> = self
-            .queues
-            .iter()
-            .map(|slot| locks::lock(&slot.active))
-            .collect();
+        let mut guards = self.lock_all_queues();
         for (queue, (guard, state)) in guards.iter().zip(states).enumerate() {
             let active = guard.as_ref();
             let current = active.map_or_else(QueueState::default, ActiveQueue::state);
