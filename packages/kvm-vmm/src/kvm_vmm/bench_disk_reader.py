@@ -9,12 +9,12 @@ order) says whether they read the same bytes.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal
+
+from kvm_vmm.static_tool import ToolUnavailable, build_static_tool
 
 READER_SOURCE = "bench_disk_io.c"
 MARKER = "DISKBENCH"
@@ -30,8 +30,8 @@ _RESULT = re.compile(
 _LABEL = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class ReaderUnavailable(RuntimeError):
-    """No gcc, or no static C library to link the reader with; the message says which."""
+# What bench_disk catches when the reader cannot be built.
+ReaderUnavailable = ToolUnavailable
 
 
 @dataclass(frozen=True)
@@ -75,30 +75,9 @@ def parse_result(line: str) -> ReadResult | None:
     )
 
 
-def reader_source() -> str:
-    return resources.files("kvm_vmm").joinpath(READER_SOURCE).read_text()
-
-
 def build_reader(scratch: Path) -> Path:
     """The reader, a static executable (the guest's initramfs has no C library)."""
-    compiler = shutil.which("gcc")
-    if compiler is None:
-        raise ReaderUnavailable("gcc is not installed (Debian: apt-get install gcc libc6-dev)")
-    source = scratch / READER_SOURCE
-    source.write_text(reader_source())
-    binary = scratch / "diskio"
-    built = subprocess.run(
-        [compiler, "-static", "-O2", "-o", str(binary), str(source)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if built.returncode != 0:
-        raise ReaderUnavailable(
-            "gcc -static failed (no static C library? Debian: apt-get install libc6-dev): "
-            + built.stderr.strip()[-500:]
-        )
-    return binary
+    return build_static_tool(READER_SOURCE, scratch, "diskio")
 
 
 def checked_label(label: str) -> str:
