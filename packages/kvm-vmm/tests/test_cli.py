@@ -56,6 +56,7 @@ def test_isa_debug_exit_status_is_qemus(tmp_path: Path) -> None:
         (["run", "--kernel", "/dev/null"], "kernel"),
         (["run", "--kernel", "/dev/null", "--memory", "lots"], "size 'lots'"),
         (["demo", "--tiny", "--serial", "tcp:1234"], "--serial"),
+        (["demo", "--tiny", "--cmdline", "ip=10.0.2.15/24"], "--tiny guest has no kernel command"),
         (["demo", "--tiny", "--device", "virtio-net"], "unknown device 'virtio-net'"),
         (["demo", "--tiny", "--device", "isa-debug-exit,iobase=zz"], "iobase='zz'"),
         (

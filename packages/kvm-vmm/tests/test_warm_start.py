@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvm_vmm.boot import DemoBoot, LinuxBoot
-from kvm_vmm.cli import DemoSnapshot, _warm_demo, build_parser
+from kvm_vmm.cli import DemoSnapshot, _demo_snapshot, _warm_demo, build_parser
 from kvm_vmm.machine import Machine, MachineConfig
 from kvm_vmm.warm_start import WarmStartCache, snapshot_at_prompt, warm_start_key
 from kvmfast.testing import require_kvm
@@ -50,6 +50,32 @@ def test_the_key_names_everything_that_makes_the_guest_at_its_prompt(tmp_path: P
     assert first not in others and len(others) == 7
     os.utime(initrd, ns=(0, 12345))  # an initramfs written again
     assert key(boot) != first
+
+
+def test_the_demo_keys_its_snapshot_by_its_network_devices_and_command_line(
+    tmp_path: Path,
+) -> None:
+    """A restore brings back the devices the snapshot was taken with: a demo with --net
+    or --vsock, or another ip=, must not be given the snapshot of one without."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+
+    def demo_key(*options: str) -> str:
+        args = build_parser().parse_args(["demo", *options])
+        boot = LinuxBoot(kernel, cmdline=f"console=ttyS0 {args.cmdline}".strip())
+        snapshot = _demo_snapshot(args, boot, 512 << 20, tmp_path)
+        assert snapshot is not None
+        return snapshot.key
+
+    plain = demo_key()
+    assert plain == demo_key()
+    others = {
+        demo_key("--net", "tap=tap0"),
+        demo_key("--net", "tap=tap1"),
+        demo_key("--vsock", "cid=3,socket=/tmp/v.sock"),
+        demo_key("--net", "tap=tap0", "--cmdline", "ip=10.0.2.15/24"),
+    }
+    assert plain not in others and len(others) == 4
 
 
 def test_the_cache_keeps_discards_and_prepares_by_key(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
                 [--cpus N] [--serial stdio|file:PATH|null] [--device SPEC]...
                 [--fast-boot] [--no-host-workarounds] [--stats] [--quiet] [--verbose]
                 [--api-socket PATH]
-    kvm-vmm demo [--tiny] [--memory SIZE] [--cpus N] [--no-host-workarounds] ...
+    kvm-vmm demo [--tiny] [--cmdline STR] [--memory SIZE] [--cpus N] [--cold] ...
     kvm-vmm restore DIR [--force] [--restore-mode private|copy] [--serial ...]
                 [--api-socket PATH] [--timeout S] [--stats] [--quiet] [--verbose]
     kvm-vmm remote --api-socket PATH info|pause|resume|snapshot DIR|counters|shutdown|stop
@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--tiny", action="store_true", help="the built-in assembly guest instead (no download)"
+    )
+    demo.add_argument(
+        "--cmdline",
+        default="",
+        help="words added to the kernel command line, e.g. "
+        "ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off (the /init sets eth0 from ip=)",
     )
     demo.add_argument("--memory", help=f"guest RAM (default {LINUX_MEMORY}; --tiny {DEMO_MEMORY})")
     demo.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
@@ -411,6 +417,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "restore":
         return _restore(args)
     tiny = args.command == "demo" and args.tiny
+    if tiny and args.cmdline:
+        raise UsageError("--cmdline: the --tiny guest has no kernel command line")
     default_memory = DEMO_MEMORY if tiny else LINUX_MEMORY
     memory = parse_size(getattr(args, "memory", None) or default_memory)
     cpus: int = args.cpus
@@ -536,7 +544,13 @@ def _demo_snapshot(
         description,
         memory_size=memory,
         cpus=args.cpus,
-        devices=[*args.device, f"rng={args.rng}"],
+        # A restore brings back the devices the snapshot has, not those asked for.
+        devices=[
+            *args.device,
+            f"rng={args.rng}",
+            *(f"net={spec}" for spec in args.net),
+            *(f"vsock={spec}" for spec in args.vsock),
+        ],
         emulation_fallback=not args.no_emulation_fallback,
         host={"cpu": cpu_model(), "kernel": os.uname().release},
         version=kvm_vmm_version(),

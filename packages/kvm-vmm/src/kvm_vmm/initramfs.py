@@ -19,6 +19,7 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from kvm_vmm.init_network import network_setup, vsock_note
 from kvm_vmm.kernel_modules import VIRTIO_PCI_VENDOR, strip_signature
 
 NEWC_MAGIC = b"070701"
@@ -263,10 +264,11 @@ done
 
 def demo_init(modules: Sequence[str], needed: Mapping[int, Sequence[str]]) -> str:
     """The demo's /init: load the ``modules`` its devices need (:func:`load_modules`),
-    mount the first virtio disk (ext4) at /mnt
-    when there is one, say what the guest got (the disk, an entropy source behind
-    /dev/hwrng), then a shell; leaving it unmounts the
-    disk (its dirty blocks reach the image) and powers off."""
+    mount the first virtio disk (ext4) at /mnt when there is one, bring the network up
+    (:func:`kvm_vmm.init_network.network_setup`: eth0 from the command line's ``ip=``),
+    say what the guest got (the disk, an entropy source behind /dev/hwrng, eth0,
+    virtio-vsock), then a shell; leaving it unmounts the disk (its dirty blocks reach
+    the image) and powers off."""
     return f"""#!/bin/sh
 # kvm-vmm demo: a busybox shell on the console; leaving it powers the guest off.
 {_MOUNT_PSEUDO_FILESYSTEMS}echo "{INIT_REACHED_MARKER}: $(uname -sr), $(nproc) CPU(s)"
@@ -285,7 +287,8 @@ rng=$(cat {HW_RANDOM_CURRENT} 2>/dev/null)
 if [ -n "$rng" ] && [ "$rng" != none ]; then
     echo "/dev/hwrng gives the host's entropy ($rng)"
 fi
-echo "A busybox shell on ttyS0 (the VMM's 16550A). 'exit' powers off; Ctrl-A x quits the VMM."
+{network_setup()}{vsock_note()}echo "A busybox shell on ttyS0 (the VMM's 16550A).\
+ 'exit' powers off; Ctrl-A x quits the VMM."
 setsid cttyhack sh
 umount {DISK_MOUNT_POINT} 2>/dev/null
 poweroff -f

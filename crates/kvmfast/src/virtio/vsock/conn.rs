@@ -89,7 +89,8 @@ pub struct Conn {
     pub watching: u32,
     /// In the muxer's queue of connections with something for the driver.
     pub queued: bool,
-    /// While our REQUEST waits: when the host client is given up on.
+    /// While the host client's CONNECT line or the answer to our REQUEST waits: when
+    /// the client is given up on.
     pub deadline: Option<Instant>,
 }
 
@@ -114,9 +115,12 @@ impl Conn {
         }
     }
 
-    /// A host client that has just connected to the listening socket.
-    pub fn accepted(stream: UnixStream) -> Self {
-        Self::new(stream, Phase::AwaitingLine(Vec::new()), 0, 0)
+    /// A host client that has just connected to the listening socket, to be closed
+    /// at `deadline` unless its CONNECT line is complete by then.
+    pub fn accepted(stream: UnixStream, deadline: Instant) -> Self {
+        let mut conn = Self::new(stream, Phase::AwaitingLine(Vec::new()), 0, 0);
+        conn.deadline = Some(deadline);
+        conn
     }
 
     /// A guest's REQUEST to host port `local_port` that reached a listener there.
@@ -359,7 +363,7 @@ mod tests {
         let (ours, host) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         host.set_nonblocking(true).unwrap();
-        (Conn::accepted(ours), host)
+        (Conn::accepted(ours, Instant::now()), host)
     }
 
     /// A host-initiated stream past its handshake, the OK line read.

@@ -17,7 +17,7 @@ use crate::virtio::chain::Chain;
 use crate::virtio::counters::{DeviceCounters, bump};
 use crate::virtio::guest_memory::Memory;
 
-/// The epoll tokens of the listening socket and of the REQUEST timer; connections
+/// The epoll tokens of the listening socket and of the deadline timer; connections
 /// count from 1.
 const LISTENER: u64 = 0;
 const TIMER: u64 = u64::MAX;
@@ -33,6 +33,11 @@ const MAX_CONTROL: usize = 1024;
 /// How long a host client waits for the guest to answer its CONNECT (Firecracker's
 /// 2 s): a guest with no listener answers RST at once, one without a driver never.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an accepted host client has to write its whole `CONNECT <port>\n` line
+/// (as long as the guest has to answer it): a client that never does would
+/// otherwise hold one of the MAX_CONNECTIONS slots for good.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Host ports the device hands to host-initiated streams (Firecracker's range).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -54,9 +59,10 @@ pub struct Muxer {
     listener: Option<UnixListener>,
     /// Not watched for a while: accept() ran out of fds.
     listener_stalled: bool,
-    /// Fires at the earliest REQUEST deadline.
+    /// Fires at the earliest deadline: a CONNECT line or a REQUEST's answer.
     timer: Timer,
     request_timeout: Duration,
+    line_timeout: Duration,
     max_connections: usize,
     conns: HashMap<u64, Conn>,
     /// (host port, guest port) -> connection id.
@@ -88,6 +94,7 @@ impl Muxer {
             listener_stalled: false,
             timer,
             request_timeout: REQUEST_TIMEOUT,
+            line_timeout: LINE_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
             conns: HashMap::new(),
             ports: HashMap::new(),
@@ -275,8 +282,9 @@ impl Muxer {
         }
     }
 
-    /// Host clients whose REQUEST the guest has not answered in time are closed, and
-    /// the driver told with an RST (its answer, if it comes, is then for no stream).
+    /// Host clients that have not written their CONNECT line in time, or whose
+    /// REQUEST the guest has not answered in time, are closed; the driver is told of
+    /// the latter with an RST (its answer, if it comes, is then for no stream).
     fn expire(&mut self, epoll: &Epoll, counters: &DeviceCounters) {
         let now = Instant::now();
         let late: Vec<u64> = self
@@ -339,8 +347,12 @@ impl Muxer {
         {
             self.listener_stalled = true;
         }
+        if accepted.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + self.line_timeout;
         for stream in accepted {
-            let id = self.insert(Conn::accepted(stream));
+            let id = self.insert(Conn::accepted(stream, deadline));
             if let Some(conn) = self.conns.get_mut(&id) {
                 let wanted = conn.wanted_events();
                 if epoll.set(conn.stream.as_raw_fd(), id, 0, wanted).is_ok() {
@@ -348,6 +360,7 @@ impl Muxer {
                 }
             }
         }
+        self.arm_timer();
     }
 
     /// A packet from the driver, checked (packet::check_tx); `payload` an RW's bytes.
@@ -487,6 +500,11 @@ impl Muxer {
     #[cfg(test)]
     pub fn set_max_connections(&mut self, limit: usize) {
         self.max_connections = limit;
+    }
+
+    #[cfg(test)]
+    pub fn set_line_timeout(&mut self, timeout: Duration) {
+        self.line_timeout = timeout;
     }
 
     #[cfg(test)]

@@ -902,3 +902,55 @@ fn a_malformed_receive_chain_needs_a_reset_once_and_nothing_more_is_written() {
     assert!(!rig.core.needs_reset());
     assert_eq!(rig.core.vsock().unwrap().muxer().connections(), 0);
 }
+
+#[test]
+fn a_client_that_does_not_finish_its_connect_line_in_time_is_closed() {
+    let mut rig = Rig::new();
+    rig.core
+        .vsock()
+        .unwrap()
+        .muxer()
+        .set_line_timeout(Duration::from_millis(100));
+    rig.fill_rx();
+    let open = |line: &[u8]| {
+        let mut client = UnixStream::connect(&rig.path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client.write_all(line).unwrap();
+        client
+    };
+    let opened = std::time::Instant::now();
+    let mut silent = open(b"");
+    let mut half = open(b"CONNECT 8");
+    let mut whole = open(b"CONNECT 80\n");
+    let packets = rig.received();
+    assert_eq!(packets.len(), 1);
+    let (request, _) = &packets[0];
+    assert_eq!((request.op, request.dst_port), (REQUEST, 80));
+    rig.send(rig.header(RESPONSE, 80, request.src_port), &[]);
+    assert_eq!(read_line(&mut whole), format!("OK {}\n", request.src_port));
+    assert_eq!(rig.core.vsock().unwrap().muxer().connections(), 3);
+    // The deadline passes: the timer fires in the device's epoll set.
+    while rig.core.vsock().unwrap().muxer().connections() > 1 {
+        assert!(
+            opened.elapsed() < Duration::from_secs(5),
+            "no deadline fired"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+        let _ = rig.watch.ready();
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(100),
+        "closed early"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(silent.read_to_end(&mut rest).unwrap(), 0);
+    assert_eq!(half.read_to_end(&mut rest).unwrap(), 0);
+    // Neither reached the driver, so it hears nothing of them.
+    assert!(rig.received().is_empty());
+    // The stream whose line was whole goes on.
+    whole.write_all(b"still here").unwrap();
+    assert_eq!(data_of(&rig.received(), 80), b"still here");
+    assert_eq!(rig.core.vsock().unwrap().muxer().connections(), 1);
+}
