@@ -100,6 +100,36 @@ def test_ping_round_trips_through_echo(tool: Path, tmp_path: Path) -> None:
     assert "SOCKTOOL ECHO bytes=500" in finish(echo)
 
 
+def test_pipe_carries_standard_input_and_output_as_nc_does(tool: Path, tmp_path: Path) -> None:
+    path, data = tmp_path / "p", os.urandom(300_001)
+    (tmp_path / "in").write_bytes(data)
+    with (tmp_path / "got").open("wb") as got:
+        listener = subprocess.Popen(
+            [str(tool), "-t", "20", "listen", f"unix:{path}", "pipe"],
+            stdin=subprocess.DEVNULL,
+            stdout=got,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert listener.stderr is not None
+        assert listener.stderr.readline().startswith("SOCKTOOL LISTENING")  # not in the data
+        with (tmp_path / "in").open("rb") as source:
+            sender = subprocess.run(
+                [str(tool), "-t", "20", "connect", f"unix:{path}", "pipe"],
+                stdin=source,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        _, notes = listener.communicate(timeout=30)
+    # Each side ends when both halves are done: the listener's empty input did not
+    # end the sender's stream.
+    assert sender.returncode == 0 and sender.stdout == b"", sender
+    assert (tmp_path / "got").read_bytes() == data
+    assert f"SOCKTOOL PIPE sent=0 received={len(data)} " in notes
+    assert f"SOCKTOOL PIPE sent={len(data)} received=0 " in sender.stderr.decode()
+
+
 def test_firecracker_host_side_writes_connect_and_needs_ok(tool: Path, tmp_path: Path) -> None:
     path = tmp_path / "fc"
     lines: list[bytes] = []

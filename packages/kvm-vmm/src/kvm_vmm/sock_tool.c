@@ -17,6 +17,12 @@
  *                       other end, whatever it is, can check both directions.
  *   ping COUNT          one connection: send 1 byte, wait for 1 byte back, COUNT times.
  *   echo                one connection: send back what arrives until end of file.
+ *   pipe                one connection, as nc: standard input to the socket (its end
+ *                       shuts the sending half) and the socket to standard output (until
+ *                       the peer shuts its own), until both are done; 64 KiB a call where busybox nc makes
+ *                       1 KiB ones (each call is emulated kernel code in a guest here).
+ *                       Sends blocking: for one direction at a time, or a reading peer.
+ *                       Its PIPE line goes to standard error.
  *
  * Output lines start with SOCKTOOL; an error prints "SOCKTOOL ERROR ..." and exits 1, a
  * usage error exits 2.  -t bounds the whole run (default 120 s): a peer that never
@@ -70,9 +76,12 @@ struct conn {
 };
 
 static double deadline;
+/* Where LISTENING goes: standard error for pipe, whose standard output is the data. */
+static FILE *notes;
 static uint32_t crc_table[256];
 static struct conn conns[MAX_CONNS];
 static unsigned char in_buf[CHUNK];
+static unsigned char pipe_buf[CHUNK];
 
 static double now(void) {
     struct timespec ts;
@@ -107,7 +116,7 @@ static void on_alarm(int signal_number) {
 static void usage(void) {
     fprintf(stderr,
             "usage: sock_tool [-t SECONDS] listen|connect ADDRESS stream CONNS BYTES|ping "
-            "COUNT|echo\n");
+            "COUNT|echo|pipe\n");
     exit(2);
 }
 
@@ -274,8 +283,8 @@ static int open_listener(const struct address *address) {
         fail_errno("bind", address);
     if (listen(fd, MAX_CONNS) < 0)
         fail_errno("listen", address);
-    printf(MARK " LISTENING %s\n", address->text);
-    fflush(stdout);
+    fprintf(notes, MARK " LISTENING %s\n", address->text);
+    fflush(notes);
     return fd;
 }
 
@@ -514,6 +523,67 @@ static void echo(int fd, const struct address *address) {
     printf(MARK " ECHO bytes=%ld\n", echoed);
 }
 
+static void write_all(int fd, const unsigned char *data, size_t length, const char *what,
+                      const struct address *address) {
+    while (length) {
+        ssize_t n = write(fd, data, length);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            fail_errno(what, address);
+        data += n;
+        length -= (size_t)n;
+    }
+}
+
+static void pipe_through(int fd, const struct address *address) {
+    int input_open = 1, socket_open = 1;
+    uint64_t sent = 0, received = 0;
+    double started = now();
+    while (input_open || socket_open) {
+        struct pollfd polls[2] = {{.fd = fd, .events = POLLIN},
+                                  {.fd = STDIN_FILENO, .events = POLLIN}};
+        int ms = remaining_ms();
+        if (ms == 0)
+            fail("timeout pipe %s: sent %llu, received %llu", address->text,
+                 (unsigned long long)sent, (unsigned long long)received);
+        /* A finished half is polled no more (fd -1 is skipped). */
+        if (!socket_open)
+            polls[0].fd = -1;
+        if (poll(polls, input_open ? 2 : 1, ms) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail_errno("poll", address);
+        }
+        if (polls[0].revents) {
+            ssize_t n = read(fd, in_buf, sizeof(in_buf));
+            if (n < 0 && errno != EINTR && errno != EAGAIN)
+                fail_errno("read", address);
+            if (n == 0)
+                socket_open = 0;
+            if (n > 0) {
+                write_all(STDOUT_FILENO, in_buf, (size_t)n, "stdout", address);
+                received += (uint64_t)n;
+            }
+        }
+        if (input_open && polls[1].revents) {
+            ssize_t n = read(STDIN_FILENO, pipe_buf, sizeof(pipe_buf));
+            if (n < 0 && errno != EINTR && errno != EAGAIN)
+                fail_errno("stdin", address);
+            if (n == 0) {
+                if (shutdown(fd, SHUT_WR) < 0 && errno != ENOTCONN)
+                    fail_errno("shutdown", address);
+                input_open = 0;
+            } else if (n > 0) {
+                write_all(fd, pipe_buf, (size_t)n, "write", address);
+                sent += (uint64_t)n;
+            }
+        }
+    }
+    fprintf(stderr, MARK " PIPE sent=%llu received=%llu seconds=%.6f\n",
+            (unsigned long long)sent, (unsigned long long)received, now() - started);
+}
+
 int main(int argc, char **argv) {
     double seconds = 120;
     int arg = 1;
@@ -533,6 +603,7 @@ int main(int argc, char **argv) {
     struct address address;
     parse_address(argv[arg + 1], listening, &address);
     const char *action = argv[arg + 2];
+    notes = strcmp(action, "pipe") ? stdout : stderr;
     char **rest = argv + arg + 3;
     int rest_count = argc - arg - 3;
 
@@ -551,7 +622,8 @@ int main(int argc, char **argv) {
         stream(&address, listening, count, parse_number(rest[1], UINT64_MAX >> 1));
         return 0;
     }
-    if ((!strcmp(action, "ping") && rest_count == 1) || (!strcmp(action, "echo") && !rest_count)) {
+    int single = (!strcmp(action, "echo") || !strcmp(action, "pipe")) && !rest_count;
+    if ((!strcmp(action, "ping") && rest_count == 1) || single) {
         long count = rest_count ? (long)parse_number(rest[0], 1L << 40) : 0;
         int fd;
         if (listening) {
@@ -563,8 +635,10 @@ int main(int argc, char **argv) {
         }
         if (rest_count)
             ping(fd, count, &address);
-        else
+        else if (!strcmp(action, "echo"))
             echo(fd, &address);
+        else
+            pipe_through(fd, &address);
         close(fd);
         return 0;
     }
