@@ -31,6 +31,7 @@ from kvm_vmm.machine_state import NotSnapshottable
 from kvm_vmm.milestones import Milestone
 from kvm_vmm.serial_console import ConsoleTimeout, SerialConsole
 from kvm_vmm.snapshot import SnapshotError
+from kvm_vmm.vsock_client import VsockRefused, vsock_connect
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,8 @@ __all__ = [
     "Outcome",
     "SerialConsole",
     "SnapshotError",
+    "VsockRefused",
     "default_guest",
     "describe_kernel",
+    "vsock_connect",
 ]
