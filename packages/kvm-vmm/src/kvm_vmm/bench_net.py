@@ -207,14 +207,19 @@ def _children_ns() -> int:
 def take_sample(
     machine: Machine, device: VirtioPciDevice, tap: bool, vcpu_tid: int, io_tids: Sequence[int]
 ) -> Sample:
+    counters = machine.counters()
     return Sample(
         time.monotonic_ns(),
         thread_times(vcpu_tid),
         _summed(io_tids),
         process_times(_children_ns()),
-        dict(device.counters()),
+        # The kvmfast device's own: VirtioPciDevice.counters() lays the transport's
+        # over them, and its "notifications" (doorbells that exited to Python, none
+        # with ioeventfds) hides the device's (doorbells the event loop served).
+        dict(device.device.counters()),
         interface_statistics(TAP) if tap else {},
-        dict(machine.counters()["exits"]),
+        dict(counters["exits"]),
+        dict(counters["completions"]),
     )
 
 
@@ -223,6 +228,9 @@ class GuestRun:
     boot_seconds: float = 0.0
     outcome: str = ""
     guest_link: str = ""
+    # The virtio devices' IDs and the feature bits the guest's drivers accepted (one
+    # character per bit, bit 0 first: /sys/bus/virtio/devices/*/features).
+    virtio_features: list[str] = field(default_factory=list)
     phases: dict[str, dict[str, object]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     device_counters: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -260,6 +268,7 @@ def run_guest(
         try:
             machine.serial.expect(INIT_REACHED_MARKER.encode(), timeout=options.timeout)
             run.boot_seconds = round(time.monotonic() - started, 1)
+            _progress(f"/init reached after {run.boot_seconds} s")
             phase: Phase | None = None
             begin: Sample | None = None
             guest_from = 0
@@ -273,8 +282,11 @@ def run_guest(
                     break
                 if line.kind == "NET":
                     run.guest_link = " ".join(line.words)
+                elif line.kind == "VIRTIO":
+                    run.virtio_features.append(" ".join(line.words))
                 elif line.kind == "PHASE" and line.words and line.words[0] in by_name:
                     phase, begin, guest_from = by_name[line.words[0]], None, found.end()
+                    _progress(f"{phase.name}: the guest starts its end")
                 elif line.kind == "LISTENING" and phase is not None:
                     io_tids = sorted(threads_named(IO_THREAD))
                     device, tap = devices[phase.transport], phase.transport == "tcp"
@@ -293,6 +305,7 @@ def run_guest(
                         options,
                     )
                     run.phases[phase.name] = report
+                    _progress(f"{phase.name}: {report.get('figure')} {report.get('unit')}")
                     phase, begin, host_output = None, None, ""
                 elif line.kind != "TOOL-ERROR":  # a tool's ERROR is in its phase's report
                     run.errors.append(text)
@@ -332,6 +345,11 @@ def phase_report(
         report.update(cpu_report(begin, end, packets))
     report["errors"] = problems
     return report
+
+
+def _progress(message: str) -> None:
+    """A line on stderr while the run goes on (a boot here takes minutes)."""
+    print(f"bench_net {time.strftime('%H:%M:%S')}: {message}", file=sys.stderr, flush=True)
 
 
 def host_end(phase: Phase, vsock_socket: str, options: GuestOptions) -> str:
@@ -452,6 +470,7 @@ def run_inside(args: argparse.Namespace) -> int:
             "boot_seconds": guest.boot_seconds,
             "outcome": guest.outcome,
             "link": guest.guest_link,
+            "virtio_features": guest.virtio_features,
             "errors": guest.errors,
             "device_counters": guest.device_counters,
             "phases": phases,

@@ -127,6 +127,10 @@ echo "{INIT_REACHED_MARKER}"
 || echo "{MARKER} ERROR {GUEST_INTERFACE} could not be configured"
 echo "{MARKER} NET $(cat /sys/class/net/{GUEST_INTERFACE}/address 2>/dev/null) \
 $(cat /sys/class/net/{GUEST_INTERFACE}/mtu 2>/dev/null)"
+for device in /sys/bus/virtio/devices/*; do
+    [ -e "$device/features" ] || continue
+    echo "{MARKER} VIRTIO $(cat "$device/device") $(cat "$device/features")"
+done
 phase() {{
     name=$1
     shift
@@ -142,14 +146,14 @@ poweroff -f
 
 # Whole lines only: expect() may see one half-written.
 GUEST_LINE = re.compile(
-    rb"(?:NETBENCH (?:NET|PHASE|PHASE-END|ERROR|END)|SOCKTOOL (?:LISTENING|ERROR))"
+    rb"(?:NETBENCH (?:NET|VIRTIO|PHASE|PHASE-END|ERROR|END)|SOCKTOOL (?:LISTENING|ERROR))"
     rb"[^\r\n]*[\r\n]"
 )
 
 
 @dataclass(frozen=True)
 class GuestLine:
-    kind: str  # NET, PHASE, PHASE-END, ERROR, END, LISTENING, TOOL-ERROR
+    kind: str  # NET, VIRTIO, PHASE, PHASE-END, ERROR, END, LISTENING, TOOL-ERROR
     words: tuple[str, ...]
 
 

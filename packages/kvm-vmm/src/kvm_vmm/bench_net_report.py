@@ -39,9 +39,10 @@ class Sample:
     vcpu: ThreadTimes
     io: ThreadTimes  # the event-loop threads that run the virtio queues, summed
     process: ProcessTimes
-    device: Mapping[str, int]  # the phase's virtio device's counters
+    device: Mapping[str, int]  # the phase's kvmfast virtio device's own counters
     interface: Mapping[str, int]  # the TAP's statistics (empty for vsock)
-    exits: Mapping[str, int]
+    exits: Mapping[str, int]  # the VM's exits to userspace by reason
+    completions: Mapping[str, int]  # instructions kvmfast completed for KVM, by mnemonic
 
 
 def _delta(end: ThreadTimes, begin: ThreadTimes) -> ThreadTimes:
@@ -105,15 +106,15 @@ def cpu_report(begin: Sample, end: Sample, packets: Packets) -> dict[str, object
     other = ticks - (vcpu.user_ns + vcpu.system_ns) - (io.user_ns + io.system_ns)
     peer = end.process.children_ns - begin.process.children_ns
     per = max(packets.total, 1)
-    exits = {key: _grown(end.exits, begin.exits, key) for key in sorted(end.exits)}
-    exits = {key: count for key, count in exits.items() if count}
+    exits = _counts(end.exits, begin.exits)
+    completions = _counts(end.completions, begin.completions)
     return {
         "wall_seconds": wall / 1e9,
         "packets_to_guest": packets.to_guest,
         "packets_from_guest": packets.from_guest,
         "packets_counted_by": packets.source,
         "device_interrupts": _grown(end.device, begin.device, "interrupts"),
-        "device_notifications": _grown(end.device, begin.device, "notifications"),
+        "device_doorbells": _grown(end.device, begin.device, "notifications"),
         "vcpu_thread_ns": vcpu.run_ns,
         "vcpu_thread_user_system_guest_ns": [vcpu.user_ns, vcpu.system_ns, vcpu.guest_ns],
         "io_thread_ns": io.run_ns,
@@ -124,6 +125,7 @@ def cpu_report(begin: Sample, end: Sample, packets: Packets) -> dict[str, object
         "io_thread_us_per_packet": io.run_ns / per / 1e3,
         "exits_per_packet": sum(exits.values()) / per,
         "exits": exits,
+        "completions": completions,
         "share_vcpu_thread": vcpu.run_ns / wall if wall else 0.0,
         "share_io_thread": io.run_ns / wall if wall else 0.0,
         # Of the vCPU thread's user + system ticks: the guest's (KVM running it: system
@@ -131,6 +133,12 @@ def cpu_report(begin: Sample, end: Sample, packets: Packets) -> dict[str, object
         # ours (user time that is not guest time: kvmfast's exit handling).
         "vcpu_guest_share": _guest_share(vcpu),
     }
+
+
+def _counts(end: Mapping[str, int], begin: Mapping[str, int]) -> dict[str, int]:
+    """What grew between two samples of a counter map, by key (none: left out)."""
+    grown = {key: count - begin.get(key, 0) for key, count in end.items()}
+    return {key: count for key, count in sorted(grown.items()) if count}
 
 
 def _guest_share(vcpu: ThreadTimes) -> float:
