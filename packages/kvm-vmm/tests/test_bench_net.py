@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ from kvm_vmm.bench_net_report import (
     ratio_to_floor,
     table,
     vsock_packets,
+    waiting_ns,
 )
 from kvm_vmm.sock_tool import build_sock_tool
 from kvm_vmm.static_tool import ToolUnavailable
@@ -204,6 +206,7 @@ def test_the_host_follows_whole_guest_lines_only() -> None:
 def _sample(
     wall_s: float,
     vcpu: tuple[int, int, int, int],
+    waiting: int,
     io: tuple[int, int, int, int],
     process_ns: int,
     device: dict[str, int],
@@ -212,6 +215,7 @@ def _sample(
     return Sample(
         int(wall_s * 1e9),
         ThreadTimes(*vcpu),
+        waiting,
         ThreadTimes(*io),
         ProcessTimes(process_ns, 1_000_000),
         device,
@@ -223,11 +227,12 @@ def _sample(
 
 def test_net_packets_come_from_the_taps_statistics_and_vsocks_from_the_devices_chains() -> None:
     begin = _sample(
-        0, (0,) * 4, (0,) * 4, 0, {"requests": 10, "tx_packets": 4}, {"tx_packets": 100}
+        0, (0,) * 4, 0, (0,) * 4, 0, {"requests": 10, "tx_packets": 4}, {"tx_packets": 100}
     )
     end = _sample(
         1,
         (0,) * 4,
+        0,
         (0,) * 4,
         0,
         {"requests": 310, "tx_packets": 104},
@@ -241,19 +246,22 @@ def test_net_packets_come_from_the_taps_statistics_and_vsocks_from_the_devices_c
 
 def test_cpu_time_is_reported_per_packet_and_as_shares_of_the_guest_and_ours() -> None:
     ms = 1_000_000
-    begin = _sample(10.0, (0, 0, 0, 0), (0, 0, 0, 0), 0, {"interrupts": 3, "notifications": 1}, {})
+    begin = _sample(10.0, (0,) * 4, 7 * ms, (0,) * 4, 0, {"interrupts": 3, "notifications": 1}, {})
     # 2 s of wall time; the vCPU thread ran 1.5 s: 200 ms user of which 100 ms in guest
-    # user mode, 1300 ms system (KVM emulating the guest's kernel); the I/O thread 0.3 s.
+    # user mode, 1300 ms system (KVM emulating the guest's kernel), and waited 0.3 s for
+    # a CPU; the I/O thread ran 0.3 s.
     end = _sample(
         12.0,
         (200 * ms, 1300 * ms, 100 * ms, 1500 * ms),
+        307 * ms,
         (100 * ms, 200 * ms, 0, 300 * ms),
         2100 * ms,
         {"interrupts": 53, "notifications": 41},
         {},
     )
     end = Sample(
-        end.wall_ns, end.vcpu, end.io, end.process, end.device, end.interface,
+        end.wall_ns, end.vcpu, end.vcpu_waiting_ns, end.io, end.process, end.device,
+        end.interface,
         {"mmio": 310, "io": 5, "hlt": 0}, {"clac": 207, "stac": 3},
     )  # fmt: skip
     report = cpu_report(begin, end, Packets(60, 40, "test"))
@@ -266,6 +274,9 @@ def test_cpu_time_is_reported_per_packet_and_as_shares_of_the_guest_and_ours() -
     assert report["device_interrupts"] == 50
     assert report["device_doorbells"] == 40
     assert report["share_vcpu_thread"] == pytest.approx(0.75)
+    assert report["vcpu_thread_waiting_ns"] == 300 * ms
+    assert report["share_vcpu_waiting"] == pytest.approx(0.15)
+    assert report["share_vcpu_idle"] == pytest.approx(0.10)
     assert report["share_io_thread"] == pytest.approx(0.15)
     # The process's 2100 ms less the vCPU's 1500 and the I/O thread's 300.
     assert report["other_threads_ns"] == 300 * ms
@@ -276,11 +287,12 @@ def test_cpu_time_is_reported_per_packet_and_as_shares_of_the_guest_and_ours() -
 
 
 def test_no_packets_and_no_time_divide_by_nothing() -> None:
-    same = _sample(1.0, (0,) * 4, (0,) * 4, 0, {}, {})
+    same = _sample(1.0, (0,) * 4, 0, (0,) * 4, 0, {}, {})
     report = cpu_report(same, same, Packets(0, 0, "test"))
     assert report["vcpu_thread_us_per_packet"] == 0.0
     assert report["share_vcpu_thread"] == 0.0
     assert report["vcpu_guest_share"] == 0.0
+    assert report["share_vcpu_idle"] == 0.0
 
 
 def test_the_floor_is_the_median_of_its_runs_and_the_ratio_is_in_the_figures_unit() -> None:
@@ -397,3 +409,10 @@ def test_the_run_inside_refuses_a_namespace_it_is_not_in(
         pytest.skip("ip netns identify needs ip(8) and root")
     assert main(["--in-netns", "kvm-vmm-no-such-namespace"]) == 1
     assert "refusing" in capsys.readouterr().err
+
+
+def test_a_threads_run_queue_wait_is_read_from_its_schedstat() -> None:
+    tid = threading.get_native_id()
+    waited = waiting_ns(tid)
+    assert waited >= 0
+    assert waiting_ns(tid) >= waited  # it only grows

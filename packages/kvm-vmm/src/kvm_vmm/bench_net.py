@@ -71,6 +71,7 @@ from kvm_vmm.bench_net_report import (
     table,
     us_per_round_trip,
     vsock_packets,
+    waiting_ns,
 )
 from kvm_vmm.boot import DEFAULT_GUEST_CMDLINE, LinuxBoot
 from kvm_vmm.debian import fetch_guest_assets
@@ -211,6 +212,7 @@ def take_sample(
     return Sample(
         time.monotonic_ns(),
         thread_times(vcpu_tid),
+        waiting_ns(vcpu_tid),
         _summed(io_tids),
         process_times(_children_ns()),
         # The kvmfast device's own: VirtioPciDevice.counters() lays the transport's

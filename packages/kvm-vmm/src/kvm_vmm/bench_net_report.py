@@ -26,6 +26,11 @@ class ProcessTimes:
     children_ns: int
 
 
+def waiting_ns(tid: int) -> int:
+    """How long one of this process's threads has waited on a run queue (ns)."""
+    return int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[1])
+
+
 def process_times(children_ns: int) -> ProcessTimes:
     text = Path("/proc/self/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
@@ -37,6 +42,7 @@ def process_times(children_ns: int) -> ProcessTimes:
 class Sample:
     wall_ns: int  # CLOCK_MONOTONIC
     vcpu: ThreadTimes
+    vcpu_waiting_ns: int  # runnable but not on a CPU (schedstat's second field)
     io: ThreadTimes  # the event-loop threads that run the virtio queues, summed
     process: ProcessTimes
     device: Mapping[str, int]  # the phase's kvmfast virtio device's own counters
@@ -102,6 +108,7 @@ def cpu_report(begin: Sample, end: Sample, packets: Packets) -> dict[str, object
     in total, per packet and as shares of the wall time."""
     vcpu, io = _delta(end.vcpu, begin.vcpu), _delta(end.io, begin.io)
     wall = end.wall_ns - begin.wall_ns
+    waiting = end.vcpu_waiting_ns - begin.vcpu_waiting_ns
     ticks = end.process.user_system_ns - begin.process.user_system_ns
     other = ticks - (vcpu.user_ns + vcpu.system_ns) - (io.user_ns + io.system_ns)
     peer = end.process.children_ns - begin.process.children_ns
@@ -127,6 +134,12 @@ def cpu_report(begin: Sample, end: Sample, packets: Packets) -> dict[str, object
         "exits": exits,
         "completions": completions,
         "share_vcpu_thread": vcpu.run_ns / wall if wall else 0.0,
+        # The vCPU thread ready to run but waiting for one of the host's CPUs (other
+        # work on them); the rest of the wall time it was idle (the guest halted,
+        # waiting for a packet or a timer).
+        "vcpu_thread_waiting_ns": waiting,
+        "share_vcpu_waiting": waiting / wall if wall else 0.0,
+        "share_vcpu_idle": (wall - vcpu.run_ns - waiting) / wall if wall else 0.0,
         "share_io_thread": io.run_ns / wall if wall else 0.0,
         # Of the vCPU thread's user + system ticks: the guest's (KVM running it: system
         # time, with native guest user mode counted as user and guest time alike) and
