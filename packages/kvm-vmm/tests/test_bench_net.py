@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from kvm_vmm.bench_disk import ThreadTimes
-from kvm_vmm.bench_net import FLOOR_NAMES, floor_once, main, with_floors
+from kvm_vmm.bench_net import FLOOR_NAMES, floor_once, main, take_sample, with_floors
 from kvm_vmm.bench_net_phases import (
     GUEST_IP,
     GUEST_LINE,
@@ -42,6 +45,8 @@ from kvm_vmm.bench_net_report import (
     vsock_packets,
     waiting_ns,
 )
+from kvm_vmm.machine import Machine
+from kvm_vmm.pci_virtio import VirtioPciDevice
 from kvm_vmm.sock_tool import build_sock_tool
 from kvm_vmm.static_tool import ToolUnavailable
 
@@ -398,7 +403,10 @@ def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_floor_run_measures_the_same_tool_on_the_host(
     tool: Path, tmp_path: Path, name: str
 ) -> None:
-    figure = floor_once(tool, name, tmp_path, 1 << 20, 100, 20)
+    with socket.socket() as probe:  # a free port: parallel test runs each get their own
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    figure = floor_once(tool, name, tmp_path, 1 << 20, 100, 20, port)
     assert figure > 0
 
 
@@ -416,3 +424,39 @@ def test_a_threads_run_queue_wait_is_read_from_its_schedstat() -> None:
     waited = waiting_ns(tid)
     assert waited >= 0
     assert waiting_ns(tid) >= waited  # it only grows
+
+
+@dataclass
+class _Counted:
+    values: dict[str, int]
+
+    def counters(self) -> dict[str, int]:
+        return self.values
+
+
+@dataclass
+class _FakePciDevice:
+    """As VirtioPciDevice: its counters() lays the transport's over the device's."""
+
+    device: _Counted
+
+    def counters(self) -> dict[str, int]:
+        return {**self.device.counters(), "notifications": 0}
+
+
+@dataclass
+class _FakeMachine:
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {"exits": {"io": 3}, "completions": {"clac": 2}}
+
+
+def test_a_sample_takes_the_kvmfast_devices_own_doorbell_count() -> None:
+    tid = threading.get_native_id()
+    device = _FakePciDevice(_Counted({"notifications": 869, "interrupts": 940}))
+    sample = take_sample(
+        cast(Machine, _FakeMachine()), cast(VirtioPciDevice, device), False, tid, [tid]
+    )
+    assert sample.device == {"notifications": 869, "interrupts": 940}
+    assert sample.interface == {}
+    assert (sample.exits, sample.completions) == ({"io": 3}, {"clac": 2})
+    assert sample.io.run_ns >= sample.vcpu.run_ns > 0  # the same thread, read in turn

@@ -13,10 +13,14 @@ import pytest
 from kvm_vmm.bench_net_netns import (
     NamespaceUnavailable,
     interface_statistics,
-    namespaces,
     network_namespace,
     unavailable_reason,
 )
+
+
+def namespaces() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture

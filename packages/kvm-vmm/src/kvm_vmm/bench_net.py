@@ -136,11 +136,17 @@ def run_pair(
 
 
 def floor_once(
-    tool: Path, floor_name: str, scratch: Path, stream_bytes: int, count: int, seconds: int
+    tool: Path,
+    floor_name: str,
+    scratch: Path,
+    stream_bytes: int,
+    count: int,
+    seconds: int,
+    port: int = FLOOR_PORT,
 ) -> float:
     """One host-only run: the listener receives a stream (MB/s) or echoes (us per round
     trip); the same actions as a guest phase's."""
-    listen_at, connect_to = floor_addresses(floor_name, FLOOR_PORT, str(scratch / "floor.sock"))
+    listen_at, connect_to = floor_addresses(floor_name, port, str(scratch / "floor.sock"))
     ping = floor_name.endswith("ping")
     listen_action, connect_action = actions(
         "ping" if ping else "host_to_guest", stream_bytes, count

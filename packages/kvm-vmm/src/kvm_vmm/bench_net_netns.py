@@ -46,11 +46,6 @@ class NetNamespace:
         return ["ip", "netns", "exec", self.name, *command]
 
 
-def namespaces() -> list[str]:
-    """The names ``ip netns list`` shows."""
-    return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
-
-
 @contextmanager
 def network_namespace(name: str) -> Iterator[NetNamespace]:
     """A new namespace ``name`` with its loopback up; deleted on the way out (with every
