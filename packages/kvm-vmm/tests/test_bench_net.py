@@ -441,7 +441,7 @@ class _FakePciDevice:
     device: _Counted
 
     def counters(self) -> dict[str, int]:
-        return {**self.device.counters(), "notifications": 0}
+        return {**self.device.counters(), "notify_register_writes": 0}
 
 
 @dataclass
@@ -456,7 +456,7 @@ def test_a_sample_takes_the_kvmfast_devices_own_doorbell_count() -> None:
     sample = take_sample(
         cast(Machine, _FakeMachine()), cast(VirtioPciDevice, device), False, tid, [tid]
     )
-    assert sample.device == {"notifications": 869, "interrupts": 940}
+    assert sample.device == {"notifications": 869, "interrupts": 940, "notify_register_writes": 0}
     assert sample.interface == {}
     assert (sample.exits, sample.completions) == ({"io": 3}, {"clac": 2})
     assert sample.io.run_ns >= sample.vcpu.run_ns > 0  # the same thread, read in turn

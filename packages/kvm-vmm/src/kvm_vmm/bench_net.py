@@ -221,10 +221,7 @@ def take_sample(
         waiting_ns(vcpu_tid),
         _summed(io_tids),
         process_times(_children_ns()),
-        # The kvmfast device's own: VirtioPciDevice.counters() lays the transport's
-        # over them, and its "notifications" (doorbells that exited to Python, none
-        # with ioeventfds) hides the device's (doorbells the event loop served).
-        dict(device.device.counters()),
+        dict(device.counters()),
         interface_statistics(TAP) if tap else {},
         dict(counters["exits"]),
         dict(counters["completions"]),

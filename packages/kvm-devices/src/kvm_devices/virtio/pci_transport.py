@@ -197,7 +197,7 @@ class VirtioPciFunction(Snapshotting[VirtioPciState]):
         self._intx_request = False  # STATUS bit 3 as last posted
         self._pci_cfg = PciCfgWindow(BAR0, BAR0_SIZE)
         self.counters = self._common.counters
-        self.counters.update(dropped_interrupts=0, notifications=0)
+        self.counters.update(dropped_interrupts=0, notify_register_writes=0)
 
         device_type = backend.device_type
         self.config: PciConfigSpace = _ConfigSpace(
@@ -285,7 +285,7 @@ class VirtioPciFunction(Snapshotting[VirtioPciState]):
                 # VIRTIO_F_NOTIFICATION_DATA; the address says which queue.
                 queue, rest = divmod(within, NOTIFY_OFF_MULTIPLIER)
                 if rest == 0 and queue < self._num_queues:
-                    self.counters["notifications"] += 1
+                    self.counters["notify_register_writes"] += 1
                     self._outbox.post(functools.partial(self._backend.notify, queue))
         self._outbox.flush()
 
