@@ -75,6 +75,7 @@ from kvm_vmm.qemu_frontend import (
     QemuRun,
     QemuUsageError,
     host_cpu_note,
+    kernel_load_error,
     translate,
 )
 from kvm_vmm.resources import ResourceError
@@ -385,6 +386,9 @@ def qemu_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _qemu_run(translated: QemuRun) -> int:
+    if (load_error := kernel_load_error(translated)) is not None:
+        print(f"{PROGRAM}: {load_error}", file=sys.stderr)
+        return USAGE_ERROR
     notes = list(translated.notes)
     if translated.cpu is not None:
         note = host_cpu_note(translated.cpu, translated.cpus, default_cache_dir(os.environ))
