@@ -311,3 +311,21 @@ def test_a_kernel_that_cannot_be_read_is_one_error_line_status_2(tmp_path: Path)
     # qemu_parse_premature_failure) to tell "runs" from "cannot run this test".
     assert re.search(r"[Cc]ould not (load|open) kernel", result.stderr), result.stderr
     assert str(missing) in result.stderr
+
+
+def test_an_answer_read_by_head_1_ends_without_a_traceback() -> None:
+    # kvm-unit-tests' scripts/arch-run.bash: QEMU_VERSION_STRING="$($qemu -h | head -1)".
+    # `true` closes the pipe before the answer is written (Python starts in ~1 s): the
+    # write always meets a closed pipe, which `head -1` leaves to chance.
+    for reader in ("head -1", "true"):
+        result = subprocess.run(
+            ["sh", "-c", f"'{sys.executable}' -m kvm_vmm.cli qemu -h | {reader}"],
+            capture_output=True,
+            text=True,
+        )
+        assert result.stderr == "", reader
+    assert subprocess.run(
+        ["sh", "-c", f"'{sys.executable}' -m kvm_vmm.cli qemu -h | head -1"],
+        capture_output=True,
+        text=True,
+    ).stdout.startswith("QEMU emulator version")

@@ -287,7 +287,9 @@ def _device(state: _Translation, value: str) -> None:
 def _machine(state: _Translation, value: str) -> None:
     options = key_values("machine", value, "type", ("type", "accel", "kernel-irqchip", "pit"))
     if options.get("type", "pc") != "pc":
-        raise QemuUsageError(f"-machine {value}: kvm-vmm's board is an i440FX-like PC (type pc)")
+        raise QemuUsageError(
+            f"-machine {value}: kvm-vmm has one board, its split-irqchip PC (type pc)"
+        )
     if options.get("pit", "on") != "on":
         # QEMU leaves the PIT out so that AVIC is not inhibited (kvm-unit-tests' vmexit_ipi);
         # kvm-vmm's IOAPIC, PIC and PIT are one board, and Linux probes the PIT.
