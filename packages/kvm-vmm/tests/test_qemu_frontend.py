@@ -178,7 +178,7 @@ def test_machine_pit_off_and_overcommit_are_accepted_with_a_note() -> None:
         (["-kernel", "k", "-device", "hyperv-testdev"], "no 'hyperv-testdev'"),
         (["-kernel", "k", "-overcommit", "cpu-pm=maybe"], "cpu-pm is on or off"),
         (["-kernel", "k", "-cpu", "max,=on"], "empty feature name"),
-        (["-kernel", "k", "-device", "pci-testdev"], "no PCI bus"),
+        (["-kernel", "k", "-device", "pci-testdev"], "needs an I/O BAR"),
         (["-kernel", "k", "-device", "testdev,chardev=log"], "no 'testdev'"),
         (["-kernel", "k", "-vnc", ":0"], "-vnc none"),
         (["-kernel", "k", "-smp", "2,maxcpus=4"], "hotplug"),

@@ -278,7 +278,12 @@ def _device(state: _Translation, value: str) -> None:
     elif driver in KNOWN_DEVICES:
         state.devices.append(value)
     elif driver == "pci-testdev":
-        raise QemuUsageError("-device pci-testdev: kvm-vmm has no PCI bus yet")
+        # kvm-unit-tests' x86/run passes it only when -device ? lists it; of the x86
+        # suite only vmexit looks for it, and no test of x86/unittests.cfg drives it.
+        raise QemuUsageError(
+            "-device pci-testdev: not in kvm-vmm (pci-testdev needs an I/O BAR; kvm-vmm's "
+            "PCI functions have memory BARs only)"
+        )
     else:
         known = ", ".join(sorted(KNOWN_DEVICES))
         raise QemuUsageError(f"-device {value}: kvm-vmm has no {driver!r} (it has: {known})")
