@@ -45,6 +45,7 @@ from kvm_vmm.added_devices import (
     GuardedDevice,
     check_decodable,
 )
+from kvm_vmm.bios_state import bios_memory, start_timer
 from kvm_vmm.boot import BootDescription, BootReport, describe_boot, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
@@ -507,6 +508,14 @@ class Machine:
         for gpa, data in image.segments:
             self.write_memory(gpa, data)
         self.enter(image.entry_state)
+
+    def leave_bios_state(self, image: LoadedImage) -> None:
+        """What SeaBIOS leaves for a kernel QEMU boots, around ``image``'s segments: the
+        PIT ticking at 18.2 Hz into the master 8259, open to it, and real-mode vector 08h
+        on a handler that EOIs (kvm_vmm.bios_state)."""
+        for gpa, data in bios_memory([(gpa, len(data)) for gpa, data in image.segments]):
+            self.write_memory(gpa, data)
+        start_timer(self.platform.pit, self.platform.pic.master_ports)
 
     def enter(self, entry: EntryState) -> None:
         cpu_setup.enter(self.vcpus[0], self, entry)
