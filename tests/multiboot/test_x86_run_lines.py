@@ -85,6 +85,12 @@ ROWS = {
     "realmode-like: waits with STI; HLT for the timer tick SeaBIOS leaves": Row(
         "bios_state", ("-smp", "1"), PASSED, ("timer ticks through the 8259", "PASS")
     ),
+    "vmexit-like: -device pci-testdev found on bus 0 and driven through both BARs": Row(
+        "pci_testdev",
+        ("-smp", "1", "-device", "pci-testdev"),
+        PASSED,
+        ("pci-testdev: 6 tests", "PASS"),
+    ),
     "a crash is not a pass": Row(
         "triple_fault", ("-smp", "1"), CRASHED, ("faulting",), "vCPU 0: triple fault (status 4)"
     ),

@@ -35,6 +35,8 @@ import kvmfast
 from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import ByteSink, Device, Snapshottable
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.host_bridge import PciFunction
+from kvm_devices.pci_testdev import PciTestdev
 from kvm_devices.snapshot import StateError
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi_placement import place_acpi_tables
@@ -64,6 +66,7 @@ from kvm_vmm.machine_state import (
     snapshottable,
 )
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
+from kvm_vmm.pci_function import BarDevice, MappedFunction, attach_function
 from kvm_vmm.pci_virtio import GsiAllocator, PciSlots, VirtioPciDevice
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Window
@@ -374,11 +377,27 @@ class Machine:
         self._added[name] = model
         self._rebuild[name] = None  # a device object of the user's: not in a state file
 
-    def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
+    def add_device_option(self, spec: str) -> DebugExit | PcTestdev | PciTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
         name, device = add_device_option(self, spec)
         self._rebuild[name] = {"kind": "device-option", "spec": spec}
         return device
+
+    def add_pci_function(
+        self, function: PciFunction, name: str, bars: Sequence[BarDevice]
+    ) -> MappedFunction:
+        """A plain PCI function on bus 0, before start(): the first free slot, each BAR
+        in the PCI memory or I/O window with decode on, as firmware leaves it
+        (kvm_vmm.pci_function). It is then ``machine.devices[name]`` (or ``name#2``...)."""
+        with self._cond:
+            self._require("add_pci_function()", MachineState.CREATED)
+        mapped = attach_function(
+            self, self.platform.pci_bus, self.platform.table, function, name, bars
+        )
+        self._devices[mapped.name] = function
+        self._added[mapped.name] = function
+        self._rebuild[mapped.name] = None  # a function object of the caller's
+        return mapped
 
     def add_virtio_device(self, device: kvmfast.VirtioDevice, name: str) -> VirtioPciDevice:
         """Put a kvmfast virtio device on PCI bus 0 (virtio-pci, modern), before start():
