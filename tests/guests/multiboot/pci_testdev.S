@@ -1,8 +1,9 @@
 /*
- * QEMU's pci-testdev as kvm-unit-tests finds and drives it (lib/pci.c reads the BARs
- * firmware assigned; lib/pci-testdev.c pci_testdev_one): on bus 0 through
- * configuration mechanism #1 (PCI Local Bus Specification 3.0 section 3.2.2.3.2),
- * vendor 0x1B36 device 0x0005, memory and I/O decode on, BAR0 memory, BAR1 I/O.
+ * QEMU's pci-testdev as kvm-unit-tests finds and drives it (lib/pci.c pci_find_dev
+ * and the BARs firmware assigned; lib/pci-testdev.c pci_testdev_one): on bus 0
+ * through configuration mechanism #1 (PCI Local Bus Specification 3.0 section
+ * 3.2.2.3.2), vendor 0x1B36 and device 0x0005 read as words the way
+ * pci_config_readw does, memory and I/O decode on, BAR0 memory, BAR1 I/O.
  * On each BAR tests 0-2 are run: select, count 0, 16 writes of `data` at
  * `offset`, count 16 (no ioeventfd takes them); test 3 selects none (width 0).
  */
@@ -22,10 +23,15 @@ main:
         xor ebx, ebx
 1:      mov edi, ebx
         xor esi, esi
-        call config_read
-        cmp eax, TESTDEV_ID
+        call config_read_word
+        cmp eax, TESTDEV_ID & 0xFFFF
+        jne 4f
+        mov edi, ebx
+        mov esi, 2
+        call config_read_word
+        cmp eax, TESTDEV_ID >> 16
         je 2f
-        inc ebx
+4:      inc ebx
         cmp ebx, 32
         jb 1b
 2:      cmp ebx, 32
@@ -85,6 +91,21 @@ config_read:
         out dx, eax
         mov edx, CONFIG_DATA
         in eax, dx
+        ret
+
+/* eax = the word at register esi of bus 0 slot edi, as kvm-unit-tests reads it
+ * (lib/x86/asm/pci.h): the register, even unaligned, in CONFIG_ADDRESS, then a word
+ * at 0xCFC, which QEMU's host bridge reads at CONFIG_ADDRESS[7:0]. */
+config_read_word:
+        mov eax, edi
+        shl eax, 11
+        or eax, esi
+        or eax, 0x80000000
+        mov edx, CONFIG_ADDRESS
+        out dx, eax
+        mov edx, CONFIG_DATA
+        in ax, dx
+        movzx eax, ax
         ret
 
 /* Test edi through BAR0 at r12: eax = its count after the writes, -1 if not 0 first. */
