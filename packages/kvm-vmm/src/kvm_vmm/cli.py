@@ -228,7 +228,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="an extra device in QEMU's spelling: pc-testdev, "
+        help="an extra device in QEMU's spelling: pc-testdev, pci-testdev, "
         "isa-debug-exit[,iobase=0xf4][,iosize=0x4] (repeatable)",
     )
     parser.add_argument(
