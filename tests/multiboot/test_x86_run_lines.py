@@ -34,6 +34,26 @@ X86_RUN = [
     "-machine",
     "accel=kvm",
 ]
+# x86/run of kvm-unit-tests 1da1819e (2026-06-26) word for word, once `-device ?` lists
+# pci-testdev; the runner then adds the test's -smp, -append, qemu_params and -initrd.
+X86_RUN_1DA1819E = [
+    "--no-reboot",
+    "-nodefaults",
+    "-global",
+    "kvm-pit.lost_tick_policy=discard",
+    "-device",
+    "pc-testdev",
+    "-device",
+    "isa-debug-exit,iobase=0xf4,iosize=0x4",
+    "-display",
+    "none",
+    "-serial",
+    "stdio",
+    "-device",
+    "pci-testdev",
+    "-machine",
+    "accel=kvm",
+]
 PASSED = 1  # the kernel's main returned 0: isa-debug-exit with 0, (0 << 1) | 1
 CRASHED = 4
 
@@ -45,6 +65,7 @@ class Row:
     status: int
     stdout: tuple[str, ...]  # lines (in order) COM1 must show
     stderr: str = ""  # a line the front end must print on stderr
+    prefix: tuple[str, ...] = tuple(X86_RUN)
 
 
 ROWS = {
@@ -82,6 +103,23 @@ ROWS = {
         "kvm-vmm-qemu-system-x86_64: warning: -cpu qemu64,+x2apic: the guest sees this "
         "host's CPUID as KVM offers it (x2apic: ",
     ),
+    "realmode-like: waits with STI; HLT for the timer tick SeaBIOS leaves": Row(
+        "bios_state", ("-smp", "1"), PASSED, ("timer ticks through the 8259", "PASS")
+    ),
+    "vmexit-like: -device pci-testdev found on bus 0 and driven through both BARs": Row(
+        "pci_testdev",
+        ("-smp", "1", "-device", "pci-testdev"),
+        PASSED,
+        ("pci-testdev: 6 tests", "PASS"),
+    ),
+    "x86/run 1da1819e verbatim, [apic] x2apic's -smp and -cpu, the environment": Row(
+        "smp",
+        ("-smp", "2", "-cpu", "qemu64,+x2apic,+tsc-deadline", "-initrd", "ENV"),
+        PASSED,
+        ("cpus online: 0x2", "PASS"),
+        "kvm-vmm-qemu-system-x86_64: warning: -cpu qemu64,+x2apic,+tsc-deadline: the guest sees",
+        tuple(X86_RUN_1DA1819E),
+    ),
     "a crash is not a pass": Row(
         "triple_fault", ("-smp", "1"), CRASHED, ("faulting",), "vCPU 0: triple fault (status 4)"
     ),
@@ -96,7 +134,7 @@ def test_x86_run_command_line(name: str, kernels: KernelBuilder, tmp_path: Path)
     environment = tmp_path / "env"
     environment.write_text("KVM_UNIT_TESTS_ENV_OLD=1\n")
     options = [str(environment) if option == "ENV" else option for option in row.options]
-    command = [sys.executable, "-c", FRONT_END, *X86_RUN, "-kernel", str(kernel), *options]
+    command = [sys.executable, "-c", FRONT_END, *row.prefix, "-kernel", str(kernel), *options]
     if "--no-reboot" not in options:
         command.append("-no-reboot")
     result = subprocess.run(

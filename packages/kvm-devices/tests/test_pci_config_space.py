@@ -117,6 +117,33 @@ def test_a_bar_larger_than_4gib_sizes_its_upper_half() -> None:
     assert space.read(0x18, 8) == ((1 << 64) - (1 << 34)) | 0xC
 
 
+def test_io_bar_sizing_programming_and_decode() -> None:
+    # §6.2.5.1: bit 0 set for I/O; sizing reads back ~(size - 1) | 1 within the 64 KiB
+    # x86 port space (bits 31-16 hard-wired 0, as for a device decoding 64 KiB).
+    space = make()
+    space.add_io_bar(1, 0x100, address=0xC000)
+    assert space.read(0x14, 4) == 0xC001
+    assert space.bar_address(1) == 0xC000 and space.bar_is_io(1)
+    space.write(0x14, 4, 0xFFFF_FFFF)
+    assert space.read(0x14, 4) == 0xFF01
+    space.write(0x14, 4, 0xC123)
+    assert space.bar_address(1) == 0xC100
+    assert not space.io_enabled
+    changed = Recorder()
+    space.on_bars_changed = changed
+    space.write(0x04, 2, 0x0001)
+    assert space.io_enabled and not space.memory_enabled and changed.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("index", "size", "address"),
+    [(6, 0x100, 0), (0, 2, 0), (0, 0x200, 0), (0, 0x100, 0xC010), (0, 0x100, 0x10000)],
+)
+def test_bad_io_bar_declarations_are_refused(index: int, size: int, address: int) -> None:
+    with pytest.raises(ValueError):
+        make().add_io_bar(index, size, address=address)
+
+
 @pytest.mark.parametrize(
     ("index", "size", "is_64bit"),
     [(5, 0x1000, True), (6, 0x1000, False), (-1, 0x1000, False), (0, 8, False), (0, 0x1800, True)],

@@ -99,11 +99,23 @@ def test_mechanism_1_address_register() -> None:
     assert isinstance(rig.ports, Device)
     assert (ConfigMechanism1.BASE, ConfigMechanism1.LENGTH) == (0xCF8, 8)
     rig.ports.write(0, 4, 0xFFFF_FFFF)
-    assert rig.ports.read(0, 4) == 0x80FF_FFFC  # reserved bits 30:24 and 1:0 read 0
+    assert rig.ports.read(0, 4) == 0x80FF_FFFF  # reserved bits 30:24 read 0; 1:0 kept
     # Linux's pci_check_type1: a byte to 0xCFB passes through, the dword sticks.
     rig.ports.write(3, 1, 0x01)
     rig.ports.write(0, 4, 0x8000_0000)
     assert rig.ports.read(0, 4) == 0x8000_0000
+
+
+def test_mechanism_1_register_low_bits_select_bytes_as_in_qemu() -> None:
+    # kvm-unit-tests' pci_config_readw(dev, PCI_DEVICE_ID): CONFIG_ADDRESS = ... | 2, then
+    # a word at 0xCFC; QEMU (hw/pci/pci_host.c) reads register config_reg | (port & 3).
+    rig = make()
+    rig.ports.write(0, 4, address(0, 3, 0, 0x00) | 2)
+    assert rig.ports.read(4, 2) == 0x1042
+    rig.ports.write(0, 4, address(0, 3, 0, 0x00) | 3)
+    assert rig.ports.read(4, 1) == 0x10
+    assert rig.ports.read(6, 1) == 0x10  # 3 | 2: the same byte
+    assert rig.bad() == {}
 
 
 def test_mechanism_1_data_port_byte_word_dword_offsets() -> None:
@@ -268,6 +280,6 @@ def test_a_foreign_host_state_is_refused_by_path() -> None:
     bridge["registers"] = "ff" + bridge["registers"][2:]
     with pytest.raises(StateError, match=r"^PCI host state: host_bridge\.registers: byte 0x0"):
         host.restore({**data, "host_bridge": bridge})
-    with pytest.raises(StateError, match=r"config_address\.address: 0x3 sets bits"):
-        host.restore({**data, "config_address": {"address": 3}})
+    with pytest.raises(StateError, match=r"config_address\.address: 0x1000000 sets bits"):
+        host.restore({**data, "config_address": {"address": 1 << 24}})  # reserved bit 24
     assert host.save() == data

@@ -75,6 +75,7 @@ from kvm_vmm.qemu_frontend import (
     QemuRun,
     QemuUsageError,
     host_cpu_note,
+    kernel_load_error,
     translate,
 )
 from kvm_vmm.resources import ResourceError
@@ -233,7 +234,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="an extra device in QEMU's spelling: pc-testdev, "
+        help="an extra device in QEMU's spelling: pc-testdev, pci-testdev, "
         "isa-debug-exit[,iobase=0xf4][,iosize=0x4] (repeatable)",
     )
     parser.add_argument(
@@ -385,12 +386,18 @@ def qemu_main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     if isinstance(translated, QemuAnswer):
+        # Harnesses read only the first line (kvm-unit-tests: `$qemu -h | head -1`):
+        # a closed pipe ends the answer quietly, as it ends a C program.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         print(translated.text)
         return 0
     return _reporting_errors(lambda: _qemu_run(translated))
 
 
 def _qemu_run(translated: QemuRun) -> int:
+    if (load_error := kernel_load_error(translated)) is not None:
+        print(f"{PROGRAM}: {load_error}", file=sys.stderr)
+        return USAGE_ERROR
     notes = list(translated.notes)
     if translated.cpu is not None:
         note = host_cpu_note(translated.cpu, translated.cpus, default_cache_dir(os.environ))

@@ -11,9 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvm_devices import pci_testdev
 from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import Device
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.host_bridge import PciFunction
+from kvm_devices.pci_testdev import PciTestdev
+from kvm_vmm.pci_function import BarDevice, MappedFunction
 from kvm_vmm.platform_table import Window, pio
 
 
@@ -32,6 +36,10 @@ class DeviceHost(Protocol):
 
     def debug_exit(self, status: int) -> None: ...
 
+    def add_pci_function(
+        self, function: PciFunction, name: str, bars: Sequence[BarDevice]
+    ) -> MappedFunction: ...
+
 
 @dataclass(frozen=True)
 class DeviceSpec:
@@ -42,7 +50,9 @@ class DeviceSpec:
 KNOWN_DEVICES = {
     "pc-testdev": set[str](),
     "isa-debug-exit": {"iobase", "iosize"},
+    "pci-testdev": set[str](),
 }
+PCI_DEVICES = {"pci-testdev"}  # on bus 0; the others are ISA
 
 
 def parse_device_spec(text: str) -> DeviceSpec:
@@ -75,10 +85,19 @@ def _number(spec: DeviceSpec, key: str, default: int, limit: int) -> int:
     return value
 
 
-def add_device_option(host: DeviceHost, text: str) -> tuple[str, DebugExit | PcTestdev]:
+def add_device_option(
+    host: DeviceHost, text: str
+) -> tuple[str, DebugExit | PcTestdev | PciTestdev]:
     """Create the device a --device value names and map it into ``host``; its name in
     the platform table (``isa-debug-exit``, ``isa-debug-exit#2``...) and the device."""
     spec = parse_device_spec(text)
+    if spec.name == "pci-testdev":
+        function = PciTestdev()
+        bars = [
+            BarDevice(pci_testdev.MEMORY_BAR, pci_testdev.MEMORY_BAR_SIZE, function.memory),
+            BarDevice(pci_testdev.IO_BAR, pci_testdev.IO_BAR_SIZE, function.io),
+        ]
+        return host.add_pci_function(function, spec.name, bars).name, function
     if spec.name == "isa-debug-exit":
         iobase = _number(spec, "iobase", DebugExit.BASE, 0xFFFF)
         iosize = _number(spec, "iosize", DebugExit.SIZE, 0x10000 - iobase)

@@ -35,6 +35,8 @@ import kvmfast
 from kvm_devices.debug_exit import DebugExit
 from kvm_devices.interfaces import ByteSink, Device, Snapshottable
 from kvm_devices.pc_testdev import PcTestdev
+from kvm_devices.pci.host_bridge import PciFunction
+from kvm_devices.pci_testdev import PciTestdev
 from kvm_devices.snapshot import StateError
 from kvm_vmm import board, cpu_setup, layout
 from kvm_vmm.acpi_placement import place_acpi_tables
@@ -45,6 +47,7 @@ from kvm_vmm.added_devices import (
     GuardedDevice,
     check_decodable,
 )
+from kvm_vmm.bios_state import bios_memory, start_timer
 from kvm_vmm.boot import BootDescription, BootReport, describe_boot, load_boot
 from kvm_vmm.clock import TimerThread
 from kvm_vmm.console import DiscardSink
@@ -63,6 +66,7 @@ from kvm_vmm.machine_state import (
     snapshottable,
 )
 from kvm_vmm.milestones import POWER_OFF, MilestoneSink
+from kvm_vmm.pci_function import BarDevice, MappedFunction, attach_function
 from kvm_vmm.pci_virtio import GsiAllocator, PciSlots, VirtioPciDevice
 from kvm_vmm.platform import Mapping, Platform, PlatformEvents, build_platform
 from kvm_vmm.platform_table import AddressSpace, Window
@@ -373,11 +377,27 @@ class Machine:
         self._added[name] = model
         self._rebuild[name] = None  # a device object of the user's: not in a state file
 
-    def add_device_option(self, spec: str) -> DebugExit | PcTestdev:
+    def add_device_option(self, spec: str) -> DebugExit | PcTestdev | PciTestdev:
         """An optional device in QEMU's --device spelling (see kvm_vmm.device_options)."""
         name, device = add_device_option(self, spec)
         self._rebuild[name] = {"kind": "device-option", "spec": spec}
         return device
+
+    def add_pci_function(
+        self, function: PciFunction, name: str, bars: Sequence[BarDevice]
+    ) -> MappedFunction:
+        """A plain PCI function on bus 0, before start(): the first free slot, each BAR
+        in the PCI memory or I/O window with decode on, as firmware leaves it
+        (kvm_vmm.pci_function). It is then ``machine.devices[name]`` (or ``name#2``...)."""
+        with self._cond:
+            self._require("add_pci_function()", MachineState.CREATED)
+        mapped = attach_function(
+            self, self.platform.pci_bus, self.platform.table, function, name, bars
+        )
+        self._devices[mapped.name] = function
+        self._added[mapped.name] = function
+        self._rebuild[mapped.name] = None  # a function object of the caller's
+        return mapped
 
     def add_virtio_device(self, device: kvmfast.VirtioDevice, name: str) -> VirtioPciDevice:
         """Put a kvmfast virtio device on PCI bus 0 (virtio-pci, modern), before start():
@@ -507,6 +527,14 @@ class Machine:
         for gpa, data in image.segments:
             self.write_memory(gpa, data)
         self.enter(image.entry_state)
+
+    def leave_bios_state(self, image: LoadedImage) -> None:
+        """What SeaBIOS leaves for a kernel QEMU boots, around ``image``'s segments: the
+        PIT ticking at 18.2 Hz into the master 8259, open to it, and real-mode vector 08h
+        on a handler that EOIs (kvm_vmm.bios_state)."""
+        for gpa, data in bios_memory([(gpa, len(data)) for gpa, data in image.segments]):
+            self.write_memory(gpa, data)
+        start_timer(self.platform.pit, self.platform.pic.master_ports)
 
     def enter(self, entry: EntryState) -> None:
         cpu_setup.enter(self.vcpus[0], self, entry)

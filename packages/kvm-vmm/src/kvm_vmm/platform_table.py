@@ -102,6 +102,11 @@ class PlatformTable:
             board.PCI_MMIO_WINDOW.name, board.PCI_MMIO_WINDOW.start, board.PCI_MMIO_WINDOW.size
         )
     )
+    io_bar_space: WindowAllocator = field(
+        default_factory=lambda: WindowAllocator(
+            board.PCI_IO_WINDOW.name, board.PCI_IO_WINDOW.start, board.PCI_IO_WINDOW.size
+        )
+    )
     entries: dict[str, DeviceEntry] = field(default_factory=dict)
 
     def add(

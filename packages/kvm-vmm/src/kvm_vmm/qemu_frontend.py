@@ -22,7 +22,7 @@ from pathlib import Path
 
 import kvmfast
 from kvm_vmm.cpuid import LEAF_FEATURES, CpuidEntry, cpuid_for_vcpu
-from kvm_vmm.device_options import KNOWN_DEVICES
+from kvm_vmm.device_options import KNOWN_DEVICES, PCI_DEVICES
 from kvm_vmm.hostcheck import Check, host_report
 
 PROGRAM = "kvm-vmm-qemu-system-x86_64"
@@ -33,12 +33,25 @@ DEFAULT_MEMORY_MIB = 128  # QEMU's default -m
 _SIZE = re.compile(r"(?i)^(\d+)([KMGT]?)B?$")
 _SHIFTS = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}  # a plain -m number is MiB
 
-# CPUID flags a -cpu +feature names, as QEMU spells them: (leaf, register, bit),
-# Intel SDM Vol. 2A, CPUID leaf 01H, Table 3-10 (ECX).
+# CPUID flags a -cpu +feature names, as QEMU spells them: (leaf, register, bit).
+# Intel SDM Vol. 2A, CPUID: leaf 01H Table 3-10 (ECX), leaf 07H (EBX, ECX);
+# AMD APM Vol. 3, Appendix E: Fn8000_0001 ECX/EDX, Fn8000_000A EDX.
 CPU_FEATURES = {
+    "vmx": (LEAF_FEATURES, "ecx", 5),
+    "pcid": (LEAF_FEATURES, "ecx", 17),
     "x2apic": (LEAF_FEATURES, "ecx", 21),
     "tsc-deadline": (LEAF_FEATURES, "ecx", 24),
+    "xsave": (LEAF_FEATURES, "ecx", 26),
+    "invpcid": (0x7, "ebx", 10),
+    "umip": (0x7, "ecx", 2),
+    "pku": (0x7, "ecx", 3),
+    "svm": (0x80000001, "ecx", 2),
+    "skinit": (0x80000001, "ecx", 12),
+    "rdtscp": (0x80000001, "edx", 27),
+    "npt": (0x8000000A, "edx", 0),
 }
+LEAF_VENDOR = 0x0  # EBX, EDX, ECX: the vendor string (SDM Vol. 2A, CPUID leaf 00H)
+LEAF_ADDRESS_SIZES = 0x80000008  # EAX[7:0]: physical address bits (APM Vol. 3, E.4.7)
 # Models whose CPUID is the host's as KVM offers it: what kvm-vmm always gives.
 HOST_MODELS = ("host", "max")
 _REGISTER_INDEX = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}
@@ -50,10 +63,12 @@ class QemuUsageError(ValueError):
 
 @dataclass(frozen=True)
 class CpuRequest:
-    """``-cpu MODEL,+feat,-feat``: the model and each named feature, wanted on or off."""
+    """``-cpu MODEL,+feat,-feat,key=value``: the model, each named feature wanted on or
+    off, and each property (``vendor=``, ``phys-bits=``, ``host-phys-bits``...)."""
 
     model: str
     features: tuple[tuple[str, bool], ...] = ()
+    properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,7 @@ class QemuRun:
     thing not honoured."""
 
     run_args: tuple[str, ...]
+    kernel: str
     cpu: CpuRequest | None
     cpus: int
     notes: tuple[str, ...]
@@ -89,11 +105,12 @@ def help_text() -> str:
             "-smp N|cpus=N    vCPUs (--cpus)",
             f"-m SIZE          RAM, MiB unless suffixed (--memory; default {DEFAULT_MEMORY_MIB}M)",
             "-cpu MODEL[,+F]  accepted; the guest sees the host's CPUID as KVM offers it",
-            "-device pc-testdev | isa-debug-exit[,iobase=..][,iosize=..] (--device); "
+            "-device pc-testdev | isa-debug-exit[,iobase=..][,iosize=..] | pci-testdev (--device); "
             "-device ? lists them",
             "-serial stdio|null|none|file:PATH|chardev:ID, -chardev stdio|null|file,id=ID[,path=P]",
             "-machine [pc][,accel=kvm][,kernel-irqchip=split], -accel kvm, -enable-kvm",
             "-global kvm-pit.lost_tick_policy=discard|delay|slew",
+            "-machine pit=off, -overcommit cpu-pm=on|mem-lock=on: accepted, ignored (a warning)",
             "-nodefaults, -no-reboot, -display none, -vnc none, -nographic",
             "kernel-irqchip=on and off are refused: kvm-vmm is a split-irqchip VMM.",
             "Exit status: kvm-vmm run's (kvm-vmm run --help).",
@@ -104,7 +121,10 @@ def help_text() -> str:
 def device_list() -> str:
     """``-device ?`` in QEMU's form (harnesses grep for the quoted names)."""
     lines = ["Misc devices:"]
-    lines += [f'name "{name}", bus ISA' for name in sorted(KNOWN_DEVICES)]
+    lines += [
+        f'name "{name}", bus {"PCI" if name in PCI_DEVICES else "ISA"}'
+        for name in sorted(KNOWN_DEVICES)
+    ]
     return "\n".join(lines)
 
 
@@ -183,7 +203,7 @@ class _Translation:
         notes = list(self.notes)
         if not self.no_reboot:
             notes.append("a guest reset ends the run, as with -no-reboot: kvm-vmm does not reboot")
-        return QemuRun(tuple(args), self.cpu, self.cpus, tuple(notes))
+        return QemuRun(tuple(args), self.kernel, self.cpu, self.cpus, tuple(notes))
 
 
 def _flag(_: _Translation, __: str) -> None:
@@ -238,15 +258,20 @@ def _memory(state: _Translation, value: str) -> None:
 def _cpu(state: _Translation, value: str) -> None:
     model, *rest = split_suboptions(value)
     features: list[tuple[str, bool]] = []
+    properties: list[tuple[str, str]] = []
     for item in rest:
         name, sep, setting = item.partition("=")
         if item[:1] in "+-" and item[1:]:
             features.append((item[1:], item[0] == "+"))
-        elif sep and setting in ("on", "off", "true", "false"):
+        elif not name:
+            raise QemuUsageError(f"-cpu {value}: an empty feature name")
+        elif not sep:  # QEMU: a bare word is NAME=on (host-phys-bits, hv_passthrough)
+            features.append((name, True))
+        elif setting in ("on", "off", "true", "false"):
             features.append((name, setting in ("on", "true")))
         else:
-            raise QemuUsageError(f"-cpu {value}: {item!r} is not +feature, -feature or feature=on")
-    state.cpu = CpuRequest(model, tuple(features))
+            properties.append((name, setting))
+    state.cpu = CpuRequest(model, tuple(features), tuple(properties))
 
 
 def _device(state: _Translation, value: str) -> None:
@@ -255,17 +280,21 @@ def _device(state: _Translation, value: str) -> None:
         state.answer = QemuAnswer(device_list())
     elif driver in KNOWN_DEVICES:
         state.devices.append(value)
-    elif driver == "pci-testdev":
-        raise QemuUsageError("-device pci-testdev: kvm-vmm has no PCI bus yet")
     else:
         known = ", ".join(sorted(KNOWN_DEVICES))
         raise QemuUsageError(f"-device {value}: kvm-vmm has no {driver!r} (it has: {known})")
 
 
 def _machine(state: _Translation, value: str) -> None:
-    options = key_values("machine", value, "type", ("type", "accel", "kernel-irqchip"))
+    options = key_values("machine", value, "type", ("type", "accel", "kernel-irqchip", "pit"))
     if options.get("type", "pc") != "pc":
-        raise QemuUsageError(f"-machine {value}: kvm-vmm's board is a PC without PCI (type pc)")
+        raise QemuUsageError(
+            f"-machine {value}: kvm-vmm has one board, its split-irqchip PC (type pc)"
+        )
+    if options.get("pit", "on") != "on":
+        # QEMU leaves the PIT out so that AVIC is not inhibited (kvm-unit-tests' vmexit_ipi);
+        # kvm-vmm's IOAPIC, PIC and PIT are one board, and Linux probes the PIT.
+        state.notes.append(f"-machine {value}: kvm-vmm always has its PIT (pit=off ignored)")
     if "accel" in options:
         _accelerators(f"-machine {value}", options["accel"])
     if "kernel-irqchip" in options:
@@ -303,6 +332,17 @@ def _global(state: _Translation, value: str) -> None:
         state.notes.append(
             f"-global {value}: kvm-vmm's PIT discards lost ticks (lost_tick_policy=discard)"
         )
+
+
+def _overcommit(state: _Translation, value: str) -> None:
+    options = key_values("overcommit", value, "cpu-pm", ("cpu-pm", "mem-lock"))
+    for key, setting in options.items():
+        if setting not in ("on", "off"):
+            raise QemuUsageError(f"-overcommit {value}: {key} is on or off")
+        if setting == "on":
+            # cpu-pm=on: HLT/MWAIT/PAUSE without exits (KVM_CAP_X86_DISABLE_EXITS);
+            # mem-lock=on: mlock the guest's RAM. Both change speed, not behaviour.
+            state.notes.append(f"-overcommit {value}: kvm-vmm does not do {key}=on (ignored)")
 
 
 def _chardev(state: _Translation, value: str) -> None:
@@ -360,6 +400,7 @@ OPTIONS: dict[str, tuple[bool, Callable[[_Translation, str], None]]] = {
     "M": (True, _machine),
     "accel": (True, _accel),
     "global": (True, _global),
+    "overcommit": (True, _overcommit),
     "chardev": (True, _chardev),
     "serial": (True, _serial),
     "h": (False, _answer(help_text())),
@@ -393,11 +434,57 @@ def translate(argv: Sequence[str]) -> QemuRun | QemuAnswer:
     return state.run()
 
 
-def cpuid_flag(entries: Sequence[CpuidEntry], leaf: int, register: str, bit: int) -> bool:
+def kernel_load_error(run: QemuRun) -> str | None:
+    """QEMU's line for a -kernel it cannot open, or None. kvm-unit-tests' runner starts
+    each test once with a kernel that does not exist and takes any other answer (an
+    option refused, say) as the reason to skip the test (scripts/vmm.bash,
+    qemu_parse_premature_failure), so this must be QEMU's wording."""
+    try:
+        with open(run.kernel, "rb"):
+            return None
+    except OSError as error:
+        return f"could not load kernel '{run.kernel}': {error.strerror}"
+
+
+def cpuid_register(entries: Sequence[CpuidEntry], leaf: int, register: str) -> int:
     for entry in entries:
         if entry[0] == leaf and entry[1] == 0:
-            return bool(entry[_REGISTER_INDEX[register]] >> bit & 1)
-    return False
+            return entry[_REGISTER_INDEX[register]]
+    return 0
+
+
+def cpuid_flag(entries: Sequence[CpuidEntry], leaf: int, register: str, bit: int) -> bool:
+    return bool(cpuid_register(entries, leaf, register) >> bit & 1)
+
+
+def guest_vendor(entries: Sequence[CpuidEntry]) -> str:
+    words = (cpuid_register(entries, LEAF_VENDOR, r) for r in ("ebx", "edx", "ecx"))
+    return b"".join(word.to_bytes(4, "little") for word in words).decode("latin-1")
+
+
+def guest_phys_bits(entries: Sequence[CpuidEntry]) -> int:
+    return cpuid_register(entries, LEAF_ADDRESS_SIZES, "eax") & 0xFF
+
+
+def _property_seen(name: str, value: str, entries: Sequence[CpuidEntry]) -> tuple[str, bool]:
+    """What the guest sees of a ``-cpu`` property, and whether it is what was asked."""
+    if name == "vendor":
+        vendor = guest_vendor(entries)
+        return f"vendor: {vendor}", vendor == value
+    if name == "phys-bits":
+        bits = guest_phys_bits(entries)
+        return f"phys-bits: {bits}", str(bits) == value
+    return f"{name}={value}: not honoured by kvm-vmm", False
+
+
+def _feature_seen(name: str, wanted: bool, entries: Sequence[CpuidEntry]) -> tuple[str, bool]:
+    """What the guest sees of a ``-cpu`` feature, and whether it is what was asked."""
+    if name == "host-phys-bits":  # the guest's width is always the host's
+        return f"phys-bits: {guest_phys_bits(entries)} (the host's)", wanted
+    if name not in CPU_FEATURES:
+        return f"{name}: not honoured by kvm-vmm", False
+    present = cpuid_flag(entries, *CPU_FEATURES[name])
+    return f"{name}: {'on' if present else 'off'}", present == wanted
 
 
 def cpu_note(
@@ -405,27 +492,24 @@ def cpu_note(
 ) -> str | None:
     """The line that says what a ``-cpu`` request gets: kvm-vmm has no CPU models, so
     the guest sees ``guest_cpuid`` (the host's as KVM offers it, kvm_vmm.cpuid); each
-    feature named is reported as the guest will see it. ``cpuid_check``: the host
-    check's summary when this host does not let the VMM set the guest's CPUID (None
-    when it does). None when the request is what the guest gets anyway."""
-    seen: list[str] = []
-    differs = request.model not in HOST_MODELS
-    for name, wanted in request.features:
-        if name not in CPU_FEATURES:
-            seen.append(f"{name}: unknown to kvm-vmm")
-            differs = True
-            continue
-        present = cpuid_flag(guest_cpuid, *CPU_FEATURES[name])
-        seen.append(f"{name}: {'on' if present else 'off'}")
-        differs |= present != wanted
+    feature and property named is reported as the guest will see it. ``cpuid_check``:
+    the host check's summary when this host does not let the VMM set the guest's CPUID
+    (None when it does). None when the request is what the guest gets anyway."""
+    answers = [_feature_seen(name, on, guest_cpuid) for name, on in request.features]
+    answers += [_property_seen(name, value, guest_cpuid) for name, value in request.properties]
+    differs = request.model not in HOST_MODELS or not all(same for _, same in answers)
     if not differs and cpuid_check is None:
         return None
     spec = ",".join(
-        [request.model, *(("+" if on else "-") + name for name, on in request.features)]
+        [
+            request.model,
+            *(("+" if on else "-") + name for name, on in request.features),
+            *(f"{name}={value}" for name, value in request.properties),
+        ]
     )
     line = f"-cpu {spec}: the guest sees this host's CPUID as KVM offers it"
-    if seen:
-        line += f" ({'; '.join(seen)})"
+    if answers:
+        line += f" ({'; '.join(seen for seen, _ in answers)})"
     if cpuid_check is not None:
         line += f"; this host's KVM does not let the VMM set it (host-check: {cpuid_check})"
     return line

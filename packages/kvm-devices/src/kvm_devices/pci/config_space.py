@@ -22,17 +22,19 @@ Behaviour and choices:
   transaction, so they are never set and read 0 (a write of 1 to them clears nothing).
 * Cache line size (0x0C) and interrupt line (0x3C) are read-write scratch registers; the
   latency timer, BIST, expansion ROM BAR, Min_Gnt and Max_Lat read 0 (not implemented).
-* BARs are memory BARs only (the VMM's I/O window stays unused). A BAR's writable bits are
+* BARs are memory BARs (32- or 64-bit) or I/O BARs. A BAR's writable bits are
   ``~(size - 1)`` above its flag bits, so sizing is the masked write itself: all ones
   read back as ``~(size - 1) | flags``. A 64-bit BAR takes two slots, the upper one all
-  writable above the size.
+  writable above the size. An I/O BAR (bit 0 set, §6.2.5.1) decodes x86's 64 KiB port
+  space: its bits 31-16 are hard-wired 0, which the spec allows ("upper 16 bits ...
+  may be hardwired to zero" for devices that decode only 64 KiB of I/O).
 * Any offset and size (1 to 8 bytes) is accepted: bytes beyond the 256 read 0xFF and
   ignore writes; other sizes read all ones. The configuration mechanisms in front
   (:mod:`kvm_devices.pci.host_bridge`) refuse unaligned accesses before they get here.
 
 Thread-safety: one lock guards the bytes. ``on_bars_changed`` is posted to the outbox when
-a BAR's programmed base (:meth:`PciConfigSpace.bar_address`) or the memory-space bit
-changes, and made after the lock is released (docs/architecture.md, "Device locks"). A
+a BAR's programmed base (:meth:`PciConfigSpace.bar_address`) or the memory- or I/O-space
+bit changes, and made after the lock is released (docs/architecture.md, "Device locks"). A
 capability handler is called with no lock of the configuration space held.
 """
 
@@ -79,6 +81,8 @@ STATUS_CAPABILITIES = 1 << 4
 
 BAR_MEMORY_64BIT = 0b10 << 1
 BAR_PREFETCHABLE = 1 << 3
+BAR_IO_SPACE = 1 << 0
+IO_SPACE_LIMIT = 1 << 16
 BAR_FLAGS = 0xF
 # §6.2.5.1: a memory BAR decodes at least 16 bytes (its four flag bits).
 BAR_MIN_SIZE = 16
@@ -104,6 +108,7 @@ class CapabilityHandler(Protocol):
 class _Bar:
     size: int
     is_64bit: bool
+    is_io: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class PciConfigState:
 
 
 class PciConfigSpace(Snapshotting[PciConfigState]):
-    """A type 0 header, its memory BARs and its capability list."""
+    """A type 0 header, its BARs and its capability list."""
 
     def __init__(
         self,
@@ -209,6 +214,23 @@ class PciConfigSpace(Snapshotting[PciConfigState]):
                 self._upper_halves.add(index + 1)
                 self._put(offset + 4, 4, address >> 32)
                 self._put_mask(self._writable, offset + 4, 4, writable >> 32)
+
+    def add_io_bar(self, index: int, size: int, *, address: int = 0) -> None:
+        """Declare I/O BAR ``index`` of ``size`` ports (a power of two, 4 to 256: §6.2.5.1
+        "I/O ... no more than 256 bytes per BAR")."""
+        if not 0 <= index < BAR_COUNT:
+            raise ValueError(f"BAR index {index} out of range 0..{BAR_COUNT - 1}")
+        if self._bars[index] is not None or index in self._upper_halves:
+            raise ValueError(f"BAR slot {index} is already in use")
+        if size < 4 or size & (size - 1) or size > 256:
+            raise ValueError(f"I/O BAR size {size:#x} is not a power of two in [4, 0x100]")
+        if address % size or address >= IO_SPACE_LIMIT:
+            raise ValueError(f"I/O BAR address {address:#x} is not a {size:#x}-aligned port")
+        offset = BAR0 + 4 * index
+        with self._lock:
+            self._bars[index] = _Bar(size, is_64bit=False, is_io=True)
+            self._put(offset, 4, address | BAR_IO_SPACE)
+            self._put_mask(self._writable, offset, 4, (IO_SPACE_LIMIT - 1) & ~(size - 1))
 
     def add_capability(
         self,
@@ -305,6 +327,14 @@ class PciConfigSpace(Snapshotting[PciConfigState]):
         return bool(self._command() & COMMAND_MEMORY)
 
     @property
+    def io_enabled(self) -> bool:
+        return bool(self._command() & COMMAND_IO)
+
+    def bar_is_io(self, index: int) -> bool:
+        bar = self._bars[index] if 0 <= index < BAR_COUNT else None
+        return bar is not None and bar.is_io
+
+    @property
     def bus_master(self) -> bool:
         return bool(self._command() & COMMAND_BUS_MASTER)
 
@@ -332,14 +362,14 @@ class PciConfigSpace(Snapshotting[PciConfigState]):
         if bar is None:
             return None
         offset = BAR0 + 4 * index
-        address = self._get(offset, 4) & ~BAR_FLAGS
+        address = self._get(offset, 4) & ~(BAR_IO_SPACE if bar.is_io else BAR_FLAGS)
         if bar.is_64bit:
             address |= self._get(offset + 4, 4) << 32
         return address or None
 
-    def _mapping_locked(self) -> tuple[bool, tuple[int | None, ...]]:
-        memory = bool(self._data[COMMAND] & COMMAND_MEMORY)
-        return memory, tuple(self._bar_address_locked(i) for i in range(BAR_COUNT))
+    def _mapping_locked(self) -> tuple[int, tuple[int | None, ...]]:
+        decode = self._data[COMMAND] & (COMMAND_MEMORY | COMMAND_IO)
+        return decode, tuple(self._bar_address_locked(i) for i in range(BAR_COUNT))
 
     def _bars_changed(self) -> None:
         callback = self.on_bars_changed

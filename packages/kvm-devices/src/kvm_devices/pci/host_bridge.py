@@ -12,6 +12,11 @@ turns into 0xFFFFFFFF); Intel 82371AB PIIX4 datasheet, the reset control registe
 
 Choices:
 
+* CONFIG_ADDRESS keeps bits 1:0 as written, and a CONFIG_DATA access at 0xCFC + n acts on
+  register (CONFIG_ADDRESS[7:0] | n), as QEMU's host bridges do (hw/pci/pci_host.c:
+  ``config_reg | (addr & 3)``). The specification wants the register dword-aligned;
+  kvm-unit-tests reads a device ID with CONFIG_ADDRESS = ... | 2 and a word at 0xCFC
+  (lib/x86/asm/pci.h ``PCI_CONF1_ADDRESS(dev, reg)``), which finds nothing otherwise.
 * One bus (0), 32 slots, function 0 of each (no multi-function devices). Slot 0 holds the
   host bridge: vendor 0x8086, device 0x29C0, class 0x060000, as QEMU's q35 machine
   presents its MCH, a host bridge Linux knows and asks nothing of.
@@ -55,8 +60,8 @@ HOST_BRIDGE_DEVICE_ID = 0x29C0
 HOST_BRIDGE_CLASS = 0x060000
 
 CONFIG_ENABLE = 1 << 31
-# Bits 30:24 are reserved and bits 1:0 read 0 (the register field is dword aligned).
-CONFIG_ADDRESS_BITS = CONFIG_ENABLE | 0x00FF_FFFC
+# Bits 30:24 are reserved; bits 1:0 are kept, as QEMU keeps them (module docstring).
+CONFIG_ADDRESS_BITS = CONFIG_ENABLE | 0x00FF_FFFF
 
 ECAM_BUS_SHIFT = 20
 ECAM_BUS_SIZE = 1 << ECAM_BUS_SHIFT
@@ -249,7 +254,7 @@ class ConfigMechanism1(Snapshotting[ConfigMechanism1State]):
         if not address & CONFIG_ENABLE:
             self._bus.count(BadAccess.DISABLED)
             return None
-        register = (address & 0xFC) + offset - self.DATA_OFFSET
+        register = (address & 0xFF) | (offset - self.DATA_OFFSET)
         return (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7, register
 
     def save_state(self) -> ConfigMechanism1State:
