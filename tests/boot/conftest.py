@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvm_vmm import LinuxBoot, Machine, MachineConfig, Outcome
-from kvm_vmm.debian import AssetsUnavailable, fetch_guest_assets
+from kvm_vmm.debian import AssetsUnavailable, GuestAssets, fetch_guest_assets
 from kvm_vmm.hostcheck import HostReport, host_report
 from kvm_vmm.initramfs import TEST_INIT, busybox_initramfs
 from kvm_vmm.loaders import default_cache_dir
@@ -75,6 +75,23 @@ def boot_files(tmp_path_factory: pytest.TempPathFactory) -> BootFiles:
     initrd = tmp_path_factory.mktemp("boot") / "test-initramfs.cpio"
     initrd.write_bytes(busybox_initramfs(busybox.read_bytes(), TEST_INIT))
     return BootFiles(kernel, initrd)
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> GuestAssets:
+    """The default guest's kernel with its own modules (the virtio tests load them:
+    they must match the kernel, so $KVM_VMM_TEST_KERNEL, which has none, is no use)."""
+    if os.environ.get(KERNEL_ENV):
+        pytest.skip(f"the virtio tests load the default guest's modules; ${KERNEL_ENV} has none")
+    cache = default_cache_dir(os.environ)
+    if cache is None:
+        _unavailable("no cache directory ($HOME) for the default guest's kernel and modules")
+        raise AssertionError("unreachable")
+    try:
+        return fetch_guest_assets(cache)
+    except AssetsUnavailable as error:
+        _unavailable(f"no default guest to boot ({error})")
+        raise AssertionError("unreachable") from error
 
 
 @pytest.fixture(scope="session")

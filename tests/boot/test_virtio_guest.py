@@ -111,6 +111,9 @@ VIRTIO-TEST IRQ CPU0       CPU1\r
 VIRTIO-TEST IRQ 24:          0          0   PCI-MSI 16384-edge      virtio0-config\r
 VIRTIO-TEST IRQ 25:        113          7   PCI-MSI 16385-edge      virtio0-req.0\r
 VIRTIO-TEST IRQ 11:          3          0   IO-APIC   11-fasteoi   virtio1, virtio2\r
+VIRTIO-TEST IRQ  0:        120          0   IO-APIC    2-edge      timer\r
+VIRTIO-TEST IRQ  4:         31          0   IO-APIC    4-edge      ttyS0\r
+VIRTIO-TEST IRQ  9:          0          0   IO-APIC    9-fasteoi   acpi\r
 {END}\r
 """
 
@@ -141,6 +144,12 @@ def test_the_report_is_read_from_the_console() -> None:
     shared = report.interrupts_of("virtio2")
     assert [(line.chip, line.flow, line.names) for line in shared] == [
         ("IO-APIC", "11-fasteoi", ["virtio1", "virtio2"])
+    ]
+    isa = [(line.names, line.chip, line.flow) for line in report.interrupts if line.irq in "049"]
+    assert isa == [
+        (["timer"], "IO-APIC", "2-edge"),
+        (["ttyS0"], "IO-APIC", "4-edge"),
+        (["acpi"], "IO-APIC", "9-fasteoi"),
     ]
 
 

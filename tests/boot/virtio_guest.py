@@ -6,7 +6,7 @@ MSI/MSI-X mode of each vector: /sys/bus/pci/devices/*/msi_irqs/*, see
 Documentation/ABI/testing/sysfs-bus-pci), mounts /dev/vda, prints the sha256 of a
 file the host put there, writes a file, syncs and unmounts, names the current
 hw_random source and reads 64 bytes from /dev/hwrng when there is one, and
-prints the virtio lines of /proc/interrupts; one marker line per check
+prints the virtio, timer, ttyS0 and acpi lines of /proc/interrupts; one marker line per check
 (``VIRTIO-TEST <check> ...``), then it powers off. The host makes the ext4 image
 with ``mkfs.ext4 -d DIR`` and reads the guest's file back with ``debugfs``
 (e2fsprogs): no mount, no root needed.
@@ -14,18 +14,22 @@ with ``mkfs.ext4 -d DIR`` and reads the guest's file back with ``debugfs``
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvm_vmm.debian import GuestAssets
 from kvm_vmm.initramfs import (
     HW_RANDOM_CURRENT,
     INIT_REACHED_MARKER,
     MODULE_FAILED_MARKER,
+    CpioEntry,
     busybox_initramfs,
     load_modules,
     module_entries,
@@ -63,9 +67,10 @@ class GuestFiles:
 
 
 def virtio_test_init(
-    modules: list[str], needed: Mapping[int, Sequence[str]], files: GuestFiles
+    modules: list[str], needed: Mapping[int, Sequence[str]], files: GuestFiles, more: str = ""
 ) -> str:
-    """The test's /init (busybox sh)."""
+    """The test's /init (busybox sh); ``more`` (shell lines: other devices' checks)
+    runs after the disk's and entropy's, before the interrupts are listed."""
     return f"""#!/bin/sh
 # kvm-vmm virtio boot test: what the guest found and did, one marker line each; power off.
 mount -t proc proc /proc
@@ -109,19 +114,26 @@ if [ -n "$rng" ] && [ "$rng" != none ]; then
 else
     echo "{MARKER} HWRNG none"
 fi
-grep -E 'CPU0|virtio' /proc/interrupts | while read -r line; do echo "{MARKER} IRQ $line"; done
+{more}grep -E 'CPU0|virtio|timer|ttyS0|acpi' /proc/interrupts | while read -r line; do
+    echo "{MARKER} IRQ $line"
+done
 echo "{END}"
 poweroff -f
 """
 
 
 def virtio_test_initramfs(
-    busybox: bytes, modules: list[tuple[str, bytes]], files: GuestFiles
+    busybox: bytes,
+    modules: list[tuple[str, bytes]],
+    files: GuestFiles,
+    more: str = "",
+    extra: Sequence[CpioEntry] = (),
 ) -> bytes:
-    """The test's initramfs: busybox, the modules (name, ELF object) in load order, /init."""
+    """The test's initramfs: busybox, the modules (name, ELF object) in load order, /init
+    (with ``more``), and ``extra`` files."""
     names = [name for name, _ in modules]
-    init = virtio_test_init(names, driver_modules(modules), files)
-    return busybox_initramfs(busybox, init, module_entries(modules))
+    init = virtio_test_init(names, driver_modules(modules), files, more)
+    return busybox_initramfs(busybox, init, [*module_entries(modules), *extra])
 
 
 # -- what the guest printed ---------------------------------------------------------
@@ -286,3 +298,108 @@ def read_from_image(image: Path, path: str) -> bytes:
     if result.returncode != 0:
         raise E2fsprogsError(f"debugfs cat {path} failed: {result.stderr.decode().strip()}")
     return result.stdout
+
+
+def vmm_command(
+    guest: GuestAssets,
+    initrd: Path,
+    cmdline: str,
+    serial: Path,
+    devices: Sequence[str],
+    timeout: float,
+) -> list[str]:
+    """``kvm-vmm run`` of the default guest's kernel with ``initrd`` and ``devices``,
+    as a user runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "kvm_vmm.cli",
+        "run",
+        "--kernel",
+        str(guest.kernel),
+        "--initrd",
+        str(initrd),
+        "--cmdline",
+        cmdline,
+        "--fast-boot",
+        *devices,
+        "--serial",
+        f"file:{serial}",
+        "--stats",
+        "--timeout",
+        str(timeout),
+    ]
+
+
+# -- the checks both virtio boots make ----------------------------------------------
+
+VIRTIO_VENDOR = 0x1AF4
+MODERN_BLOCK = 0x1042  # 0x1040 + device type 2 (virtio 1.2, 4.1.2.1)
+MODERN_ENTROPY = 0x1044  # 0x1040 + device type 4
+BLOCK_CLASS = 0x010000  # mass storage, SCSI (what QEMU and Cloud Hypervisor give virtio-blk)
+BLOCK_TYPE, ENTROPY_TYPE = 2, 4
+KNOWN_SIZE = 256 << 10
+
+
+def only(functions: list[PciFunction], device: int) -> PciFunction:
+    found = [f for f in functions if f.vendor == VIRTIO_VENDOR and f.device == device]
+    assert len(found) == 1, functions
+    return found[0]
+
+
+def bound(report: VirtioReport, device_type: int, driver: str) -> str:
+    name = report.virtio_device(device_type)
+    assert name is not None, report.virtio
+    assert report.virtio[name][1] == driver, report.virtio
+    return name
+
+
+def check_disk_rng_and_interrupts(
+    report: VirtioReport,
+    image: Path,
+    files: GuestFiles,
+    known: bytes,
+    interrupts: str,
+    context: str,
+) -> None:
+    """What a virtio boot with a disk (``image``, holding ``known`` as files.known)
+    and virtio-rng must show, ``interrupts`` being "msix" or "intx" (pci=nomsi)."""
+    disk = only(report.pci, MODERN_BLOCK)
+    assert (disk.class_code, disk.driver) == (BLOCK_CLASS, "virtio-pci")
+    assert only(report.pci, MODERN_ENTROPY).driver == "virtio-pci"
+    disk_name = bound(report, BLOCK_TYPE, "virtio_blk")
+    rng_name = bound(report, ENTROPY_TYPE, "virtio_rng")
+
+    assert report.mounted and report.sha256 == hashlib.sha256(known).hexdigest(), context
+    assert report.written and report.unmounted, context
+    assert read_from_image(image, f"/{files.written}") == f"{files.text}\n".encode()
+    assert read_from_image(image, f"/{files.known}") == known
+
+    assert report.rng_source is not None and report.rng_source.startswith("virtio_rng"), context
+    assert report.hwrng is not None and len(report.hwrng) == 64, context
+    assert len(set(report.hwrng)) > 1  # not one byte repeated: 64 random bytes almost never are
+    assert sum(sum(line.counts) for line in report.interrupts_of(rng_name)) > 0
+
+    # One vCPU: the ISA lines reach it through our IOAPIC either way (the 2-vCPU boot
+    # of test_linux_boot checks the same with the firmware's tables).
+    for name, flow in (("timer", "2-edge"), ("ttyS0", "4-edge"), ("acpi", "9-fasteoi")):
+        [line] = [line for line in report.interrupts if name in line.names]
+        assert (line.chip, line.flow) == ("IO-APIC", flow), line
+    timer = next(line for line in report.interrupts if "timer" in line.names)
+    assert sum(timer.counts) > 0  # our PIT ticked through our IOAPIC
+
+    disk_lines = report.interrupts_of(disk_name)
+    assert disk_lines, context
+    if interrupts == "msix":
+        assert report.msi_modes.get(disk.address), context
+        assert set(report.msi_modes[disk.address]) == {"msix"}
+        assert all(line.chip.startswith("PCI-MSI") for line in disk_lines), disk_lines
+        requests = [
+            line for line in disk_lines if any(n.startswith(f"{disk_name}-req") for n in line.names)
+        ]
+        assert requests and sum(sum(line.counts) for line in requests) > 0, disk_lines
+    else:
+        assert disk.address not in report.msi_modes
+        assert all(line.chip == "IO-APIC" for line in disk_lines), disk_lines
+        assert all(line.flow.endswith("-fasteoi") for line in disk_lines), disk_lines
+        assert sum(sum(line.counts) for line in disk_lines) > 0
