@@ -139,7 +139,8 @@ def run_network_guest(
         ns_run(namespace, "sleep", "1")
         namespace.ip("link", "set", TAP, "up")
 
-    timeout = boot_timeout()
+    # A boot, then minutes of emulated network work: twice a boot's bound.
+    timeout = 2 * boot_timeout()
     peer = HostPeer(plan, ping_guest, flap_tap, timeout)
     with namespace.inside():
         peer.listen()
