@@ -127,6 +127,15 @@ class ThreadTimes:
     guest_ns: int
     run_ns: int
 
+    def since(self, begin: ThreadTimes) -> ThreadTimes:
+        """The CPU time between ``begin`` and this sample."""
+        return ThreadTimes(
+            self.user_ns - begin.user_ns,
+            self.system_ns - begin.system_ns,
+            self.guest_ns - begin.guest_ns,
+            self.run_ns - begin.run_ns,
+        )
+
 
 def thread_times(tid: int) -> ThreadTimes:
     text = Path(f"/proc/self/task/{tid}/stat").read_text()
@@ -147,21 +156,12 @@ class Sample:
     completions: dict[str, int]  # instructions kvmfast completed for KVM, by mnemonic
 
 
-def _delta(end: ThreadTimes, begin: ThreadTimes) -> ThreadTimes:
-    return ThreadTimes(
-        end.user_ns - begin.user_ns,
-        end.system_ns - begin.system_ns,
-        end.guest_ns - begin.guest_ns,
-        end.run_ns - begin.run_ns,
-    )
-
-
 def phase_report(guest: ReadResult, begin: Sample, end: Sample) -> dict[str, object]:
     """A guest phase's figures, per device request (the device's own count, which
     need not be the reader's: the block layer may split or merge)."""
     requests = end.device["requests"] - begin.device["requests"]
     read_bytes = end.device["read_bytes"] - begin.device["read_bytes"]
-    io, vcpu = _delta(end.io, begin.io), _delta(end.vcpu, begin.vcpu)
+    io, vcpu = end.io.since(begin.io), end.vcpu.since(begin.vcpu)
     exits = _counts(end.exits, begin.exits)
     completions = _counts(end.completions, begin.completions)
     wall_ns = guest.seconds * 1e9

@@ -51,15 +51,6 @@ class Sample:
     completions: Mapping[str, int]  # instructions kvmfast completed for KVM, by mnemonic
 
 
-def _delta(end: ThreadTimes, begin: ThreadTimes) -> ThreadTimes:
-    return ThreadTimes(
-        end.user_ns - begin.user_ns,
-        end.system_ns - begin.system_ns,
-        end.guest_ns - begin.guest_ns,
-        end.run_ns - begin.run_ns,
-    )
-
-
 def _grown(end: Mapping[str, int], begin: Mapping[str, int], key: str) -> int:
     return end.get(key, 0) - begin.get(key, 0)
 
@@ -106,7 +97,7 @@ def cpu_report(begin: Sample, end: Sample, packets: Packets) -> dict[str, object
     as user time), the event-loop thread (ours: the virtio queues), the process's
     other threads (ours: the Python main thread, the console) and the host's peer,
     in total, per packet and as shares of the wall time."""
-    vcpu, io = _delta(end.vcpu, begin.vcpu), _delta(end.io, begin.io)
+    vcpu, io = end.vcpu.since(begin.vcpu), end.io.since(begin.io)
     wall = end.wall_ns - begin.wall_ns
     waiting = end.vcpu_waiting_ns - begin.vcpu_waiting_ns
     ticks = end.process.user_system_ns - begin.process.user_system_ns
