@@ -9,6 +9,7 @@ the next instruction), Vol. 2B SYSCALL (CS = STAR[47:32], CPL 0).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -244,6 +245,25 @@ def test_cached_per_host_identity(
     assert len(counted_probes) == 2
     assert host_report(tmp_path, refresh=True).from_cache is False
     assert len(counted_probes) == 3
+
+
+def test_the_cache_keeps_the_newest_reports_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_probes: list[int]
+) -> None:
+    identity = hostcheck.host_identity()
+    other = tmp_path / "not-a-report.json"
+    other.write_text("{}")
+    for build in range(hostcheck.CACHE_KEEP + 3):
+        monkeypatch.setattr(
+            hostcheck, "host_identity", lambda b=build: {**identity, "kvmfast": str(b)}
+        )
+        host_report(tmp_path)
+        newest = hostcheck.cache_file(tmp_path, hostcheck.host_identity())
+        os.utime(newest, ns=(build * 10**9, build * 10**9))  # mtime order = build order
+    kept = sorted(tmp_path.glob(f"{hostcheck.CACHE_PREFIX}*.json"))
+    assert len(kept) == hostcheck.CACHE_KEEP and other.exists()
+    assert newest in kept  # the report just written stays
+    assert len(counted_probes) == hostcheck.CACHE_KEEP + 3
 
 
 def test_a_damaged_cache_file_is_probed_over(tmp_path: Path, counted_probes: list[int]) -> None:

@@ -61,6 +61,9 @@ from kvmfast.assembler import AssemblerMissing, AssemblyError
 
 PROBE_VERSION = 6  # bump when a probe changes meaning: cached reports are then ignored
 CACHE_PREFIX = "hostcheck-"
+# Reports kept in the cache: each kvmfast build is an identity of its own, so a
+# developer's rebuilds would otherwise leave one file each, for good.
+CACHE_KEEP = 8
 
 Verdict = Literal["PASS", "WARN", "FAIL"]
 
@@ -707,4 +710,16 @@ def host_report(
             temporary = path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(report.to_json())
             os.replace(temporary, path)
+            _prune_cache(path.parent)
     return report
+
+
+def _prune_cache(cache_dir: Path) -> None:
+    """Removes all but the CACHE_KEEP newest reports."""
+    reports = []
+    for report in cache_dir.glob(f"{CACHE_PREFIX}*.json"):
+        with contextlib.suppress(OSError):
+            reports.append((report.stat().st_mtime_ns, report))
+    for _, old in sorted(reports, reverse=True)[CACHE_KEEP:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
