@@ -470,7 +470,10 @@ impl EventLoop {
         let coalesce = self.coalesce;
         let handle = std::thread::Builder::new()
             .name("kvmfast-ioevent".to_string())
-            .spawn(move || shared.run(coalesce))
+            .spawn(move || {
+                block_ending_signals();
+                shared.run(coalesce)
+            })
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the event loop: {e}")))?;
         *thread = Some(handle);
         Ok(())
@@ -525,5 +528,23 @@ impl Drop for EventLoop {
             // that may be waiting for it.
             let _ = Python::try_attach(|py| py.detach(|| handle.join()));
         }
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP end a kvm-vmm process through Python's handlers
+/// (kvm_vmm.signals), which the main thread runs once its blocking call returns with
+/// EINTR. The kernel may hand a process-directed signal to any thread that does not
+/// block it: had this loop thread taken one, the main thread would have stayed blocked
+/// (in a kernel file's read(), say) with the signal seen but never acted on.
+fn block_ending_signals() {
+    // SAFETY: the set is a local we initialise with sigemptyset before use, and
+    // pthread_sigmask changes only the calling thread's mask (old mask not wanted).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }

@@ -5,8 +5,12 @@ or, through IrqfdTrigger and KVM_IRQFD (4.75), into guest interrupts."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from kvmfast_guest_support import (
@@ -175,6 +179,31 @@ def test_a_doorbell_rung_more_than_once_is_coalesced_for_a_window() -> None:
         bell.write()
         # Well before the window would end: a single ring left the doorbell armed.
         assert called.wait(window_s / 2) and seen == [1, 1]
+
+
+def _blocked_signals(thread_name: str) -> set[int]:
+    """The signals the thread named so blocks (empty while it is not there yet)."""
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if (task / "comm").read_text().strip() == thread_name:
+                status = (task / "status").read_text()
+                mask = int(status.split("SigBlk:")[1].split()[0], 16)
+                return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+    return set()
+
+
+def test_the_loop_thread_leaves_ending_signals_to_the_main_thread() -> None:
+    # kvm_vmm.signals: a process-directed SIGINT/SIGTERM/SIGHUP must reach a Python
+    # thread (the main one, blocked maybe in a kernel file's read()), not this one.
+    ending = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    with EventLoop() as loop:
+        loop.start()
+        # The thread names itself, then blocks them, once running: give it time.
+        deadline = time.monotonic() + 10
+        while not ending <= (blocked := _blocked_signals("kvmfast-ioevent")):
+            assert time.monotonic() < deadline, f"the loop thread blocks {sorted(blocked)}"
+            time.sleep(0.01)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours is not
 
 
 def test_event_loop_refuses_blocking_eventfds_and_odd_handlers() -> None:
