@@ -54,12 +54,20 @@ def test_a_signal_while_loading_the_kernel_ends_with_128_plus_n(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # Where it hangs, if it ever does (seen once in CI under load): SIGABRT makes
+        # faulthandler print every thread's stack.
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     writer = _wait_for_reader(fifo, process)
     try:
         time.sleep(0.2)  # from open() into read(): either way it is loading
         process.send_signal(number)
-        _, stderr = process.communicate(timeout=30)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stuck = process.communicate(timeout=30)
+            pytest.fail(f"still running 30 s after {number!r}:\n{stuck.decode()[-6000:]}")
     finally:
         os.close(writer)
         if process.poll() is None:
