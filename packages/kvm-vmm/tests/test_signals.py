@@ -199,6 +199,55 @@ def test_a_signal_while_paused_ends_the_run_with_128_plus_n(number: int) -> None
     assert stdout.startswith(expected), stdout
 
 
+# A library user's script: the main thread waits in run() with ending_run while a
+# SIGTERM is delivered to another thread, as the kernel may deliver a process's
+# signal to any thread that does not block it (seen as a hang in CI under load).
+OTHER_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, threading, time
+    from kvm_vmm import layout
+    from kvm_vmm.loaders.image import EntryState
+    from kvm_vmm.machine import Machine, MachineConfig, MachineState
+    from kvm_vmm.signals import ending_run
+    from kvmfast.testing import assemble_program
+
+    program = assemble_program(".global spin\\nspin:\\n inc rax\\n jmp spin\\n", origin=0x100000)
+    with Machine(MachineConfig(memory_size=4 * layout.MIB)) as machine:
+        machine.write_memory(0x100000, program.code)
+        machine.enter(EntryState("long64", program.symbols["spin"]))
+
+        def signal_this_thread() -> None:
+            while machine.state is not MachineState.RUNNING:
+                time.sleep(0.01)
+            time.sleep(0.5)  # the main thread is in wait() by now
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+        threading.Thread(target=signal_this_thread).start()
+        with ending_run(machine):
+            outcome = machine.run(timeout=60)
+        print(outcome.reason, flush=True)
+    sys.exit(outcome.status)
+    """
+)
+
+
+@pytest.mark.kvm
+def test_a_signal_another_thread_takes_still_ends_the_run() -> None:
+    require_kvm()
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", OTHER_THREAD_SCRIPT],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 128 + signal.SIGTERM, (done.stdout, done.stderr)
+    assert done.stdout.startswith("terminated by SIGTERM"), done.stdout
+    assert time.monotonic() - started < 50  # not the run's own 60 s timeout
+
+
 @pytest.mark.kvm
 def test_a_sigterm_landing_while_the_main_thread_holds_the_finished_events_lock_ends_the_run() -> (
     None

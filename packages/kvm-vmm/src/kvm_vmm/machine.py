@@ -118,6 +118,19 @@ def run_until_exit(vcpu: kvmfast.Vcpu) -> kvmfast.Exit:
                 raise
 
 
+# How long the main thread waits at a time for the run to end. Python runs a signal's
+# handler in the main thread, and only once that thread runs bytecode again: a
+# process's signal the kernel gave to another thread (a vCPU's, say) would otherwise
+# wait for the run's end, or for ever (kvm_vmm.signals).
+SIGNAL_POLL_SECONDS = 0.2
+
+
+def _next_slice(deadline: float | None) -> float:
+    if deadline is None:
+        return SIGNAL_POLL_SECONDS
+    return max(0.0, min(SIGNAL_POLL_SECONDS, deadline - time.monotonic()))
+
+
 class MachineConfigError(ValueError):
     """A machine that cannot be built as asked (memory too small, no vCPU...)."""
 
@@ -705,8 +718,10 @@ class Machine:
             self._require(
                 "wait()", MachineState.RUNNING, MachineState.PAUSED, MachineState.FINISHED
             )
-        if not self._finished.wait(timeout):
-            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._finished.wait(_next_slice(deadline)):
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
         return self._join()
 
     def run(self, timeout: float | None = None) -> Outcome:
