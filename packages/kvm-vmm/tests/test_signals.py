@@ -141,9 +141,10 @@ def test_a_signal_while_running_ends_with_128_plus_n_and_restores_the_terminal(
 
 # A library user's script: a Machine looping in long mode, paused from another thread
 # while the main thread waits in run() with kvm_vmm.signals.ending_run, as the CLI does.
-PAUSED_SCRIPT = textwrap.dedent(
+# The start both scripts share: a Machine looping in long mode, not yet running.
+SPINNING_MACHINE = textwrap.dedent(
     """
-    import sys, threading, time
+    import signal, sys, threading, time
     from kvm_vmm import layout
     from kvm_vmm.loaders.image import EntryState
     from kvm_vmm.machine import Machine, MachineConfig, MachineState
@@ -154,7 +155,10 @@ PAUSED_SCRIPT = textwrap.dedent(
     with Machine(MachineConfig(memory_size=4 * layout.MIB)) as machine:
         machine.write_memory(0x100000, program.code)
         machine.enter(EntryState("long64", program.symbols["spin"]))
-
+    """
+)
+PAUSED_SCRIPT = SPINNING_MACHINE + textwrap.dedent(
+    """
         def pause() -> None:
             while machine.state is MachineState.CREATED:
                 time.sleep(0.01)
@@ -202,20 +206,8 @@ def test_a_signal_while_paused_ends_the_run_with_128_plus_n(number: int) -> None
 # A library user's script: the main thread waits in run() with ending_run while a
 # SIGTERM is delivered to another thread, as the kernel may deliver a process's
 # signal to any thread that does not block it (seen as a hang in CI under load).
-OTHER_THREAD_SCRIPT = textwrap.dedent(
+OTHER_THREAD_SCRIPT = SPINNING_MACHINE + textwrap.dedent(
     """
-    import signal, sys, threading, time
-    from kvm_vmm import layout
-    from kvm_vmm.loaders.image import EntryState
-    from kvm_vmm.machine import Machine, MachineConfig, MachineState
-    from kvm_vmm.signals import ending_run
-    from kvmfast.testing import assemble_program
-
-    program = assemble_program(".global spin\\nspin:\\n inc rax\\n jmp spin\\n", origin=0x100000)
-    with Machine(MachineConfig(memory_size=4 * layout.MIB)) as machine:
-        machine.write_memory(0x100000, program.code)
-        machine.enter(EntryState("long64", program.symbols["spin"]))
-
         def signal_this_thread() -> None:
             while machine.state is not MachineState.RUNNING:
                 time.sleep(0.01)
